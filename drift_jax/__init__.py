@@ -1,0 +1,1 @@
+"""drift-jax: DRIFT in JAX."""
