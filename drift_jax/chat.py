@@ -1,0 +1,120 @@
+"""Chat rendering with the tokenizer's own template, and SFT loss masks by token position.
+
+The supervised span of an assistant message is found on the FULL rendered dialogue: the
+characters between the rendering of everything before it (with the generation prompt)
+and the rendering through it, mapped to tokens by the tokenizer's offsets and cut after
+the end-of-turn token. Truncation happens afterwards, on tokens, from the left, so it can
+never shift or cut the supervised answer (the reference release measured the prompt
+length on a separately tokenised prompt, which goes wrong under truncation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+
+def render(tokenizer, messages, add_generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+
+
+def encode_prompt(tokenizer, messages) -> list[int]:
+    """Token ids of a dialogue followed by the assistant generation prompt."""
+    text = render(tokenizer, messages, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def end_of_turn_id(tokenizer) -> int:
+    """The token that closes an assistant turn (``<|im_end|>``, ``<|eot_id|>``, ...)."""
+    for name in ("<|im_end|>", "<|eot_id|>"):
+        token_id = tokenizer.convert_tokens_to_ids(name)
+        if token_id is not None and token_id != tokenizer.unk_token_id:
+            return token_id
+    if tokenizer.eos_token_id is None:
+        raise ValueError("tokenizer has no end-of-turn or eos token")
+    return tokenizer.eos_token_id
+
+
+@dataclasses.dataclass
+class SFTExample:
+    """One training sequence. ``loss_mask`` marks the supervised TOKENS."""
+
+    tokens: np.ndarray  # [T] int32
+    loss_mask: np.ndarray  # [T] bool
+    weight: float = 1.0
+    truncated: bool = False
+
+
+def encode_dialogue(tokenizer, messages, supervise: str = "last", max_len: int | None = None,
+                    weight: float = 1.0) -> SFTExample:
+    """Tokenise a dialogue and mark the assistant tokens to supervise.
+
+    Args:
+      messages: list of {role, content}; must contain an assistant message.
+      supervise: "last" (DRIFT: the final assistant message only) or "all" (every one).
+      max_len: if the dialogue is longer, drop tokens from the LEFT; raises if even the
+        supervised span does not fit.
+    """
+    assistant_idx = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if not assistant_idx:
+        raise ValueError("dialogue has no assistant message to supervise")
+    if supervise == "last":
+        assistant_idx = assistant_idx[-1:]
+    elif supervise != "all":
+        raise ValueError(f"supervise must be 'last' or 'all', got {supervise!r}")
+
+    full = render(tokenizer, messages)
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    tokens = np.asarray(enc["input_ids"], np.int32)
+    starts = np.asarray([s for s, _ in enc["offset_mapping"]])
+    eot = end_of_turn_id(tokenizer)
+    mask = np.zeros(len(tokens), bool)
+    for i in assistant_idx:
+        before = render(tokenizer, messages[:i], add_generation_prompt=True)
+        through = render(tokenizer, messages[: i + 1])
+        if not (full.startswith(before) and full.startswith(through)):
+            raise ValueError(
+                "the chat template does not render dialogue prefixes as prefixes; "
+                "cannot locate the assistant message by position"
+            )
+        in_span = np.flatnonzero((starts >= len(before)) & (starts < len(through)))
+        if in_span.size == 0:
+            raise ValueError(f"assistant message {i} renders to no tokens")
+        closing = in_span[tokens[in_span] == eot]
+        last = closing[0] if closing.size else in_span[-1]
+        mask[in_span[0] : last + 1] = True
+
+    truncated = False
+    if max_len is not None and len(tokens) > max_len:
+        first_supervised = int(np.argmax(mask))
+        if len(tokens) - first_supervised > max_len:
+            raise ValueError(
+                f"supervised answer needs {len(tokens) - first_supervised} tokens > max_len {max_len}"
+            )
+        tokens, mask, truncated = tokens[-max_len:], mask[-max_len:], True
+    return SFTExample(tokens, mask, float(weight), truncated)
+
+
+def collate(examples: list[SFTExample], length: int, pad_id: int, batch_size: int | None = None) -> dict:
+    """Right-pad examples into a batch dict of numpy arrays (``tokens``, ``valid``,
+    ``loss_mask`` ``[B, T]``; ``weights`` ``[B]``). Extra rows (up to ``batch_size``) are
+    all-padding with weight 0, which the loss ignores."""
+    b = batch_size or len(examples)
+    batch = {
+        "tokens": np.full((b, length), pad_id, np.int32),
+        "valid": np.zeros((b, length), bool),
+        "loss_mask": np.zeros((b, length), bool),
+        "weights": np.zeros((b,), np.float32),
+    }
+    for r, ex in enumerate(examples):
+        n = len(ex.tokens)
+        if n > length:
+            raise ValueError(f"example of {n} tokens does not fit batch length {length}")
+        batch["tokens"][r, :n] = ex.tokens
+        batch["valid"][r, :n] = True
+        batch["loss_mask"][r, :n] = ex.loss_mask
+        batch["weights"][r] = ex.weight
+    return batch

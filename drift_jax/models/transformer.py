@@ -1,0 +1,246 @@
+"""One Flax NNX decoder-only transformer for Qwen2/2.5, Qwen3 (dense) and Llama 3.x.
+
+Family differences are config switches (``qkv_bias``, ``qk_norm``, ``tie_word_embeddings``,
+``rope_scaling``), not separate classes. Parameter names follow the Hugging Face module
+tree so checkpoint conversion is a rename plus a transpose.
+
+Shape letters: b batch, t query positions, s key/cache positions, d hidden, n query
+heads, k kv heads, h head dim, f MLP hidden, v vocabulary.
+
+Every parameter carries logical sharding axes ("embed", "vocab", "heads", "kv_heads",
+"mlp", "norm") as NNX metadata; a mesh + rules turn them into shardings (see
+``drift_jax.sharding``). They are not applied eagerly, so the model also builds with no
+mesh at all.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from drift_jax.models.config import ModelConfig
+
+_INIT_STD = 0.02
+
+
+def _param(rngs: nnx.Rngs, shape, axes, dtype, init="normal") -> nnx.Param:
+    if init == "normal":
+        value = _INIT_STD * jax.random.normal(rngs.params(), shape, dtype)
+    elif init == "ones":
+        value = jnp.ones(shape, dtype)
+    else:
+        value = jnp.zeros(shape, dtype)
+    return nnx.Param(value, sharding_names=axes, eager_sharding=False)
+
+
+class KVCache(NamedTuple):
+    """Decode state. ``k``/``v``: per-layer ``[B, S, K, H]``; ``valid_bs``: which cache
+    slots hold real (non-padding) tokens."""
+
+    k: tuple
+    v: tuple
+    valid_bs: jax.Array
+
+    @classmethod
+    def zeros(cls, cfg: ModelConfig, batch: int, max_len: int) -> "KVCache":
+        shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+        layers = range(cfg.num_layers)
+        return cls(
+            k=tuple(jnp.zeros(shape, cfg.dtype) for _ in layers),
+            v=tuple(jnp.zeros(shape, cfg.dtype) for _ in layers),
+            valid_bs=jnp.zeros((batch, max_len), bool),
+        )
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.weight = _param(rngs, (dim,), ("norm",), cfg.param_dtype, init="ones")
+        self.eps = eps
+
+    def __call__(self, x):
+        # Normalise in float32 and cast back before the scale, as the HF reference does.
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight.value.astype(x.dtype) * x32.astype(x.dtype)
+
+
+class Linear(nnx.Module):
+    """``y = x @ kernel (+ bias)``; kernel stored ``[in, out]``."""
+
+    def __init__(self, d_in, d_out, axes, cfg: ModelConfig, rngs: nnx.Rngs, bias=False):
+        self.kernel = _param(rngs, (d_in, d_out), axes, cfg.param_dtype)
+        self.bias = _param(rngs, (d_out,), axes[-1:], cfg.param_dtype, "zeros") if bias else None
+        self.dtype = cfg.dtype
+
+    def __call__(self, x):
+        y = x @ self.kernel.value.astype(self.dtype)
+        if self.bias is not None:
+            y = y + self.bias.value.astype(self.dtype)
+        return y
+
+
+def rope_inverse_frequencies(cfg: ModelConfig) -> jax.Array:
+    """``[H/2]`` inverse frequencies, with Llama-3 wavelength-dependent scaling if set."""
+    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, cfg.head_dim, 2, dtype=jnp.float32) / cfg.head_dim))
+    rs = cfg.rope_scaling
+    if rs is None:
+        return inv_freq
+    low_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
+    high_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (
+        rs.high_freq_factor - rs.low_freq_factor
+    )
+    smoothed = (1 - smooth) * inv_freq / rs.factor + smooth * inv_freq
+    scaled = jnp.where(wavelen > low_wavelen, inv_freq / rs.factor, inv_freq)
+    is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return jnp.where(is_medium, smoothed, scaled)
+
+
+def apply_rope(x_btnh, positions_bt, inv_freq_h2):
+    """Rotate-half RoPE (the HF convention) at integer positions ``[B, T]``."""
+    angles_bth = positions_bt[..., None].astype(jnp.float32) * inv_freq_h2
+    cos = jnp.cos(angles_bth)[:, :, None, :]
+    sin = jnp.sin(angles_bth)[:, :, None, :]
+    x1, x2 = jnp.split(x_btnh.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x_btnh.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, h = cfg.hidden_size, cfg.head_dim
+        self.q_proj = Linear(d, cfg.num_heads * h, ("embed", "heads"), cfg, rngs, cfg.qkv_bias)
+        self.k_proj = Linear(d, cfg.num_kv_heads * h, ("embed", "kv_heads"), cfg, rngs, cfg.qkv_bias)
+        self.v_proj = Linear(d, cfg.num_kv_heads * h, ("embed", "kv_heads"), cfg, rngs, cfg.qkv_bias)
+        self.o_proj = Linear(cfg.num_heads * h, d, ("heads", "embed"), cfg, rngs)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(h, cfg.rms_norm_eps, cfg, rngs)
+            self.k_norm = RMSNorm(h, cfg.rms_norm_eps, cfg, rngs)
+        self.cfg = cfg
+
+    def __call__(self, x_btd, positions_bt, inv_freq, mask_bts, kv=None, index=None):
+        """Attention over the new tokens' own keys, or over a cache ``kv=(k, v)`` into
+        which the new keys are first written at slot ``index``. Returns (out, (k, v))."""
+        cfg = self.cfg
+        b, t, _ = x_btd.shape
+        q = self.q_proj(x_btd).reshape(b, t, cfg.num_heads, cfg.head_dim)
+        k = self.k_proj(x_btd).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        v = self.v_proj(x_btd).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q, positions_bt, inv_freq)
+        k = apply_rope(k, positions_bt, inv_freq)
+        if kv is not None:
+            k_cache, v_cache = kv
+            k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, axis=1)
+        # jax.nn.dot_product_attention handles grouped-query heads (n a multiple of k).
+        out = jax.nn.dot_product_attention(
+            q, k.astype(q.dtype), v.astype(q.dtype), mask=mask_bts[:, None, :, :]
+        )
+        return self.o_proj(out.reshape(b, t, -1)), (k, v)
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = Linear(d, f, ("embed", "mlp"), cfg, rngs)
+        self.up_proj = Linear(d, f, ("embed", "mlp"), cfg, rngs)
+        self.down_proj = Linear(f, d, ("mlp", "embed"), cfg, rngs)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg, rngs)
+        self.self_attn = Attention(cfg, rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg, rngs)
+        self.mlp = MLP(cfg, rngs)
+
+    def __call__(self, x, positions_bt, inv_freq, mask_bts, kv=None, index=None):
+        h, kv = self.self_attn(self.input_layernorm(x), positions_bt, inv_freq, mask_bts, kv, index)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), kv
+
+
+def default_positions(valid_bt: jax.Array) -> jax.Array:
+    """RoPE positions that skip left padding: 0 at each row's first real token."""
+    return jnp.maximum(jnp.cumsum(valid_bt.astype(jnp.int32), axis=1) - 1, 0)
+
+
+class Transformer(nnx.Module):
+    """Decoder-only LM. ``model(tokens_bt)`` -> logits ``[B, T, V]``."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed_tokens = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg.param_dtype)
+        self.layers = nnx.List([DecoderLayer(cfg, rngs) for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg, rngs)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), cfg, rngs)
+
+    # -- pieces, exposed so a loss can chunk the LM head over the sequence -------------
+    def embed(self, tokens_bt):
+        return self.embed_tokens.value[tokens_bt].astype(self.cfg.dtype)
+
+    def logits(self, hidden_btd):
+        """Final hidden states ``[B, T, D]`` -> logits ``[B, T, V]`` in the compute dtype."""
+        if self.cfg.tie_word_embeddings:
+            return hidden_btd @ self.embed_tokens.value.astype(self.cfg.dtype).T
+        return self.lm_head(hidden_btd)
+
+    def hidden_states(self, tokens_bt, valid_bt=None, positions_bt=None):
+        """Full (uncached) forward up to the final norm: ``[B, T]`` -> ``[B, T, D]``.
+
+        ``valid_bt`` marks real tokens (False = padding, left or right); padding keys are
+        never attended to by real tokens, so padding changes no real token's output.
+        """
+        b, t = tokens_bt.shape
+        if valid_bt is None:
+            valid_bt = jnp.ones((b, t), bool)
+        if positions_bt is None:
+            positions_bt = default_positions(valid_bt)
+        idx = jnp.arange(t)
+        causal_ts = idx[:, None] >= idx[None, :]
+        # A padding query may see only itself, so no softmax row is ever empty.
+        mask_bts = (causal_ts & valid_bt[:, None, :]) | jnp.eye(t, dtype=bool)
+        inv_freq = rope_inverse_frequencies(self.cfg)
+        x = self.embed(tokens_bt)
+        for layer in self.layers:
+            x, _ = layer(x, positions_bt, inv_freq, mask_bts)
+        return self.norm(x)
+
+    def __call__(self, tokens_bt, valid_bt=None, positions_bt=None):
+        return self.logits(self.hidden_states(tokens_bt, valid_bt, positions_bt))
+
+    def decode(self, tokens_bt, cache: KVCache, index, positions_bt, valid_bt=None):
+        """Run ``T`` new tokens through the model, writing their keys/values into the
+        cache at slots ``[index, index + T)``. Used for both prefill and per-token decode.
+
+        Returns (logits ``[B, T, V]``, updated cache).
+        """
+        b, t = tokens_bt.shape
+        if valid_bt is None:
+            valid_bt = jnp.ones((b, t), bool)
+        valid_bs = jax.lax.dynamic_update_slice_in_dim(cache.valid_bs, valid_bt, index, axis=1)
+        s = valid_bs.shape[1]
+        q_slot_t = index + jnp.arange(t)
+        slot_s = jnp.arange(s)
+        causal_ts = slot_s[None, :] <= q_slot_t[:, None]
+        mask_bts = (causal_ts & valid_bs[:, None, :]) | (slot_s[None, :] == q_slot_t[:, None])
+        inv_freq = rope_inverse_frequencies(self.cfg)
+        x = self.embed(tokens_bt)
+        ks, vs = [], []
+        for layer, k_c, v_c in zip(self.layers, cache.k, cache.v):
+            x, (k_c, v_c) = layer(x, positions_bt, inv_freq, mask_bts, (k_c, v_c), index)
+            ks.append(k_c)
+            vs.append(v_c)
+        logits = self.logits(self.norm(x))
+        return logits, KVCache(tuple(ks), tuple(vs), valid_bs)

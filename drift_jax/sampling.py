@@ -1,0 +1,197 @@
+"""Batched generation with a KV cache, compiled as one program per prompt-length bucket.
+
+Device side (``generate``): prefill the left-padded prompts, then a ``lax.while_loop``
+that samples one token per row per iteration and stops when every row has hit a stop
+token or its own token budget. No host round-trip per token.
+
+Host side (``generate_batched``): tokenised prompts of any lengths -> fixed-size chunks of
+rows, left-padded to a bucketed length, so a whole run compiles once per bucket.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from drift_jax.models.transformer import KVCache, Transformer, default_positions
+
+# Number of times ``generate`` was traced, keyed by (batch, prompt_len, max_new_tokens):
+# tests use it to check that bucketing bounds recompilation.
+TRACE_COUNTS: collections.Counter = collections.Counter()
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How to pick each token. ``temperature == 0`` means greedy (argmax)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 512
+    stop_ids: tuple[int, ...] = ()
+
+
+def _filter_logits(logits_bv, top_p: float, top_k: int):
+    """Mask logits outside the top-k and the top-p nucleus with -inf."""
+    if top_k > 0:
+        kth_b1 = jax.lax.top_k(logits_bv, top_k)[0][:, -1:]
+        logits_bv = jnp.where(logits_bv < kth_b1, -jnp.inf, logits_bv)
+    if top_p < 1.0:
+        sorted_bv = jnp.sort(logits_bv, axis=-1)[:, ::-1]
+        probs_bv = jax.nn.softmax(sorted_bv, axis=-1)
+        # Keep a token if the mass strictly before it is < top_p (the top token always stays).
+        mass_before_bv = jnp.cumsum(probs_bv, axis=-1) - probs_bv
+        kept_bv = mass_before_bv < top_p
+        cutoff_b1 = jnp.min(jnp.where(kept_bv, sorted_bv, jnp.inf), axis=-1, keepdims=True)
+        logits_bv = jnp.where(logits_bv < cutoff_b1, -jnp.inf, logits_bv)
+    return logits_bv
+
+
+def sample_token(logits_bv, keys_b, params: SamplingParams):
+    """Pick one token per row. Returns (tokens ``[B]`` int32, log-probs ``[B]``).
+
+    The log-probs are under the model's own distribution (temperature 1, unfiltered):
+    the quantity importance ratios and RL baselines need.
+    """
+    logits_bv = logits_bv.astype(jnp.float32)
+    if params.temperature == 0:
+        tokens_b = jnp.argmax(logits_bv, axis=-1)
+    else:
+        scaled_bv = _filter_logits(logits_bv / params.temperature, params.top_p, params.top_k)
+        # One key per row: a row's sample depends only on its own key and logits.
+        tokens_b = jax.vmap(jax.random.categorical)(keys_b, scaled_bv)
+    logp_bv = jax.nn.log_softmax(logits_bv, axis=-1)
+    logp_b = jnp.take_along_axis(logp_bv, tokens_b[:, None], axis=-1)[:, 0]
+    return tokens_b.astype(jnp.int32), logp_b
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "params"))
+def generate(graphdef, state, prompt_bp, valid_bp, keys_b, max_new_b, *, params: SamplingParams):
+    """Sample continuations of left-padded prompts.
+
+    Args:
+      graphdef, state: ``nnx.split(model)``; the weights are a jit argument, not constants.
+      prompt_bp: ``[B, P]`` int32 prompt tokens, left-padded.
+      valid_bp: ``[B, P]`` bool, False on padding. Every row needs >= 1 real token.
+      keys_b: ``[B]`` PRNG keys, one per row (fold_in'ed with the step index).
+      max_new_b: ``[B]`` int32 per-row budget (<= params.max_new_tokens); 0 = skip row.
+    Returns:
+      tokens ``[B, N]`` (pad 0 after a row stops; the stop token itself is kept),
+      lengths ``[B]``, log-probs ``[B, N]`` of the sampled tokens (0 after the end).
+    """
+    TRACE_COUNTS[(prompt_bp.shape[0], prompt_bp.shape[1], params.max_new_tokens)] += 1
+    model: Transformer = nnx.merge(graphdef, state)
+    b, p = prompt_bp.shape
+    n = params.max_new_tokens
+    # The cache is created inside the program, so XLA updates it in place in the loop.
+    cache = KVCache.zeros(model.cfg, b, p + n)
+    positions_bp = default_positions(valid_bp)
+    logits_btv, cache = model.decode(prompt_bp, cache, 0, positions_bp, valid_bp)
+    stop_ids = jnp.asarray(params.stop_ids or (-1,), jnp.int32)
+
+    def cond(carry):
+        i, _, _, _, _, done_b, _ = carry
+        return (i < n) & ~jnp.all(done_b)
+
+    def body(carry):
+        i, cache, logits_bv, tokens_bn, logp_bn, done_b, lengths_b = carry
+        step_keys_b = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys_b, i)
+        tok_b, lp_b = sample_token(logits_bv, step_keys_b, params)
+        tok_b = jnp.where(done_b, 0, tok_b)
+        tokens_bn = tokens_bn.at[:, i].set(tok_b)
+        logp_bn = logp_bn.at[:, i].set(jnp.where(done_b, 0.0, lp_b))
+        lengths_b = lengths_b + (~done_b).astype(jnp.int32)
+        done_b = done_b | jnp.isin(tok_b, stop_ids) | (lengths_b >= max_new_b)
+        pos_b1 = (positions_bp[:, -1] + 1 + i)[:, None]
+        new_logits_btv, cache = model.decode(tok_b[:, None], cache, p + i, pos_b1)
+        return i + 1, cache, new_logits_btv[:, 0], tokens_bn, logp_bn, done_b, lengths_b
+
+    init = (
+        jnp.int32(0),
+        cache,
+        logits_btv[:, -1],
+        jnp.zeros((b, n), jnp.int32),
+        jnp.zeros((b, n), jnp.float32),
+        max_new_b <= 0,
+        jnp.zeros((b,), jnp.int32),
+    )
+    _, _, _, tokens_bn, logp_bn, _, lengths_b = jax.lax.while_loop(cond, body, init)
+    return tokens_bn, lengths_b, logp_bn
+
+
+def bucket_length(n: int, min_bucket: int = 16) -> int:
+    """Smallest power of two >= n (at least ``min_bucket``): log-many compiled shapes."""
+    return max(min_bucket, 1 << max(0, n - 1).bit_length())
+
+
+def generate_batched(
+    model: Transformer,
+    prompts: Sequence[Sequence[int]],
+    keys,
+    params: SamplingParams,
+    *,
+    batch_size: int = 64,
+    max_new: Sequence[int] | None = None,
+    max_len: int | None = None,
+    min_bucket: int = 16,
+):
+    """Generate for any number of tokenised prompts of any lengths.
+
+    Rows are processed in chunks of exactly ``batch_size`` (the last chunk padded with
+    empty rows) and left-padded to ``bucket_length`` of the chunk's longest prompt, so
+    the program compiles once per (bucket, params).
+
+    Args:
+      prompts: N token-id lists, each non-empty.
+      keys: ``[N]`` PRNG keys, one per prompt (e.g. ``jax.random.split``).
+      max_new: optional per-prompt budget (default ``params.max_new_tokens``).
+      max_len: context limit; a prompt that cannot fit with its budget is an error.
+    Returns:
+      list of N (tokens: list[int], log-probs: np.ndarray) pairs, tokens up to and
+      including the stop token.
+    """
+    n_rows = len(prompts)
+    if max_new is None:
+        max_new = [params.max_new_tokens] * n_rows
+    for i, (toks, budget) in enumerate(zip(prompts, max_new)):
+        if len(toks) == 0:
+            raise ValueError(f"prompt {i} is empty")
+        if max_len is not None and len(toks) + budget > max_len:
+            raise ValueError(
+                f"prompt {i} has {len(toks)} tokens + {budget} new > context {max_len}; "
+                "truncate it or raise the model's context"
+            )
+    graphdef, state = nnx.split(model)
+    # Sort by length so each chunk pads to a tight bucket; results go back in order.
+    order = sorted(range(n_rows), key=lambda i: len(prompts[i]))
+    results: list = [None] * n_rows
+    for start in range(0, n_rows, batch_size):
+        rows = order[start : start + batch_size]
+        p = bucket_length(max(len(prompts[i]) for i in rows), min_bucket)
+        prompt_bp = np.zeros((batch_size, p), np.int32)
+        valid_bp = np.zeros((batch_size, p), bool)
+        budget_b = np.zeros((batch_size,), np.int32)
+        for r, i in enumerate(rows):
+            toks = prompts[i]
+            prompt_bp[r, p - len(toks) :] = toks
+            valid_bp[r, p - len(toks) :] = True
+            budget_b[r] = max_new[i]
+        valid_bp[len(rows) :, -1] = True  # filler rows: one dummy token, budget 0
+        row_keys = keys[np.asarray(rows)]
+        if len(rows) < batch_size:
+            filler = jnp.broadcast_to(keys[:1], (batch_size - len(rows),) + keys.shape[1:])
+            row_keys = jnp.concatenate([row_keys, filler])
+        tokens_bn, lengths_b, logp_bn = jax.device_get(
+            generate(graphdef, state, prompt_bp, valid_bp, row_keys, budget_b, params=params)
+        )
+        for r, i in enumerate(rows):
+            length = int(lengths_b[r])
+            results[i] = (tokens_bn[r, :length].tolist(), logp_bn[r, :length])
+    return results

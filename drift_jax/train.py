@@ -1,0 +1,260 @@
+"""Stage 3 training: weighted SFT with AdamW, gradient accumulation and a resumable loop.
+
+Device work is one jitted ``step_fn(state, batch)``; the model is rebuilt inside it from
+``(graphdef, params)`` so the weights are a jit argument (donated, never baked into the
+HLO). Host work -- fetching batches, the NaN check, logging, checkpoints -- is
+``train_loop``.
+
+A batch is a dict of host or device arrays:
+  tokens    [B, T] int32  prompt + answer ids
+  valid     [B, T] bool   real (non-padding) tokens
+  loss_mask [B, T] bool   supervised tokens (the last assistant message)
+  weights   [B]    float32 importance weights
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from tqdm.auto import tqdm
+
+from drift_jax.losses import mean_loss, weighted_sft_loss
+
+Batch = dict[str, Any]
+
+
+def make_optimizer(
+    learning_rate: float,
+    total_steps: int,
+    warmup_ratio: float = 0.1,
+    warmup_steps: int | None = None,
+    schedule: str = "constant",
+    weight_decay: float = 0.1,
+    grad_clip: float | None = 1.0,
+    b1: float = 0.9,
+    b2: float = 0.999,
+) -> tuple[optax.GradientTransformation, Callable[[Any], jax.Array]]:
+    """AdamW after global-norm clipping, with linear warm-up then constant or cosine.
+
+    The schedule follows Hugging Face's ``get_{constant,cosine}_schedule_with_warmup``
+    (what the released DRIFT recipe used): ``lr * s / warmup`` for update ``s < warmup``
+    (so update 0 has lr 0), then ``lr`` or a cosine from ``lr`` to 0 at ``total_steps``.
+    ``warmup_steps`` overrides ``ceil(warmup_ratio * total_steps)``.
+
+    Weight decay skips 1-D parameters (norm scales, biases), as is standard.
+
+    Returns:
+      (tx, schedule_fn) with ``schedule_fn(update_index) -> lr`` (float32).
+    """
+    if schedule not in ("constant", "cosine"):
+        raise ValueError(f"schedule must be 'constant' or 'cosine', got {schedule!r}")
+    if warmup_steps is None:
+        warmup_steps = math.ceil(warmup_ratio * total_steps)
+    decay_steps = max(total_steps - warmup_steps, 1)
+
+    def schedule_fn(step):
+        step = jnp.asarray(step, jnp.float32)
+        warm = learning_rate * step / max(warmup_steps, 1)
+        if schedule == "constant":
+            after = jnp.full_like(step, learning_rate)
+        else:
+            progress = jnp.clip((step - warmup_steps) / decay_steps, 0.0, 1.0)
+            after = learning_rate * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+        return jnp.where(step < warmup_steps, warm, after)
+
+    def decay_mask(params):
+        return jax.tree.map(lambda x: x.ndim > 1, params)
+
+    adamw = optax.adamw(schedule_fn, b1=b1, b2=b2, weight_decay=weight_decay, mask=decay_mask)
+    tx = optax.chain(optax.clip_by_global_norm(grad_clip), adamw) if grad_clip else adamw
+    return tx, schedule_fn
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a resumed run needs. ``step``: int32 scalar, updates applied so far.
+    ``rng``: a key for stochastic training; derive per-step keys with
+    ``jax.random.fold_in(rng, step)`` so a resumed run draws the same ones."""
+
+    params: nnx.State
+    opt_state: optax.OptState
+    step: jax.Array
+    rng: jax.Array
+
+
+def create_train_state(
+    model: nnx.Module, tx: optax.GradientTransformation, seed: int = 0
+) -> tuple[nnx.GraphDef, TrainState]:
+    """Split ``model`` into (graphdef, Param state) and initialise the optimizer."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    if jax.tree.leaves(rest):
+        # step_fn rebuilds the model from params alone; other state would be dropped.
+        raise ValueError(
+            "create_train_state supports models whose only state is nnx.Param; found "
+            f"other variables: {rest}. Carry them in TrainState before training this model."
+        )
+    state = TrainState(
+        params=params,
+        opt_state=tx.init(params),
+        step=jnp.zeros((), jnp.int32),
+        rng=jax.random.key(seed),
+    )
+    return graphdef, state
+
+
+def _micro_batch_loss(graphdef, params, mb: Batch, normalize: str):
+    """Loss SUM of one micro-batch (differentiated) plus its token counts.
+
+    Position t predicts tokens[:, t + 1]; a target counts only where loss_mask marks it,
+    it is real, and its input is real (a target predicted from padding is meaningless).
+    """
+    model = nnx.merge(graphdef, params)
+    tokens_bt, valid_bt = mb["tokens"], mb["valid"].astype(bool)
+    logits_btv = model(tokens_bt[:, :-1], valid_bt[:, :-1])
+    mask_bt = mb["loss_mask"][:, 1:].astype(bool) & valid_bt[:, 1:] & valid_bt[:, :-1]
+    weights_b = mb["weights"].astype(jnp.float32)
+    loss_sum, denom = weighted_sft_loss(logits_btv, tokens_bt[:, 1:], mask_bt, weights_b, normalize)
+    tokens_b = jnp.sum(mask_bt, axis=1).astype(jnp.float32)
+    counts = {
+        "num_tokens": jnp.sum(tokens_b),
+        "num_weighted_tokens": jnp.sum(weights_b * tokens_b),
+        "num_input_tokens": jnp.sum(valid_bt).astype(jnp.float32),
+    }
+    return loss_sum, (denom, counts)
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    num_micro_batches: int = 1,
+    normalize: str = "batch",
+    schedule_fn: Callable[[Any], jax.Array] | None = None,
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+    """Build the jitted ``step_fn(state, batch) -> (state, metrics)``; ``state`` is donated.
+
+    The batch's B rows are split into ``num_micro_batches`` micro-batches of B/M rows,
+    scanned in order; gradients of the loss SUM and the (sum, denominator) pair are
+    accumulated and divided once by the total denominator, so M micro-batches give
+    the same update as one batch of B (only peak memory changes).
+
+    metrics (float32 scalars): loss, grad_norm (before clipping), lr (``schedule_fn`` at
+    this update, NaN if not given), num_tokens (supervised), num_weighted_tokens
+    (sum of weight * supervised tokens), num_input_tokens (real tokens), denominator.
+    """
+    m = num_micro_batches
+    grad_fn = jax.value_and_grad(_micro_batch_loss, argnums=1, has_aux=True)
+
+    def step_fn(state: TrainState, batch: Batch):
+        b = batch["tokens"].shape[0]
+        if b % m:
+            raise ValueError(f"batch size {b} is not divisible by num_micro_batches={m}")
+        micro = jax.tree.map(lambda x: x.reshape(m, b // m, *x.shape[1:]), batch)
+
+        def accumulate(carry, mb):
+            (loss_sum, (denom, counts)), grads = grad_fn(graphdef, state.params, mb, normalize)
+            new = (grads, loss_sum, denom, counts)
+            return jax.tree.map(jnp.add, carry, new), None
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        zero = jnp.zeros((), jnp.float32)
+        counts0 = dict.fromkeys(("num_tokens", "num_weighted_tokens", "num_input_tokens"), zero)
+        init = (zeros, zero, zero, counts0)
+        (grads, loss_sum, denom, counts), _ = jax.lax.scan(accumulate, init, micro)
+
+        # d(sum/denom) = d(sum)/denom: the denominator does not depend on the params.
+        inv_denom = jnp.where(denom == 0, 0.0, 1.0 / jnp.where(denom == 0, 1.0, denom))
+        grads = jax.tree.map(lambda g: g * inv_denom.astype(g.dtype), grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        lr = schedule_fn(state.step) if schedule_fn is not None else jnp.nan
+        metrics = {
+            "loss": mean_loss(loss_sum, denom),
+            "grad_norm": optax.tree.norm(grads),
+            "lr": jnp.asarray(lr, jnp.float32),
+            "denominator": denom,
+            **counts,
+        }
+        new_state = state.replace(params=params, opt_state=opt_state, step=state.step + 1)
+        return new_state, metrics
+
+    return jax.jit(step_fn, donate_argnums=0)
+
+
+def train_loop(
+    graphdef: nnx.GraphDef,
+    state: TrainState,
+    step_fn: Callable[[TrainState, Batch], tuple[TrainState, dict]],
+    batch_fn: Callable[[int], Batch],
+    num_steps: int,
+    *,
+    checkpointer=None,
+    metrics_path: str | None = None,
+    desc: str = "train",
+    log_every: int = 1,
+) -> TrainState:
+    """Run updates until ``state.step == num_steps`` (a total, not an increment).
+
+    If ``checkpointer`` (a ``drift_jax.checkpoint.Checkpointer``) holds a step newer
+    than ``state.step``, training resumes from it; ``batch_fn(step)`` must be
+    deterministic in ``step`` so the resumed run sees the same data. ``graphdef`` is
+    the model definition matching ``state.params`` (kept for callers and future eval
+    hooks; the step already closes over it).
+
+    Every ``log_every`` updates, one JSON line is appended to ``metrics_path``: step
+    (updates done), loss, grad_norm, lr, tokens_per_s (real input tokens), step_time_s,
+    wall_time (unix seconds) and the token counts. The checkpointer saves on its own
+    interval and once at the end. Raises FloatingPointError at the first non-finite
+    loss, before that step is saved, so the last checkpoint stays the last good one.
+    """
+    del graphdef  # the step closes over it; accepted so callers pass a consistent set.
+    if checkpointer is not None:
+        latest = checkpointer.latest_step()
+        if latest is not None and latest > int(state.step):
+            state = checkpointer.restore(state, latest)
+    start = int(state.step)
+    log_file = open(metrics_path, "a") if metrics_path else None
+    try:
+        with tqdm(total=num_steps, initial=start, desc=desc, dynamic_ncols=True) as bar:
+            for step in range(start, num_steps):
+                t0 = time.perf_counter()
+                state, metrics = step_fn(state, batch_fn(step))
+                # Fetching the metrics waits for the step: the NaN check must precede
+                # any save, and the step time must be the device's, not dispatch's.
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                step_time = time.perf_counter() - t0
+                done = step + 1
+                if not math.isfinite(metrics["loss"]):
+                    last = checkpointer.latest_step() if checkpointer is not None else None
+                    raise FloatingPointError(
+                        f"non-finite loss {metrics['loss']} at step {done} (update index "
+                        f"{step}, grad_norm {metrics['grad_norm']}); last checkpoint: {last}. "
+                        "Lower the learning rate or check the batch's weights and tokens."
+                    )
+                if log_file is not None and (done % log_every == 0 or done == num_steps):
+                    record = {
+                        "step": done,
+                        **metrics,
+                        "tokens_per_s": metrics["num_input_tokens"] / step_time,
+                        "step_time_s": step_time,
+                        "wall_time": time.time(),
+                    }
+                    log_file.write(json.dumps(record) + "\n")
+                    log_file.flush()
+                if checkpointer is not None:
+                    checkpointer.save(done, state)
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
+        if checkpointer is not None:
+            checkpointer.save(int(state.step), state, force=True)
+    finally:
+        if log_file is not None:
+            log_file.close()
+    return state

@@ -1,0 +1,212 @@
+"""Returns and DRIFT importance weights (drift-method.md, Stage 2).
+
+Two layers:
+- array functions (`discounted_returns`, `importance_weights`): pure jnp, jit-compatible,
+  float32;
+- host functions (`normalize_answer`, `repetition_penalty`, `trajectory_returns`,
+  `trajectory_weights`): plain Python over the reference release's rollout records.
+
+    R(tau) = sum_t gamma^(t-1) r_t + format_penalty - lam * (1 - n_unique / n_answers)
+    w(tau) = exp(R/beta) / mean_{tau' of the same prompt} exp(R(tau')/beta)
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import numbers
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_NORMALIZE_MODES = ("mean", "sum")
+_TURN_KEY = re.compile(r"t(\d+)")
+
+
+@jax.jit
+def discounted_returns(turn_rewards_nt: jax.Array, gamma: float) -> jax.Array:
+    """Discounted success G = sum_t gamma^(t-1) * r_t, turns numbered from t = 1.
+
+    Args:
+      turn_rewards_nt: [N, T] per-turn rewards (turn t at column t-1; 0 for turns
+        that were not played).
+      gamma: discount in [0, 1].
+    Returns:
+      [N] float32.
+    """
+    rewards_nt = jnp.asarray(turn_rewards_nt, jnp.float32)
+    discounts_t = jnp.power(jnp.asarray(gamma, jnp.float32), jnp.arange(rewards_nt.shape[-1], dtype=jnp.float32))
+    return jnp.sum(rewards_nt * discounts_t, axis=-1)
+
+
+def normalize_answer(text: str) -> str:
+    """Lower-case and remove ALL whitespace, so "X = 2" and "x=2" count as one answer."""
+    return "".join(text.lower().split())
+
+
+def repetition_penalty(answers: Sequence[str], lam: float = 0.5) -> float:
+    """P = lam * (1 - n_unique / n_answers) over one trajectory's normalised answers.
+
+    0.0 when no answer was given (a reply without a parsable answer is charged by the
+    format penalty instead).
+    """
+    if not answers:
+        return 0.0
+    return lam * (1.0 - len(set(answers)) / len(answers))
+
+
+def _check_weight_args(beta: float, normalize: str) -> None:
+    if normalize not in _NORMALIZE_MODES:
+        raise ValueError(f"normalize must be one of {_NORMALIZE_MODES}, got {normalize!r}")
+    if not float(beta) > 0.0:
+        raise ValueError(f"beta must be > 0, got {beta!r}")
+
+
+def importance_weights(
+    returns_n: jax.Array,
+    group_ids_n: jax.Array,
+    beta: float,
+    normalize: str = "mean",
+    num_groups: int | None = None,
+) -> jax.Array:
+    """Self-normalised weights exp(R/beta) / Z(prompt), one per trajectory.
+
+    Args:
+      returns_n: [N] returns R.
+      group_ids_n: [N] int group (prompt) ids in 0..G-1; groups may have any size >= 1.
+      beta: temperature > 0 (a Python number: it is validated on the host).
+      normalize: "mean" -> Z = group mean of exp(R/beta) (weights average 1 per group);
+        "sum" -> Z = group sum (weights sum to 1 per group).
+      num_groups: G, static. None infers max(id) + 1 on the host, which needs concrete
+        ids: pass it explicitly under jit.
+    Returns:
+      [N] float32, finite for any finite returns and beta > 0.
+    """
+    _check_weight_args(beta, normalize)
+    if num_groups is None:
+        ids = np.asarray(group_ids_n)
+        if ids.size and ids.min() < 0:
+            raise ValueError(f"group ids must be >= 0, got min {ids.min()}")
+        num_groups = int(ids.max()) + 1 if ids.size else 0
+
+    return _importance_weights(
+        jnp.asarray(returns_n, jnp.float32),
+        jnp.asarray(group_ids_n, jnp.int32),
+        jnp.float32(beta),
+        normalize=normalize,
+        num_groups=num_groups,
+    )
+
+
+# One compiled program per (N, G, normalize) instead of one per eager op; inlined when the
+# caller is itself jitted.
+@functools.partial(jax.jit, static_argnames=("normalize", "num_groups"))
+def _importance_weights(returns_n, group_ids_n, beta, *, normalize, num_groups):
+    # Subtract the group max from R *before* dividing by beta: the difference is <= 0, so
+    # exp() lies in (0, 1] and the group's best trajectory contributes exactly 1 to Z ->
+    # no overflow for tiny beta and no 0/0 when every exp would underflow.
+    max_g = jax.ops.segment_max(returns_n, group_ids_n, num_segments=num_groups)
+    scaled_n = jnp.exp((returns_n - max_g[group_ids_n]) / beta)
+    sum_g = jax.ops.segment_sum(scaled_n, group_ids_n, num_segments=num_groups)
+    if normalize == "sum":
+        return scaled_n / sum_g[group_ids_n]
+    count_g = jax.ops.segment_sum(jnp.ones_like(scaled_n), group_ids_n, num_segments=num_groups)
+    return scaled_n * count_g[group_ids_n] / sum_g[group_ids_n]
+
+
+def _finite_number(value: Any, field: str) -> float:
+    # bool is a numbers.Real; a reward of True is almost certainly a mix-up with `verifier`.
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"field {field!r}: expected a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"field {field!r}: expected a finite number, got {value!r}")
+    return float(value)
+
+
+def _turn_rewards(record: Mapping[str, Any]) -> list[float]:
+    """Dense list r_1..r_T from {"t1": r, ...}; keys may be missing or out of order."""
+    if "turn_rewards" not in record:
+        raise ValueError("missing required field 'turn_rewards'")
+    raw = record["turn_rewards"]
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"field 'turn_rewards': expected a dict {{'t1': float, ...}}, got {type(raw).__name__}")
+    by_turn: dict[int, float] = {}
+    for key, value in raw.items():
+        match = _TURN_KEY.fullmatch(str(key))
+        if match is None or int(match.group(1)) < 1:
+            raise ValueError(f"field 'turn_rewards': bad turn key {key!r}, expected 't1', 't2', ...")
+        by_turn[int(match.group(1))] = _finite_number(value, f"turn_rewards.{key}")
+    num_turns = max(by_turn, default=0)
+    return [by_turn.get(t, 0.0) for t in range(1, num_turns + 1)]
+
+
+def trajectory_returns(record: Mapping[str, Any], gamma: float, lam: float = 0.5) -> float:
+    """R = G + format_penalty - P for ONE rollout record (reference release format).
+
+    Uses `turn_rewards` (missing turns are 0), `answer_norms` (re-normalised; the
+    normalisation is idempotent) and `format_penalty` (<= 0, missing -> 0.0).
+    Raises ValueError naming the field when the record is malformed.
+    """
+    rewards = _turn_rewards(record)
+    g = sum(gamma**t * r for t, r in enumerate(rewards))
+
+    if "answer_norms" not in record:
+        raise ValueError("missing required field 'answer_norms'")
+    answers = record["answer_norms"]
+    if not isinstance(answers, (list, tuple)) or not all(isinstance(a, str) for a in answers):
+        raise ValueError(f"field 'answer_norms': expected a list of strings, got {answers!r}")
+    penalty = repetition_penalty([normalize_answer(a) for a in answers], lam)
+
+    fmt = _finite_number(record.get("format_penalty", 0.0), "format_penalty")
+    if fmt > 0.0:
+        raise ValueError(f"field 'format_penalty': expected a value <= 0 (a penalty), got {fmt!r}")
+    return g + fmt - penalty
+
+
+def trajectory_weights(
+    trajectories: Sequence[Mapping[str, Any]],
+    gamma: float,
+    beta: float,
+    lam: float = 0.5,
+    normalize: str = "mean",
+) -> np.ndarray:
+    """One importance weight per rollout record, in input order.
+
+    Records are grouped by their string `prompt_id` (mapped to 0..G-1 in order of first
+    appearance). A stored "weight" field is ignored: weights are always recomputed.
+
+    Returns:
+      [N] float32 NumPy array.
+    """
+    _check_weight_args(beta, normalize)  # fail before parsing thousands of records
+    returns, group_ids, group_of = [], [], {}
+    for i, record in enumerate(trajectories):
+        try:
+            if not isinstance(record, Mapping):
+                raise ValueError(f"expected a dict, got {type(record).__name__}")
+            if "prompt_id" not in record:
+                raise ValueError("missing required field 'prompt_id'")
+            prompt_id = record["prompt_id"]
+            if not isinstance(prompt_id, str):
+                raise ValueError(f"field 'prompt_id': expected a string, got {prompt_id!r}")
+            returns.append(trajectory_returns(record, gamma, lam))
+        except ValueError as err:
+            raise ValueError(
+                f"trajectory record {i}: {err}. Records must follow the reference release "
+                "format (docs/drift-method.md); fix or drop this record."
+            ) from None
+        group_ids.append(group_of.setdefault(prompt_id, len(group_of)))
+    if not returns:
+        return np.zeros((0,), np.float32)
+    weights_n = importance_weights(
+        np.asarray(returns, np.float32),
+        np.asarray(group_ids, np.int32),
+        beta,
+        normalize=normalize,
+        num_groups=len(group_of),
+    )
+    return np.asarray(weights_n)

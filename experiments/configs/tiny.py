@@ -1,0 +1,23 @@
+"""A seconds-scale version of the default, for the integration test (not for results)."""
+
+from experiments.configs import default
+
+
+def get_config():
+    c = default.get_config()
+    c.model.hidden_size = 32
+    c.model.intermediate_size = 64
+    c.model.num_layers = 1
+    c.model.head_dim = 8
+    c.reference.num_transcripts = 200
+    c.reference.train.steps = 6
+    c.reference.train.batch_size = 16
+    c.rollout.num_prompts = 6
+    c.rollout.num_samples = 4
+    c.rollout.batch_size = 32
+    c.train.epochs = 1
+    c.train.batch_size = 8
+    c.train.checkpoint_every = 2
+    c.eval.num_prompts = 8
+    c.eval.batch_size = 8
+    return c

@@ -1,0 +1,78 @@
+"""Properties of drift_jax.evaluate: multi@k and per-turn correction rates."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from drift_jax.evaluate import correction_rate, multi_at_k, summarize
+
+
+@st.composite
+def eval_runs(draw):
+    """(t_stars, num_turns); some t_stars past the budget, which count as unsolved."""
+    num_turns = draw(st.integers(1, 6))
+    t_star = st.none() | st.integers(1, num_turns + 2)
+    return draw(st.lists(t_star, min_size=1, max_size=40)), num_turns
+
+
+def test_hand_case():
+    t_stars = [1, 2, None, 3, 1]
+    assert multi_at_k(t_stars, 3) == pytest.approx({"multi@1": 0.4, "multi@2": 0.6, "multi@3": 0.8})
+    # turn 1: 2 of 5; turn 2: 1 of {2, None, 3}; turn 3: 1 of {None, 3}
+    assert correction_rate(t_stars, 3) == pytest.approx([0.4, 1 / 3, 0.5])
+    summary = summarize(iter(t_stars), 3)  # a one-shot iterator must work too
+    assert summary["multi@3"] == pytest.approx(0.8)
+    assert summary["correction_rate"] == pytest.approx([0.4, 1 / 3, 0.5])
+
+
+def test_everything_solved_at_turn_one():
+    assert multi_at_k([1, 1], 3) == {"multi@1": 1.0, "multi@2": 1.0, "multi@3": 1.0}
+    assert correction_rate([1, 1], 3) == [1.0, None, None]
+
+
+def test_nothing_solved_and_past_budget():
+    assert multi_at_k([None, 4, np.int64(7)], 3) == {"multi@1": 0.0, "multi@2": 0.0, "multi@3": 0.0}
+    assert correction_rate([None, 4], 3) == [0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize(
+    "t_stars, num_turns",
+    [([], 3), ([1], 0), ([0], 3), ([1.5], 3), (["1"], 3), ([True], 3)],
+)
+def test_rejects_bad_input(t_stars, num_turns):
+    with pytest.raises(ValueError):
+        summarize(t_stars, num_turns)
+
+
+@settings(max_examples=200, deadline=None)
+@given(eval_runs())
+def test_multi_at_k_monotone_and_counts_solved(run):
+    t_stars, num_turns = run
+    multi = multi_at_k(t_stars, num_turns)
+    values = [multi[f"multi@{k}"] for k in range(1, num_turns + 1)]
+    assert list(multi) == [f"multi@{k}" for k in range(1, num_turns + 1)]
+    assert all(0.0 <= v <= 1.0 for v in values)
+    assert all(a <= b for a, b in zip(values, values[1:]))
+    assert values[-1] == pytest.approx(sum(t is not None and t <= num_turns for t in t_stars) / len(t_stars))
+
+
+@settings(max_examples=200, deadline=None)
+@given(eval_runs())
+def test_correction_rate_consistent_with_multi_at_k(run):
+    """1 - multi@k == prod_{t <= k} (1 - rate_t): each turn fixes a fraction of what is left."""
+    t_stars, num_turns = run
+    multi = multi_at_k(t_stars, num_turns)
+    rates = correction_rate(t_stars, num_turns)
+    assert len(rates) == num_turns
+    assert rates[0] == pytest.approx(multi["multi@1"])
+    for k in range(1, num_turns + 1):
+        # a turn nobody enters (None) only happens once everything is solved: rate 0 is harmless
+        unsolved = math.prod(1.0 - (r or 0.0) for r in rates[:k])
+        assert unsolved == pytest.approx(1.0 - multi[f"multi@{k}"], abs=1e-12)
+        assert rates[k - 1] is None or 0.0 <= rates[k - 1] <= 1.0
+        assert (rates[k - 1] is None) == (k > 1 and multi[f"multi@{k - 1}"] == 1.0)

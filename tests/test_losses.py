@@ -1,0 +1,178 @@
+"""Properties of drift_jax.losses: the weighted SFT loss as (sum, denominator)."""
+
+from __future__ import annotations
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from drift_jax.losses import mean_loss, token_cross_entropy, weighted_sft_loss
+
+NORMALIZE = ["batch", "weight_sum"]
+loss_fn = jax.jit(weighted_sft_loss, static_argnames="normalize")
+
+
+def make_batch(seed, b=4, t=5, v=11, p_mask=0.6):
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(scale=3.0, size=(b, t, v)).astype(np.float32)
+    targets = rng.integers(0, v, size=(b, t)).astype(np.int32)
+    mask = rng.random((b, t)) < p_mask
+    weights = rng.uniform(0.0, 3.0, size=b).astype(np.float32)
+    return logits, targets, mask, weights
+
+
+def reference_loss(logits, targets, mask, weights, normalize):
+    """NumPy float64 version of the formula in drift-method.md, Stage 3."""
+    x = logits.astype(np.float64)
+    m = x.max(-1, keepdims=True)
+    log_probs = x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+    ce = -np.take_along_axis(log_probs, targets[..., None], -1)[..., 0]
+    total, denom = 0.0, 0.0
+    for b in range(x.shape[0]):
+        if mask[b].any():
+            total += weights[b] * ce[b][mask[b]].mean()
+            denom += 1.0 if normalize == "batch" else weights[b]
+    return total, denom
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    st.integers(0, 2**31 - 1),
+    st.integers(1, 3),
+    st.integers(1, 4),
+    st.sampled_from([2, 7, 16]),
+    st.sampled_from(NORMALIZE),
+)
+def test_matches_numpy_reference(seed, b, t, v, normalize):
+    batch = make_batch(seed, b, t, v)
+    loss_sum, denom = loss_fn(*batch, normalize=normalize)
+    assert loss_sum.dtype == jnp.float32 and denom.dtype == jnp.float32
+    assert loss_sum.shape == () and denom.shape == ()
+    ref_sum, ref_denom = reference_loss(*batch, normalize)
+    np.testing.assert_allclose(loss_sum, ref_sum, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(denom, ref_denom, rtol=1e-6)
+
+
+def test_token_cross_entropy_matches_log_softmax_and_upcasts():
+    logits, targets, _, _ = make_batch(0)
+    ce = jax.jit(token_cross_entropy)(jnp.asarray(logits, jnp.bfloat16), targets)
+    assert ce.dtype == jnp.float32 and ce.shape == targets.shape
+    ref = -jnp.take_along_axis(jax.nn.log_softmax(jnp.asarray(logits, jnp.bfloat16).astype(jnp.float32)), targets[..., None], -1)[..., 0]
+    np.testing.assert_allclose(ce, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("normalize", NORMALIZE)
+def test_masked_positions_do_not_matter(normalize):
+    logits, targets, mask, weights = make_batch(1, b=4, t=6, v=9)
+    rng = np.random.default_rng(2)
+    garbage = np.where(rng.random(logits.shape) < 0.5, 1e30, -1e30).astype(np.float32)
+    logits2 = np.where(mask[..., None], logits, garbage)
+    targets2 = np.where(mask, targets, -100)  # typical "ignore" id, out of vocabulary range
+    ref = loss_fn(logits, targets, mask, weights, normalize=normalize)
+    got = loss_fn(logits2, targets2, mask, weights, normalize=normalize)
+    chex.assert_trees_all_equal(got, ref)
+
+    def loss_of(lg):
+        return mean_loss(*weighted_sft_loss(lg, targets2, mask, weights, normalize=normalize))
+
+    grads = jax.jit(jax.grad(loss_of))(logits2)
+    assert np.all(np.isfinite(grads))
+    np.testing.assert_array_equal(np.asarray(grads)[~mask], 0.0)
+
+
+@pytest.mark.parametrize("normalize", NORMALIZE)
+def test_sample_weight_scales_its_contribution_linearly(normalize):
+    logits, targets, mask, weights = make_batch(3)
+    mask[1, 0] = True  # sample 1 has a supervised token
+
+    def loss_sum_with(w1):
+        w = weights.copy()
+        w[1] = w1
+        return float(loss_fn(logits, targets, mask, w, normalize=normalize)[0])
+
+    per_sample_1 = reference_loss(logits[1:2], targets[1:2], mask[1:2], np.ones(1), "batch")[0]
+    base = loss_sum_with(0.0)
+    for c in [0.5, 1.0, 2.0, 7.0]:
+        np.testing.assert_allclose(loss_sum_with(c), base + c * per_sample_1, rtol=1e-5)
+
+
+@pytest.mark.parametrize("normalize", NORMALIZE)
+def test_micro_batches_accumulate_to_one_batch(normalize):
+    logits, targets, mask, weights = make_batch(4, b=8, t=5, v=13)
+    mask[2:4] = False  # one micro-batch of only padding rows (denominator 0)
+    mask[5] = False  # and a padding row inside another one
+    full = mean_loss(*loss_fn(logits, targets, mask, weights, normalize=normalize))
+    parts = [
+        loss_fn(logits[k : k + 2], targets[k : k + 2], mask[k : k + 2], weights[k : k + 2], normalize=normalize)
+        for k in range(0, 8, 2)
+    ]
+    acc_sum, acc_denom = (sum(p[i] for p in parts) for i in range(2))
+    np.testing.assert_allclose(mean_loss(acc_sum, acc_denom), full, rtol=1e-6)
+
+
+@pytest.mark.parametrize("normalize", NORMALIZE)
+def test_padding_rows_change_nothing(normalize):
+    logits, targets, mask, weights = make_batch(5, b=3)
+    pad_logits, pad_targets, _, pad_weights = make_batch(6, b=2)
+    padded = (
+        np.concatenate([logits, pad_logits]),
+        np.concatenate([targets, pad_targets]),
+        np.concatenate([mask, np.zeros_like(mask[:2])]),
+        np.concatenate([weights, pad_weights + 5.0]),
+    )
+    chex.assert_trees_all_close(loss_fn(*padded, normalize=normalize), loss_fn(logits, targets, mask, weights, normalize=normalize), rtol=1e-6)
+
+
+def test_mean_loss_safe_division():
+    assert float(mean_loss(jnp.float32(0.0), jnp.float32(0.0))) == 0.0
+    assert float(mean_loss(jnp.float32(3.0), jnp.float32(2.0))) == 1.5
+    assert float(jax.grad(mean_loss)(jnp.float32(1.0), jnp.float32(0.0))) == 0.0
+
+
+def test_all_padding_batch_is_zero_with_finite_gradient():
+    logits, targets, mask, weights = make_batch(7)
+    mask[:] = False
+    loss_sum, denom = loss_fn(logits, targets, mask, weights)
+    assert float(loss_sum) == 0.0 and float(denom) == 0.0
+    grads = jax.jit(jax.grad(lambda lg: mean_loss(*weighted_sft_loss(lg, targets, mask, weights))))(logits)
+    np.testing.assert_array_equal(grads, 0.0)
+
+
+def test_rejects_unknown_normalize():
+    with pytest.raises(ValueError, match="normalize"):
+        weighted_sft_loss(*make_batch(0), normalize="tokens")
+
+
+def test_large_vocabulary_without_one_hot():
+    logits, targets, mask, weights = make_batch(8, b=2, t=3, v=152_000)
+    mask[:, 0] = True
+    loss_sum, denom = loss_fn(logits, targets, mask, weights, normalize="batch")
+    assert np.isfinite(float(loss_sum)) and float(denom) == 2.0
+    np.testing.assert_allclose(loss_sum, reference_loss(logits, targets, mask, weights, "batch")[0], rtol=1e-5)
+
+
+class LossJitTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_gradients_jit_equal_eager(self):
+        logits, targets, mask, weights = make_batch(9)
+        for normalize in NORMALIZE:
+
+            def loss_of(lg, normalize=normalize):
+                return mean_loss(*weighted_sft_loss(lg, targets, mask, weights, normalize=normalize))
+
+            got = self.variant(jax.grad(loss_of))(logits)
+            expected = jax.jit(jax.grad(loss_of))(logits)
+            chex.assert_trees_all_close(got, expected, rtol=1e-6, atol=1e-7)
+            assert np.all(np.isfinite(got))
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_value_jit_equal_reference(self):
+        batch = make_batch(10)
+        fn = self.variant(functools.partial(weighted_sft_loss, normalize="weight_sum"))
+        np.testing.assert_allclose(fn(*batch), reference_loss(*batch, "weight_sum"), rtol=1e-5)

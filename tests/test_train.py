@@ -1,0 +1,221 @@
+"""Properties of drift_jax.train: it learns, K micro-batches == 1 batch, it compiles once,
+the schedule and weight-decay mask are right, and the loop resumes, logs and stops on NaN."""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from drift_jax import train
+from drift_jax.checkpoint import Checkpointer
+from drift_jax.models import ModelConfig, Transformer
+from drift_jax.train import create_train_state, make_optimizer, make_train_step, train_loop
+
+CFG = ModelConfig(
+    vocab_size=32, hidden_size=32, intermediate_size=64, num_layers=2,
+    num_heads=4, num_kv_heads=2, head_dim=8,
+)
+B, T = 8, 12
+
+
+def make_batch(seed: int = 0, batch: int = B) -> dict[str, np.ndarray]:
+    """Prompt + answer rows with ragged left padding, unequal weights, one padding row."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(1, CFG.vocab_size, (batch, T)).astype(np.int32)
+    pad = rng.integers(0, 4, batch)  # left padding per row
+    prompt = rng.integers(2, 5, batch)  # prompt length after padding
+    pos = np.arange(T)[None, :]
+    valid = pos >= pad[:, None]
+    loss_mask = valid & (pos >= (pad + prompt)[:, None])
+    valid[-1], loss_mask[-1] = False, False  # an all-padding row (partial final batch)
+    tokens = np.where(valid, tokens, 0).astype(np.int32)
+    weights = rng.uniform(0.05, 2.0, batch).astype(np.float32)
+    return {"tokens": tokens, "valid": valid, "loss_mask": loss_mask, "weights": weights}
+
+
+def fresh_state(tx, seed: int = 0):
+    return create_train_state(Transformer(CFG, rngs=nnx.Rngs(seed)), tx, seed)
+
+
+def run_steps(step_fn, state, batches):
+    for batch in batches:
+        state, metrics = step_fn(state, batch)
+    return state, metrics
+
+
+def test_overfits_a_tiny_fixed_dataset():
+    tx, sched = make_optimizer(1e-2, total_steps=60, warmup_steps=0, weight_decay=0.0)
+    graphdef, state = fresh_state(tx)
+    step_fn = make_train_step(graphdef, tx, schedule_fn=sched)
+    batch = make_batch(1)
+    losses = []
+    for _ in range(60):
+        state, metrics = step_fn(state, batch)
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] <= 0.1 * losses[0], losses[::10]
+    assert int(state.step) == 60
+
+
+@pytest.mark.parametrize("normalize", ["batch", "weight_sum"])
+def test_four_micro_batches_equal_one_batch(normalize):
+    tx, _ = make_optimizer(1e-3, total_steps=10, warmup_steps=0)
+    batches = [make_batch(2), make_batch(3)]
+    results = []
+    for m in (1, 4):
+        graphdef, state = fresh_state(tx)
+        step_fn = make_train_step(graphdef, tx, num_micro_batches=m, normalize=normalize)
+        results.append(run_steps(step_fn, state, batches))
+    (one, m_one), (four, m_four) = results
+    # Adam divides each gradient by its own RMS, so a coordinate whose gradient is ~0
+    # turns float rounding into a step of up to ~lr: hence atol = 1e-3 * lr.
+    chex.assert_trees_all_close(four.params, one.params, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(four.opt_state, one.opt_state, rtol=1e-5, atol=1e-7)
+    for key in ("loss", "grad_norm", "num_tokens", "num_weighted_tokens", "denominator"):
+        np.testing.assert_allclose(m_four[key], m_one[key], rtol=1e-5, err_msg=key)
+
+
+def test_metrics_count_supervised_tokens_and_weights():
+    _, _, state, step_fn, _ = _loop_setup()
+    batch = make_batch(4)
+    state, _ = step_fn(state, batch)
+    _, metrics = step_fn(state, batch)
+    valid, mask = batch["valid"], batch["loss_mask"]
+    target_mask = mask[:, 1:] & valid[:, 1:] & valid[:, :-1]
+    np.testing.assert_allclose(metrics["num_tokens"], target_mask.sum())
+    np.testing.assert_allclose(
+        metrics["num_weighted_tokens"], (batch["weights"] * target_mask.sum(1)).sum(), rtol=1e-6
+    )
+    np.testing.assert_allclose(metrics["num_input_tokens"], valid.sum())
+    np.testing.assert_allclose(metrics["denominator"], (target_mask.sum(1) > 0).sum())
+    np.testing.assert_allclose(metrics["lr"], 0.5e-3, rtol=1e-6)  # update 1 of a 2-step warm-up
+    assert metrics["grad_norm"] > 0
+
+
+def test_step_compiles_once_for_fixed_shapes(monkeypatch):
+    traces = []
+
+    def counting_loss(*args, **kwargs):
+        traces.append(1)  # Python side effect: runs only while tracing
+        return train_loss(*args, **kwargs)
+
+    train_loss = train.weighted_sft_loss
+    monkeypatch.setattr(train, "weighted_sft_loss", counting_loss)
+    tx, _ = make_optimizer(1e-3, total_steps=10)
+    graphdef, state = fresh_state(tx)
+    step_fn = make_train_step(graphdef, tx, num_micro_batches=2)
+    state, _ = run_steps(step_fn, state, [make_batch(s) for s in range(5)])
+    assert len(traces) == 1
+    assert int(state.step) == 5
+
+
+def test_micro_batches_must_divide_batch():
+    tx, _ = make_optimizer(1e-3, total_steps=10)
+    graphdef, state = fresh_state(tx)
+    with pytest.raises(ValueError, match="not divisible"):
+        make_train_step(graphdef, tx, num_micro_batches=3)(state, make_batch(0))
+
+
+def test_schedule_warmup_then_constant_or_cosine():
+    _, constant = make_optimizer(2.0, total_steps=100, warmup_ratio=0.1)
+    lrs = np.array([constant(s) for s in range(100)])
+    np.testing.assert_allclose(lrs[:11], 2.0 * np.arange(11) / 10, rtol=1e-6)  # linear ramp
+    np.testing.assert_allclose(lrs[10:], 2.0)
+    _, cosine = make_optimizer(2.0, total_steps=100, warmup_steps=10, schedule="cosine")
+    lrs = np.array([cosine(s) for s in range(101)])
+    np.testing.assert_allclose(lrs[:11], 2.0 * np.arange(11) / 10, rtol=1e-6)
+    assert np.all(np.diff(lrs[10:]) < 0)
+    np.testing.assert_allclose([lrs[55], lrs[100]], [1.0, 0.0], atol=1e-6)
+    _, no_warmup = make_optimizer(2.0, total_steps=100, warmup_steps=0)
+    assert float(no_warmup(0)) == 2.0
+
+
+def test_weight_decay_skips_one_dimensional_params():
+    lr, wd = 0.1, 0.5
+    tx, _ = make_optimizer(lr, total_steps=10, warmup_steps=0, weight_decay=wd)
+    graphdef, state = fresh_state(tx)
+    before = jax.tree.map(np.asarray, state.params)
+    batch = dict(make_batch(0), loss_mask=np.zeros((B, T), bool))  # zero loss -> zero grads
+    state, metrics = make_train_step(graphdef, tx)(state, batch)
+    assert float(metrics["grad_norm"]) == 0.0
+    # With zero gradients AdamW's step is pure decay: p <- p * (1 - lr * wd), 2-D only.
+    expected = jax.tree.map(lambda p: p * (1 - lr * wd) if p.ndim > 1 else p, before)
+    chex.assert_trees_all_close(state.params, expected, rtol=1e-6)
+
+
+LOOP_TX, LOOP_SCHEDULE = make_optimizer(1e-3, total_steps=10, warmup_steps=2)
+
+
+@functools.cache
+def loop_step_fn():
+    """One compiled step shared by the loop tests (XLA compiles dominate test time)."""
+    graphdef, _ = fresh_state(LOOP_TX)
+    return make_train_step(graphdef, LOOP_TX, num_micro_batches=2, schedule_fn=LOOP_SCHEDULE)
+
+
+def _loop_setup(tmp_path=None, save_every=3):
+    graphdef, state = fresh_state(LOOP_TX)
+    ckpt = Checkpointer(tmp_path / "ckpt", save_every=save_every) if tmp_path else None
+    return LOOP_TX, graphdef, state, loop_step_fn(), ckpt
+
+
+def test_train_loop_resumes_from_latest_checkpoint(tmp_path):
+    tx, graphdef, state, step_fn, ckpt = _loop_setup(tmp_path)
+    train_loop(graphdef, state, step_fn, make_batch, 6, checkpointer=ckpt)
+    assert ckpt.all_steps() == [3, 6]
+    # A "restarted job": everything rebuilt from scratch; the loop picks up step 6.
+    graphdef, state = fresh_state(tx, seed=1)
+    resumed = train_loop(graphdef, state, step_fn, make_batch, 10, checkpointer=Checkpointer(tmp_path / "ckpt", 3))
+    graphdef, state = fresh_state(tx)
+    straight = train_loop(graphdef, state, step_fn, make_batch, 10)
+    assert int(resumed.step) == int(straight.step) == 10
+    chex.assert_trees_all_close(resumed.params, straight.params, rtol=1e-6)
+    chex.assert_trees_all_close(resumed.opt_state, straight.opt_state, rtol=1e-6)
+    assert ckpt.latest_step() == 10  # the end-of-run save
+
+
+def test_nan_loss_raises_naming_the_step_and_keeps_last_checkpoint(tmp_path):
+    tx, graphdef, state, step_fn, ckpt = _loop_setup(tmp_path, save_every=2)
+
+    def batch_fn(step):
+        batch = make_batch(step)
+        if step == 4:  # the 5th update
+            batch["weights"] = np.full_like(batch["weights"], np.nan)
+        return batch
+
+    with pytest.raises(FloatingPointError, match="step 5"):
+        train_loop(graphdef, state, step_fn, batch_fn, 10, checkpointer=ckpt)
+    assert ckpt.latest_step() == 4
+    _, like = fresh_state(tx)
+    restored = ckpt.restore(like)
+    assert int(restored.step) == 4
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(restored.params))
+
+
+def test_metrics_jsonl_has_expected_keys(tmp_path):
+    _, graphdef, state, step_fn, _ = _loop_setup()
+    path = tmp_path / "metrics.jsonl"
+    train_loop(graphdef, state, step_fn, make_batch, 5, metrics_path=str(path), log_every=2)
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4, 5]  # every 2nd step and the last
+    for r in records:
+        assert {"step", "loss", "grad_norm", "lr", "tokens_per_s", "wall_time", "num_tokens"} <= r.keys()
+        assert np.isfinite(r["loss"]) and r["tokens_per_s"] > 0
+    assert records[0]["lr"] == pytest.approx(0.5e-3)  # update index 1 of a 2-step warm-up
+
+
+def test_create_train_state_rejects_non_param_state():
+    class WithStats(nnx.Module):
+        def __init__(self):
+            self.w = nnx.Param(jnp.ones((2, 2)))
+            self.stats = nnx.BatchStat(jnp.zeros(2))
+
+    tx, _ = make_optimizer(1e-3, total_steps=10)
+    with pytest.raises(ValueError, match="only state is nnx.Param"):
+        create_train_state(WithStats(), tx)
