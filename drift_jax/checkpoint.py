@@ -2,9 +2,9 @@
 
 Any pytree of arrays saves as-is: ``nnx.State`` params (whose leaves sit under
 ``nnx.Param`` nodes), optax states (NamedTuples), int32 steps and typed PRNG keys.
-Restoring always goes through a ``like`` tree (a freshly built state of the same model
-and optimizer): its leaves give shape, dtype and sharding, its treedef gives the
-structure, so a restore yields exactly the pytree that training produced.
+Restoring always goes through a ``like`` tree (a state of the same model and optimizer,
+freshly built or ``jax.eval_shape``-d): its leaves give shape, dtype and sharding, its
+treedef the structure, so a restore yields exactly the pytree that training produced.
 
 Orbax writes each step to a temporary directory and renames it when complete, so a
 crash mid-save never leaves a step that looks valid. Saves here are synchronous: when
@@ -25,13 +25,16 @@ def _abstract(tree: Any) -> Any:
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
 
-def _check_structure(restored: Any, like: Any, where: str) -> Any:
-    if jax.tree.structure(restored) != jax.tree.structure(like):
+def _restore_into(restore_fn, like: Any, where: str) -> Any:
+    """Run an Orbax restore against ``like``'s abstract tree, naming the checkpoint when
+    it does not fit (Orbax's own message says which leaf and how)."""
+    try:
+        return restore_fn(_abstract(like))
+    except ValueError as e:
         raise ValueError(
-            f"checkpoint {where} has a different tree structure from the target; was it "
-            "written by another model config or optimizer?"
-        )
-    return restored
+            f"checkpoint {where} does not match the target state (another model config "
+            f"or optimizer?): {e}"
+        ) from e
 
 
 class Checkpointer:
@@ -82,7 +85,10 @@ class Checkpointer:
     def restore(self, state_like: Any, step: int | None = None) -> Any:
         """Load ``step`` (default: the latest) into the structure of ``state_like``.
 
-        Raises FileNotFoundError if there is no such checkpoint.
+        ``state_like``: a state of the same model and optimizer, concrete or abstract
+        (``jax.eval_shape`` of ``create_train_state``: nothing is allocated twice);
+        restored arrays take its leaves' shardings. Raises FileNotFoundError if there
+        is no such checkpoint, ValueError if it does not fit ``state_like``.
         """
         steps = self.all_steps()
         if step is None:
@@ -94,8 +100,11 @@ class Checkpointer:
             step = steps[-1]
         elif step not in steps:
             raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}; have {steps}")
-        restored = self._manager.restore(step, args=ocp.args.StandardRestore(_abstract(state_like)))
-        return _check_structure(restored, state_like, f"{self.directory}/{step}")
+        return _restore_into(
+            lambda target: self._manager.restore(step, args=ocp.args.StandardRestore(target)),
+            state_like,
+            f"{self.directory}/{step}",
+        )
 
     def wait(self) -> None:
         """Block until any save in flight is on disk (saves are synchronous; cheap)."""
@@ -127,5 +136,4 @@ def load_params(path: str | os.PathLike, params_like: Any) -> Any:
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no params checkpoint at {path}; write one with save_params")
     with ocp.StandardCheckpointer() as ckptr:
-        restored = ckptr.restore(path, _abstract(params_like))
-    return _check_structure(restored, params_like, path)
+        return _restore_into(lambda target: ckptr.restore(path, target), params_like, path)

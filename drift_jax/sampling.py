@@ -127,8 +127,11 @@ def generate(graphdef, state, prompt_bp, valid_bp, keys_b, max_new_b, *, params:
 
 
 def bucket_length(n: int, min_bucket: int = 16) -> int:
-    """Smallest power of two >= n (at least ``min_bucket``): log-many compiled shapes."""
-    return max(min_bucket, 1 << max(0, n - 1).bit_length())
+    """Padded length for ``n`` tokens: the next multiple of ``min_bucket`` up to
+    ``8 * min_bucket``, then the next power of two. Few compiled shapes, little waste."""
+    if n <= 8 * min_bucket:
+        return max(min_bucket, -(-n // min_bucket) * min_bucket)
+    return 1 << (n - 1).bit_length()
 
 
 def generate_batched(

@@ -14,6 +14,7 @@ A batch is a dict of host or device arrays:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -107,7 +108,9 @@ def create_train_state(
         step=jnp.zeros((), jnp.int32),
         rng=jax.random.key(seed),
     )
-    return graphdef, state
+    # Commit the state to a device: a restored checkpoint is committed too, and jit keys
+    # its cache on committedness, so a fresh and a restored state share one compile.
+    return graphdef, jax.device_put(state, jax.local_devices()[0])
 
 
 def _micro_batch_loss(graphdef, params, mb: Batch, normalize: str):
@@ -146,8 +149,8 @@ def make_train_step(
     the same update as one batch of B (only peak memory changes).
 
     metrics (float32 scalars): loss, grad_norm (before clipping), lr (``schedule_fn`` at
-    this update, NaN if not given), num_tokens (supervised), num_weighted_tokens
-    (sum of weight * supervised tokens), num_input_tokens (real tokens), denominator.
+    this update; only if given), num_tokens (supervised), num_weighted_tokens (sum of
+    weight * supervised tokens), num_input_tokens (real tokens), denominator.
     """
     m = num_micro_batches
     grad_fn = jax.value_and_grad(_micro_batch_loss, argnums=1, has_aux=True)
@@ -170,18 +173,18 @@ def make_train_step(
         (grads, loss_sum, denom, counts), _ = jax.lax.scan(accumulate, init, micro)
 
         # d(sum/denom) = d(sum)/denom: the denominator does not depend on the params.
-        inv_denom = jnp.where(denom == 0, 0.0, 1.0 / jnp.where(denom == 0, 1.0, denom))
+        inv_denom = mean_loss(jnp.float32(1.0), denom)  # 1 / denom, or 0 if no tokens
         grads = jax.tree.map(lambda g: g * inv_denom.astype(g.dtype), grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        lr = schedule_fn(state.step) if schedule_fn is not None else jnp.nan
         metrics = {
             "loss": mean_loss(loss_sum, denom),
             "grad_norm": optax.tree.norm(grads),
-            "lr": jnp.asarray(lr, jnp.float32),
             "denominator": denom,
             **counts,
         }
+        if schedule_fn is not None:
+            metrics["lr"] = jnp.asarray(schedule_fn(state.step), jnp.float32)
         new_state = state.replace(params=params, opt_state=opt_state, step=state.step + 1)
         return new_state, metrics
 
@@ -211,8 +214,8 @@ def train_loop(
     Every ``log_every`` updates, one JSON line is appended to ``metrics_path``: step
     (updates done), loss, grad_norm, lr, tokens_per_s (real input tokens), step_time_s,
     wall_time (unix seconds) and the token counts. The checkpointer saves on its own
-    interval and once at the end. Raises FloatingPointError at the first non-finite
-    loss, before that step is saved, so the last checkpoint stays the last good one.
+    interval and once at the end. Raises FloatingPointError at the first non-finite loss
+    or gradient norm, before that step is saved: the last checkpoint stays a good one.
     """
     del graphdef  # the step closes over it; accepted so callers pass a consistent set.
     if checkpointer is not None:
@@ -220,41 +223,39 @@ def train_loop(
         if latest is not None and latest > int(state.step):
             state = checkpointer.restore(state, latest)
     start = int(state.step)
-    log_file = open(metrics_path, "a") if metrics_path else None
-    try:
-        with tqdm(total=num_steps, initial=start, desc=desc, dynamic_ncols=True) as bar:
-            for step in range(start, num_steps):
-                t0 = time.perf_counter()
-                state, metrics = step_fn(state, batch_fn(step))
-                # Fetching the metrics waits for the step: the NaN check must precede
-                # any save, and the step time must be the device's, not dispatch's.
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                step_time = time.perf_counter() - t0
-                done = step + 1
-                if not math.isfinite(metrics["loss"]):
-                    last = checkpointer.latest_step() if checkpointer is not None else None
-                    raise FloatingPointError(
-                        f"non-finite loss {metrics['loss']} at step {done} (update index "
-                        f"{step}, grad_norm {metrics['grad_norm']}); last checkpoint: {last}. "
-                        "Lower the learning rate or check the batch's weights and tokens."
-                    )
-                if log_file is not None and (done % log_every == 0 or done == num_steps):
-                    record = {
-                        "step": done,
-                        **metrics,
-                        "tokens_per_s": metrics["num_input_tokens"] / step_time,
-                        "step_time_s": step_time,
-                        "wall_time": time.time(),
-                    }
-                    log_file.write(json.dumps(record) + "\n")
-                    log_file.flush()
-                if checkpointer is not None:
-                    checkpointer.save(done, state)
-                bar.update(1)
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
-        if checkpointer is not None:
-            checkpointer.save(int(state.step), state, force=True)
-    finally:
-        if log_file is not None:
-            log_file.close()
+    log_cm = open(metrics_path, "a") if metrics_path else contextlib.nullcontext()
+    bar_cm = tqdm(total=num_steps, initial=start, desc=desc, dynamic_ncols=True)
+    with log_cm as log_file, bar_cm as bar:
+        for step in range(start, num_steps):
+            t0 = time.perf_counter()
+            state, metrics = step_fn(state, batch_fn(step))
+            # Fetching the metrics waits for the step: the NaN check must precede
+            # any save, and the step time must be the device's, not dispatch's.
+            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            step_time = time.perf_counter() - t0
+            done = step + 1
+            # A finite loss with non-finite gradients has already poisoned the params.
+            if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
+                last = checkpointer.latest_step() if checkpointer is not None else None
+                raise FloatingPointError(
+                    f"non-finite loss {metrics['loss']} / grad_norm {metrics['grad_norm']} "
+                    f"at step {done} (batch_fn({step})); last checkpoint: step {last}. "
+                    "Check that batch's weights and tokens, or lower the learning rate."
+                )
+            if log_file is not None and (done % log_every == 0 or done == num_steps):
+                record = {
+                    "step": done,
+                    **metrics,
+                    "tokens_per_s": metrics["num_input_tokens"] / step_time,
+                    "step_time_s": step_time,
+                    "wall_time": time.time(),
+                }
+                log_file.write(json.dumps(record) + "\n")
+                log_file.flush()
+            if checkpointer is not None:
+                checkpointer.save(done, state)
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics.get('lr', math.nan):.2e}")
+    if checkpointer is not None:
+        checkpointer.save(int(state.step), state, force=True)
     return state

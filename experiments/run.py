@@ -21,7 +21,7 @@ sys.path.insert(0, REPO)  # configs import each other as experiments.configs.*
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
 from flax import nnx  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
@@ -224,6 +224,7 @@ def stage_report(exp: Experiment, methods) -> dict:
 
 def main(argv):
     del argv
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save/restore at INFO
     cfg = _CONFIG.value
     name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
     exp = Experiment(cfg, _WORKDIR.value or os.path.join("runs", name))

@@ -49,17 +49,16 @@ def run(step_fn, state, start, stop):
 def test_round_trip_restores_the_same_pytree(tmp_path, step_fn):
     _, state = fresh()
     state = run(step_fn, state, 0, 2)
-    expected = jax.tree.map(np.asarray, state, is_leaf=lambda x: False)
     with Checkpointer(tmp_path, save_every=1) as ckpt:
         assert ckpt.save(2, state)
-        _, like = fresh(seed=7)  # different values, same structure
+        # An abstract target (shapes only) avoids allocating a throwaway state.
+        like = jax.eval_shape(lambda: fresh(seed=7)[1])
         restored = ckpt.restore(like)
     assert jax.tree.structure(restored) == jax.tree.structure(state)
     assert restored.step.dtype == np.int32 and int(restored.step) == 2
     assert jax.random.key_data(restored.rng).tolist() == jax.random.key_data(state.rng).tolist()
     chex.assert_trees_all_equal(restored.params, state.params)
     chex.assert_trees_all_equal(restored.opt_state, state.opt_state)
-    del expected
 
 
 def test_restore_into_fresh_state_then_continue_equals_straight_run(tmp_path, step_fn):
@@ -100,13 +99,14 @@ def test_restore_without_checkpoint_raises_clearly(tmp_path):
             ckpt.restore(like, step=5)
 
 
-def test_restore_into_a_different_model_fails(tmp_path):
+@pytest.mark.parametrize("change", [{"hidden_size": 64}, {"num_layers": 3}])
+def test_restore_into_a_different_model_fails_clearly(tmp_path, change):
     _, state = fresh()
     with Checkpointer(tmp_path, save_every=1) as ckpt:
         ckpt.save(1, state)
-        bigger = CFG.replace(hidden_size=64)
-        _, like = create_train_state(Transformer(bigger, rngs=nnx.Rngs(0)), TX, 0)
-        with pytest.raises(Exception):
+        cfg = CFG.replace(**change)
+        like = jax.eval_shape(lambda: create_train_state(Transformer(cfg, rngs=nnx.Rngs(0)), TX)[1])
+        with pytest.raises(ValueError, match=f"checkpoint {tmp_path}/1 does not match"):
             ckpt.restore(like)
 
 
@@ -114,17 +114,12 @@ def test_save_and_load_params(tmp_path, step_fn):
     _, state = fresh()
     state = run(step_fn, state, 0, 1)
     save_params(tmp_path / "ref", state.params)
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match="exists"):
         save_params(tmp_path / "ref", state.params)  # no silent overwrite
+    save_params(tmp_path / "ref", state.params, force=True)
     _, like = fresh(seed=5)
     loaded = load_params(tmp_path / "ref", like.params)
     assert jax.tree.structure(loaded) == jax.tree.structure(state.params)
     chex.assert_trees_all_equal(loaded, state.params)
-    # The loaded params drive the model exactly like the originals.
-    graphdef, _ = fresh()
-    tokens = batch_for(0)["tokens"]
-    np.testing.assert_array_equal(
-        nnx.merge(graphdef, loaded)(tokens), nnx.merge(graphdef, state.params)(tokens)
-    )
     with pytest.raises(FileNotFoundError, match="save_params"):
         load_params(tmp_path / "missing", like.params)

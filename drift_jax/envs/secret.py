@@ -24,6 +24,7 @@ from transformers import PreTrainedTokenizerFast
 
 from drift_jax.envs.base import FEEDBACK, AnswerTagEnv, Episode, Question
 
+LETTERS = "ABCDEFGHIJ"
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
 WORDS = ["system", "user", "assistant", "<answer>", "</answer>", "guess", "the", "secret", ":", "maybe"]
 # ChatML-like, one word per token, so a five-turn transcript stays around 70 tokens.
@@ -35,7 +36,7 @@ CHAT_TEMPLATE = (
 
 def build_tokenizer(num_values: int = 100) -> PreTrainedTokenizerFast:
     """A word-level Hugging Face tokenizer with a chat template for the toy task."""
-    words = SPECIAL_TOKENS + WORDS + FEEDBACK.split() + [str(i) for i in range(num_values)]
+    words = SPECIAL_TOKENS + WORDS + FEEDBACK.split() + list(LETTERS) + [str(i) for i in range(num_values)]
     vocab = {w: i for i, w in enumerate(dict.fromkeys(words))}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -62,18 +63,18 @@ class SecretGuessEnv(AnswerTagEnv):
         rng = np.random.default_rng(seed)
         questions, seen = [], set(exclude)
         while len(questions) < n:
-            candidates = rng.choice(self.num_values, self.num_candidates, replace=False)
-            text = "guess the secret : " + " ".join(str(c) for c in candidates)
+            values = rng.choice(self.num_values, self.num_candidates, replace=False)
+            text = "guess the secret : " + " ".join(f"{l} {v}" for l, v in zip(LETTERS, values))
             if text in seen:
                 continue
             seen.add(text)
-            gold = str(candidates[rng.integers(self.num_candidates)])
+            gold = LETTERS[rng.integers(self.num_candidates)]
             questions.append(Question(f"{prefix}{len(questions)}", text, gold))
         return questions
 
 
 def candidates_of(question: Question) -> list[str]:
-    return question.text.split(":", 1)[1].split()
+    return question.text.split(":", 1)[1].split()[0::2]
 
 
 def scripted_episode(env: SecretGuessEnv, question: Question, rng: np.random.Generator,
@@ -86,9 +87,9 @@ def scripted_episode(env: SecretGuessEnv, question: Question, rng: np.random.Gen
         if rng.random() < p_format_error:
             reply = f"maybe {rng.choice(candidates)}"  # forgot the answer tags
         else:
-            untried = [c for c in candidates if c not in tried] or candidates
+            untried = [c for c in candidates if c.lower() not in tried] or candidates
             if tried and rng.random() < p_repeat:
-                answer = tried[-1]
+                answer = tried[-1].upper()
             else:
                 answer = untried[rng.integers(len(untried))]
             reply = f"<answer> {answer} </answer>"

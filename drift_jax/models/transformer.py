@@ -65,7 +65,7 @@ class RMSNorm(nnx.Module):
         # Normalise in float32 and cast back before the scale, as the HF reference does.
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return self.weight.value.astype(x.dtype) * x32.astype(x.dtype)
+        return self.weight[...].astype(x.dtype) * x32.astype(x.dtype)
 
 
 class Linear(nnx.Module):
@@ -77,9 +77,9 @@ class Linear(nnx.Module):
         self.dtype = cfg.dtype
 
     def __call__(self, x):
-        y = x @ self.kernel.value.astype(self.dtype)
+        y = x @ self.kernel[...].astype(self.dtype)
         if self.bias is not None:
-            y = y + self.bias.value.astype(self.dtype)
+            y = y + self.bias[...].astype(self.dtype)
         return y
 
 
@@ -188,12 +188,12 @@ class Transformer(nnx.Module):
 
     # -- pieces, exposed so a loss can chunk the LM head over the sequence -------------
     def embed(self, tokens_bt):
-        return self.embed_tokens.value[tokens_bt].astype(self.cfg.dtype)
+        return self.embed_tokens[...][tokens_bt].astype(self.cfg.dtype)
 
     def logits(self, hidden_btd):
         """Final hidden states ``[B, T, D]`` -> logits ``[B, T, V]`` in the compute dtype."""
         if self.cfg.tie_word_embeddings:
-            return hidden_btd @ self.embed_tokens.value.astype(self.cfg.dtype).T
+            return hidden_btd @ self.embed_tokens[...].astype(self.cfg.dtype).T
         return self.lm_head(hidden_btd)
 
     def hidden_states(self, tokens_bt, valid_bt=None, positions_bt=None):

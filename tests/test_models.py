@@ -1,0 +1,103 @@
+"""Model properties: cached decode == full forward, padding and causality."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from drift_jax.models import PRESETS, KVCache, Transformer, preset
+
+
+def _tokens(cfg, b, t, seed=0):
+    return jax.random.randint(jax.random.key(seed), (b, t), 0, cfg.vocab_size)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_cached_decode_equals_full_forward(tiny_cfg, tie):
+    cfg = tiny_cfg.replace(tie_word_embeddings=tie)
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    tokens = _tokens(cfg, 3, 20)  # longer than the rope-scaling threshold (8)
+    full = model(tokens)
+    cache = KVCache.zeros(cfg, 3, 24)
+    pos = jnp.broadcast_to(jnp.arange(20), (3, 20))
+    logits, cache = model.decode(tokens[:, :7], cache, 0, pos[:, :7])
+    pieces = [logits]
+    for i in range(7, 20):
+        logits, cache = model.decode(tokens[:, i : i + 1], cache, i, pos[:, i : i + 1])
+        pieces.append(logits)
+    chex.assert_trees_all_close(jnp.concatenate(pieces, axis=1), full, atol=1e-5)
+
+
+def test_left_and_right_padding_change_no_real_logit(tiny_cfg):
+    model = Transformer(tiny_cfg, rngs=nnx.Rngs(1))
+    tokens = _tokens(tiny_cfg, 1, 9)
+    ref = model(tokens)
+    pad = jnp.full((1, 5), 7)
+    left = model(jnp.concatenate([pad, tokens], 1), valid_bt=jnp.arange(14)[None] >= 5)
+    right = model(jnp.concatenate([tokens, pad], 1), valid_bt=jnp.arange(14)[None] < 9)
+    chex.assert_trees_all_close(left[:, 5:], ref, atol=1e-5)
+    chex.assert_trees_all_close(right[:, :9], ref, atol=1e-5)
+
+
+def test_left_padded_prefill_then_decode_equals_unpadded(tiny_cfg):
+    model = Transformer(tiny_cfg, rngs=nnx.Rngs(2))
+    tokens = _tokens(tiny_cfg, 1, 10)
+    ref = model(tokens)
+    prompt = jnp.concatenate([jnp.zeros((1, 4), jnp.int32), tokens[:, :6]], 1)
+    valid = jnp.arange(10)[None] >= 4
+    cache = KVCache.zeros(tiny_cfg, 1, 14)
+    logits, cache = model.decode(prompt, cache, 0, jnp.maximum(jnp.arange(10) - 4, 0)[None], valid)
+    steps = [logits[:, 4:]]
+    for i in range(6, 10):
+        logits, cache = model.decode(tokens[:, i : i + 1], cache, 4 + i, jnp.array([[i]]))
+        steps.append(logits)
+    chex.assert_trees_all_close(jnp.concatenate(steps, 1), ref, atol=1e-5)
+
+
+def test_causal_changing_a_later_token_changes_no_earlier_logit(tiny_cfg):
+    model = Transformer(tiny_cfg, rngs=nnx.Rngs(3))
+    tokens = _tokens(tiny_cfg, 2, 12)
+    changed = tokens.at[:, 8].set((tokens[:, 8] + 1) % tiny_cfg.vocab_size)
+    a, b = model(tokens), model(changed)
+    chex.assert_trees_all_close(a[:, :8], b[:, :8], atol=0)
+    assert not np.allclose(a[:, 8:], b[:, 8:])
+
+
+def test_grouped_query_attention_matches_repeated_kv_heads(tiny_cfg):
+    """GQA with k kv-heads == multi-head attention whose kv heads are repeated n/k times."""
+    gqa = Transformer(tiny_cfg, rngs=nnx.Rngs(4))
+    mha = Transformer(tiny_cfg.replace(num_kv_heads=tiny_cfg.num_heads), rngs=nnx.Rngs(5))
+    rep, h = tiny_cfg.num_heads // tiny_cfg.num_kv_heads, tiny_cfg.head_dim
+    weights = nnx.to_pure_dict(nnx.state(gqa, nnx.Param))
+    for layer in weights["layers"].values():
+        for name in ("k_proj", "v_proj"):
+            proj = layer["self_attn"][name]
+            d = proj["kernel"].shape[0]
+            proj["kernel"] = jnp.repeat(proj["kernel"].reshape(d, -1, h), rep, axis=1).reshape(d, -1)
+            proj["bias"] = jnp.repeat(proj["bias"].reshape(-1, h), rep, axis=0).reshape(-1)
+    state = nnx.state(mha, nnx.Param)
+    nnx.replace_by_pure_dict(state, weights)
+    nnx.update(mha, state)
+    tokens = _tokens(tiny_cfg, 2, 6)
+    chex.assert_trees_all_close(gqa(tokens), mha(tokens), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_build_abstractly_with_sharding_axes(name):
+    cfg = preset(name)
+    model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    params = nnx.state(model, nnx.Param)
+    count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    assert count == cfg.num_params
+    specs = jax.tree.leaves(nnx.get_partition_spec(params), is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    assert specs and all(len(s) >= 1 for s in specs)
+
+
+def test_preset_sizes_match_published_counts():
+    # Published parameter counts (billions), to one decimal.
+    expected = {"qwen2.5-0.5b": 0.49, "qwen2.5-1.5b": 1.54, "qwen2.5-3b": 3.09,
+                "qwen2.5-7b": 7.62, "llama-3.2-1b": 1.24, "llama-3.2-3b": 3.21, "llama-3.1-8b": 8.03}
+    for name, billions in expected.items():
+        assert abs(preset(name).num_params / 1e9 - billions) < 0.01, name
