@@ -22,6 +22,16 @@ class BadRecord(ValueError):
     """A record that cannot be used; the message names the file, line and field."""
 
 
+def _is_finite_number(value) -> bool:
+    """A JSON number usable as a float: not a bool, NaN, inf, or an int too big for a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def validate_record(record, where: str) -> None:
     """Raise ``BadRecord`` if ``record`` cannot be trained on."""
     if not isinstance(record, dict):
@@ -43,10 +53,10 @@ def validate_record(record, where: str) -> None:
     if not isinstance(rewards, dict):
         raise BadRecord(f"{where}: field 'turn_rewards' must be an object {{'t1': float, ...}}")
     for key, value in rewards.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if not _is_finite_number(value):
             raise BadRecord(f"{where}: field 'turn_rewards.{key}' is {value!r}, not a finite number")
     penalty = record.get("format_penalty", 0.0)
-    if isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or not math.isfinite(penalty):
+    if not _is_finite_number(penalty):
         raise BadRecord(f"{where}: field 'format_penalty' is {penalty!r}, not a finite number")
 
 
@@ -62,16 +72,24 @@ def read_jsonl(path: str, on_bad_record: str = "error") -> tuple[list[dict], Cou
     if on_bad_record not in ("error", "skip"):
         raise ValueError(f"on_bad_record must be 'error' or 'skip', got {on_bad_record!r}")
     records, skipped = [], Counter()
-    with open(path) as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
+    # Bytes, decoded line by line: a corrupt line is a BadRecord naming its line, not a
+    # UnicodeDecodeError for the whole file.
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
             where = f"{path}:{line_no}"
             try:
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise BadRecord(f"{where}: line is not UTF-8 text") from None
+                if not line.strip():
+                    continue
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise BadRecord(f"{where}: malformed JSON ({e.msg})") from None
+                except (ValueError, RecursionError):  # over Python's int digit limit; deep nesting
+                    raise BadRecord(f"{where}: unreadable JSON (number or nesting too large)") from None
                 validate_record(record, where)
             except BadRecord as e:
                 if on_bad_record == "error":

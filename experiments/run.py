@@ -126,7 +126,8 @@ def stage_reference(exp: Experiment) -> None:
     rng = np.random.default_rng(exp.cfg.seed * 1000 + 1)
     questions = exp.env.make_questions(rc.num_transcripts, seed=exp.cfg.seed * 1000 + 1, prefix="ref-")
     examples = [
-        encode_dialogue(exp.tokenizer, scripted_episode(exp.env, q, rng, rc.p_repeat, rc.p_format_error).messages,
+        encode_dialogue(exp.tokenizer, scripted_episode(exp.env, q, rng, rc.p_repeat, rc.p_format_error,
+                                         rc.preference_decay).messages,
                         supervise="all")
         for q in questions
     ]

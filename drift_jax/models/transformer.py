@@ -24,12 +24,16 @@ from flax import nnx
 
 from drift_jax.models.config import ModelConfig
 
-_INIT_STD = 0.02
+_EMBED_STD = 0.02
 
 
-def _param(rngs: nnx.Rngs, shape, axes, dtype, init="normal") -> nnx.Param:
+def _param(rngs: nnx.Rngs, shape, axes, dtype, init="normal", std=None) -> nnx.Param:
     if init == "normal":
-        value = _INIT_STD * jax.random.normal(rngs.params(), shape, dtype)
+        # Kernels: LeCun normal (std 1/sqrt(fan_in)), Flax's default. Unlike HF's flat
+        # 0.02 it gives small models attention logits large enough to start learning
+        # which positions to attend to; pretrained weights replace it anyway.
+        std = shape[0] ** -0.5 if std is None else std
+        value = std * jax.random.normal(rngs.params(), shape, dtype)
     elif init == "ones":
         value = jnp.ones(shape, dtype)
     else:
@@ -180,7 +184,8 @@ class Transformer(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        self.embed_tokens = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg.param_dtype)
+        self.embed_tokens = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
+                                   cfg.param_dtype, std=_EMBED_STD)
         self.layers = nnx.List([DecoderLayer(cfg, rngs) for _ in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg, rngs)
         if not cfg.tie_word_embeddings:

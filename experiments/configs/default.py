@@ -1,6 +1,6 @@
 """The embedded default: DRIFT on the secret-guessing toy task, sized for a laptop CPU.
 
-A ~0.5M-parameter transformer learns the task's "base model" habit (answer some
+An ~80k-parameter transformer learns the task's "base model" habit (answer some
 candidate, then mostly repeat it after "Incorrect") from synthetic transcripts; DRIFT
 then has to teach it to use the feedback. See README.md for what the run shows.
 """
@@ -16,28 +16,29 @@ def get_config():
     c.task = ml_collections.ConfigDict()
     c.task.name = "secret"
     c.task.num_candidates = 5
-    c.task.num_values = 100
+    c.task.num_values = 100  # puzzle-id tokens (they carry no information)
     c.task.max_turns = 5
     c.task.max_answers = 5
     c.task.format_penalty = 0.1
 
     c.model = ml_collections.ConfigDict()
-    c.model.hidden_size = 128
-    c.model.intermediate_size = 256
-    c.model.num_layers = 3
+    c.model.hidden_size = 64
+    c.model.intermediate_size = 128
+    c.model.num_layers = 2
     c.model.num_heads = 4
     c.model.num_kv_heads = 2
-    c.model.head_dim = 32
+    c.model.head_dim = 16
 
     # Stage "reference": SFT from scratch on synthetic transcripts of the base habit.
     c.reference = ml_collections.ConfigDict()
     c.reference.num_transcripts = 8000
     c.reference.p_repeat = 0.65
     c.reference.p_format_error = 0.05
+    c.reference.preference_decay = 0.7  # prior over letters: A, then B (x0.7), C (x0.49)...
     c.reference.train = ml_collections.ConfigDict()
     c.reference.train.steps = 400
     c.reference.train.batch_size = 64
-    c.reference.train.learning_rate = 2e-3
+    c.reference.train.learning_rate = 3e-3
     c.reference.train.warmup_ratio = 0.05
     c.reference.train.schedule = "cosine"
     c.reference.train.weight_decay = 0.01
@@ -48,7 +49,7 @@ def get_config():
     c.rollout.num_samples = 16
     c.rollout.temperature = 1.0
     c.rollout.top_p = 1.0
-    c.rollout.max_new_tokens = 8
+    c.rollout.max_new_tokens = 4
     c.rollout.batch_size = 512
 
     # Stage "weights": the paper's released defaults.
@@ -60,10 +61,10 @@ def get_config():
 
     # Stage "train": weighted SFT on the last assistant turn, from the reference.
     c.train = ml_collections.ConfigDict()
-    c.train.epochs = 2
+    c.train.epochs = 4
     c.train.batch_size = 64
     c.train.num_micro_batches = 1
-    c.train.learning_rate = 5e-4
+    c.train.learning_rate = 2e-3
     c.train.warmup_ratio = 0.1
     c.train.schedule = "constant"
     c.train.weight_decay = 0.1

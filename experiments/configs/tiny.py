@@ -9,6 +9,7 @@ def get_config():
     c.model.intermediate_size = 64
     c.model.num_layers = 1
     c.model.head_dim = 8
+    c.model.num_heads = 4
     c.reference.num_transcripts = 200
     c.reference.train.steps = 6
     c.reference.train.batch_size = 16

@@ -1,0 +1,211 @@
+"""Chat rendering and SFT masks, on two tokenizers: the toy word-level one and a
+byte-level BPE with a ChatML (Qwen-style) template.
+
+The properties: the loss mask covers exactly the supervised assistant messages' tokens
+plus their end-of-turn token; left truncation keeps that span intact; the generation
+prompt's tokens are a prefix of the full dialogue's tokens and the supervised span starts
+right after them.
+"""
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from drift_jax.chat import SFTExample, collate, encode_dialogue, encode_prompt, end_of_turn_id, render
+from drift_jax.envs.base import FEEDBACK
+from drift_jax.envs.secret import build_tokenizer
+
+# Qwen2.5's template, minus tool calls: a default system message when none is given.
+CHATML_TEMPLATE = (
+    "{% if messages and messages[0]['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# Words both tokenizers know (the toy one is word-level over exactly these).
+WORDS = ["guess", "the", "secret", "puzzle", "maybe", "7", "42", "B", "<answer>A</answer>", "<answer>C</answer>"]
+
+
+def chatml_tokenizer() -> PreTrainedTokenizerFast:
+    """A small byte-level BPE (GPT-2 / Qwen pre-tokenisation) trained here, with ChatML."""
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    corpus = [" ".join(WORDS), FEEDBACK, "You are a helpful assistant.", "user\nassistant\nsystem\n"]
+    backend.train_from_iterator(corpus * 3, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>"],
+    )
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+_TOKENIZERS = {}
+
+
+def get_tokenizer(name):
+    if name not in _TOKENIZERS:
+        _TOKENIZERS[name] = build_tokenizer() if name == "toy" else chatml_tokenizer()
+    return _TOKENIZERS[name]
+
+
+@pytest.fixture(params=["toy", "chatml"])
+def tokenizer(request):
+    return get_tokenizer(request.param)
+
+
+def dialogue(contents, system=True):
+    """user, assistant, user(feedback), assistant, ... ending on an assistant message."""
+    messages = [{"role": "system", "content": "guess the secret"}] if system else []
+    messages.append({"role": "user", "content": "guess the secret puzzle 7 42"})
+    for i, content in enumerate(contents):
+        if i:
+            messages.append({"role": "user", "content": FEEDBACK})
+        messages.append({"role": "assistant", "content": content})
+    return messages
+
+
+DIALOGUE = dialogue(["maybe B", "<answer>A</answer>", "the secret <answer>C</answer>"])
+_content = st.lists(st.sampled_from(WORDS), min_size=1, max_size=4).map(" ".join)
+_dialogues = st.builds(dialogue, st.lists(_content, min_size=1, max_size=4), st.booleans())
+_settings = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def runs(mask):
+    """[start, end) of each run of True."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], mask.astype(int), [0]])))
+    return list(zip(edges[::2], edges[1::2]))
+
+
+def assert_span_is_message(tokenizer, tokens, content):
+    """A supervised span is the message's own tokens followed by one end-of-turn token."""
+    eot = end_of_turn_id(tokenizer)
+    assert tokens[-1] == eot and eot not in tokens[:-1]
+    assert list(tokens) == tokenizer(content, add_special_tokens=False)["input_ids"] + [eot]
+    assert tokenizer.decode(tokens, skip_special_tokens=True).strip() == content
+
+
+@_settings
+@given(messages=_dialogues)
+def test_supervise_last_masks_exactly_the_last_answer_and_its_end_of_turn(tokenizer, messages):
+    ex = encode_dialogue(tokenizer, messages, supervise="last")
+    (span,) = runs(ex.loss_mask)
+    assert_span_is_message(tokenizer, ex.tokens[span[0] : span[1]], messages[-1]["content"])
+    assert span[1] == len(ex.tokens) or tokenizer.decode(ex.tokens[span[1]:]).strip() == ""
+    assert not ex.truncated and ex.weight == 1.0
+    # The tokens are the full rendering's.
+    assert list(ex.tokens) == tokenizer(render(tokenizer, messages), add_special_tokens=False)["input_ids"]
+
+
+@_settings
+@given(messages=_dialogues)
+def test_supervise_all_masks_every_answer(tokenizer, messages):
+    ex = encode_dialogue(tokenizer, messages, supervise="all")
+    answers = [m["content"] for m in messages if m["role"] == "assistant"]
+    spans = runs(ex.loss_mask)
+    assert len(spans) == len(answers)
+    for (start, end), content in zip(spans, answers):
+        assert_span_is_message(tokenizer, ex.tokens[start:end], content)
+    last = encode_dialogue(tokenizer, messages, supervise="last")
+    assert np.array_equal(ex.loss_mask & last.loss_mask, last.loss_mask)
+
+
+def test_decoded_mask_reads_as_the_answer(tokenizer):
+    """The same check spelled out on a fixed dialogue, decoding with special tokens."""
+    ex = encode_dialogue(tokenizer, DIALOGUE, supervise="last")
+    text = tokenizer.decode(ex.tokens[ex.loss_mask])
+    assert text.replace(" ", "") == "thesecret<answer>C</answer><|im_end|>"
+    every = encode_dialogue(tokenizer, DIALOGUE, supervise="all")
+    assert tokenizer.decode(every.tokens[every.loss_mask]).replace(" ", "") == (
+        "maybeB<|im_end|><answer>A</answer><|im_end|>thesecret<answer>C</answer><|im_end|>")
+
+
+@_settings
+@given(messages=_dialogues, data=st.data())
+def test_left_truncation_keeps_the_supervised_span(tokenizer, messages, data):
+    supervise = data.draw(st.sampled_from(["last", "all"]))
+    full = encode_dialogue(tokenizer, messages, supervise=supervise)
+    needed = len(full.tokens) - int(np.argmax(full.loss_mask))
+    max_len = data.draw(st.integers(needed, len(full.tokens) + 3))
+    ex = encode_dialogue(tokenizer, messages, supervise=supervise, max_len=max_len)
+    assert ex.truncated == (max_len < len(full.tokens))
+    assert len(ex.tokens) == min(max_len, len(full.tokens))
+    np.testing.assert_array_equal(ex.tokens, full.tokens[-len(ex.tokens):])
+    np.testing.assert_array_equal(ex.loss_mask, full.loss_mask[-len(ex.tokens):])
+    assert ex.loss_mask.sum() == full.loss_mask.sum()  # nothing supervised was cut
+    if max_len > 1 and needed > 1:
+        with pytest.raises(ValueError, match=f"supervised answer needs {needed} tokens > max_len {needed - 1}"):
+            encode_dialogue(tokenizer, messages, supervise=supervise, max_len=needed - 1)
+
+
+def test_max_len_smaller_than_the_answer_raises(tokenizer):
+    answer_len = int(encode_dialogue(tokenizer, DIALOGUE).loss_mask.sum())
+    with pytest.raises(ValueError, match="supervised answer needs"):
+        encode_dialogue(tokenizer, DIALOGUE, max_len=answer_len - 1)
+
+
+def test_dialogue_without_assistant_message_raises(tokenizer):
+    with pytest.raises(ValueError, match="no assistant message"):
+        encode_dialogue(tokenizer, DIALOGUE[:2])
+
+
+def test_unknown_supervise_mode_raises(tokenizer):
+    with pytest.raises(ValueError, match="supervise must be"):
+        encode_dialogue(tokenizer, DIALOGUE, supervise="first")
+
+
+@_settings
+@given(messages=_dialogues)
+def test_encode_prompt_is_the_prefix_before_each_answer(tokenizer, messages):
+    full = encode_dialogue(tokenizer, messages, supervise="all")
+    starts = [start for start, _ in runs(full.loss_mask)]
+    answer_idx = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    for i, start in zip(answer_idx, starts):
+        prompt = encode_prompt(tokenizer, messages[:i])
+        assert len(prompt) == start  # the answer starts right after the generation prompt
+        assert list(full.tokens[:start]) == prompt
+
+
+def test_end_of_turn_is_the_closing_token(tokenizer):
+    eot = end_of_turn_id(tokenizer)
+    assert tokenizer.convert_ids_to_tokens(eot) == "<|im_end|>"
+
+
+@settings(max_examples=30, deadline=None)
+@given(lengths=st.lists(st.integers(1, 12), min_size=1, max_size=5), extra=st.integers(0, 3),
+       seed=st.integers(0, 2**16))
+def test_collate_right_pads_and_zero_weights_filler_rows(lengths, extra, seed):
+    rng = np.random.default_rng(seed)
+    examples = [SFTExample(rng.integers(1, 50, n).astype(np.int32), rng.random(n) < 0.5, float(rng.random()) + 0.1)
+                for n in lengths]
+    length, pad_id, b = 12, 0, len(lengths) + extra
+    batch = collate(examples, length, pad_id, batch_size=b)
+    assert {k: v.shape for k, v in batch.items()} == {
+        "tokens": (b, length), "valid": (b, length), "loss_mask": (b, length), "weights": (b,)}
+    for r, ex in enumerate(examples):
+        n = len(ex.tokens)
+        np.testing.assert_array_equal(batch["tokens"][r, :n], ex.tokens)
+        assert np.all(batch["tokens"][r, n:] == pad_id)
+        np.testing.assert_array_equal(batch["valid"][r], np.arange(length) < n)
+        np.testing.assert_array_equal(batch["loss_mask"][r, :n], ex.loss_mask)
+        assert not batch["loss_mask"][r, n:].any()
+        assert batch["weights"][r] == np.float32(ex.weight)
+    filler = slice(len(examples), None)
+    assert np.all(batch["weights"][filler] == 0)
+    assert not batch["valid"][filler].any() and not batch["loss_mask"][filler].any()
+    assert np.all(batch["tokens"][filler] == pad_id)
+
+
+def test_collate_rejects_an_example_longer_than_the_batch():
+    ex = SFTExample(np.arange(5, dtype=np.int32), np.ones(5, bool))
+    with pytest.raises(ValueError, match="5 tokens does not fit batch length 4"):
+        collate([ex], 4, 0)
