@@ -52,6 +52,43 @@ def read_json(path: str):
         return json.load(f)
 
 
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def check_config(cfg, workdir: str) -> None:
+    """Reject impossible values, and a workdir that holds a run of another config."""
+    checks = [
+        (cfg.drift.beta > 0, f"drift.beta must be > 0, got {cfg.drift.beta}"),
+        (0 < cfg.drift.gamma <= 1, f"drift.gamma must be in (0, 1], got {cfg.drift.gamma}"),
+        (cfg.rollout.num_samples >= 1, f"rollout.num_samples (K) must be >= 1, got {cfg.rollout.num_samples}"),
+        (cfg.task.max_turns >= 1, f"task.max_turns (T) must be >= 1, got {cfg.task.max_turns}"),
+        (cfg.rollout.num_prompts >= 1, f"rollout.num_prompts must be >= 1, got {cfg.rollout.num_prompts}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(f"invalid config: {message}")
+    current = json.loads(json.dumps(cfg.to_dict()))  # tuples -> lists, as stored
+    path = os.path.join(workdir, "config.json")
+    if os.path.exists(path):
+        saved = _flatten(read_json(path))
+        diff = sorted(k for k in set(saved) | set(_flatten(current))
+                      if saved.get(k) != _flatten(current).get(k))
+        if diff:
+            raise ValueError(
+                f"{workdir} holds a run of a different config (differs in {', '.join(diff)}); "
+                "use another --workdir or delete that one")
+    else:
+        os.makedirs(workdir, exist_ok=True)
+        write_json(path, current)
+
+
 class Experiment:
     """The config, the task and the workdir paths shared by all stages."""
 
@@ -228,7 +265,9 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save/restore at INFO
     cfg = _CONFIG.value
     name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
-    exp = Experiment(cfg, _WORKDIR.value or os.path.join("runs", name))
+    workdir = _WORKDIR.value or os.path.join("runs", name)
+    check_config(cfg, workdir)
+    exp = Experiment(cfg, workdir)
     t0 = time.time()
     methods = list(cfg.methods)
     stage_reference(exp)

@@ -191,3 +191,9 @@ def test_scripted_first_answers_follow_the_prior(decay):
     prior /= prior.sum()
     freq = np.array([first[c] for c in LETTERS[:5]]) / len(episodes)
     np.testing.assert_allclose(freq, prior, atol=0.03)
+
+
+def test_unclosed_earlier_tag_does_not_swallow_the_answer():
+    from drift_jax.envs.base import extract_tagged_answer
+
+    assert extract_tagged_answer("I think <answer>maybe... actually <answer>B</answer>") == "B"

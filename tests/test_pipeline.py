@@ -1,6 +1,7 @@
 """End to end: experiments/run.py on the tiny config writes every stage's output, well-formed,
 and a rerun on the same workdir redoes nothing."""
 
+import functools
 import json
 import os
 import subprocess
@@ -77,3 +78,43 @@ def test_rerun_redoes_no_finished_stage(run_dir):
     # Only the final report is rewritten; no stage output, checkpoint or metric changes.
     assert changed <= {str(workdir / f) for f in ("results.json", "report.md", "multi_at_k.png")}
     assert set(after) == set(before)
+
+
+@functools.lru_cache(maxsize=None)  # run.py defines absl flags: load it once
+def _load_run_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("drift_run", os.path.join(REPO, "experiments", "run.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("path, value, message", [
+    ("drift.beta", 0.0, "beta must be > 0"),
+    ("drift.gamma", 1.5, "gamma must be in (0, 1]"),
+    ("drift.gamma", 0.0, "gamma must be in (0, 1]"),
+    ("rollout.num_samples", 0, "num_samples (K) must be >= 1"),
+    ("task.max_turns", 0, "max_turns (T) must be >= 1"),
+])
+def test_config_validation_rejects_bad_values(tmp_path, path, value, message):
+    run = _load_run_module()
+    from experiments.configs import tiny
+
+    cfg = tiny.get_config()
+    section, field = path.split(".")
+    cfg[section][field] = value
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        run.check_config(cfg, str(tmp_path))
+
+
+def test_workdir_of_another_config_is_rejected(tmp_path):
+    run = _load_run_module()
+    from experiments.configs import tiny
+
+    run.check_config(tiny.get_config(), str(tmp_path))
+    run.check_config(tiny.get_config(), str(tmp_path))  # same config: fine
+    other = tiny.get_config()
+    other.drift.beta = 0.7
+    with pytest.raises(ValueError, match="different config.*drift.beta"):
+        run.check_config(other, str(tmp_path))

@@ -16,7 +16,9 @@ from typing import Protocol
 from drift_jax.weights import normalize_answer
 
 FEEDBACK = "Incorrect. Please think again."
-_ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+# The content may not contain another "<answer>": an unclosed earlier tag must not swallow
+# the next one.
+_ANSWER_RE = re.compile(r"<answer>((?:(?!<answer>).)*?)</answer>", re.DOTALL)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -38,7 +38,7 @@ def _param(rngs: nnx.Rngs, shape, axes, dtype, init="normal", std=None) -> nnx.P
         value = jnp.ones(shape, dtype)
     else:
         value = jnp.zeros(shape, dtype)
-    return nnx.Param(value, sharding_names=axes, eager_sharding=False)
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
 
 
 class KVCache(NamedTuple):
