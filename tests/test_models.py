@@ -10,6 +10,11 @@ from flax import nnx
 from drift_jax.models import PRESETS, KVCache, Transformer, preset
 
 
+# Jitted entry points: op-by-op eager execution costs a compile per primitive on CPU.
+_forward = nnx.jit(lambda model, tokens, valid=None: model(tokens, valid))
+_decode = nnx.jit(lambda model, tokens, cache, index, pos, valid=None: model.decode(tokens, cache, index, pos, valid))
+
+
 def _tokens(cfg, b, t, seed=0):
     return jax.random.randint(jax.random.key(seed), (b, t), 0, cfg.vocab_size)
 
@@ -19,13 +24,13 @@ def test_cached_decode_equals_full_forward(tiny_cfg, tie):
     cfg = tiny_cfg.replace(tie_word_embeddings=tie)
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     tokens = _tokens(cfg, 3, 20)  # longer than the rope-scaling threshold (8)
-    full = model(tokens)
+    full = _forward(model, tokens)
     cache = KVCache.zeros(cfg, 3, 24)
     pos = jnp.broadcast_to(jnp.arange(20), (3, 20))
-    logits, cache = model.decode(tokens[:, :7], cache, 0, pos[:, :7])
+    logits, cache = _decode(model, tokens[:, :7], cache, 0, pos[:, :7])
     pieces = [logits]
     for i in range(7, 20):
-        logits, cache = model.decode(tokens[:, i : i + 1], cache, i, pos[:, i : i + 1])
+        logits, cache = _decode(model, tokens[:, i : i + 1], cache, i, pos[:, i : i + 1])
         pieces.append(logits)
     chex.assert_trees_all_close(jnp.concatenate(pieces, axis=1), full, atol=1e-5)
 
@@ -33,10 +38,10 @@ def test_cached_decode_equals_full_forward(tiny_cfg, tie):
 def test_left_and_right_padding_change_no_real_logit(tiny_cfg):
     model = Transformer(tiny_cfg, rngs=nnx.Rngs(1))
     tokens = _tokens(tiny_cfg, 1, 9)
-    ref = model(tokens)
+    ref = _forward(model, tokens)
     pad = jnp.full((1, 5), 7)
-    left = model(jnp.concatenate([pad, tokens], 1), valid_bt=jnp.arange(14)[None] >= 5)
-    right = model(jnp.concatenate([tokens, pad], 1), valid_bt=jnp.arange(14)[None] < 9)
+    left = _forward(model, jnp.concatenate([pad, tokens], 1), jnp.arange(14)[None] >= 5)
+    right = _forward(model, jnp.concatenate([tokens, pad], 1), jnp.arange(14)[None] < 9)
     chex.assert_trees_all_close(left[:, 5:], ref, atol=1e-5)
     chex.assert_trees_all_close(right[:, :9], ref, atol=1e-5)
 
@@ -44,14 +49,14 @@ def test_left_and_right_padding_change_no_real_logit(tiny_cfg):
 def test_left_padded_prefill_then_decode_equals_unpadded(tiny_cfg):
     model = Transformer(tiny_cfg, rngs=nnx.Rngs(2))
     tokens = _tokens(tiny_cfg, 1, 10)
-    ref = model(tokens)
+    ref = _forward(model, tokens)
     prompt = jnp.concatenate([jnp.zeros((1, 4), jnp.int32), tokens[:, :6]], 1)
     valid = jnp.arange(10)[None] >= 4
     cache = KVCache.zeros(tiny_cfg, 1, 14)
-    logits, cache = model.decode(prompt, cache, 0, jnp.maximum(jnp.arange(10) - 4, 0)[None], valid)
+    logits, cache = _decode(model, prompt, cache, 0, jnp.maximum(jnp.arange(10) - 4, 0)[None], valid)
     steps = [logits[:, 4:]]
     for i in range(6, 10):
-        logits, cache = model.decode(tokens[:, i : i + 1], cache, 4 + i, jnp.array([[i]]))
+        logits, cache = _decode(model, tokens[:, i : i + 1], cache, 4 + i, jnp.array([[i]]))
         steps.append(logits)
     chex.assert_trees_all_close(jnp.concatenate(steps, 1), ref, atol=1e-5)
 
@@ -60,7 +65,7 @@ def test_causal_changing_a_later_token_changes_no_earlier_logit(tiny_cfg):
     model = Transformer(tiny_cfg, rngs=nnx.Rngs(3))
     tokens = _tokens(tiny_cfg, 2, 12)
     changed = tokens.at[:, 8].set((tokens[:, 8] + 1) % tiny_cfg.vocab_size)
-    a, b = model(tokens), model(changed)
+    a, b = _forward(model, tokens), _forward(model, changed)
     chex.assert_trees_all_close(a[:, :8], b[:, :8], atol=0)
     assert not np.allclose(a[:, 8:], b[:, 8:])
 
@@ -81,7 +86,7 @@ def test_grouped_query_attention_matches_repeated_kv_heads(tiny_cfg):
     nnx.replace_by_pure_dict(state, weights)
     nnx.update(mha, state)
     tokens = _tokens(tiny_cfg, 2, 6)
-    chex.assert_trees_all_close(gqa(tokens), mha(tokens), atol=1e-5)
+    chex.assert_trees_all_close(_forward(gqa, tokens), _forward(mha, tokens), atol=1e-5)
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
