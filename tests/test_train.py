@@ -221,3 +221,19 @@ def test_create_train_state_rejects_non_param_state():
 
     with pytest.raises(ValueError, match="only state is nnx.Param"):
         create_train_state(WithStats(), TX)
+
+
+def test_bf16_compute_keeps_float32_params_and_optimizer_state():
+    """Mixed precision is a model-config switch: bf16 matmuls, float32 master weights."""
+    cfg = CFG.replace(dtype=jnp.bfloat16, param_dtype=jnp.float32)
+    graphdef, state = create_train_state(Transformer(cfg, rngs=nnx.Rngs(0)), TX, 0)
+    step_fn = make_train_step(graphdef, TX, schedule_fn=SCHEDULE)
+    batch = make_batch(1)
+    losses = []
+    for _ in range(20):
+        state, metrics = step_fn(state, batch)
+        losses.append(float(metrics["loss"]))
+    dtypes = {x.dtype for x in jax.tree.leaves(state.params) + jax.tree.leaves(state.opt_state)
+              if jnp.issubdtype(x.dtype, jnp.floating)}
+    assert dtypes == {jnp.dtype(jnp.float32)}
+    assert np.isfinite(losses).all() and losses[-1] < 0.5 * losses[0], losses[::5]
