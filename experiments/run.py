@@ -11,6 +11,8 @@ killed training resumes from its last checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import os
 import sys
@@ -114,6 +116,13 @@ class Experiment:
             cfg.eval.num_prompts, seed=cfg.seed * 1000 + 3, prefix="eval-",
             exclude={q.text for q in self.train_questions})
 
+    @functools.cache
+    def last_turn_examples(self) -> list:
+        """The rollouts tokenised once, last assistant turn supervised; every method
+        trained on them only changes the weights."""
+        records, _ = rollouts.read_jsonl(self.path("rollouts.jsonl"))
+        return [encode_dialogue(self.tokenizer, r["messages"], supervise="last") for r in records]
+
     def path(self, *parts) -> str:
         return os.path.join(self.workdir, *parts)
 
@@ -208,11 +217,9 @@ def stage_train(exp: Experiment, method: str) -> None:
     """Weighted SFT on the last assistant turn of every trajectory, from the reference."""
     if os.path.exists(exp.path(method, "train_stats.json")):
         return
-    records, _ = rollouts.read_jsonl(exp.path("rollouts.jsonl"))
-    weights = read_json(exp.path("weights.json"))
-    w = weights["drift"] if method == "drift" else [1.0] * len(records)
-    examples = [encode_dialogue(exp.tokenizer, r["messages"], supervise="last", weight=wi)
-                for r, wi in zip(records, w)]
+    base = exp.last_turn_examples()
+    w = read_json(exp.path("weights.json"))["drift"] if method == "drift" else [1.0] * len(base)
+    examples = [dataclasses.replace(e, weight=wi) for e, wi in zip(base, w)]
     tc = exp.cfg.train
     steps = tc.epochs * -(-len(examples) // tc.batch_size)
     fit(exp, method, examples, exp.load_policy("reference"), tc, steps)
