@@ -11,6 +11,7 @@ killed training resumes from its last checkpoint.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import json
@@ -22,16 +23,17 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # configs import each other as experiments.configs.*
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from flax import nnx  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from drift_jax import checkpoint, evaluate, report, rollouts, train  # noqa: E402
-from drift_jax.chat import encode_dialogue  # noqa: E402
+from drift_jax.chat import encode_dialogue, end_of_turn_id  # noqa: E402
 from drift_jax.data import make_batch_fn  # noqa: E402
 from drift_jax.envs.secret import SecretGuessEnv, build_tokenizer, scripted_episode  # noqa: E402
-from drift_jax.models import ModelConfig, Transformer  # noqa: E402
+from drift_jax.models import ModelConfig, Transformer, from_pretrained, load_tokenizer, save_pretrained  # noqa: E402
 from drift_jax.rollout import play_episodes  # noqa: E402
 from drift_jax.sampling import SamplingParams  # noqa: E402
 from drift_jax.weights import trajectory_returns, trajectory_weights  # noqa: E402
@@ -40,6 +42,28 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(REPO, "experiments/configs/default.py"), "Experiment config file."
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default runs/<config name>).")
+
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def make_env(name: str, task):
+    """The environment named by ``task.name`` with the turn/answer budgets of ``task``."""
+    budget = dict(max_turns=task.max_turns, max_answers=task.max_answers, format_penalty=task.format_penalty)
+    if name == "secret":
+        return SecretGuessEnv(**budget, num_candidates=task.num_candidates, num_values=task.num_values)
+    if name == "math":
+        from drift_jax.envs.math import MathEnv
+        return MathEnv(**budget)
+    if name == "choice":
+        from drift_jax.envs.choice import MultipleChoiceEnv
+        return MultipleChoiceEnv(**budget)
+    raise ValueError(f"unknown task.name {name!r}; expected 'secret', 'math' or 'choice'")
+
+
+def load_questions(source: str, **kwargs) -> list:
+    from drift_jax.datasets import load_questions as load  # lazy: pulls pyarrow / tfds
+    return load(source, **kwargs)
 
 
 def write_json(path: str, obj) -> None:
@@ -92,44 +116,120 @@ def check_config(cfg, workdir: str) -> None:
 
 
 class Experiment:
-    """The config, the task and the workdir paths shared by all stages."""
+    """The config, the task, the policy's source and the workdir paths shared by all stages.
+
+    Two kinds of run share the stages:
+    - the embedded task (``cfg.model`` is a ConfigDict of sizes): a random-init policy is
+      first trained into a reference from synthetic transcripts;
+    - a real model (``cfg.model`` is a Hugging Face folder or hub id): that checkpoint is
+      the reference, and trained policies are also saved in HF format under
+      ``<workdir>/<method>/hf`` (servable by vLLM, loadable by transformers).
+    ``cfg.rollouts`` (comma-separated JSONL files, e.g. from the authors' vLLM scripts)
+    replaces the rollout stage.
+    """
 
     def __init__(self, cfg, workdir: str):
         self.cfg = cfg
         self.workdir = workdir
         os.makedirs(workdir, exist_ok=True)
+        self.checkpoint = cfg.model if isinstance(cfg.model, str) else None
+        self.given_rollouts = [p for p in cfg.get("rollouts", "").split(",") if p]
+        self.skipped_records = collections.Counter()
+        if self.checkpoint == "":
+            raise ValueError("set --config.model to a Hugging Face folder or hub id")
+        if "rollouts" in cfg and not self.given_rollouts:
+            raise ValueError("set --config.rollouts to one or more comma-separated JSONL files")
+        for path in self.given_rollouts:
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"--config.rollouts: no such file {path}")
         t = cfg.task
-        self.env = SecretGuessEnv(max_turns=t.max_turns, max_answers=t.max_answers,
-                                  format_penalty=t.format_penalty,
-                                  num_candidates=t.num_candidates, num_values=t.num_values)
-        self.tokenizer = build_tokenizer(t.num_values)
-        m = cfg.model
-        self.model_cfg = ModelConfig(
-            vocab_size=len(self.tokenizer), hidden_size=m.hidden_size,
-            intermediate_size=m.intermediate_size, num_layers=m.num_layers,
-            num_heads=m.num_heads, num_kv_heads=m.num_kv_heads, head_dim=m.head_dim,
-            tie_word_embeddings=True,
-        )
-        self.train_questions = self.env.make_questions(
-            cfg.rollout.num_prompts, seed=cfg.seed * 1000 + 2, prefix="train-")
-        self.eval_questions = self.env.make_questions(
-            cfg.eval.num_prompts, seed=cfg.seed * 1000 + 3, prefix="eval-",
-            exclude={q.text for q in self.train_questions})
+        if self.checkpoint is None:
+            self.tokenizer = build_tokenizer(t.num_values)
+            m = cfg.model
+            self.model_cfg = ModelConfig(
+                vocab_size=len(self.tokenizer), hidden_size=m.hidden_size,
+                intermediate_size=m.intermediate_size, num_layers=m.num_layers,
+                num_heads=m.num_heads, num_kv_heads=m.num_kv_heads, head_dim=m.head_dim,
+                tie_word_embeddings=True,
+            )
+        else:
+            self.tokenizer = load_tokenizer(self.checkpoint)
+        # A chat model ends its turn with the template's end-of-turn token, not always EOS.
+        self.stop_ids = tuple(sorted({self.tokenizer.eos_token_id, end_of_turn_id(self.tokenizer)}
+                                     - {None}))
+
+    @functools.cached_property
+    def env(self):
+        return make_env(self.cfg.task.name, self.cfg.task)
+
+    @functools.cached_property
+    def train_questions(self) -> list:
+        cfg = self.cfg
+        if cfg.task.name == "secret":
+            return self.env.make_questions(cfg.rollout.num_prompts, seed=cfg.seed * 1000 + 2, prefix="train-")
+        return load_questions(cfg.data.train, limit=cfg.rollout.num_prompts,
+                              on_bad_record=cfg.data.on_bad_record)
+
+    @functools.cached_property
+    def benchmarks(self) -> dict:
+        """{name: (environment, questions)} to evaluate on; the embedded task holds out
+        prompts never used for rollouts."""
+        cfg = self.cfg
+        if cfg.task.name == "secret":
+            questions = self.env.make_questions(
+                cfg.eval.num_prompts, seed=cfg.seed * 1000 + 3, prefix="eval-",
+                exclude={q.text for q in self.train_questions})
+            return {"secret": (self.env, questions)}
+        out = {}
+        for name, b in cfg.eval.get("benchmarks", {}).items():
+            env = make_env(b.task, cfg.task)
+            out[name] = (env, load_questions(b.source, split=b.get("split"), limit=cfg.eval.num_prompts,
+                                             on_bad_record=cfg.data.on_bad_record))
+        return out
 
     @functools.cache
-    def last_turn_examples(self) -> list:
-        """The rollouts tokenised once, last assistant turn supervised; every method
-        trained on them only changes the weights."""
-        records, _ = rollouts.read_jsonl(self.path("rollouts.jsonl"))
-        return [encode_dialogue(self.tokenizer, r["messages"], supervise="last") for r in records]
+    def examples(self, supervise: str = "last") -> list:
+        """The rollouts tokenised once (the last assistant turn, or every one, supervised);
+        the methods trained on them differ only in the weights."""
+        records = self.rollout_records()
+        max_len = self.cfg.train.get("max_len")
+        examples = [encode_dialogue(self.tokenizer, r["messages"], supervise=supervise, max_len=max_len)
+                    for r in records]
+        truncated = sum(e.truncated for e in examples)
+        if truncated:
+            logging.warning("left-truncated %d of %d dialogues to train.max_len=%d",
+                            truncated, len(examples), max_len)
+        return examples
+
+    @functools.cache
+    def rollout_records(self) -> list:
+        """Every record of the rollout files; skipped bad ones are counted in ``skipped_records``."""
+        records = []
+        for path in self.rollout_files():
+            file_records, skipped = rollouts.read_jsonl(path, on_bad_record=self.cfg.data.on_bad_record)
+            records += file_records
+            self.skipped_records.update(skipped)
+        return records
+
+    def rollout_files(self) -> list:
+        return self.given_rollouts or [self.path("rollouts.jsonl")]
 
     def path(self, *parts) -> str:
         return os.path.join(self.workdir, *parts)
+
+    def sampling(self, temperature: float, top_p: float = 1.0) -> SamplingParams:
+        return SamplingParams(temperature=temperature, top_p=top_p,
+                              max_new_tokens=self.cfg.rollout.max_new_tokens, stop_ids=self.stop_ids)
 
     def new_model(self) -> Transformer:
         return Transformer(self.model_cfg, rngs=nnx.Rngs(self.cfg.seed))
 
     def load_policy(self, name: str) -> Transformer:
+        """The reference (``name="reference"``) or a trained method's final policy."""
+        if self.checkpoint is not None:
+            source = self.checkpoint if name == "reference" else self.path(name, "hf")
+            return from_pretrained(source, dtype=_DTYPES[self.cfg.get("dtype", "bfloat16")],
+                                   param_dtype=_DTYPES[self.cfg.get("param_dtype", "float32")])
         model = self.new_model()
         nnx.update(model, checkpoint.load_params(self.path(name, "params"), nnx.state(model, nnx.Param)))
         return model
@@ -151,10 +251,15 @@ def fit(exp: Experiment, name: str, examples, init_model: Transformer, tcfg, ste
                              metrics_path=exp.path(name, "metrics.jsonl"), desc=f"train {name}")
     ckpt.close()
     checkpoint.save_params(exp.path(name, "params"), state.params, force=True)
+    if exp.checkpoint is not None:  # a real model: also an HF folder that vLLM can serve
+        policy = nnx.merge(graphdef, state.params)
+        save_pretrained(policy, exp.path(name, "hf"), hf_config_extra=_hf_extra(exp.checkpoint))
+        exp.tokenizer.save_pretrained(exp.path(name, "hf"))
     epochs = steps * tcfg.batch_size / len(examples)
     stats = {
         "steps": steps,
         "examples": len(examples),
+        "truncated_examples": sum(e.truncated for e in examples),
         # Tokens through forward+backward (real tokens) and the supervised ones among them.
         "trained_tokens": int(round(epochs * sum(len(e.tokens) for e in examples))),
         "supervised_tokens": int(round(epochs * sum(int(e.loss_mask.sum()) for e in examples))),
@@ -164,9 +269,18 @@ def fit(exp: Experiment, name: str, examples, init_model: Transformer, tcfg, ste
     return stats
 
 
+def _hf_extra(source: str) -> dict:
+    """Token ids and other generation keys of the source config.json, kept on save."""
+    from drift_jax.models.hf import _resolve
+    with open(os.path.join(_resolve(source), "config.json")) as f:
+        hf = json.load(f)
+    return {k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in hf}
+
+
 def stage_reference(exp: Experiment) -> None:
-    """Train the base policy from scratch on synthetic transcripts of the base habit."""
-    if os.path.exists(exp.path("reference", "train_stats.json")):
+    """Train the base policy from scratch on synthetic transcripts of the base habit
+    (embedded task only: a real model's checkpoint is its own reference)."""
+    if exp.checkpoint is not None or os.path.exists(exp.path("reference", "train_stats.json")):
         return
     rc = exp.cfg.reference
     rng = np.random.default_rng(exp.cfg.seed * 1000 + 1)
@@ -205,7 +319,7 @@ def stage_weights(exp: Experiment) -> None:
         return
     d = exp.cfg.drift
     t0 = time.time()
-    records, skipped = rollouts.read_jsonl(exp.path("rollouts.jsonl"))
+    records, skipped = exp.rollout_records(), exp.skipped_records
     weights = trajectory_weights(records, d.gamma, d.beta, d.lam, normalize=d.normalize)
     returns = [trajectory_returns(r, d.gamma, d.lam) for r in records]
     write_json(exp.path("weights.json"), {
@@ -213,55 +327,111 @@ def stage_weights(exp: Experiment) -> None:
         "wall_s": time.time() - t0})
 
 
+def method_examples(exp: Experiment, method: str) -> list:
+    """The weighted SFT data of a method trained on the reference's rollouts.
+
+    sft: every trajectory, last turn, weight 1.  drift: the same with importance weights.
+    rft: successful trajectories only, weight 1.  drift_all_turns: every assistant turn
+    weighted by its trajectory's weight (the paper's ablation).  sft_single: first-turn
+    correct answers only (single-turn SFT).
+    """
+    records = exp.rollout_records()
+    if method in ("drift", "drift_all_turns"):
+        weights = read_json(exp.path("weights.json"))["drift"]
+    else:
+        weights = [1.0] * len(records)
+    supervise = "all" if method == "drift_all_turns" else "last"
+    keep = {
+        "sft": lambda r: True, "drift": lambda r: True, "drift_all_turns": lambda r: True,
+        "rft": lambda r: r.get("t_star") is not None,
+        "sft_single": lambda r: r.get("t_star") == 1,
+    }
+    if method not in keep:
+        raise ValueError(f"unknown method {method!r}; expected one of {sorted(keep)}")
+    examples = [dataclasses.replace(e, weight=w)
+                for e, w, r in zip(exp.examples(supervise), weights, records) if keep[method](r)]
+    if not examples:
+        raise ValueError(f"method {method!r} has no training examples in {exp.rollout_files()}")
+    return examples
+
+
 def stage_train(exp: Experiment, method: str) -> None:
-    """Weighted SFT on the last assistant turn of every trajectory, from the reference."""
+    """Weighted SFT from the reference on the method's examples."""
     if os.path.exists(exp.path(method, "train_stats.json")):
         return
-    base = exp.last_turn_examples()
-    w = read_json(exp.path("weights.json"))["drift"] if method == "drift" else [1.0] * len(base)
-    examples = [dataclasses.replace(e, weight=wi) for e, wi in zip(base, w)]
+    examples = method_examples(exp, method)
     tc = exp.cfg.train
     steps = tc.epochs * -(-len(examples) // tc.batch_size)
     fit(exp, method, examples, exp.load_policy("reference"), tc, steps)
 
 
 def stage_eval(exp: Experiment, method: str) -> None:
-    """Greedy multi@k and correction rates on the held-out prompts."""
-    out = exp.path(f"eval_{method}.json")
-    if os.path.exists(out):
-        return
+    """Greedy multi@k and correction rates on every benchmark's held-out prompts."""
     ec = exp.cfg.eval
-    episodes, generated = play_episodes(
-        exp.load_policy(method), exp.tokenizer, exp.env, exp.eval_questions, num_samples=1,
-        seed=exp.cfg.seed,
-        sampling=SamplingParams(temperature=0.0, max_new_tokens=exp.cfg.rollout.max_new_tokens,
-                                stop_ids=(exp.tokenizer.eos_token_id,)),
-        batch_size=ec.batch_size, desc=f"eval {method}")
-    rollouts.write_jsonl(exp.path(f"eval_{method}.jsonl"), (e.to_record() for e in episodes))
-    write_json(out, evaluate.summarize([e.t_star for e in episodes], exp.env.max_turns))
+    policy = None
+    for bench, (env, questions) in exp.benchmarks.items():
+        out = exp.path("eval", f"{bench}_{method}.json")
+        if os.path.exists(out):
+            continue
+        policy = policy or exp.load_policy(method)
+        episodes, generated = play_episodes(
+            policy, exp.tokenizer, env, questions, num_samples=1, seed=exp.cfg.seed,
+            sampling=exp.sampling(temperature=0.0), batch_size=ec.batch_size, desc=f"eval {method} {bench}")
+        os.makedirs(exp.path("eval"), exist_ok=True)
+        rollouts.write_jsonl(exp.path("eval", f"{bench}_{method}.jsonl"), (e.to_record() for e in episodes))
+        write_json(out, {**evaluate.summarize([e.t_star for e in episodes], env.max_turns),
+                         "questions": len(questions), "generated_tokens": generated})
+
+
+def eval_summary(exp: Experiment, method: str) -> tuple[dict, dict]:
+    """(mean over benchmarks of multi@k and correction rates, per-benchmark summaries)."""
+    per_bench = {b: read_json(exp.path("eval", f"{b}_{method}.json")) for b in exp.benchmarks}
+    if not per_bench:
+        return {}, {}
+    mean = {}
+    for key, value in next(iter(per_bench.values())).items():
+        if key.startswith("multi@"):
+            mean[key] = float(np.mean([s[key] for s in per_bench.values()]))
+    rates = np.array([[np.nan if r is None else r for r in s["correction_rate"]] for s in per_bench.values()])
+    mean["correction_rate"] = [None if np.all(np.isnan(c)) else float(np.nanmean(c)) for c in rates.T]
+    return mean, per_bench
+
+
+def method_cost(exp: Experiment, method: str) -> dict:
+    """Tokens generated (rollouts), tokens trained and wall-clock of everything the method
+    needed after the reference existed. Rollouts made elsewhere (``cfg.rollouts``) have no
+    generation cost here: None."""
+    if method == "reference":
+        return {"generated_tokens": 0, "trained_tokens": 0, "supervised_tokens": 0, "wall_s": 0.0}
+    ts = read_json(exp.path(method, "train_stats.json"))
+    weights = read_json(exp.path("weights.json"))
+    rollout = (read_json(exp.path("rollout_stats.json"))
+               if os.path.exists(exp.path("rollout_stats.json")) else {"generated_tokens": None, "wall_s": 0.0})
+    return {"generated_tokens": rollout["generated_tokens"], "trained_tokens": ts["trained_tokens"],
+            "supervised_tokens": ts["supervised_tokens"],
+            "wall_s": rollout["wall_s"] + weights["wall_s"] + ts["wall_s"],
+            "stage_wall_s": {"rollout": rollout["wall_s"], "weights": weights["wall_s"], "train": ts["wall_s"]}}
 
 
 def stage_report(exp: Experiment, methods) -> dict:
-    rollout = read_json(exp.path("rollout_stats.json"))
     weights = read_json(exp.path("weights.json"))
-    results = {"methods": {}, "config": exp.cfg.to_dict(), "sampled_reference": rollout["sampled_reference"],
-               "skipped_records": weights["skipped_records"]}
+    results = {"methods": {}, "benchmarks": {}, "config": exp.cfg.to_dict(),
+               "rollout_files": exp.rollout_files(), "skipped_records": weights["skipped_records"]}
+    if os.path.exists(exp.path("rollout_stats.json")):
+        results["sampled_reference"] = read_json(exp.path("rollout_stats.json"))["sampled_reference"]
     for method in ["reference", *methods]:
-        summary = read_json(exp.path(f"eval_{method}.json"))
-        if method == "reference":
-            cost = {"generated_tokens": 0, "trained_tokens": 0, "wall_s": 0.0}
-        else:
-            ts = read_json(exp.path(method, "train_stats.json"))
-            cost = {"generated_tokens": rollout["generated_tokens"],
-                    "trained_tokens": ts["trained_tokens"],
-                    "supervised_tokens": ts["supervised_tokens"],
-                    "wall_s": rollout["wall_s"] + weights["wall_s"] + ts["wall_s"]}
-        results["methods"][method] = {**summary, "cost": cost}
+        summary, per_bench = eval_summary(exp, method)
+        results["methods"][method] = {**summary, "cost": method_cost(exp, method)}
+        for bench, s in per_bench.items():
+            results["benchmarks"].setdefault(bench, {})[method] = s
     write_json(exp.path("results.json"), results)
+    if not exp.benchmarks:
+        return results
     table = report.results_table(results, exp.env.max_turns)
     with open(exp.path("report.md"), "w") as f:
-        f.write(f"# DRIFT on the embedded task ({exp.workdir})\n\n"
-                "Greedy multi@k on held-out prompts; cost = rollout + weights + training.\n\n"
+        f.write(f"# DRIFT: {', '.join(exp.benchmarks)} ({exp.workdir})\n\n"
+                "Greedy multi@k on held-out prompts (mean over benchmarks); "
+                "cost = rollout + weights + training.\n\n"
                 f"{table}\n")
     report.plot_multi_at_k(results, exp.env.max_turns, exp.path("multi_at_k.png"))
     return results
@@ -278,15 +448,20 @@ def main(argv):
     t0 = time.time()
     methods = list(cfg.methods)
     stage_reference(exp)
-    stage_rollout(exp)
+    if not exp.given_rollouts:
+        stage_rollout(exp)
     stage_weights(exp)
     for method in methods:
         stage_train(exp, method)
-    for method in ["reference", *methods]:
-        stage_eval(exp, method)
+    if exp.benchmarks:
+        for method in ["reference", *methods]:
+            stage_eval(exp, method)
     results = stage_report(exp, methods)
-    print(report.results_table(results, exp.env.max_turns))
-    print(f"\nwrote {exp.path('results.json')}, report.md, multi_at_k.png in {time.time() - t0:.0f} s")
+    if exp.benchmarks:
+        print(report.results_table(results, exp.env.max_turns))
+    trained = ", ".join(exp.path(m, "hf" if exp.checkpoint else "params") for m in methods)
+    print(f"\nwrote {exp.path('results.json')} and the trained policies ({trained}) "
+          f"in {time.time() - t0:.0f} s")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,9 @@ def get_config():
     c.model.num_kv_heads = 2
     c.model.head_dim = 16
 
+    c.data = ml_collections.ConfigDict()
+    c.data.on_bad_record = "error"  # or "skip": drop bad rollout records, counted in results.json
+
     # Stage "reference": SFT from scratch on synthetic transcripts of the base habit.
     c.reference = ml_collections.ConfigDict()
     c.reference.num_transcripts = 8000
