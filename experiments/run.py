@@ -34,10 +34,60 @@ from drift_jax.chat import encode_dialogue, end_of_turn_id  # noqa: E402
 from drift_jax.data import make_batch_fn  # noqa: E402
 from drift_jax.envs.secret import SecretGuessEnv, build_tokenizer, scripted_episode  # noqa: E402
 from drift_jax.models import ModelConfig, Transformer, from_pretrained, load_tokenizer, save_pretrained  # noqa: E402
-from drift_jax.rollout import play_episodes  # noqa: E402
+from drift_jax.rollout import append_rollouts, play_episodes  # noqa: E402
 from drift_jax.sampling import SamplingParams  # noqa: E402
 from drift_jax.weights import trajectory_returns, trajectory_weights  # noqa: E402
 
+
+def check_config_keys(argv: list[str], default_config: str) -> None:
+    """Exit with a clear message when a ``--config.<key>`` override names no config field.
+
+    ml_collections would die inside flag parsing (at import when ``--config`` is not
+    given) with a bare AttributeError, so this runs before the config flag is defined.
+    """
+    import difflib
+    import importlib.util
+    import re
+
+    spec, keys = default_config, []
+    for i, arg in enumerate(argv[1:], start=1):
+        m = re.match(r"--?config(?:=(?P<spec>.*)|\.(?P<key>[^=]+)(?:=.*)?)?$", arg)
+        if m and m["key"]:
+            keys.append((m["key"], arg))
+        elif m:
+            spec = m["spec"] if m["spec"] is not None else (argv[i + 1] if i + 1 < len(argv) else spec)
+    path, _, config_arg = spec.partition(":")
+    if not keys or not os.path.isfile(path):
+        return  # nothing to check, or a bad path ml_collections reports itself
+    module_spec = importlib.util.spec_from_file_location("_config_for_key_check", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    cfg = module.get_config(config_arg) if config_arg else module.get_config()
+
+    def names(tree: dict, prefix: str = ""):
+        for name, value in tree.items():
+            yield prefix + name
+            if isinstance(value, dict):
+                yield from names(value, f"{prefix}{name}.")
+
+    known = sorted(names(cfg.to_dict()))
+    for key, arg in keys:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+            parts = key.split(".")
+            while parts and ".".join(parts) not in known:
+                parts.pop()  # the deepest section that exists
+            depth = len(parts) + 1
+            prefix = "".join(f"{p}." for p in parts)
+            section = [k for k in known if k.count(".") + 1 == depth and k.startswith(prefix)]
+            hint = f" Did you mean {' or '.join(close)}?" if close else ""
+            sys.exit(f"unknown config key {key!r} in {arg} (config {path}).{hint} "
+                     f"Keys {'under ' + repr('.'.join(parts)) if parts else 'at the top'}: "
+                     f"{', '.join(section)}")
+
+
+if __name__ == "__main__":
+    check_config_keys(sys.argv, os.path.join(REPO, "experiments/configs/default.py"))
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(REPO, "experiments/configs/default.py"), "Experiment config file."
 )
@@ -96,6 +146,11 @@ def check_config(cfg, workdir: str) -> None:
         (cfg.rollout.num_samples >= 1, f"rollout.num_samples (K) must be >= 1, got {cfg.rollout.num_samples}"),
         (cfg.task.max_turns >= 1, f"task.max_turns (T) must be >= 1, got {cfg.task.max_turns}"),
         (cfg.rollout.num_prompts >= 1, f"rollout.num_prompts must be >= 1, got {cfg.rollout.num_prompts}"),
+        # A prompt with one trajectory has DRIFT weight 1 whatever its return.
+        ("drift" not in cfg.methods or cfg.get("rollouts") or cfg.rollout.num_samples >= 2,
+         f"rollout.num_samples (K) must be >= 2 to train 'drift', got {cfg.rollout.num_samples}"),
+        (cfg.data.on_bad_record in ("error", "skip"),
+         f"data.on_bad_record must be 'error' or 'skip', got {cfg.data.on_bad_record!r}"),
     ]
     for ok, message in checks:
         if not ok:
@@ -167,8 +222,8 @@ class Experiment:
         cfg = self.cfg
         if cfg.task.name == "secret":
             return self.env.make_questions(cfg.rollout.num_prompts, seed=cfg.seed * 1000 + 2, prefix="train-")
-        return load_questions(cfg.data.train, limit=cfg.rollout.num_prompts,
-                              on_bad_record=cfg.data.on_bad_record)
+        return load_questions(cfg.data.train, split=cfg.data.get("train_split"), layout=cfg.data.get("layout"),
+                              limit=cfg.rollout.num_prompts, on_bad_record=cfg.data.on_bad_record)
 
     @functools.cached_property
     def benchmarks(self) -> dict:
@@ -183,8 +238,8 @@ class Experiment:
         out = {}
         for name, b in cfg.eval.get("benchmarks", {}).items():
             env = make_env(b.task, cfg.task)
-            out[name] = (env, load_questions(b.source, split=b.get("split"), limit=cfg.eval.num_prompts,
-                                             on_bad_record=cfg.data.on_bad_record))
+            out[name] = (env, load_questions(b.source, split=b.get("split"), layout=b.get("layout"),
+                                             limit=cfg.eval.num_prompts, on_bad_record=cfg.data.on_bad_record))
         return out
 
     @functools.cache
@@ -295,21 +350,23 @@ def stage_reference(exp: Experiment) -> None:
 
 
 def stage_rollout(exp: Experiment) -> None:
-    """K trajectories per training prompt from the frozen reference, as JSONL records."""
+    """K trajectories per training prompt from the frozen reference, as JSONL records.
+
+    Appended one prompt group at a time: a killed run resumes where it stopped and ends
+    with the same file (``rollout.append_rollouts``)."""
     if os.path.exists(exp.path("rollout_stats.json")):
         return
     rc = exp.cfg.rollout
     t0 = time.time()
-    episodes, generated = play_episodes(
-        exp.load_policy("reference"), exp.tokenizer, exp.env, exp.train_questions,
-        num_samples=rc.num_samples, seed=exp.cfg.seed,
-        sampling=SamplingParams(temperature=rc.temperature, top_p=rc.top_p,
-                                max_new_tokens=rc.max_new_tokens, stop_ids=(exp.tokenizer.eos_token_id,)),
+    stats = append_rollouts(
+        exp.path("rollouts.jsonl"), exp.load_policy("reference"), exp.tokenizer, exp.env,
+        exp.train_questions, num_samples=rc.num_samples, seed=exp.cfg.seed,
+        sampling=exp.sampling(temperature=rc.temperature, top_p=rc.top_p),
         batch_size=rc.batch_size, desc="rollout")
-    rollouts.write_jsonl(exp.path("rollouts.jsonl"), (e.to_record() for e in episodes))
-    summary = evaluate.summarize([e.t_star for e in episodes], exp.env.max_turns)
+    summary = evaluate.summarize(stats["t_star"], exp.env.max_turns)
     write_json(exp.path("rollout_stats.json"), {
-        "trajectories": len(episodes), "generated_tokens": generated,
+        "trajectories": stats["trajectories"], "generated_tokens": stats["generated_tokens"],
+        "resumed_groups": stats["resumed_groups"],  # > 0: this run finished an interrupted one
         "wall_s": time.time() - t0, "sampled_reference": summary})
 
 
@@ -323,7 +380,8 @@ def stage_weights(exp: Experiment) -> None:
     weights = trajectory_weights(records, d.gamma, d.beta, d.lam, normalize=d.normalize)
     returns = [trajectory_returns(r, d.gamma, d.lam) for r in records]
     write_json(exp.path("weights.json"), {
-        "drift": weights.tolist(), "returns": returns, "skipped_records": sum(skipped.values()),
+        "drift": weights.tolist(), "returns": returns,
+        "skipped_records": rollouts.summarize_skipped(skipped),  # {"total", "reasons"}
         "wall_s": time.time() - t0})
 
 

@@ -20,5 +20,6 @@ def get_config():
     c.rollouts = ""  # required
     c.methods = ("drift",)
     c.data.train = ""  # unused: no rollout stage
+    c.data.train_split = None
     c.eval.benchmarks = ml_collections.ConfigDict()
     return c

@@ -26,7 +26,10 @@ def get_config():
     c.task.format_penalty = 0.1
 
     c.data = ml_collections.ConfigDict()
-    c.data.train = "huggingface:meta-math/MetaMathQA"  # keeps types starting MATH_
+    # A tfds name (its huggingface: namespace included) or a local .jsonl/.json/.parquet file;
+    # the field layout is detected (drift_jax/datasets.py), MetaMathQA keeps types MATH_*.
+    c.data.train = "huggingface:meta-math/MetaMathQA"
+    c.data.train_split = "train"  # None for a local file
     c.data.on_bad_record = "error"
 
     # Stage "rollout": 1,800 prompts x K=16 from the frozen reference, T=5 turns.

@@ -1,0 +1,162 @@
+"""Math questions: the final answer in ``<answer>`` tags (else the last ``\\boxed{}``),
+checked for mathematical equivalence with math-verify.
+
+The prompt is the reference release's "simple" prompt (system message plus one user
+message that states the task, the problem and the required output format), so rollouts
+and evaluations here see the same text as the paper's. The multi-turn protocol, the
+feedback sentence and the format penalty are ``base.AnswerTagEnv``'s.
+
+Equivalence: two answers match when their normalised text is equal (lower-case, no
+whitespace: covers "True"/"true" and word answers) or when math-verify finds the parsed
+expressions equal (1/2 == 0.5 == \\frac{1}{2}, 3 == 3.0, a+b == b+a, sets, intervals,
+tuples; note math-verify also accepts an equation ``x=3`` for gold ``3``). Any parse
+failure, exception or timeout counts as *incorrect*: the verifier never crashes a rollout.
+math-verify times out with ``signal.alarm``, which works only on the main thread; off the
+main thread we call it without a timeout (see ``math_equal``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import decimal
+import functools
+import re
+import threading
+
+from drift_jax.envs.base import AnswerTagEnv, Question, extract_tagged_answer
+from drift_jax.weights import normalize_answer
+
+# The reference release's prompt (prompting.py, prompt_mode="simple"). The system message
+# keeps its trailing space on purpose: it is part of the released prompt's tokens.
+SYSTEM_PROMPT = "You're a helpful assistant. "
+SIMPLE_PROMPT = (
+    "{instruction}\n\nProblem:\n{question}\n\n"
+    "Always output: <answer> [your answer] </answer> with no extra text. Strictly follow this format."
+)
+MATH_INSTRUCTION = "You are solving Math problems. Only give the final answer between <answer> and </answer>."
+
+_BOXED_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
+# A plain float in scientific notation: LaTeX parsing would read "1e-05" as e - 5.
+_SCIENTIFIC_RE = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)[eE][+-]?\d+")
+
+
+def _closing_brace(text: str, open_idx: int) -> int | None:
+    """Index of the ``}`` that closes ``text[open_idx] == "{"``, or None if unbalanced.
+
+    Escaped braces (``\\{``, ``\\}``) are LaTeX literals, not grouping, so they are skipped.
+    """
+    depth = 0
+    i = open_idx
+    while i < len(text):
+        c = text[i]
+        if c == "\\":
+            i += 2
+            continue
+        if c == "{":
+            depth += 1
+        elif c == "}":
+            depth -= 1
+            if depth == 0:
+                return i
+        i += 1
+    return None
+
+
+def extract_boxed(text: str) -> str | None:
+    """Content of the last top-level, brace-balanced ``\\boxed{...}`` (or ``\\fbox{}``).
+
+    Nested braces are kept (``\\boxed{\\frac{1}{2}}`` gives ``\\frac{1}{2}``); a nested
+    ``\\boxed`` stays inside its outer one; an unclosed ``\\boxed{`` is ignored. None when
+    there is no complete, non-empty box.
+    """
+    found = None
+    pos = 0
+    while (match := _BOXED_RE.search(text, pos)) is not None:
+        close = _closing_brace(text, match.end() - 1)
+        if close is None:
+            pos = match.end()
+            continue
+        found = text[match.end():close]
+        pos = close + 1
+    if found is None or not found.strip():
+        return None
+    return found.strip()
+
+
+def _unwrap(answer: str) -> str:
+    """The answer without a surrounding ``\\boxed{}`` or ``$...$``, so "\\boxed{3}" and "3"
+    count as the same answer for the repetition penalty."""
+    boxed = extract_boxed(answer)
+    if boxed is not None:
+        answer = boxed
+    if len(answer) > 2 and answer.startswith("$") and answer.endswith("$"):
+        answer = answer.strip("$").strip() or answer
+    return answer
+
+
+def extract_math_answer(reply: str) -> str | None:
+    """The answer in a reply: the last non-empty ``<answer>...</answer>``, else the last
+    ``\\boxed{...}``; unwrapped from a ``\\boxed{}`` / ``$...$`` inside it. None if neither."""
+    answer = extract_tagged_answer(reply)
+    if answer is None:
+        answer = extract_boxed(reply)
+    return None if answer is None else _unwrap(answer)
+
+
+def _parse(text: str, timeout_seconds: int | None) -> list:
+    """math-verify's parse of one bare answer (wrapped in ``\\boxed{}`` so that LaTeX and
+    plain expressions both parse), falling back to parsing the raw text."""
+    from math_verify import parse  # the import is slow (sympy); only the math task needs it
+
+    text = text.strip()
+    if _SCIENTIFIC_RE.fullmatch(text):
+        text = format(decimal.Decimal(text), "f")
+    parsed = parse("\\boxed{" + text + "}", parsing_timeout=timeout_seconds)
+    return parsed or parse(text, parsing_timeout=timeout_seconds)
+
+
+# Gold answers recur for every turn of every trajectory of a prompt: parse each once.
+_parse_gold = functools.lru_cache(maxsize=65536)(_parse)
+
+
+def math_equal(answer: str, gold: str, timeout_seconds: int = 5) -> bool:
+    """True when ``answer`` is mathematically equivalent to ``gold``; False on any failure.
+
+    ``timeout_seconds`` bounds each math-verify parse / comparison (signal-based, so only
+    on the main thread; elsewhere it runs unbounded, which is math-verify's only option).
+    """
+    from math_verify import verify
+    from math_verify.errors import TimeoutException
+
+    if not answer.strip() or not gold.strip():
+        return False
+    if normalize_answer(answer) == normalize_answer(gold):
+        return True
+    timeout = timeout_seconds if threading.current_thread() is threading.main_thread() else None
+    try:
+        gold_parsed = _parse_gold(gold, timeout)
+        if not gold_parsed:
+            return False
+        return bool(verify(gold_parsed, _parse(answer, timeout), timeout_seconds=timeout))
+    except (Exception, TimeoutException):  # TimeoutException is a BaseException
+        return False
+
+
+@dataclasses.dataclass
+class MathEnv(AnswerTagEnv):
+    """``AnswerTagEnv`` with the release's math prompt and a math-verify checker."""
+
+    system_prompt: str | None = SYSTEM_PROMPT
+    instruction: str = MATH_INSTRUCTION
+    timeout_seconds: int = 5
+
+    def initial_messages(self, question: Question) -> list[dict]:
+        content = SIMPLE_PROMPT.format(instruction=self.instruction, question=question.text)
+        messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        return messages + [{"role": "user", "content": content}]
+
+    def extract_answer(self, reply: str) -> str | None:
+        return extract_math_answer(reply)
+
+    def is_correct(self, answer: str, gold: str) -> bool:
+        return math_equal(answer, gold, self.timeout_seconds)

@@ -1,0 +1,265 @@
+"""The dataset loader: every benchmark layout, parquet/json/jsonl, tfds, bad records."""
+
+import hashlib
+import json
+import logging
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from drift_jax.datasets import LAYOUTS, DatasetError, detect_layout, load_questions
+from drift_jax.envs.base import Question
+from drift_jax.envs.choice import choice_letter
+
+FIXTURES = Path(__file__).parent / "fixtures" / "datasets"
+
+
+def hashed(layout, text):
+    return f"{layout}/{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+
+
+def option(text, letter):
+    """The text of option ``letter`` in a rendered question."""
+    return next(line[3:] for line in text.splitlines() if line.startswith(f"{letter}. "))
+
+
+MMLU_Q1 = "Find all c in Z_3 such that Z_3[x]/(x^2 + c) is a field.\nA. 0\nB. 1\nC. 2\nD. 3"
+MMLU_Q2 = ("Which of the following is the body cavity that contains the pituitary gland?\n"
+           "A. Abdominal\nB. Cranial\nC. Pleural\nD. Spinal")
+HALF_Q = r"What is the value of $\frac{1}{2} + \frac{1}{4}$?"
+FOBAR_Q = "If $x + X = 7$ and the answer to the question is $x = 4$, what is the value of the unknown variable X?"
+CUBE_Q = "What is the smallest positive perfect cube that can be written as the sum of three consecutive integers?"
+ROBE_Q = "A robe takes 2 bolts of blue fiber and half that much white fiber. How many bolts in total does it take?"
+
+# (fixture, layout, expected (prompt_id, text start, gold) per question)
+EXPECTED = {
+    "metamathqa.jsonl": ("metamathqa", [
+        Question(hashed("metamathqa", HALF_Q), HALF_Q, r"\frac{3}{4}"),
+        Question(hashed("metamathqa", FOBAR_Q), FOBAR_Q, "3")]),
+    "math500.jsonl": ("math500", [
+        ("math500/test/precalculus/807.json", "Convert the point $(0,3)$", r"\left( 3, \frac{\pi}{2} \right)"),
+        Question("math500/test/number_theory/515.json", CUBE_Q, "27")]),
+    "hendrycks_math.jsonl": ("hendrycks_math", [
+        (None, r"Let \[f(x) = \left\{", "0"),
+        Question(hashed("hendrycks_math", r"What is $\frac{1}{2}$ of $\frac{2}{3}$?"),
+                 r"What is $\frac{1}{2}$ of $\frac{2}{3}$?", r"\frac{1}{3}")]),
+    "gsm8k.jsonl": ("gsm8k", [
+        (None, "Janet's ducks lay 16 eggs per day.", "18"),
+        Question(hashed("gsm8k", ROBE_Q), ROBE_Q, "3")]),
+    "theoremqa.json": ("theoremqa", [
+        ("theoremqa/jianyu_xu/Lah_number_2.json", "How many ways", "540"),
+        ("theoremqa/wenhuchen/determinant1.json", "What is the determinant", "1"),
+        ("theoremqa/mingyin/subspace1.json", "Is the set", "False"),
+        ("theoremqa/wenhuchen/eigen1.json", "What are the eigenvalues", "[2, 3]"),
+        ("theoremqa/xueguangma/photon1.json", "What is the wavelength", "0.00001")]),
+    "gpqa_diamond.jsonl": ("gpqa", [
+        Question("gpqa/recA1b2C3d4E5f6G7", "Which of these particles is its own antiparticle?\n"
+                 "A. The neutron\nB. The electron\nC. The photon\nD. The proton", "C"),
+        Question("gpqa/recZ9y8X7w6V5u4T3", "What is the hybridisation of the carbon atom in methane?\n"
+                 "A. sp2\nB. dsp2\nC. sp3\nD. sp", "C")]),
+    "mmlu_redux.jsonl": ("mmlu_redux", [
+        Question(hashed("mmlu_redux", MMLU_Q1), MMLU_Q1, "B"),
+        Question(hashed("mmlu_redux", MMLU_Q2), MMLU_Q2, "B")]),
+    "mmlu_pro.jsonl": ("mmlu_pro", [
+        ("mmlu_pro/70", "Typical advertising regulatory bodies suggest", "I"),
+        Question("mmlu_pro/71", "What is 2 + 2?\nA. 3\nB. 4\nC. 5", "B")]),
+    "native.jsonl": ("native", [
+        Question("native/toy-0", "What is 6 times 7?", "42"),
+        Question(hashed("native", "What is the square root of 2, squared?"),
+                 "What is the square root of 2, squared?", "2")]),
+}
+
+
+def assert_matches(questions, expected):
+    assert len(questions) == len(expected)
+    for q, e in zip(questions, expected):
+        assert isinstance(q, Question)
+        if isinstance(e, Question):
+            assert q == e
+        else:
+            prompt_id, start, gold = e
+            assert q.text.startswith(start) and q.gold == gold
+            assert q.prompt_id == (prompt_id or hashed(q.prompt_id.split("/")[0], q.text))
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_every_layout_loads_to_the_expected_questions(name):
+    layout, expected = EXPECTED[name]
+    detected = load_questions(str(FIXTURES / name))
+    assert detected.layout == layout
+    assert_matches(detected, expected)
+    assert load_questions(str(FIXTURES / name), layout=layout) == detected  # explicit == detected
+    assert detected.skipped == []
+
+
+def test_every_layout_has_a_fixture():
+    assert {layout for layout, _ in EXPECTED.values()} == set(LAYOUTS)
+
+
+def test_metamathqa_keeps_math_types_and_drops_repeated_prompts():
+    questions = load_questions(str(FIXTURES / "metamathqa.jsonl"))
+    assert (questions.filtered, questions.duplicates) == (1, 1)  # one GSM_ record, one AnsAug repeat
+
+
+def test_mmlu_pro_renders_up_to_ten_options_with_the_gold_letter_on_the_right_one():
+    question = load_questions(str(FIXTURES / "mmlu_pro.jsonl"))[0]
+    assert option(question.text, question.gold) == "Unsafe practices, Distress, Fear, Serious"
+    assert question.text.splitlines()[-1].startswith("I. ")
+
+
+def test_gpqa_options_are_shuffled_deterministically_with_the_gold_on_the_correct_answer(tmp_path):
+    path = tmp_path / "gpqa.jsonl"
+    records = [{"Question": f"Question number {i}?", "Correct Answer": f"right {i}", "Incorrect Answer 1": f"w1 {i}",
+                "Incorrect Answer 2": f"w2 {i}", "Incorrect Answer 3": f"w3 {i}", "Record ID": f"rec{i}"}
+               for i in range(40)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    questions = load_questions(str(path))
+    assert questions == load_questions(str(path))
+    for i, q in enumerate(questions):
+        assert option(q.text, q.gold) == f"right {i}"
+        assert sorted(option(q.text, letter) for letter in "ABCD") == sorted(
+            f"{p} {i}" for p in ("right", "w1", "w2", "w3"))
+    assert {q.gold for q in questions} == set("ABCD")  # shuffled, not always in one place
+
+
+def test_parquet_json_and_jsonl_give_the_same_questions(tmp_path):
+    records = [json.loads(line) for line in (FIXTURES / "mmlu_pro.jsonl").read_text().splitlines()]
+    pq.write_table(pa.Table.from_pylist(records), tmp_path / "mmlu_pro.parquet")
+    (tmp_path / "mmlu_pro.json").write_text(json.dumps(records))
+    expected = load_questions(str(FIXTURES / "mmlu_pro.jsonl"))
+    assert load_questions(str(tmp_path / "mmlu_pro.parquet")) == expected
+    assert load_questions(str(tmp_path / "mmlu_pro.json")) == expected
+
+
+def test_limit_stops_early():
+    questions = load_questions(str(FIXTURES / "theoremqa.json"), limit=2)
+    assert [q.gold for q in questions] == ["540", "1"]
+    assert load_questions(str(FIXTURES / "theoremqa.json"), limit=0) == []
+
+
+def write_lines(path, lines):
+    path.write_text("".join(line + "\n" for line in lines))
+    return str(path)
+
+
+GOOD = json.dumps({"question": "1+1?", "answer": "2 #### 2"})
+BAD_LINES = [  # (line, field named in the error)
+    ('{"question": "2+2?", "answer": "4"}', "'answer'"),  # no ####
+    ('{"question": "broken", ', "'<json>'"),
+    ('{"answer": "#### 5"}', "'question'"),
+    ('["a", "list"]', "JSON object"),
+    ('{"question": "", "answer": "#### 1"}', "'question'"),
+]
+
+
+@pytest.mark.parametrize("line,field", BAD_LINES)
+def test_a_bad_record_names_file_line_and_field(tmp_path, line, field):
+    path = write_lines(tmp_path / "gsm.jsonl", [GOOD, "", line, GOOD.replace("1+1", "1+2")])
+    with pytest.raises(DatasetError) as error:
+        load_questions(path, layout="gsm8k")
+    assert f"{path}:line 3: " in str(error.value) and field in str(error.value)
+
+
+def test_skip_mode_keeps_the_good_records_and_reports_the_bad(tmp_path, caplog):
+    lines = [GOOD] + [line for line, _ in BAD_LINES] + [GOOD.replace("1+1", "1+2")]
+    path = write_lines(tmp_path / "gsm.jsonl", lines)
+    with caplog.at_level(logging.WARNING, logger="drift_jax.datasets"):
+        questions = load_questions(path, layout="gsm8k", on_bad_record="skip")
+    assert [q.text for q in questions] == ["1+1?", "1+2?"]
+    assert len(questions.skipped) == len(BAD_LINES)
+    assert [m.split(": ")[0] for m in questions.skipped] == [f"{path}:line {n}" for n in range(2, 7)]
+    assert len(caplog.records) == len(BAD_LINES)
+
+
+def test_row_errors_in_json_and_index_errors_in_choice_layouts(tmp_path):
+    path = tmp_path / "redux.json"
+    path.write_text(json.dumps([{"question": "q", "choices": ["a", "b"], "answer": 1},
+                                {"question": "q2", "choices": ["a", "b"], "answer": 5}]))
+    with pytest.raises(DatasetError, match=r"redux.json\[1\]: mmlu_redux field 'answer'.*\[0, 2\)"):
+        load_questions(str(path))
+    path = write_lines(tmp_path / "pro.jsonl", [json.dumps(
+        {"question_id": 1, "question": "q", "options": ["a", "b", "c"], "answer": "C", "answer_index": 1})])
+    with pytest.raises(DatasetError, match="field 'answer_index': disagrees"):
+        load_questions(path)
+
+
+def test_the_same_id_for_another_question_is_a_bad_record(tmp_path):
+    path = write_lines(tmp_path / "pro.jsonl", [
+        json.dumps({"question_id": 7, "question": q, "options": ["x", "y"], "answer": "A"}) for q in ("one", "two")])
+    with pytest.raises(DatasetError, match=r"line 2: mmlu_pro id 'mmlu_pro/7' already used by .*line 1"):
+        load_questions(path)
+
+
+def test_source_and_argument_errors(tmp_path):
+    with pytest.raises(DatasetError, match="cannot tell the layout"):
+        load_questions(write_lines(tmp_path / "x.jsonl", ['{"foo": 1}']))
+    with pytest.raises(DatasetError, match="expected a .jsonl, .json or .parquet"):
+        load_questions(str(tmp_path / "x.csv"))
+    with pytest.raises(FileNotFoundError):
+        load_questions(str(tmp_path / "missing.jsonl"))
+    with pytest.raises(ValueError, match="tfds sources only"):
+        load_questions(str(FIXTURES / "gsm8k.jsonl"), split="test")
+    with pytest.raises(ValueError, match="unknown layout"):
+        load_questions(str(FIXTURES / "gsm8k.jsonl"), layout="gsm9k")
+    with pytest.raises(ValueError, match="on_bad_record"):
+        load_questions(str(FIXTURES / "gsm8k.jsonl"), on_bad_record="ignore")
+    (tmp_path / "obj.json").write_text('{"data": []}')
+    with pytest.raises(DatasetError, match="expected a JSON list"):
+        load_questions(str(tmp_path / "obj.json"))
+
+
+def test_detection_tells_theoremqa_from_gsm8k_by_its_fields():
+    assert detect_layout({"Question": "q", "Answer": 3}) == "theoremqa"
+    assert detect_layout({"question": "q", "answer": "#### 3"}) == "gsm8k"
+    assert detect_layout({"question": "q", "Answer_type": "float", "answer": "3"}) == "theoremqa"
+    assert detect_layout({"correct_answer": "x", "incorrect_answer_1": "y", "question": "q"}) == "gpqa"
+
+
+# -- TensorFlow Datasets -----------------------------------------------------------------------
+
+def fake_tfds(records, calls):
+    module = types.ModuleType("tensorflow_datasets")
+
+    def load(name, split):
+        calls.append((name, split))
+        return records
+
+    module.load = load
+    module.as_numpy = lambda ds: iter(ds)
+    return module
+
+
+def test_tfds_sources_are_loaded_and_decoded(monkeypatch):
+    calls = []
+    records = [  # as tfds.as_numpy yields them: bytes, numpy arrays and scalars
+        {"question": b"What is 2 + 2?", "options": np.array([b"3", b"4", b"5"], dtype=object),
+         "answer": b"B", "answer_index": np.int64(1), "question_id": np.int64(71)},
+        {"question": "Caf\u00e9 count?".encode(), "options": np.array([b"1", b"2"], dtype=object),
+         "answer": b"A", "answer_index": np.int64(0), "question_id": np.int64(72)},
+    ]
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", fake_tfds(records, calls))
+    questions = load_questions("tfds:mmlu_pro/default", split="test")
+    assert calls == [("mmlu_pro/default", "test")]
+    assert questions == [Question("mmlu_pro/71", "What is 2 + 2?\nA. 3\nB. 4\nC. 5", "B"),
+                         Question("mmlu_pro/72", "Caf\u00e9 count?\nA. 1\nB. 2", "A")]
+    assert choice_letter(questions[0].gold) == "B"
+
+    load_questions("huggingface:TIGER-Lab/MMLU-Pro", split="validation[:2]", layout="mmlu_pro")
+    assert calls[-1] == ("huggingface:TIGER-Lab/MMLU-Pro", "validation[:2]")
+
+    records.append({"question": b"bad", "options": np.array([b"1"], dtype=object), "answer": b"A"})
+    with pytest.raises(DatasetError, match=r"tfds:mmlu_pro/default/test\[2\]: mmlu_pro field 'options'"):
+        load_questions("tfds:mmlu_pro/default", split="test")
+    with pytest.raises(ValueError, match="needs a split"):
+        load_questions("tfds:mmlu_pro/default")
+
+
+def test_a_missing_tfds_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # makes the import fail
+    with pytest.raises(ImportError, match="pip install tensorflow-datasets"):
+        load_questions("tfds:gsm8k", split="test")
