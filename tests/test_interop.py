@@ -133,3 +133,32 @@ def test_from_rollouts_trains_a_checkpoint_on_the_authors_file(tmp_path):
 def jax_leaves(tree):
     import jax
     return jax.tree_util.tree_leaves(tree)
+
+
+def test_paper_pipeline_runs_on_a_tiny_checkpoint(tmp_path):
+    """qwen2_5_3b_metamath's every stage, shrunk (tests/configs/tiny_math.py): rollouts in the
+    release format from the math environment, and per-benchmark evaluation."""
+    import subprocess
+    import sys
+
+    _tiny_hf_checkpoint(str(tmp_path / "init"))
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    workdir = tmp_path / "run"
+    cmd = [sys.executable, os.path.join(repo, "experiments", "run.py"),
+           "--config=" + os.path.join(repo, "tests", "configs", "tiny_math.py"),
+           f"--config.model={tmp_path / 'init'}", f"--workdir={workdir}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+    records, _ = rollouts.read_jsonl(str(workdir / "rollouts.jsonl"))
+    assert len(records) == 2 * 2  # the fixture's 2 MATH_ prompts (of 4 records) x K=2
+    for r in records:
+        assert r["messages"][0] == {"role": "system", "content": "You're a helpful assistant. "}
+        assert r["messages"][1]["content"].endswith("Strictly follow this format.")
+    results = json.loads((workdir / "results.json").read_text())
+    assert set(results["benchmarks"]) == {"math500", "mmlu_pro"}
+    for method in ("reference", "drift"):
+        per_bench = [results["benchmarks"][b][method]["multi@2"] for b in ("math500", "mmlu_pro")]
+        assert results["methods"][method]["multi@2"] == pytest.approx(np.mean(per_bench))
+    assert (workdir / "drift" / "hf" / "model.safetensors").exists()
+    assert (workdir / "drift" / "hf" / "tokenizer.json").exists()
