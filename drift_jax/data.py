@@ -1,10 +1,19 @@
 """Deterministic SFT batches: the batch of step ``s`` depends only on (examples, seed, s).
 
 That is what lets a killed run resume from a checkpoint and see the same data order.
+
+Length bucketing (``bucket_window > 0``): rather than padding every batch to the longest
+example of the data set, each epoch's shuffled order is cut into windows of
+``bucket_window`` batches; a window is sorted by length and cut into batches, so a batch
+holds examples of similar length, and each batch is padded only to ``bucket_length`` of
+its own longest example. The batch order is then shuffled again, so long and short
+batches interleave. Padding changes no loss (the model masks padded keys, the loss
+masks padded targets), and the bucketed lengths keep the number of compiled shapes small.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Sequence
 
@@ -14,25 +23,61 @@ from drift_jax.chat import SFTExample, collate
 from drift_jax.sampling import bucket_length
 
 
+def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int,
+                  bucket_window: int = 0) -> list[np.ndarray]:
+    """Example indices of each batch of one epoch, in step order (the last or, with
+    bucketing, one batch may be short). Every index appears exactly once.
+
+    ``bucket_window == 0``: a plain permutation cut into consecutive batches.
+    ``bucket_window > 0``: windows of ``bucket_window * batch_size`` examples of the
+    permutation, each sorted by length (stable) and cut into batches; then the batches
+    are shuffled. Deterministic in (lengths, batch_size, seed, epoch, bucket_window).
+    """
+    n = len(lengths)
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(n)
+    if bucket_window <= 0:
+        return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+    lengths = np.asarray(lengths)
+    window = bucket_window * batch_size
+    batches = []
+    for start in range(0, n, window):
+        rows = order[start : start + window]
+        rows = rows[np.argsort(lengths[rows], kind="stable")]
+        batches.extend(rows[i : i + batch_size] for i in range(0, len(rows), batch_size))
+    # A separate stream, so the bucketed epoch's permutation equals the plain one's.
+    shuffle = np.random.default_rng([seed, epoch, 1]).permutation(len(batches))
+    return [batches[i] for i in shuffle]
+
+
 def make_batch_fn(examples: Sequence[SFTExample], batch_size: int, seed: int, pad_id: int,
-                  min_bucket: int = 16) -> tuple[Callable[[int], dict], int]:
+                  min_bucket: int = 16, bucket_window: int = 0) -> tuple[Callable[[int], dict], int]:
     """Returns ``(batch_fn, steps_per_epoch)``.
 
-    Each epoch is a fresh permutation of the examples (``seed``, epoch); the last batch
-    of an epoch is filled with zero-weight padding rows, so every example is seen once
-    per epoch. All batches share one length (the longest example, bucketed), so the
-    train step compiles once.
+    Each epoch is a fresh permutation of the examples (``seed``, epoch); a short batch
+    is filled with zero-weight padding rows, so every example is seen once per epoch.
+    With ``bucket_window == 0`` all batches share one length (the longest example,
+    bucketed), so the train step compiles once; with ``bucket_window > 0`` batches
+    group similar lengths and each is padded to its own bucket (see ``epoch_batches``):
+    fewer padding tokens, one compile per bucket length met.
     """
     if not examples:
         raise ValueError("no training examples")
     n = len(examples)
     steps_per_epoch = math.ceil(n / batch_size)
-    length = bucket_length(max(len(e.tokens) for e in examples), min_bucket)
+    lengths = [len(e.tokens) for e in examples]
+    global_length = bucket_length(max(lengths), min_bucket)
+
+    @functools.lru_cache(maxsize=2)
+    def plan(epoch: int) -> list[np.ndarray]:
+        return epoch_batches(lengths, batch_size, seed, epoch, bucket_window)
 
     def batch_fn(step: int) -> dict:
         epoch, index = divmod(step, steps_per_epoch)
-        order = np.random.default_rng([seed, epoch]).permutation(n)
-        rows = order[index * batch_size : (index + 1) * batch_size]
+        rows = plan(epoch)[index]
+        length = global_length
+        if bucket_window > 0:
+            length = bucket_length(max(lengths[i] for i in rows), min_bucket)
         return collate([examples[i] for i in rows], length, pad_id, batch_size)
 
     return batch_fn, steps_per_epoch

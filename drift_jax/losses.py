@@ -3,6 +3,10 @@
 The loss returns (sum, denominator) rather than a mean so that gradient accumulation
 over micro-batches is exact: sum both over K micro-batches and divide once at the end
 (`mean_loss`), and the result equals the loss of the one big batch.
+
+With Qwen's ~152k vocabulary the float32 logits ``[B, T, V]`` of one 8 x 2048 batch take
+10 GB; ``chunked_token_cross_entropy`` goes from the final hidden states straight to the
+per-token cross-entropy a sequence chunk at a time, so they never exist.
 """
 
 from __future__ import annotations
@@ -34,6 +38,86 @@ def token_cross_entropy(logits_btv: jax.Array, targets_bt: jax.Array) -> jax.Arr
     return lse_bt - target_logit_bt
 
 
+def chunked_token_cross_entropy(
+    hidden_btd: jax.Array,
+    head_dv: jax.Array,
+    targets_bt: jax.Array,
+    chunk_size: int,
+    dtype=None,
+) -> jax.Array:
+    """Per-token cross-entropy of the LM head ``hidden @ head`` without ``[B, T, V]`` logits.
+
+    Equal to ``token_cross_entropy(hidden_btd @ head_dv, targets_bt)`` (the target
+    log-prob is its negative). The sequence is cut into chunks of ``chunk_size``
+    positions and scanned; each chunk's ``[B, C, V]`` logits are computed with float32
+    accumulation, reduced to a float32 log-sum-exp and target logit, and dropped. The
+    chunk body is rematerialised, so the backward pass recomputes a chunk's logits
+    instead of storing them: peak memory is one chunk's logits (plus their gradient),
+    forward and backward.
+
+    Args:
+      hidden_btd: [B, T, D] final (normed) hidden states.
+      head_dv: [D, V] LM-head matrix (``Transformer.lm_head_weight()``), any float dtype;
+        the gradient accumulates across chunks in this dtype, so pass the float32 master
+        weights, not a bf16 copy.
+      targets_bt: [B, T] int target ids (out-of-range ids are clipped; mask them).
+      chunk_size: positions per chunk (static); T need not be a multiple (padded).
+      dtype: matmul input dtype (e.g. bf16); default ``hidden_btd.dtype``.
+    Returns:
+      [B, T] float32.
+    """
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    b, t, d = hidden_btd.shape
+    dtype = hidden_btd.dtype if dtype is None else dtype
+    n = -(-t // chunk_size)
+    pad = n * chunk_size - t
+    hidden_btd = jnp.pad(hidden_btd, ((0, 0), (0, pad), (0, 0)))
+    targets_bt = jnp.pad(targets_bt.astype(jnp.int32), ((0, 0), (0, pad)))
+    # Scan over the chunk axis: [n, B, C, ...].
+    hidden_nbcd = hidden_btd.reshape(b, n, chunk_size, d).swapaxes(0, 1)
+    targets_nbc = targets_bt.reshape(b, n, chunk_size).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def chunk_ce(head_dv, hidden_bcd, targets_bc):
+        logits_bcv = jnp.einsum(
+            "bcd,dv->bcv", hidden_bcd.astype(dtype), head_dv.astype(dtype),
+            preferred_element_type=jnp.float32,
+        )
+        return token_cross_entropy(logits_bcv, targets_bc)
+
+    def body(_, chunk):
+        return None, chunk_ce(head_dv, *chunk)
+
+    _, ce_nbc = jax.lax.scan(body, None, (hidden_nbcd, targets_nbc))
+    return ce_nbc.swapaxes(0, 1).reshape(b, n * chunk_size)[:, :t]
+
+
+def weighted_token_loss(
+    ce_bt: jax.Array,
+    loss_mask_bt: jax.Array,
+    weights_b: jax.Array,
+    normalize: str = "batch",
+) -> tuple[jax.Array, jax.Array]:
+    """``weighted_sft_loss`` from per-token cross-entropies ``ce_bt`` [B, T] (e.g. from
+    ``chunked_token_cross_entropy``) instead of logits. Same (loss_sum, denominator)."""
+    if normalize not in _NORMALIZE_MODES:
+        raise ValueError(f"normalize must be one of {_NORMALIZE_MODES}, got {normalize!r}")
+    mask_bt = jnp.asarray(loss_mask_bt).astype(bool)
+    weights_b = jnp.asarray(weights_b, jnp.float32)
+    # where, not multiply: masked positions may hold garbage, and inf * 0 = nan.
+    ce_bt = jnp.where(mask_bt, ce_bt.astype(jnp.float32), 0.0)
+    num_tokens_b = jnp.sum(mask_bt, axis=-1).astype(jnp.float32)
+    has_tokens_b = num_tokens_b > 0
+    per_sample_b = jnp.sum(ce_bt, axis=-1) / jnp.maximum(num_tokens_b, 1.0)
+    loss_sum = jnp.sum(jnp.where(has_tokens_b, weights_b * per_sample_b, 0.0))
+    if normalize == "batch":
+        denominator = jnp.sum(has_tokens_b, dtype=jnp.float32)
+    else:
+        denominator = jnp.sum(jnp.where(has_tokens_b, weights_b, 0.0))
+    return loss_sum, denominator
+
+
 def weighted_sft_loss(
     logits_btv: jax.Array,
     targets_bt: jax.Array,
@@ -57,19 +141,8 @@ def weighted_sft_loss(
     """
     if normalize not in _NORMALIZE_MODES:
         raise ValueError(f"normalize must be one of {_NORMALIZE_MODES}, got {normalize!r}")
-    mask_bt = jnp.asarray(loss_mask_bt).astype(bool)
-    weights_b = jnp.asarray(weights_b, jnp.float32)
-    # where, not multiply: masked positions may hold garbage, and inf * 0 = nan.
-    ce_bt = jnp.where(mask_bt, token_cross_entropy(logits_btv, targets_bt), 0.0)
-    num_tokens_b = jnp.sum(mask_bt, axis=-1).astype(jnp.float32)
-    has_tokens_b = num_tokens_b > 0
-    per_sample_b = jnp.sum(ce_bt, axis=-1) / jnp.maximum(num_tokens_b, 1.0)
-    loss_sum = jnp.sum(jnp.where(has_tokens_b, weights_b * per_sample_b, 0.0))
-    if normalize == "batch":
-        denominator = jnp.sum(has_tokens_b, dtype=jnp.float32)
-    else:
-        denominator = jnp.sum(jnp.where(has_tokens_b, weights_b, 0.0))
-    return loss_sum, denominator
+    return weighted_token_loss(token_cross_entropy(logits_btv, targets_bt), loss_mask_bt,
+                               weights_b, normalize)
 
 
 def mean_loss(loss_sum: jax.Array, denominator: jax.Array) -> jax.Array:

@@ -4,6 +4,10 @@ Host side: render each live dialogue with the chat template, verify replies, app
 feedback. Device side: one ``generate_batched`` call per turn for all live episodes.
 Turn 1 draws K samples of each prompt; later turns extend each live trajectory with one
 sample, exactly as in the reference release.
+
+``append_rollouts`` is the resumable form used for Stage 1: it plays the prompts chunk
+by chunk and appends each finished prompt group to the rollout file, so a killed run
+rerun with the same arguments writes the same file, byte for byte.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from drift_jax import rollouts
 from drift_jax.chat import encode_prompt
 from drift_jax.envs.base import Environment, Episode, Question
 from drift_jax.sampling import SamplingParams, generate_batched
@@ -30,6 +35,32 @@ def episode_keys(seed: int, prompt_ids: Sequence[str], sample_idx: Sequence[int]
         return jax.random.fold_in(jax.random.fold_in(base, h), j)
 
     return jax.vmap(one)(prompt_hash, np.asarray(sample_idx, np.uint32))
+
+
+def _play(model, tokenizer, env, questions, *, num_samples, sampling, seed, batch_size, max_len,
+          desc, progress) -> tuple[list[Episode], list[list[int]]]:
+    """``play_episodes``, returning the tokens generated per episode and turn."""
+    episodes = [Episode(env, q) for q in questions for _ in range(num_samples)]
+    sample_idx = [j for _ in questions for j in range(num_samples)]
+    tokens_per_turn: list[list[int]] = [[] for _ in episodes]
+    bar = tqdm(total=len(episodes), desc=desc, unit="episode", disable=not progress, leave=False)
+    for turn in range(1, env.max_turns + 1):
+        live = [i for i, e in enumerate(episodes) if not e.done]
+        if not live:
+            break
+        bar.set_postfix(turn=turn, live=len(live))
+        prompts = [encode_prompt(tokenizer, episodes[i].messages) for i in live]
+        keys = episode_keys(
+            seed, [episodes[i].question.prompt_id for i in live], [sample_idx[i] for i in live], turn
+        )
+        outputs = generate_batched(model, prompts, keys, sampling, batch_size=batch_size, max_len=max_len)
+        for i, (tokens, _) in zip(live, outputs):
+            tokens_per_turn[i].append(len(tokens))
+            episodes[i].step(tokenizer.decode(tokens, skip_special_tokens=True).strip())
+            if episodes[i].done:
+                bar.update(1)
+    bar.close()
+    return episodes, tokens_per_turn
 
 
 def play_episodes(
@@ -51,24 +82,87 @@ def play_episodes(
     Returns the episodes (question-major: the K samples of question 0 first) and the
     number of tokens generated.
     """
-    episodes = [Episode(env, q) for q in questions for _ in range(num_samples)]
-    sample_idx = [j for _ in questions for j in range(num_samples)]
-    generated = 0
-    bar = tqdm(total=len(episodes), desc=desc, unit="episode", disable=not progress, leave=False)
-    for turn in range(1, env.max_turns + 1):
-        live = [i for i, e in enumerate(episodes) if not e.done]
-        if not live:
-            break
-        bar.set_postfix(turn=turn, live=len(live))
-        prompts = [encode_prompt(tokenizer, episodes[i].messages) for i in live]
-        keys = episode_keys(
-            seed, [episodes[i].question.prompt_id for i in live], [sample_idx[i] for i in live], turn
-        )
-        outputs = generate_batched(model, prompts, keys, sampling, batch_size=batch_size, max_len=max_len)
-        for i, (tokens, _) in zip(live, outputs):
-            generated += len(tokens)
-            episodes[i].step(tokenizer.decode(tokens, skip_special_tokens=True).strip())
-            if episodes[i].done:
-                bar.update(1)
+    episodes, tokens_per_turn = _play(
+        model, tokenizer, env, questions, num_samples=num_samples, sampling=sampling, seed=seed,
+        batch_size=batch_size, max_len=max_len, desc=desc, progress=progress)
+    return episodes, sum(map(sum, tokens_per_turn))
+
+
+def generated_tokens(record: dict) -> int:
+    """Tokens the policy generated for a record written by ``append_rollouts`` (0 for a
+    record from elsewhere: the count lives in its per-turn ``reward_details``)."""
+    details = record.get("reward_details")
+    if not isinstance(details, list):
+        return 0
+    return sum(d.get("generated_tokens", 0) for d in details if isinstance(d, dict))
+
+
+def append_rollouts(
+    path: str,
+    model,
+    tokenizer,
+    env: Environment,
+    questions: Sequence[Question],
+    *,
+    num_samples: int,
+    sampling: SamplingParams,
+    seed: int,
+    batch_size: int = 64,
+    max_len: int | None = None,
+    desc: str = "rollout",
+    progress: bool = True,
+) -> dict:
+    """Play ``num_samples`` episodes of every question into the JSONL file ``path``,
+    resuming whatever an interrupted call with the same arguments left there.
+
+    Prompts are played in fixed chunks of ``G = max(1, batch_size // num_samples)``
+    (chunk c = questions[c*G:(c+1)*G], by index only), and every finished prompt group
+    (its K records) is appended with one write + fsync. On entry the file is cut back to
+    its last complete group (``rollouts.resume_point``); the first chunk with unfinished
+    groups is replayed IN FULL, so its batches and numerics are those of the
+    uninterrupted run, and only its unfinished groups are appended. Sampling keys come
+    from (seed, prompt id, sample, turn) alone, so the file ends up byte-identical to an
+    uninterrupted run's.
+
+    Each record's per-turn ``reward_details`` carry ``generated_tokens``, so the total
+    below is the same however often the run was interrupted.
+
+    Returns:
+      {"trajectories", "generated_tokens" (total in the file), "resumed_groups" (groups
+      already in the file on entry), "t_star" (per record, file order)}.
+    """
+    if not questions:
+        raise ValueError("append_rollouts needs at least one question")
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    prompt_ids = [q.prompt_id for q in questions]
+    if len(set(prompt_ids)) != len(prompt_ids):
+        raise ValueError("questions have duplicate prompt ids; a prompt id must name one prompt group")
+    done = rollouts.resume_point(path, prompt_ids, num_samples)
+    chunk = max(1, batch_size // num_samples)
+    bar = tqdm(total=len(questions), initial=done, desc=desc, unit="prompt", disable=not progress)
+    first = done - done % chunk if done < len(questions) else len(questions)  # chunk of group `done`
+    for start in range(first, len(questions), chunk):
+        episodes, tokens_per_turn = _play(
+            model, tokenizer, env, questions[start:start + chunk], num_samples=num_samples,
+            sampling=sampling, seed=seed, batch_size=batch_size, max_len=max_len, desc=desc,
+            progress=False)
+        for g in range(len(episodes) // num_samples):
+            if start + g < done:
+                continue  # already in the file
+            group = range(g * num_samples, (g + 1) * num_samples)
+            records = [_record(episodes[i], tokens_per_turn[i]) for i in group]
+            rollouts.append_group(path, records)
+            bar.update(1)
     bar.close()
-    return episodes, generated
+    records, _ = rollouts.read_jsonl(path)
+    return {"trajectories": len(records), "generated_tokens": sum(map(generated_tokens, records)),
+            "resumed_groups": done, "t_star": [r["t_star"] for r in records]}
+
+
+def _record(episode: Episode, tokens_per_turn: list[int]) -> dict:
+    """The release record, with each turn's generated token count in its details."""
+    record = episode.to_record()
+    record["reward_details"] = [{**d, "generated_tokens": n}
+                                for d, n in zip(record["reward_details"], tokens_per_turn, strict=True)]
+    return record

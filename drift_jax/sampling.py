@@ -6,6 +6,10 @@ token or its own token budget. No host round-trip per token.
 
 Host side (``generate_batched``): tokenised prompts of any lengths -> fixed-size chunks of
 rows, left-padded to a bucketed length, so a whole run compiles once per bucket.
+
+On a mesh (``mesh=``), the rows of the batch and of the KV cache are split over the
+``data`` and ``fsdp`` axes and the cache's kv heads over ``tensor``, like the training
+batch; the weights keep whatever sharding they already have (``drift_jax.sharding``).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from drift_jax.models.transformer import KVCache, Transformer, default_positions
 
@@ -72,8 +77,22 @@ def sample_token(logits_bv, keys_b, params: SamplingParams):
     return tokens_b.astype(jnp.int32), logp_b
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "params"))
-def generate(graphdef, state, prompt_bp, valid_bp, keys_b, max_new_b, *, params: SamplingParams):
+def _shard_cache(cache: KVCache, mesh, num_kv_heads: int) -> KVCache:
+    """Constrain the cache to rows over (data, fsdp) and kv heads over tensor (when they
+    divide evenly), so each device holds and reads only its own part."""
+    rows = ("data", "fsdp")
+    heads = "tensor" if num_kv_heads % mesh.shape["tensor"] == 0 else None
+    kv = NamedSharding(mesh, PartitionSpec(rows, None, heads, None))
+    constrain = functools.partial(jax.lax.with_sharding_constraint, shardings=kv)
+    return KVCache(
+        k=tuple(map(constrain, cache.k)),
+        v=tuple(map(constrain, cache.v)),
+        valid_bs=jax.lax.with_sharding_constraint(cache.valid_bs, NamedSharding(mesh, PartitionSpec(rows))),
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "params", "mesh"))
+def generate(graphdef, state, prompt_bp, valid_bp, keys_b, max_new_b, *, params: SamplingParams, mesh=None):
     """Sample continuations of left-padded prompts.
 
     Args:
@@ -82,6 +101,9 @@ def generate(graphdef, state, prompt_bp, valid_bp, keys_b, max_new_b, *, params:
       valid_bp: ``[B, P]`` bool, False on padding. Every row needs >= 1 real token.
       keys_b: ``[B]`` PRNG keys, one per row (fold_in'ed with the step index).
       max_new_b: ``[B]`` int32 per-row budget (<= params.max_new_tokens); 0 = skip row.
+      mesh: optional ``(data, fsdp, tensor)`` mesh (static): the KV cache is sharded
+        like the batch rows (see ``_shard_cache``); place the inputs with
+        ``drift_jax.sharding.batch_sharding(mesh)``.
     Returns:
       tokens ``[B, N]`` (pad 0 after a row stops; the stop token itself is kept),
       lengths ``[B]``, log-probs ``[B, N]`` of the sampled tokens (0 after the end).
@@ -92,8 +114,12 @@ def generate(graphdef, state, prompt_bp, valid_bp, keys_b, max_new_b, *, params:
     n = params.max_new_tokens
     # The cache is created inside the program, so XLA updates it in place in the loop.
     cache = KVCache.zeros(model.cfg, b, p + n)
+    if mesh is not None:
+        cache = _shard_cache(cache, mesh, model.cfg.num_kv_heads)
     positions_bp = default_positions(valid_bp)
-    logits_btv, cache = model.decode(prompt_bp, cache, 0, positions_bp, valid_bp)
+    # Logits of the last prompt position only: the prompt is left-padded, so it is real.
+    hidden_bpd, cache = model.decode_hidden(prompt_bp, cache, 0, positions_bp, valid_bp)
+    logits_bv = model.logits(hidden_bpd[:, -1])
     stop_ids = jnp.asarray(params.stop_ids or (-1,), jnp.int32)
 
     def cond(carry):
@@ -111,12 +137,14 @@ def generate(graphdef, state, prompt_bp, valid_bp, keys_b, max_new_b, *, params:
         done_b = done_b | jnp.isin(tok_b, stop_ids) | (lengths_b >= max_new_b)
         pos_b1 = (positions_bp[:, -1] + 1 + i)[:, None]
         new_logits_btv, cache = model.decode(tok_b[:, None], cache, p + i, pos_b1)
+        if mesh is not None:  # keep the loop carry's sharding fixed across iterations
+            cache = _shard_cache(cache, mesh, model.cfg.num_kv_heads)
         return i + 1, cache, new_logits_btv[:, 0], tokens_bn, logp_bn, done_b, lengths_b
 
     init = (
         jnp.int32(0),
         cache,
-        logits_btv[:, -1],
+        logits_bv,
         jnp.zeros((b, n), jnp.int32),
         jnp.zeros((b, n), jnp.float32),
         max_new_b <= 0,
@@ -144,6 +172,7 @@ def generate_batched(
     max_new: Sequence[int] | None = None,
     max_len: int | None = None,
     min_bucket: int = 16,
+    mesh=None,
 ):
     """Generate for any number of tokenised prompts of any lengths.
 
@@ -156,6 +185,8 @@ def generate_batched(
       keys: ``[N]`` PRNG keys, one per prompt (e.g. ``jax.random.split``).
       max_new: optional per-prompt budget (default ``params.max_new_tokens``).
       max_len: context limit; a prompt that cannot fit with its budget is an error.
+      mesh: optional ``(data, fsdp, tensor)`` mesh (single process): each chunk's rows
+        are split over data x fsdp, so ``batch_size`` must be a multiple of their size.
     Returns:
       list of N (tokens: list[int], log-probs: np.ndarray) pairs, tokens up to and
       including the stop token.
@@ -171,6 +202,12 @@ def generate_batched(
                 f"prompt {i} has {len(toks)} tokens + {budget} new > context {max_len}; "
                 "truncate it or raise the model's context"
             )
+    if mesh is not None:
+        row_devices = mesh.shape["data"] * mesh.shape["fsdp"]
+        if batch_size % row_devices:
+            raise ValueError(f"batch_size={batch_size} must be a multiple of data x fsdp = {row_devices} "
+                             "to shard sampling rows over the mesh")
+        rows_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
     graphdef, state = nnx.split(model)
     # Sort by length so each chunk pads to a tight bucket; results go back in order.
     order = sorted(range(n_rows), key=lambda i: len(prompts[i]))
@@ -191,8 +228,11 @@ def generate_batched(
         if len(rows) < batch_size:
             filler = jnp.broadcast_to(keys[:1], (batch_size - len(rows),) + keys.shape[1:])
             row_keys = jnp.concatenate([row_keys, filler])
+        inputs = (prompt_bp, valid_bp, row_keys, budget_b)
+        if mesh is not None:
+            inputs = jax.device_put(inputs, rows_sharding)
         tokens_bn, lengths_b, logp_bn = jax.device_get(
-            generate(graphdef, state, prompt_bp, valid_bp, row_keys, budget_b, params=params)
+            generate(graphdef, state, *inputs, params=params, mesh=mesh)
         )
         for r, i in enumerate(rows):
             length = int(lengths_b[r])

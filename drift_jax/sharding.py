@@ -4,14 +4,26 @@ Every parameter carries logical axes ("vocab", "embed", "heads", "kv_heads", "ml
 "norm"); ``LOGICAL_RULES`` maps them onto mesh axes ``data`` / ``fsdp`` / ``tensor``.
 Parallelism is then a config change: the same jitted train step and sampler run on any
 mesh, with XLA inserting the collectives.
+
+Two ways to a sharded ``TrainState``: ``shard_train_state`` moves a state built on one
+device onto the mesh (one process, a model that fits one device);
+``create_sharded_train_state`` builds it inside one jitted program whose outputs are
+already sharded, so no device (and no host) ever holds the whole model: the way for
+multi-host runs (see ``drift_jax.distributed``) and big models.
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
+
+from drift_jax.train import TrainState
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -76,5 +88,49 @@ def shard_train_state(state, tx, mesh, rules=LOGICAL_RULES):
     )
 
 
+def create_sharded_train_state(
+    make_model: Callable[[], nnx.Module], tx: optax.GradientTransformation, mesh, seed: int = 0,
+    rules=LOGICAL_RULES,
+) -> tuple[nnx.GraphDef, TrainState]:
+    """``create_train_state(make_model(), tx, seed)``, built directly on ``mesh``.
+
+    The model is traced abstractly for its shapes and logical axes; then one jitted
+    program initialises the parameters and the optimizer state with ``out_shardings``
+    from the rules, so each device materialises only its own shards (random init is
+    partitionable: the values equal an unsharded init's). Optimizer moments take their
+    parameter's sharding, counters are replicated. Every process calls it the same way.
+    """
+    abstract = nnx.eval_shape(make_model)
+    graphdef, abstract_params, rest = nnx.split(abstract, nnx.Param, ...)
+    if jax.tree.leaves(rest):
+        raise ValueError(f"create_sharded_train_state supports models whose only state is nnx.Param; found {rest}")
+    params_sharding = param_shardings(abstract_params, mesh, rules)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    opt_sharding = optax.tree_map_params(
+        tx, lambda _, sharding: sharding, jax.eval_shape(tx.init, abstract_params), params_sharding,
+        transform_non_params=lambda _: replicated,
+    )
+    shardings = TrainState(params=params_sharding, opt_state=opt_sharding, step=replicated, rng=replicated)
+
+    @jax.jit
+    def init() -> TrainState:
+        params = nnx.state(make_model(), nnx.Param)
+        state = TrainState(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32),
+                           rng=jax.random.key(seed))
+        return jax.lax.with_sharding_constraint(state, shardings)
+
+    return graphdef, init()
+
+
 def shard_batch(batch: dict, mesh) -> dict:
-    return jax.device_put(batch, batch_sharding(mesh))
+    """Place a host batch (the same numpy arrays on every process) with its rows split
+    over ``data`` x ``fsdp``; each process copies only the rows of its own devices."""
+    sharding = batch_sharding(mesh)
+    if jax.process_count() == 1:
+        return jax.device_put(batch, sharding)
+
+    def put(x):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree.map(put, batch)

@@ -27,7 +27,7 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
-from drift_jax.losses import mean_loss, weighted_sft_loss
+from drift_jax.losses import chunked_token_cross_entropy, mean_loss, weighted_sft_loss, weighted_token_loss
 
 Batch = dict[str, Any]
 
@@ -113,18 +113,44 @@ def create_train_state(
     return graphdef, jax.device_put(state, jax.local_devices()[0])
 
 
-def _micro_batch_loss(graphdef, params, mb: Batch, normalize: str):
+# Vocabularies at least this large chunk the LM head + loss by default ("auto").
+AUTO_CHUNK_MIN_VOCAB = 32_768
+AUTO_CHUNK_SIZE = 512
+
+
+def resolve_loss_chunk_size(loss_chunk_size: int | str | None, vocab_size: int) -> int:
+    """``"auto"`` -> ``AUTO_CHUNK_SIZE`` for vocabularies >= ``AUTO_CHUNK_MIN_VOCAB``,
+    else 0; ``None`` or 0 -> 0 (full ``[B, T, V]`` logits); a positive int is kept."""
+    if loss_chunk_size == "auto":
+        return AUTO_CHUNK_SIZE if vocab_size >= AUTO_CHUNK_MIN_VOCAB else 0
+    if loss_chunk_size is None:
+        return 0
+    if not isinstance(loss_chunk_size, int) or loss_chunk_size < 0:
+        raise ValueError(f"loss_chunk_size must be 'auto', None or an int >= 0, got {loss_chunk_size!r}")
+    return loss_chunk_size
+
+
+def _micro_batch_loss(graphdef, params, mb: Batch, normalize: str, loss_chunk_size: int | str | None = 0):
     """Loss SUM of one micro-batch (differentiated) plus its token counts.
 
     Position t predicts tokens[:, t + 1]; a target counts only where loss_mask marks it,
     it is real, and its input is real (a target predicted from padding is meaningless).
+    With ``loss_chunk_size > 0`` the LM head and the cross-entropy run over sequence
+    chunks (``chunked_token_cross_entropy``): no ``[B, T, V]`` logits, same loss.
     """
     model = nnx.merge(graphdef, params)
     tokens_bt, valid_bt = mb["tokens"], mb["valid"].astype(bool)
-    logits_btv = model(tokens_bt[:, :-1], valid_bt[:, :-1])
     mask_bt = mb["loss_mask"][:, 1:].astype(bool) & valid_bt[:, 1:] & valid_bt[:, :-1]
     weights_b = mb["weights"].astype(jnp.float32)
-    loss_sum, denom = weighted_sft_loss(logits_btv, tokens_bt[:, 1:], mask_bt, weights_b, normalize)
+    chunk = resolve_loss_chunk_size(loss_chunk_size, model.cfg.vocab_size)
+    if chunk:
+        hidden_btd = model.hidden_states(tokens_bt[:, :-1], valid_bt[:, :-1])
+        ce_bt = chunked_token_cross_entropy(hidden_btd, model.lm_head_weight(), tokens_bt[:, 1:],
+                                            chunk, model.cfg.dtype)
+        loss_sum, denom = weighted_token_loss(ce_bt, mask_bt, weights_b, normalize)
+    else:
+        logits_btv = model(tokens_bt[:, :-1], valid_bt[:, :-1])
+        loss_sum, denom = weighted_sft_loss(logits_btv, tokens_bt[:, 1:], mask_bt, weights_b, normalize)
     tokens_b = jnp.sum(mask_bt, axis=1).astype(jnp.float32)
     counts = {
         "num_tokens": jnp.sum(tokens_b),
@@ -140,8 +166,12 @@ def make_train_step(
     num_micro_batches: int = 1,
     normalize: str = "batch",
     schedule_fn: Callable[[Any], jax.Array] | None = None,
+    loss_chunk_size: int | str | None = "auto",
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """Build the jitted ``step_fn(state, batch) -> (state, metrics)``; ``state`` is donated.
+
+    ``loss_chunk_size``: sequence positions per chunk of the LM head + loss (see
+    ``resolve_loss_chunk_size``; "auto" chunks large vocabularies, 0/None never).
 
     The batch's B rows are split into ``num_micro_batches`` micro-batches of B/M rows,
     scanned in order; gradients of the loss SUM and the (sum, denominator) pair are
@@ -153,6 +183,7 @@ def make_train_step(
     weight * supervised tokens), num_input_tokens (real tokens), denominator.
     """
     m = num_micro_batches
+    resolve_loss_chunk_size(loss_chunk_size, 0)  # reject a bad value now, not at trace time
     grad_fn = jax.value_and_grad(_micro_batch_loss, argnums=1, has_aux=True)
 
     def step_fn(state: TrainState, batch: Batch):
@@ -162,7 +193,8 @@ def make_train_step(
         micro = jax.tree.map(lambda x: x.reshape(m, b // m, *x.shape[1:]), batch)
 
         def accumulate(carry, mb):
-            (loss_sum, (denom, counts)), grads = grad_fn(graphdef, state.params, mb, normalize)
+            (loss_sum, (denom, counts)), grads = grad_fn(graphdef, state.params, mb, normalize,
+                                                         loss_chunk_size)
             new = (grads, loss_sum, denom, counts)
             return jax.tree.map(jnp.add, carry, new), None
 

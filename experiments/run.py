@@ -29,7 +29,7 @@ from absl import app, flags, logging  # noqa: E402
 from flax import nnx  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from drift_jax import checkpoint, evaluate, report, rollouts, train  # noqa: E402
+from drift_jax import checkpoint, distributed, evaluate, online_rl, report, rollouts, sharding, train  # noqa: E402
 from drift_jax.chat import encode_dialogue, end_of_turn_id  # noqa: E402
 from drift_jax.data import make_batch_fn  # noqa: E402
 from drift_jax.envs.secret import SecretGuessEnv, build_tokenizer, scripted_episode  # noqa: E402
@@ -205,7 +205,7 @@ class Experiment:
                 vocab_size=len(self.tokenizer), hidden_size=m.hidden_size,
                 intermediate_size=m.intermediate_size, num_layers=m.num_layers,
                 num_heads=m.num_heads, num_kv_heads=m.num_kv_heads, head_dim=m.head_dim,
-                tie_word_embeddings=True,
+                tie_word_embeddings=True, remat=m.get("remat", "none"), attention_impl=m.get("attention_impl"),
             )
         else:
             self.tokenizer = load_tokenizer(self.checkpoint)
@@ -258,16 +258,27 @@ class Experiment:
 
     @functools.cache
     def rollout_records(self) -> list:
-        """Every record of the rollout files; skipped bad ones are counted in ``skipped_records``."""
-        records = []
-        for path in self.rollout_files():
-            file_records, skipped = rollouts.read_jsonl(path, on_bad_record=self.cfg.data.on_bad_record)
-            records += file_records
-            self.skipped_records.update(skipped)
+        """Every usable record of the rollout files, with the group checks of
+        ``rollouts.read_rollouts``; skipped ones are counted in ``skipped_records``."""
+        max_len = self.cfg.train.get("max_len")
+        weighted = {"drift", "drift_all_turns"} & set(self.cfg.methods)
+        records, skipped = rollouts.read_rollouts(
+            self.rollout_files(), on_bad_record=self.cfg.data.on_bad_record,
+            min_group_size=2 if weighted else 1,
+            check=rollouts.context_check(self.tokenizer, max_len) if max_len else None)
+        self.skipped_records.update(skipped)
         return records
 
     def rollout_files(self) -> list:
         return self.given_rollouts or [self.path("rollouts.jsonl")]
+
+    @functools.cached_property
+    def mesh(self):
+        """The (data, fsdp, tensor) training mesh of ``cfg.mesh``; None for one device."""
+        m = self.cfg.get("mesh")
+        if m is None or m.data * m.fsdp * m.tensor == 1:
+            return None
+        return sharding.make_mesh(m.data, m.fsdp, m.tensor)
 
     def path(self, *parts) -> str:
         return os.path.join(self.workdir, *parts)
@@ -296,20 +307,23 @@ def fit(exp: Experiment, name: str, examples, init_model: Transformer, tcfg, ste
         tcfg.learning_rate, steps, warmup_ratio=tcfg.warmup_ratio, schedule=tcfg.schedule,
         weight_decay=tcfg.weight_decay, grad_clip=tcfg.get("grad_clip", 1.0))
     graphdef, state = train.create_train_state(init_model, tx, seed=exp.cfg.seed)
+    mesh = exp.mesh
+    if mesh is not None:  # params + optimizer state by their logical axes, batch rows over data x fsdp
+        state = sharding.shard_train_state(state, tx, mesh)
     step_fn = train.make_train_step(graphdef, tx, tcfg.get("num_micro_batches", 1),
-                                    tcfg.get("loss_normalize", "batch"), schedule)
-    batch_fn, _ = make_batch_fn(examples, tcfg.batch_size, exp.cfg.seed, exp.tokenizer.pad_token_id)
+                                    tcfg.get("loss_normalize", "batch"), schedule,
+                                    loss_chunk_size=tcfg.get("loss_chunk_size", "auto"))
+    batch_fn, _ = make_batch_fn(examples, tcfg.batch_size, exp.cfg.seed, exp.tokenizer.pad_token_id,
+                                bucket_window=tcfg.get("bucket_window", 0))
+    if mesh is not None:
+        batch_fn = (lambda make: lambda step: sharding.shard_batch(make(step), mesh))(batch_fn)
     ckpt = checkpoint.Checkpointer(exp.path(name, "checkpoints"),
                                    save_every=tcfg.get("checkpoint_every", 100), keep=2)
     t0 = time.time()
     state = train.train_loop(graphdef, state, step_fn, batch_fn, steps, checkpointer=ckpt,
                              metrics_path=exp.path(name, "metrics.jsonl"), desc=f"train {name}")
     ckpt.close()
-    checkpoint.save_params(exp.path(name, "params"), state.params, force=True)
-    if exp.checkpoint is not None:  # a real model: also an HF folder that vLLM can serve
-        policy = nnx.merge(graphdef, state.params)
-        save_pretrained(policy, exp.path(name, "hf"), hf_config_extra=_hf_extra(exp.checkpoint))
-        exp.tokenizer.save_pretrained(exp.path(name, "hf"))
+    save_policy(exp, name, nnx.merge(graphdef, state.params))
     epochs = steps * tcfg.batch_size / len(examples)
     stats = {
         "steps": steps,
@@ -406,8 +420,11 @@ def method_examples(exp: Experiment, method: str) -> list:
     }
     if method not in keep:
         raise ValueError(f"unknown method {method!r}; expected one of {sorted(keep)}")
-    examples = [dataclasses.replace(e, weight=w)
-                for e, w, r in zip(exp.examples(supervise), weights, records) if keep[method](r)]
+    examples = exp.examples(supervise)
+    if not len(examples) == len(weights) == len(records):
+        raise RuntimeError(f"{exp.path('weights.json')} holds {len(weights)} weights for {len(records)} "
+                           "records: delete it to recompute")
+    examples = [dataclasses.replace(e, weight=w) for e, w, r in zip(examples, weights, records) if keep[method](r)]
     if not examples:
         raise ValueError(f"method {method!r} has no training examples in {exp.rollout_files()}")
     return examples
@@ -421,6 +438,34 @@ def stage_train(exp: Experiment, method: str) -> None:
     tc = exp.cfg.train
     steps = tc.epochs * -(-len(examples) // tc.batch_size)
     fit(exp, method, examples, exp.load_policy("reference"), tc, steps)
+
+
+def save_policy(exp: Experiment, name: str, model: Transformer) -> None:
+    """A trained policy's final params (and, for a real model, an HF folder vLLM can serve)."""
+    checkpoint.save_params(exp.path(name, "params"), nnx.state(model, nnx.Param), force=True)
+    if exp.checkpoint is not None:
+        save_pretrained(model, exp.path(name, "hf"), hf_config_extra=_hf_extra(exp.checkpoint))
+        exp.tokenizer.save_pretrained(exp.path(name, "hf"))
+
+
+def stage_online_rl(exp: Experiment) -> None:
+    """The online multi-turn RL baseline: the current policy plays fresh episodes every
+    update (drift_jax/online_rl.py); same return as DRIFT, GRPO advantages, KL to the reference."""
+    if os.path.exists(exp.path("online_rl", "train_stats.json")):
+        return
+    oc, d = exp.cfg.online_rl, exp.cfg.drift
+    model, ref = exp.load_policy("reference"), exp.load_policy("reference")
+    stats = online_rl.train_online(
+        model, ref, exp.tokenizer, exp.env, exp.train_questions, steps=oc.steps,
+        prompts_per_step=oc.prompts_per_step, num_samples=exp.cfg.rollout.num_samples,
+        sampling=exp.sampling(temperature=1.0), learning_rate=oc.learning_rate,
+        warmup_ratio=oc.warmup_ratio, schedule=oc.schedule, weight_decay=oc.weight_decay,
+        grad_clip=oc.grad_clip, kl_coef=oc.kl_coef, gamma=d.gamma, lam=d.lam,
+        num_micro_batches=oc.num_micro_batches, rollout_batch_size=exp.cfg.rollout.batch_size,
+        seed=exp.cfg.seed, checkpoint_dir=exp.path("online_rl", "checkpoints"),
+        checkpoint_every=oc.checkpoint_every, metrics_path=exp.path("online_rl", "metrics.jsonl"))
+    save_policy(exp, "online_rl", model)
+    write_json(exp.path("online_rl", "train_stats.json"), stats)
 
 
 def stage_eval(exp: Experiment, method: str) -> None:
@@ -462,6 +507,9 @@ def method_cost(exp: Experiment, method: str) -> dict:
     if method == "reference":
         return {"generated_tokens": 0, "trained_tokens": 0, "supervised_tokens": 0, "wall_s": 0.0}
     ts = read_json(exp.path(method, "train_stats.json"))
+    if method == "online_rl":  # generates its own episodes at every update
+        return {k: ts[k] for k in ("generated_tokens", "trained_tokens", "supervised_tokens")} | {
+            "wall_s": ts["wall_s"], "stage_wall_s": {"rollout": ts["rollout_s"], "train": ts["train_s"]}}
     weights = read_json(exp.path("weights.json"))
     rollout = (read_json(exp.path("rollout_stats.json"))
                if os.path.exists(exp.path("rollout_stats.json")) else {"generated_tokens": None, "wall_s": 0.0})
@@ -498,6 +546,7 @@ def stage_report(exp: Experiment, methods) -> dict:
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save/restore at INFO
+    distributed.initialize_from_env()  # multi-host: join the other processes before touching devices
     cfg = _CONFIG.value
     name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
     workdir = _WORKDIR.value or os.path.join("runs", name)
@@ -510,7 +559,7 @@ def main(argv):
         stage_rollout(exp)
     stage_weights(exp)
     for method in methods:
-        stage_train(exp, method)
+        stage_online_rl(exp) if method == "online_rl" else stage_train(exp, method)
     if exp.benchmarks:
         for method in ["reference", *methods]:
             stage_eval(exp, method)

@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from drift_jax.models import PRESETS, KVCache, Transformer, preset
+from drift_jax.models.transformer import attention_implementation
 
 
 # Jitted entry points: op-by-op eager execution costs a compile per primitive on CPU.
@@ -106,3 +107,77 @@ def test_preset_sizes_match_published_counts():
                 "qwen2.5-7b": 7.62, "llama-3.2-1b": 1.24, "llama-3.2-3b": 3.21, "llama-3.1-8b": 8.03}
     for name, billions in expected.items():
         assert abs(preset(name).num_params / 1e9 - billions) < 0.01, name
+
+
+# -- speed switches: remat, attention implementation, LM-head access ----------------------
+
+def _loss_and_grads(cfg, tokens):
+    graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(6)), nnx.Param)
+
+    def loss(params):
+        logits = nnx.merge(graphdef, params)(tokens[:, :-1])
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
+
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+
+def test_remat_policies_change_no_loss_or_gradient(tiny_cfg):
+    tiny_cfg = tiny_cfg.replace(num_layers=1)  # compile time; one layer shows the property
+    tokens = _tokens(tiny_cfg, 2, 10, seed=7)
+    want = _loss_and_grads(tiny_cfg, tokens)
+    for remat in ("full", "dots"):
+        got = _loss_and_grads(tiny_cfg.replace(remat=remat), tokens)
+        chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_remat_really_checkpoints_the_layers(tiny_cfg):
+    """With remat the backward pass recomputes the layer: the gradient's jaxpr holds a
+    remat (checkpoint) equation, and none without."""
+    tokens = _tokens(tiny_cfg, 1, 6)
+
+    def jaxpr_text(cfg):
+        graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+        grad = jax.grad(lambda p: jnp.sum(nnx.merge(graphdef, p)(tokens)))
+        return str(jax.make_jaxpr(grad)(params))
+
+    def has_remat(text):  # the primitive is "remat2" in jax 0.10, "checkpoint" in others
+        return "remat" in text or "checkpoint" in text
+
+    assert not has_remat(jaxpr_text(tiny_cfg))
+    assert has_remat(jaxpr_text(tiny_cfg.replace(remat="full")))
+
+
+def test_attention_implementation_auto_picks_cudnn_only_on_gpu(tiny_cfg, monkeypatch):
+    bf16 = tiny_cfg.replace(dtype=jnp.bfloat16, head_dim=16)
+    assert attention_implementation(bf16, 8) == "xla"  # this CPU
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert attention_implementation(bf16, 8) == "cudnn"
+    assert attention_implementation(bf16, 1) == "xla"  # decode steps
+    assert attention_implementation(bf16.replace(dtype=jnp.float32), 8) == "xla"  # cuDNN: half only
+    assert attention_implementation(bf16.replace(head_dim=12), 8) == "xla"  # not a multiple of 8
+    assert attention_implementation(bf16.replace(attention_impl="xla"), 8) == "xla"
+    assert attention_implementation(bf16.replace(attention_impl="cudnn"), 8) == "cudnn"
+
+
+def test_explicit_xla_attention_equals_default(tiny_cfg):
+    tokens = _tokens(tiny_cfg, 2, 9)
+    want = _forward(Transformer(tiny_cfg, rngs=nnx.Rngs(8)), tokens)
+    got = _forward(Transformer(tiny_cfg.replace(attention_impl="xla"), rngs=nnx.Rngs(8)), tokens)
+    chex.assert_trees_all_equal(got, want)
+
+
+def test_config_rejects_unknown_switches(tiny_cfg):
+    with pytest.raises(ValueError, match="remat"):
+        tiny_cfg.replace(remat="some")
+    with pytest.raises(ValueError, match="attention_impl"):
+        tiny_cfg.replace(attention_impl="flash")
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_lm_head_weight_gives_the_logits(tiny_cfg, tie):
+    model = Transformer(tiny_cfg.replace(tie_word_embeddings=tie), rngs=nnx.Rngs(9))
+    hidden = jax.random.normal(jax.random.key(1), (2, 3, tiny_cfg.hidden_size))
+    head = model.lm_head_weight()
+    assert head.shape == (tiny_cfg.hidden_size, tiny_cfg.vocab_size)
+    chex.assert_trees_all_close(hidden @ head, model.logits(hidden), atol=1e-5)

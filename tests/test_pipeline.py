@@ -1,25 +1,54 @@
-"""End to end: experiments/run.py on the tiny config writes every stage's output, well-formed,
-and a rerun on the same workdir redoes nothing."""
+"""End to end: experiments/run.py on the tiny config writes every stage's output, well-formed;
+a rerun on the same workdir redoes nothing; a run killed twice (mid rollout write, mid
+checkpoint commit) and rerun ends with the same results."""
 
 import functools
 import json
 import os
+import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+
+from drift_jax.envs.secret import SecretGuessEnv, scripted_episode
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RELEASE_KEYS = {"prompt_id", "gold", "messages", "turn_rewards", "verifier", "t_star",
                 "answer_norms", "format_penalty", "reward_details"}
 
 
-def _run(workdir):
-    cmd = [sys.executable, os.path.join(REPO, "experiments", "run.py"),
-           "--config=" + os.path.join(REPO, "experiments", "configs", "tiny.py"),
-           f"--workdir={workdir}"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
+RUN = os.path.join(REPO, "experiments", "run.py")
+TINY = os.path.join(REPO, "experiments", "configs", "tiny.py")
+
+
+@pytest.fixture(scope="module")
+def run_env(tmp_path_factory):
+    """The runs' environment: the repo importable, and one persistent compilation cache,
+    so later runs skip compiling (the same executables: the same numbers)."""
+    return {**os.environ, "PYTHONPATH": REPO,
+            "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")),
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
+def _run(workdir, env, kill=None):
+    """run.py on the tiny config; ``kill``: (kind, n, path suffix) of
+    ``test_reliability.install_kill``, after which the run must have died of SIGKILL."""
+    args = [RUN, f"--config={TINY}", f"--workdir={workdir}"]
+    if kill is None:
+        cmd = [sys.executable, *args]
+    else:
+        code = (f"import runpy, sys; sys.path.insert(0, {os.path.join(REPO, 'tests')!r}); "
+                f"import test_reliability; test_reliability.install_kill(*{kill!r}); "
+                f"sys.argv = {args!r}; runpy.run_path({RUN!r}, run_name='__main__')")
+        cmd = [sys.executable, "-c", code]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    if kill is None:
+        assert out.returncode == 0, out.stderr[-3000:]
+    else:
+        assert out.returncode == -signal.SIGKILL, (out.returncode, out.stderr[-3000:])
     return out.stdout
 
 
@@ -29,9 +58,9 @@ def _mtimes(root):
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
+def run_dir(tmp_path_factory, run_env):
     workdir = tmp_path_factory.mktemp("tiny_run")
-    stdout = _run(workdir)
+    stdout = _run(workdir, run_env)
     return workdir, stdout
 
 
@@ -57,6 +86,10 @@ def test_every_stage_output_is_present_and_well_formed(run_dir):
 
     weights = json.loads((workdir / "weights.json").read_text())
     assert len(weights["drift"]) == len(records)
+    assert results["skipped_records"] == {"total": 0, "reasons": {}}
+    stats = json.loads((workdir / "rollout_stats.json").read_text())
+    assert stats["generated_tokens"] == results["methods"]["drift"]["cost"]["generated_tokens"]
+    assert stats["trajectories"] == len(records) and stats["resumed_groups"] == 0
 
     for stage in ("reference", "sft", "drift"):
         assert (workdir / stage / "params").is_dir()
@@ -69,15 +102,45 @@ def test_every_stage_output_is_present_and_well_formed(run_dir):
     assert "| drift |" in stdout
 
 
-def test_rerun_redoes_no_finished_stage(run_dir):
+def test_rerun_redoes_no_finished_stage(run_dir, run_env):
     workdir, _ = run_dir
     before = _mtimes(workdir)
-    _run(workdir)
+    _run(workdir, run_env)
     after = _mtimes(workdir)
     changed = {p for p in before if after.get(p) != before[p]}
     # Only the final report is rewritten; no stage output, checkpoint or metric changes.
     assert changed <= {str(workdir / f) for f in ("results.json", "report.md", "multi_at_k.png")}
     assert set(after) == set(before)
+
+
+def _without_wall_clock(tree):
+    """``results.json`` minus what differs between equal runs: times and workdir paths."""
+    if isinstance(tree, dict):
+        return {k: _without_wall_clock(v) for k, v in tree.items()
+                if k not in ("wall_s", "stage_wall_s", "rollout_files")}
+    return tree
+
+
+def test_run_killed_twice_then_rerun_ends_with_the_same_results(run_dir, run_env, tmp_path):
+    straight, _ = run_dir
+    workdir = tmp_path / "killed"
+    # 1: halfway through appending the third prompt group of the rollouts.
+    _run(workdir, run_env, kill=("torn", 3, "rollouts.jsonl"))
+    data = (workdir / "rollouts.jsonl").read_bytes()
+    assert 2 * 4 <= data.count(b"\n") < 3 * 4 and not data.endswith(b"\n")  # tiny: K = 4
+    assert not (workdir / "rollout_stats.json").exists()
+    # 2: while Orbax commits drift's last step (3; tiny: 3 steps, a checkpoint every 2).
+    _run(workdir, run_env, kill=("save", 3, "drift/checkpoints"))
+    assert (workdir / "sft" / "train_stats.json").exists()
+    assert not (workdir / "drift" / "train_stats.json").exists()
+    assert "2" in os.listdir(workdir / "drift" / "checkpoints")
+    _run(workdir, run_env)
+    assert (workdir / "rollouts.jsonl").read_bytes() == (straight / "rollouts.jsonl").read_bytes()
+    rollout_stats = json.loads((workdir / "rollout_stats.json").read_text())
+    assert rollout_stats["resumed_groups"] == 2
+    got = json.loads((workdir / "results.json").read_text())
+    want = json.loads((straight / "results.json").read_text())
+    assert _without_wall_clock(got) == _without_wall_clock(want)
 
 
 @functools.lru_cache(maxsize=None)  # run.py defines absl flags: load it once
@@ -96,6 +159,8 @@ def _load_run_module():
     ("drift.gamma", 0.0, "gamma must be in (0, 1]"),
     ("rollout.num_samples", 0, "num_samples (K) must be >= 1"),
     ("task.max_turns", 0, "max_turns (T) must be >= 1"),
+    ("rollout.num_samples", 1, "num_samples (K) must be >= 2 to train 'drift'"),
+    ("data.on_bad_record", "ignore", "data.on_bad_record must be 'error' or 'skip'"),
 ])
 def test_config_validation_rejects_bad_values(tmp_path, path, value, message):
     run = _load_run_module()
@@ -118,3 +183,30 @@ def test_workdir_of_another_config_is_rejected(tmp_path):
     other.drift.beta = 0.7
     with pytest.raises(ValueError, match="different config.*drift.beta"):
         run.check_config(other, str(tmp_path))
+
+
+def test_skipped_records_and_their_reasons_land_in_weights_json(tmp_path):
+    """--config.data.on_bad_record=skip: bad lines are dropped and counted by reason
+    (stage_report copies the count into results.json)."""
+    run = _load_run_module()
+    from experiments.configs import tiny
+
+    env = SecretGuessEnv()
+    rng = np.random.default_rng(0)
+    good = [json.dumps(scripted_episode(env, q, rng, 0.5, 0.1).to_record())
+            for q in env.make_questions(2, seed=0, prefix="p") for _ in range(3)]
+    bad = ['{"prompt_id": "x", "messages": [', good[0].replace('"turn_rewards": {', '"turn_rewards": {"t9": NaN, ')]
+    (tmp_path / "rollouts.jsonl").write_text("\n".join(good[:3] + bad + good[3:]) + "\n")
+    cfg = tiny.get_config()
+    cfg.data.on_bad_record = "skip"
+    run.stage_weights(run.Experiment(cfg, str(tmp_path)))
+    weights = json.loads((tmp_path / "weights.json").read_text())
+    assert len(weights["drift"]) == 6
+    assert weights["skipped_records"] == {"total": 2, "reasons": {
+        "malformed JSON (Expecting value)": 1, "field 'turn_rewards.t9' is nan, not a finite number": 1}}
+    strict = tmp_path / "strict"
+    strict.mkdir()
+    (strict / "rollouts.jsonl").write_bytes((tmp_path / "rollouts.jsonl").read_bytes())
+    cfg.data.on_bad_record = "error"
+    with pytest.raises(run.rollouts.BadRecord, match=rf"^{strict}/rollouts.jsonl:4: malformed JSON"):
+        run.stage_weights(run.Experiment(cfg, str(strict)))

@@ -16,13 +16,24 @@ from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from drift_jax.chat import SFTExample, end_of_turn_id
+from drift_jax import rollout as rollout_module
+from drift_jax.chat import SFTExample, encode_dialogue, end_of_turn_id
 from drift_jax.data import make_batch_fn
 from drift_jax.envs.secret import SecretGuessEnv, build_tokenizer, scripted_episode
 from drift_jax.models import Transformer
-from drift_jax.rollout import episode_keys, play_episodes
-from drift_jax.rollouts import BadRecord, read_jsonl, validate_record, write_jsonl
+from drift_jax.rollout import append_rollouts, episode_keys, generated_tokens, play_episodes
+from drift_jax.rollouts import (
+    BadRecord,
+    context_check,
+    read_jsonl,
+    read_rollouts,
+    resume_point,
+    summarize_skipped,
+    validate_record,
+    write_jsonl,
+)
 from drift_jax.sampling import SamplingParams, bucket_length
+from drift_jax.weights import trajectory_weights
 
 K = 2
 BATCH = 8
@@ -191,7 +202,18 @@ _DROP = object()
 BAD_LINES = {
     "malformed JSON": ('{"prompt_id": "x", "messages": [', r"malformed JSON"),
     "missing field": (_with(turn_rewards=_DROP), r"missing required field 'turn_rewards'"),
+    "missing prompt id": (_with(prompt_id=_DROP), r"missing required field 'prompt_id'"),
+    "missing answers": (_with(answer_norms=_DROP), r"missing required field 'answer_norms'"),
+    "prompt id not a string": (_with(prompt_id=7), r"field 'prompt_id' is 7, not a non-empty string"),
     "NaN reward": (_with(turn_rewards={"t1": float("nan")}), r"field 'turn_rewards.t1' is nan"),
+    "infinite reward": (_with(turn_rewards={"t1": float("inf")}), r"field 'turn_rewards.t1' is inf"),
+    "non-numeric reward": (_with(turn_rewards={"t1": "1.0"}), r"field 'turn_rewards.t1' is '1.0'"),
+    "reward beyond float32": (_with(turn_rewards={"t1": 1e39}), r"field 'turn_rewards.t1' is 1e\+39"),
+    "rewards sum beyond float32": (_with(turn_rewards={"t1": 3e38, "t2": 3e38}),
+                                   r"field 'turn_rewards' sums beyond float32's range"),
+    "bad turn key": (_with(turn_rewards={"turn1": 1.0}), r"field 'turn_rewards' has key 'turn1'"),
+    "answers not strings": (_with(answer_norms=[1]), r"field 'answer_norms' must be a list of strings"),
+    "positive format penalty": (_with(format_penalty=0.1), r"field 'format_penalty' is 0.1, not a finite number <= 0"),
     "messages not a list": (_with(messages="hello"), r"field 'messages' must be a non-empty list"),
     "empty messages": (_with(messages=[]), r"field 'messages' must be a non-empty list"),
     "no assistant": (_with(messages=[{"role": "user", "content": "hi"}]),
@@ -272,12 +294,24 @@ _json = st.recursive(
 _roles = st.sampled_from(["system", "user", "assistant", "tool", "", None, 3])
 _message = st.fixed_dictionaries({}, optional={"role": _roles, "content": st.text(max_size=6) | _json})
 _record = st.fixed_dictionaries({}, optional={
-    "prompt_id": _json, "messages": st.lists(_message, max_size=3) | _json,
-    "turn_rewards": st.dictionaries(st.text(max_size=3), _json, max_size=2) | _json,
+    "prompt_id": _json | st.sampled_from(["p", "q"]), "messages": st.lists(_message, max_size=3) | _json,
+    "turn_rewards": st.dictionaries(st.sampled_from(["t1", "t2", "x"]) | st.text(max_size=3), _json, max_size=2)
+    | _json,
+    "answer_norms": st.lists(st.text(max_size=3) | _json, max_size=2) | _json,
     "format_penalty": _json, "t_star": _json,
 })
+# Well-formed records but for their numbers (``_record`` varies the rest): whatever the
+# reader accepts must give finite weights.
+_near_valid = st.fixed_dictionaries({
+    "prompt_id": st.sampled_from(["p", "q"]),
+    "messages": st.just([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]),
+    "turn_rewards": st.dictionaries(st.sampled_from(["t1", "t2", "t3"]),
+                                    st.floats(-1e39, 1e39) | st.integers(-2, 2) | _json, max_size=3),
+    "answer_norms": st.lists(st.text(max_size=3), max_size=2),
+}, optional={"format_penalty": st.floats(-1e39, 1.0) | _json})
 _line = st.one_of(
     _record.map(json.dumps),
+    _near_valid.map(json.dumps),
     _json.map(json.dumps),
     st.text(max_size=30),
     st.binary(max_size=30),
@@ -298,8 +332,166 @@ def test_fuzz_strict_read_raises_only_bad_record(tmp_path_factory, lines):
         assert records and not skipped
         for r in records:
             validate_record(r, "again")
+        # What the reader accepts, the weights accept (no error past the reader).
+        assert np.isfinite(trajectory_weights(records, gamma=0.9, beta=0.1)).all()
     # Skip mode accounts for every non-blank line: kept or counted.
     nonblank = _nonblank_lines(path)
     if nonblank:
         records, skipped = read_jsonl(path, on_bad_record="skip")
         assert len(records) + sum(skipped.values()) == nonblank
+
+
+# -- the training set: several files, prompt groups, the context ---------------------------
+
+def _group(pid, n, **changes):
+    """``n`` good records of prompt ``pid`` (as JSON lines)."""
+    return [json.dumps({**r, "prompt_id": pid, **changes}) for r in _good_records(n)]
+
+
+def test_read_rollouts_keeps_file_order_across_files(tmp_path):
+    a = _write_lines(tmp_path / "a.jsonl", _group("p", 2) + _group("q", 3))
+    b = _write_lines(tmp_path / "b.jsonl", _group("r", 2))
+    records, skipped = read_rollouts([a, b])
+    assert [r["prompt_id"] for r in records] == ["p", "p", "q", "q", "q", "r", "r"] and not skipped
+    with pytest.raises(ValueError, match="listed twice"):
+        read_rollouts([a, b, a])
+
+
+def test_same_prompt_id_in_two_files_is_an_error_or_dropped_from_the_later_file(tmp_path):
+    a = _write_lines(tmp_path / "a.jsonl", _group("p", 2) + _group("q", 2))
+    b = _write_lines(tmp_path / "b.jsonl", _group("r", 2) + _group("q", 2))
+    with pytest.raises(BadRecord, match=rf"^{re.escape(b)}:3: field 'prompt_id' 'q' is also in {re.escape(a)}:3;"):
+        read_rollouts([a, b])
+    records, skipped = read_rollouts([a, b], on_bad_record="skip")
+    assert [r["prompt_id"] for r in records] == ["p", "p", "q", "q", "r", "r"]
+    assert sum(skipped.values()) == 2
+
+
+def test_prompt_group_of_one_is_an_error_or_dropped_unless_allowed(tmp_path):
+    path = _write_lines(tmp_path / "g.jsonl", _group("p", 3) + _group("lone", 1) + _group("q", 2))
+    with pytest.raises(BadRecord, match=rf"^{re.escape(path)}:4: field 'prompt_id': prompt group 'lone' has 1 "):
+        read_rollouts([path])
+    records, skipped = read_rollouts([path], on_bad_record="skip")
+    assert [r["prompt_id"] for r in records] == ["p"] * 3 + ["q"] * 2
+    assert summarize_skipped(skipped) == {"total": 1, "reasons": {"prompt group smaller than 2": 1}}
+    records, _ = read_rollouts([path], min_group_size=1)  # plain SFT data: kept
+    assert len(records) == 6
+    # A bad record that leaves its group alone drops the group too when skipping.
+    bad = _group("r", 1) + _group("r", 1, turn_rewards={"t1": float("nan")})
+    path = _write_lines(tmp_path / "h.jsonl", _group("p", 2) + bad)
+    records, skipped = read_rollouts([path], on_bad_record="skip")
+    assert [r["prompt_id"] for r in records] == ["p", "p"] and sum(skipped.values()) == 2
+
+
+def test_nothing_usable_is_an_error_in_both_modes(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    for mode in ("error", "skip"):
+        with pytest.raises(BadRecord, match="holds no records"):
+            read_rollouts([str(empty)], on_bad_record=mode)
+    bad = _write_lines(tmp_path / "bad.jsonl", [BAD_LINES["NaN reward"][0], BAD_LINES["malformed JSON"][0]])
+    with pytest.raises(BadRecord, match=r"no usable records \({'total': 2"):
+        read_rollouts([bad], on_bad_record="skip")
+
+
+def test_prompt_longer_than_context_is_truncated_but_an_answer_that_does_not_fit_is_reported(tmp_path):
+    tokenizer = build_tokenizer(num_values=10)
+    short = [{"role": "user", "content": "guess the secret puzzle 1"},
+             {"role": "assistant", "content": "<answer>A</answer>"}]
+    long_prompt = [{"role": "user", "content": "guess " * 40}, short[1]]
+    long_answer = [short[0], {"role": "assistant", "content": "maybe " * 40}]
+    max_len = 16
+    full = encode_dialogue(tokenizer, long_prompt)
+    cut = encode_dialogue(tokenizer, long_prompt, max_len=max_len)
+    assert len(full.tokens) > max_len and cut.truncated and len(cut.tokens) == max_len
+    # Left-truncation keeps the supervised answer whole and in place at the end.
+    np.testing.assert_array_equal(cut.tokens[cut.loss_mask], full.tokens[full.loss_mask])
+    np.testing.assert_array_equal(cut.tokens, full.tokens[-max_len:])
+
+    lines = [json.dumps({**_good_records(1)[0], "prompt_id": pid, "messages": m})
+             for pid, m in [("a", short), ("a", long_prompt), ("b", short), ("b", long_answer), ("b", short)]]
+    path = _write_lines(tmp_path / "ctx.jsonl", lines)
+    check = context_check(tokenizer, max_len)
+    with pytest.raises(BadRecord, match=rf"^{re.escape(path)}:4: field 'messages': supervised answer needs \d+ tokens > max_len 16"):
+        read_rollouts([path], check=check)
+    records, skipped = read_rollouts([path], on_bad_record="skip", check=check)
+    assert records == [json.loads(line) for i, line in enumerate(lines) if i != 3]
+    assert sum(skipped.values()) == 1
+
+
+# -- append_rollouts: resumable, group by group -------------------------------------------
+
+APPEND_K = 4  # chunk = BATCH // APPEND_K = 2 prompts: 5 prompts -> chunks of 2, 2, 1
+
+
+def _append(policy, toy, path, questions):
+    tokenizer, env, _, sampling = toy
+    return append_rollouts(str(path), policy, tokenizer, env, questions, num_samples=APPEND_K,
+                           sampling=sampling, seed=0, batch_size=BATCH, progress=False)
+
+
+def _strip_counts(record):
+    return {**record, "reward_details": [{k: v for k, v in d.items() if k != "generated_tokens"}
+                                         for d in record["reward_details"]]}
+
+
+def test_append_rollouts_writes_the_groups_of_play_episodes_with_token_counts(policy, toy, tmp_path):
+    questions = toy[1].make_questions(5, seed=1, prefix="a")
+    stats = _append(policy, toy, tmp_path / "r.jsonl", questions)
+    records, _ = read_jsonl(str(tmp_path / "r.jsonl"))
+    played, generated = play(policy, toy, questions, seed=0, num_samples=APPEND_K)
+    assert [_strip_counts(r) for r in records] == played  # same trajectories, whatever the chunking
+    assert stats["trajectories"] == len(records) == APPEND_K * len(questions)
+    assert stats["generated_tokens"] == sum(map(generated_tokens, records)) == generated
+    assert stats["t_star"] == [r["t_star"] for r in records] and stats["resumed_groups"] == 0
+    for r in records:  # one count per turn played
+        assert len(r["reward_details"]) == len(r["turn_rewards"])
+
+
+def test_resume_from_any_interrupted_state_writes_the_same_file(policy, toy, tmp_path, monkeypatch):
+    questions = toy[1].make_questions(5, seed=1, prefix="a")
+    _append(policy, toy, tmp_path / "full.jsonl", questions)
+    full = (tmp_path / "full.jsonl").read_bytes()
+    line_ends = [i + 1 for i, b in enumerate(full) if b == ord("\n")]
+    group_ends = line_ends[APPEND_K - 1 :: APPEND_K]
+    assert len(group_ends) == 5
+    replayed = []  # the first prompt id of every chunk played
+    real_play = rollout_module._play
+
+    def spy_play(model, tokenizer, env, chunk, **kwargs):
+        replayed.append(chunk[0].prompt_id)
+        return real_play(model, tokenizer, env, chunk, **kwargs)
+
+    monkeypatch.setattr(rollout_module, "_play", spy_play)
+    cuts = {  # prefix length -> (complete groups in it, chunks that must be replayed)
+        0: (0, ["a0", "a2", "a4"]),
+        line_ends[0] // 2: (0, ["a0", "a2", "a4"]),  # torn first line
+        line_ends[0]: (0, ["a0", "a2", "a4"]),  # incomplete first group
+        group_ends[0]: (1, ["a0", "a2", "a4"]),  # chunk 0 unfinished: replayed in full
+        group_ends[1] + 7: (2, ["a2", "a4"]),  # chunk 0 done: not replayed
+        group_ends[3]: (4, ["a4"]),
+        len(full) - 1: (4, ["a4"]),  # the last newline missing
+        len(full): (5, []),  # finished: nothing played
+    }
+    assert [q.prompt_id for q in questions] == ["a0", "a1", "a2", "a3", "a4"]
+    for cut, (groups, chunks) in cuts.items():
+        path = tmp_path / f"cut{cut}.jsonl"
+        path.write_bytes(full[:cut])
+        replayed.clear()
+        stats = _append(policy, toy, path, questions)
+        assert path.read_bytes() == full, cut
+        assert stats["resumed_groups"] == groups and replayed == chunks, cut
+
+
+def test_a_file_of_another_run_is_not_resumed(tmp_path):
+    lines = _group("p", 2) + _group("q", 1)
+    path = _write_lines(tmp_path / "other.jsonl", lines)
+    with pytest.raises(BadRecord, match=rf"^{re.escape(path)}:3: field 'prompt_id' is 'q', expected 'r'"):
+        resume_point(path, ["p", "r"], 2)
+    with pytest.raises(BadRecord, match=rf"^{re.escape(path)}:3: .*another config"):
+        resume_point(path, ["p"], 2)  # more groups than prompts
+    assert (tmp_path / "other.jsonl").read_bytes().count(b"\n") == 3  # left as it was
+    path = _write_lines(tmp_path / "junk.jsonl", _group("p", 1) + ["{not json"])
+    with pytest.raises(BadRecord, match=rf"^{re.escape(path)}:2: not a rollout record"):
+        resume_point(path, ["p"], 2)
+    assert resume_point(str(tmp_path / "missing.jsonl"), ["p"], 2) == 0

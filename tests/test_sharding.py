@@ -1,7 +1,10 @@
-"""Sharded == unsharded, on 8 simulated CPU devices.
+"""Sharded == unsharded, on 8 simulated CPU devices; multi-host start from the environment.
 
-XLA reads the device count when the backend starts, so the check runs in a subprocess
-with ``--xla_force_host_platform_device_count=8``."""
+XLA reads the device count when the backend starts, so the sharding checks run in one
+subprocess with ``--xla_force_host_platform_device_count=8``: 3 train steps and greedy
+sampling (params AND batch rows sharded) on meshes (data, fsdp, tensor) = 2x2x2, 8x1x1
+(pure data parallel) and 1x8x1 (pure FSDP, with the state built directly on the mesh by
+``create_sharded_train_state``), each against one device."""
 
 import json
 import os
@@ -11,17 +14,19 @@ import textwrap
 
 import pytest
 
+from drift_jax import distributed
+
 SCRIPT = textwrap.dedent("""
     import json
     import jax, jax.numpy as jnp, numpy as np
     from flax import nnx
     from drift_jax import sharding
     from drift_jax.models import ModelConfig, Transformer
-    from drift_jax.sampling import SamplingParams, generate_batched
+    from drift_jax.sampling import SamplingParams, generate, generate_batched
     from drift_jax.train import create_train_state, make_optimizer, make_train_step
 
     assert jax.device_count() == 8, jax.devices()
-    cfg = ModelConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_layers=2,
+    cfg = ModelConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_layers=1,
                       num_heads=4, num_kv_heads=2, head_dim=8, qkv_bias=True)
     tx, schedule = make_optimizer(1e-2, total_steps=10, warmup_steps=1)
     rng = np.random.default_rng(0)
@@ -32,36 +37,54 @@ SCRIPT = textwrap.dedent("""
         batches.append({"tokens": tokens, "valid": np.ones((8, 12), bool), "loss_mask": mask,
                         "weights": rng.uniform(0.1, 2.0, 8).astype(np.float32)})
 
-    def train(mesh):
-        graphdef, state = create_train_state(Transformer(cfg, rngs=nnx.Rngs(0)), tx, 0)
+    make_model = lambda: Transformer(cfg, rngs=nnx.Rngs(0))
+
+    def train(mesh, build_on_mesh=False):
+        if build_on_mesh:
+            graphdef, state = sharding.create_sharded_train_state(make_model, tx, mesh, 0)
+        else:
+            graphdef, state = create_train_state(make_model(), tx, 0)
+            if mesh is not None:
+                state = sharding.shard_train_state(state, tx, mesh)
         step_fn = make_train_step(graphdef, tx, schedule_fn=schedule)
-        if mesh is not None:
-            state = sharding.shard_train_state(state, tx, mesh)
         for batch in batches:
             state, _ = step_fn(state, batch if mesh is None else sharding.shard_batch(batch, mesh))
         return graphdef, state
 
-    def sample(graphdef, params):
+    # 8 rows (one per device on 8x1x1), ragged lengths so the left padding differs.
+    prompts = [np.random.default_rng(1).integers(1, 32, n).tolist() for n in (3, 7, 5, 9, 1, 12, 4, 6)]
+    keys = jax.random.split(jax.random.key(0), 8)
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=6)
+
+    def sample(graphdef, params, mesh=None):
         model = nnx.merge(graphdef, params)
-        prompts = [rng2.integers(1, 32, n).tolist() for n in (3, 7, 5, 9)]
-        keys = jax.random.split(jax.random.key(0), 4)
-        out = generate_batched(model, prompts, keys, SamplingParams(temperature=0.0, max_new_tokens=6), batch_size=4)
+        out = generate_batched(model, prompts, keys, greedy, batch_size=8, mesh=mesh)
         return [toks for toks, _ in out]
 
+    def sampled_rows_sharded(graphdef, params, mesh):
+        # The same call generate_batched makes (a jit cache hit): are the rows split?
+        inputs = jax.device_put((np.ones((8, 16), np.int32), np.ones((8, 16), bool), keys,
+                                 np.full(8, 6, np.int32)), sharding.batch_sharding(mesh))
+        tokens_bn, _, _ = generate(graphdef, params, *inputs, params=greedy, mesh=mesh)
+        return not tokens_bn.sharding.is_fully_replicated
+
+    def num_sharded(tree):
+        return int(sum(not x.sharding.is_fully_replicated for x in jax.tree.leaves(tree)))
+
     graphdef, base = train(None)
-    rng2 = np.random.default_rng(1); base_tokens = sample(graphdef, base.params)
+    base_tokens = sample(graphdef, base.params)
     report = {}
-    for shape in [(2, 2, 2), (8, 1, 1)]:
+    for shape, build_on_mesh in [((2, 2, 2), False), ((8, 1, 1), False), ((1, 8, 1), True)]:
         mesh = sharding.make_mesh(*shape)
-        _, state = train(mesh)
+        _, state = train(mesh, build_on_mesh)
         diffs = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - jax.device_get(b)))), base.params, state.params)
-        sharded_leaves = sum(len(x.sharding.device_set) > 1 and not x.sharding.is_fully_replicated
-                             for x in jax.tree.leaves(state.params))
-        rng2 = np.random.default_rng(1)
         report["x".join(map(str, shape))] = {
             "max_param_diff": max(jax.tree.leaves(diffs)),
-            "sharded_leaves": int(sharded_leaves),
-            "greedy_equal": sample(graphdef, state.params) == base_tokens,
+            "sharded_leaves": num_sharded(state.params),
+            "sharded_opt_leaves": num_sharded(state.opt_state),
+            "greedy_equal": sample(graphdef, state.params, mesh) == base_tokens,
+            "rows_sharded": sampled_rows_sharded(graphdef, state.params, mesh),
+            "base_tokens": base_tokens,
         }
     print("REPORT" + json.dumps(report))
 """)
@@ -76,14 +99,63 @@ def shard_report():
     return json.loads(line[len("REPORT"):])
 
 
-@pytest.mark.parametrize("mesh", ["2x2x2", "8x1x1"])
+MESHES = ["2x2x2", "8x1x1", "1x8x1"]
+
+
+@pytest.mark.parametrize("mesh", MESHES)
 def test_sharded_train_steps_equal_single_device(shard_report, mesh):
     result = shard_report[mesh]
     assert result["max_param_diff"] < 1e-5, result
-    if mesh == "2x2x2":
-        assert result["sharded_leaves"] > 0  # FSDP/tensor axes really split the params
+    if mesh != "8x1x1":  # FSDP/tensor axes really split the params and the Adam moments
+        assert result["sharded_leaves"] > 0 and result["sharded_opt_leaves"] >= result["sharded_leaves"]
+    else:  # pure data parallelism replicates them
+        assert result["sharded_leaves"] == 0
 
 
-@pytest.mark.parametrize("mesh", ["2x2x2", "8x1x1"])
+@pytest.mark.parametrize("mesh", MESHES)
 def test_sharded_greedy_sampling_equals_unsharded(shard_report, mesh):
-    assert shard_report[mesh]["greedy_equal"]
+    result = shard_report[mesh]
+    assert result["rows_sharded"]  # the batch rows were really split over the devices
+    assert result["greedy_equal"], result
+    assert all(len(tokens) == 6 for tokens in result["base_tokens"])  # no stop ids: full budget
+
+
+# -- multi-host start (drift_jax.distributed) ---------------------------------------------
+
+EXPLICIT = {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "2"}
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({}, None),
+    ({"SLURM_NTASKS": "1", "OMPI_COMM_WORLD_SIZE": "1", "TPU_WORKER_HOSTNAMES": "t1"}, None),
+    (EXPLICIT, {"coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 2}),
+    (dict(EXPLICIT, JAX_NUM_PROCESSES="1", JAX_PROCESS_ID="0"), None),
+    ({"SLURM_NTASKS": "16"}, {}),
+    ({"OMPI_COMM_WORLD_SIZE": "2"}, {}),
+    ({"TPU_WORKER_HOSTNAMES": "t1,t2,t3,t4"}, {}),
+    ({"MEGASCALE_NUM_SLICES": "2"}, {}),
+    ({"DRIFT_DISTRIBUTED": "1"}, {}),
+    (dict(EXPLICIT, DRIFT_DISTRIBUTED="0"), None),
+])
+def test_detect_multi_process_jobs_from_the_environment(env, expected):
+    assert distributed.detect(env) == expected
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2"}, "JAX_PROCESS_ID"),
+    (dict(EXPLICIT, JAX_PROCESS_ID="4"), r"not in \[0, JAX_NUM_PROCESSES=4\)"),
+    (dict(EXPLICIT, JAX_NUM_PROCESSES="four"), "JAX_NUM_PROCESSES='four' is not an integer"),
+])
+def test_detect_names_the_bad_variable(env, message):
+    with pytest.raises(ValueError, match=message):
+        distributed.detect(env)
+
+
+def test_initialize_from_env_is_a_no_op_for_one_process_and_passes_the_job_on(monkeypatch):
+    calls = []
+    monkeypatch.setattr(distributed.jax.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    assert distributed.initialize_from_env({}) is False and calls == []
+    assert distributed.initialize_from_env(EXPLICIT) is True
+    assert calls == [{"coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 2}]
+    assert distributed.initialize_from_env({"SLURM_NTASKS": "8"}) is True and calls[-1] == {}

@@ -223,11 +223,14 @@ def test_create_train_state_rejects_non_param_state():
         create_train_state(WithStats(), TX)
 
 
-def test_bf16_compute_keeps_float32_params_and_optimizer_state():
-    """Mixed precision is a model-config switch: bf16 matmuls, float32 master weights."""
-    cfg = CFG.replace(dtype=jnp.bfloat16, param_dtype=jnp.float32)
+@pytest.mark.parametrize("loss_chunk_size, remat", [(0, "none"), (4, "dots")])
+def test_bf16_compute_keeps_float32_params_and_optimizer_state(loss_chunk_size, remat):
+    """Mixed precision is a model-config switch: bf16 matmuls, float32 master weights;
+    also with the chunked LM-head loss (its head gradient accumulates in float32) and
+    remat."""
+    cfg = CFG.replace(dtype=jnp.bfloat16, param_dtype=jnp.float32, remat=remat)
     graphdef, state = create_train_state(Transformer(cfg, rngs=nnx.Rngs(0)), TX, 0)
-    step_fn = make_train_step(graphdef, TX, schedule_fn=SCHEDULE)
+    step_fn = make_train_step(graphdef, TX, schedule_fn=SCHEDULE, loss_chunk_size=loss_chunk_size)
     batch = make_batch(1)
     losses = []
     for _ in range(20):
@@ -237,3 +240,29 @@ def test_bf16_compute_keeps_float32_params_and_optimizer_state():
               if jnp.issubdtype(x.dtype, jnp.floating)}
     assert dtypes == {jnp.dtype(jnp.float32)}
     assert np.isfinite(losses).all() and losses[-1] < 0.5 * losses[0], losses[::5]
+
+
+def test_chunked_lm_head_loss_gives_the_same_updates():
+    """``loss_chunk_size`` (the LM head + loss over sequence chunks) is a memory switch:
+    the same metrics and parameters as full logits, with T - 1 = 11 not a multiple of 4."""
+    batches = [make_batch(5), make_batch(6)]
+    results = []
+    for chunk in (0, 4):
+        graphdef, state = fresh_state(TX)
+        step_fn = shared_step_fn() if chunk == 0 else make_train_step(graphdef, TX, schedule_fn=SCHEDULE,
+                                                                      loss_chunk_size=chunk)
+        results.append(run_steps(step_fn, state, batches))
+    (full, m_full), (chunked, m_chunked) = results
+    chex.assert_trees_all_close(chunked.params, full.params, rtol=1e-5, atol=1e-4 * LR)  # see above
+    for key in ("loss", "grad_norm", "num_tokens", "denominator"):
+        np.testing.assert_allclose(m_chunked[key], m_full[key], rtol=1e-5, err_msg=key)
+
+
+def test_loss_chunk_size_auto_chunks_only_large_vocabularies():
+    assert train.resolve_loss_chunk_size("auto", 151_936) == train.AUTO_CHUNK_SIZE
+    assert train.resolve_loss_chunk_size("auto", CFG.vocab_size) == 0
+    assert train.resolve_loss_chunk_size(None, 151_936) == 0
+    assert train.resolve_loss_chunk_size(64, 10) == 64
+    graphdef, _ = fresh_state(TX)
+    with pytest.raises(ValueError, match="loss_chunk_size"):
+        make_train_step(graphdef, TX, loss_chunk_size=-1)

@@ -8,6 +8,10 @@ from typing import Any
 import jax.numpy as jnp
 
 
+REMAT_POLICIES = ("none", "full", "dots")
+ATTENTION_IMPLS = (None, "xla", "cudnn")
+
+
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
     """Llama-3-style RoPE frequency scaling (``rope_type="llama3"`` in HF configs)."""
@@ -24,7 +28,17 @@ class ModelConfig:
 
     ``head_dim`` need not equal ``hidden_size // num_heads`` (Qwen3 uses 128 with
     hidden 1024 and 16 heads). ``dtype`` is the compute dtype; ``param_dtype`` the
-    storage dtype of parameters.
+    storage dtype of parameters (bf16 compute over float32 master weights is
+    ``dtype=jnp.bfloat16, param_dtype=jnp.float32``).
+
+    Speed switches, which change no result beyond float rounding:
+      remat: what a layer keeps for the backward pass. "none" keeps every activation;
+        "full" keeps only the layer input and recomputes the rest; "dots" keeps the
+        matmul outputs and recomputes the cheap element-wise ops between them.
+      attention_impl: ``implementation`` of ``jax.nn.dot_product_attention`` for
+        multi-token calls (training, prefill). None picks "cudnn" on GPU for bf16/fp16
+        with a head_dim cuDNN takes, else "xla". Single-token decode steps always use
+        "xla" (memory-bound; cuDNN's flash kernel gains nothing there).
     """
 
     vocab_size: int
@@ -43,8 +57,14 @@ class ModelConfig:
     max_position_embeddings: int = 32_768
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    remat: str = "none"
+    attention_impl: str | None = None
 
     def __post_init__(self):
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat={self.remat!r}; expected one of {REMAT_POLICIES}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl={self.attention_impl!r}; expected one of {ATTENTION_IMPLS}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"

@@ -11,6 +11,9 @@ Every parameter carries logical sharding axes ("embed", "vocab", "heads", "kv_he
 "mlp", "norm") as NNX metadata; a mesh + rules turn them into shardings (see
 ``drift_jax.sharding``). They are not applied eagerly, so the model also builds with no
 mesh at all.
+
+Speed switches live in the config: ``remat`` (activation checkpointing per layer) and
+``attention_impl`` (cuDNN flash attention on GPU, XLA elsewhere).
 """
 
 from __future__ import annotations
@@ -87,6 +90,19 @@ class Linear(nnx.Module):
         return y
 
 
+def attention_implementation(cfg: ModelConfig, num_queries: int) -> str:
+    """The ``jax.nn.dot_product_attention`` implementation for a call with ``num_queries``
+    new tokens: "xla" for one-token decode steps, else ``cfg.attention_impl``, or when
+    that is None "cudnn" on GPU for bf16/fp16 and head_dim in cuDNN's range, else "xla"."""
+    if num_queries == 1:
+        return "xla"
+    if cfg.attention_impl is not None:
+        return cfg.attention_impl
+    half = jnp.dtype(cfg.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    cudnn_head = cfg.head_dim <= 128 and cfg.head_dim % 8 == 0
+    return "cudnn" if jax.default_backend() == "gpu" and half and cudnn_head else "xla"
+
+
 def rope_inverse_frequencies(cfg: ModelConfig) -> jax.Array:
     """``[H/2]`` inverse frequencies, with Llama-3 wavelength-dependent scaling if set."""
     inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, cfg.head_dim, 2, dtype=jnp.float32) / cfg.head_dim))
@@ -127,9 +143,13 @@ class Attention(nnx.Module):
             self.k_norm = RMSNorm(h, cfg.rms_norm_eps, cfg, rngs)
         self.cfg = cfg
 
-    def __call__(self, x_btd, positions_bt, inv_freq, mask_bts, kv=None, index=None):
+    def __call__(self, x_btd, positions_bt, inv_freq, mask_bts, kv=None, index=None, is_causal=False):
         """Attention over the new tokens' own keys, or over a cache ``kv=(k, v)`` into
-        which the new keys are first written at slot ``index``. Returns (out, (k, v))."""
+        which the new keys are first written at slot ``index``. Returns (out, (k, v)).
+
+        ``is_causal`` (only valid when T == S, query t at key slot t) tells the kernel
+        the mask is causal, so cuDNN can skip the upper triangle; ``mask_bts`` must then
+        already be causal, and is applied as well."""
         cfg = self.cfg
         b, t, _ = x_btd.shape
         q = self.q_proj(x_btd).reshape(b, t, cfg.num_heads, cfg.head_dim)
@@ -145,7 +165,8 @@ class Attention(nnx.Module):
             v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, axis=1)
         # jax.nn.dot_product_attention handles grouped-query heads (n a multiple of k).
         out = jax.nn.dot_product_attention(
-            q, k.astype(q.dtype), v.astype(q.dtype), mask=mask_bts[:, None, :, :]
+            q, k.astype(q.dtype), v.astype(q.dtype), mask=mask_bts[:, None, :, :],
+            is_causal=is_causal, implementation=attention_implementation(cfg, t),
         )
         return self.o_proj(out.reshape(b, t, -1)), (k, v)
 
@@ -168,10 +189,26 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg, rngs)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x, positions_bt, inv_freq, mask_bts, kv=None, index=None):
-        h, kv = self.self_attn(self.input_layernorm(x), positions_bt, inv_freq, mask_bts, kv, index)
+    def __call__(self, x, positions_bt, inv_freq, mask_bts, kv=None, index=None, is_causal=False):
+        h, kv = self.self_attn(self.input_layernorm(x), positions_bt, inv_freq, mask_bts, kv, index,
+                               is_causal)
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x)), kv
+
+
+def _layer_forward(layer: DecoderLayer, x_btd, positions_bt, inv_freq, mask_bts):
+    """One layer of the uncached forward (query t at key slot t, so causal)."""
+    return layer(x_btd, positions_bt, inv_freq, mask_bts, is_causal=True)[0]
+
+
+# remat policy -> layer forward. "dots" saves matmuls without batch dimensions (the
+# projections and the MLP: the expensive recomputation) and recomputes the attention
+# scores and the element-wise ops, which are cheap to redo but [B, N, T, S]-sized to keep.
+_LAYER_FORWARD = {
+    "none": _layer_forward,
+    "full": nnx.remat(_layer_forward),
+    "dots": nnx.remat(_layer_forward, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable),
+}
 
 
 def default_positions(valid_bt: jax.Array) -> jax.Array:
@@ -195,6 +232,13 @@ class Transformer(nnx.Module):
     def embed(self, tokens_bt):
         return self.embed_tokens[...][tokens_bt].astype(self.cfg.dtype)
 
+    def lm_head_weight(self) -> jax.Array:
+        """The LM head as a ``[D, V]`` matrix in the storage dtype (the embedding,
+        transposed, when tied): what a loss that chunks the head over the sequence needs."""
+        if self.cfg.tie_word_embeddings:
+            return self.embed_tokens[...].T
+        return self.lm_head.kernel[...]
+
     def logits(self, hidden_btd):
         """Final hidden states ``[B, T, D]`` -> logits ``[B, T, V]`` in the compute dtype."""
         if self.cfg.tie_word_embeddings:
@@ -217,9 +261,10 @@ class Transformer(nnx.Module):
         # A padding query may see only itself, so no softmax row is ever empty.
         mask_bts = (causal_ts & valid_bt[:, None, :]) | jnp.eye(t, dtype=bool)
         inv_freq = rope_inverse_frequencies(self.cfg)
+        layer_forward = _LAYER_FORWARD[self.cfg.remat]
         x = self.embed(tokens_bt)
         for layer in self.layers:
-            x, _ = layer(x, positions_bt, inv_freq, mask_bts)
+            x = layer_forward(layer, x, positions_bt, inv_freq, mask_bts)
         return self.norm(x)
 
     def __call__(self, tokens_bt, valid_bt=None, positions_bt=None):
@@ -231,6 +276,12 @@ class Transformer(nnx.Module):
 
         Returns (logits ``[B, T, V]``, updated cache).
         """
+        hidden_btd, cache = self.decode_hidden(tokens_bt, cache, index, positions_bt, valid_bt)
+        return self.logits(hidden_btd), cache
+
+    def decode_hidden(self, tokens_bt, cache: KVCache, index, positions_bt, valid_bt=None):
+        """``decode`` up to the final norm: (hidden ``[B, T, D]``, updated cache). A
+        prefill needs logits at its last position only; ``[B, P, V]`` would be wasted."""
         b, t = tokens_bt.shape
         if valid_bt is None:
             valid_bt = jnp.ones((b, t), bool)
@@ -247,5 +298,4 @@ class Transformer(nnx.Module):
             x, (k_c, v_c) = layer(x, positions_bt, inv_freq, mask_bts, (k_c, v_c), index)
             ks.append(k_c)
             vs.append(v_c)
-        logits = self.logits(self.norm(x))
-        return logits, KVCache(tuple(ks), tuple(vs), valid_bs)
+        return self.norm(x), KVCache(tuple(ks), tuple(vs), valid_bs)

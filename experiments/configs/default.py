@@ -13,6 +13,11 @@ def get_config():
     c.seed = 0
     c.methods = ("sft", "drift")  # trained from the reference's rollouts
 
+    # Training mesh: params and optimizer state sharded by logical axes (FSDP over fsdp,
+    # heads/MLP over tensor), batch rows over data x fsdp. The product must equal the
+    # device count; all 1 = one device.
+    c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1})
+
     c.task = ml_collections.ConfigDict()
     c.task.name = "secret"
     c.task.num_candidates = 5

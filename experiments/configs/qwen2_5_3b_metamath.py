@@ -19,6 +19,11 @@ def get_config():
     c.dtype = "bfloat16"  # compute
     c.param_dtype = "float32"  # master weights and optimizer state
 
+    # Training mesh: params and optimizer state sharded by logical axes (FSDP over fsdp,
+    # heads/MLP over tensor), batch rows over data x fsdp. The product must equal the
+    # device count; all 1 = one device.
+    c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1})
+
     c.task = ml_collections.ConfigDict()
     c.task.name = "math"
     c.task.max_turns = 5

@@ -1,0 +1,251 @@
+"""Properties of drift_jax.online_rl: GRPO advantages, the policy-gradient loss against the
+REINFORCE and k3 formulas, the train step, and the online loop on the secret task
+(compiles once, counts its cost, resumes to the same result as a straight run)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from drift_jax import online_rl
+from drift_jax.chat import end_of_turn_id
+from drift_jax.envs.secret import SecretGuessEnv, build_tokenizer
+from drift_jax.models import ModelConfig, Transformer
+from drift_jax.online_rl import group_advantages, kl_k3, pg_loss
+from drift_jax.sampling import SamplingParams
+from drift_jax.train import create_train_state, make_optimizer
+
+SETTINGS = settings(max_examples=30, deadline=None)
+
+# ---------------------------------------------------------------- advantages
+
+
+@st.composite
+def grouped_returns(draw, n=12, max_groups=4):
+    """(returns_n, group_ids_n, G) on a grid of 0.25 (exact in float32), N fixed so that
+    the jitted function compiles once per G."""
+    g = draw(st.integers(1, max_groups))
+    ids = np.asarray(draw(st.lists(st.integers(0, g - 1), min_size=n, max_size=n)), np.int32)
+    ids[:g] = np.arange(g)  # every group non-empty
+    r = np.asarray(draw(st.lists(st.integers(-8, 8), min_size=n, max_size=n)), np.float32) / 4
+    return r, ids, g
+
+
+@SETTINGS
+@given(grouped_returns())
+def test_advantages_sum_to_zero_per_group_with_unit_std(data):
+    r, ids, g = data
+    adv = np.asarray(group_advantages(r, ids, g, eps=0.0), np.float64)
+    for k in range(g):
+        a = adv[ids == k]
+        assert abs(a.sum()) < 1e-4
+        if np.ptp(r[ids == k]) == 0:
+            np.testing.assert_array_equal(a, 0.0)  # equal returns: no preference
+        else:
+            assert np.std(a) == pytest.approx(1.0, rel=1e-4)  # population std
+
+
+@SETTINGS
+@given(grouped_returns(), st.floats(0.25, 8.0), st.floats(-4.0, 4.0))
+def test_advantages_are_shift_and_scale_invariant(data, scale, shift):
+    r, ids, g = data
+    base = group_advantages(r, ids, g, eps=0.0)
+    moved = group_advantages(scale * r + shift, ids, g, eps=0.0)
+    chex.assert_trees_all_close(moved, base, atol=1e-4)
+
+
+# ---------------------------------------------------------------- the loss against hand formulas
+
+
+def loss_inputs(seed, b=3, t=4, v=7):
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(scale=2.0, size=(b, t, v)).astype(np.float32)
+    targets = rng.integers(0, v, (b, t)).astype(np.int32)
+    mask = rng.random((b, t)) < 0.7
+    mask[0] = True
+    mask[-1] = False  # a row without trained tokens
+    adv = rng.normal(size=b).astype(np.float32)
+    ref_logp = np.log(rng.dirichlet(np.ones(v), (b, t))).astype(np.float32)
+    ref_logp = np.take_along_axis(ref_logp, targets[..., None], -1)[..., 0]
+    return logits, targets, mask, adv, ref_logp
+
+
+def np_logp_and_dlogp(logits, targets):
+    """log pi(target) and d log pi(target) / d logits = onehot - softmax, float64."""
+    x = logits.astype(np.float64)
+    p = np.exp(x - x.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    onehot = np.eye(x.shape[-1])[targets]
+    return np.log((p * onehot).sum(-1)), onehot - p
+
+
+def loss_sum_grad(logits, *args, **kwargs):
+    fn = jax.jit(lambda x: pg_loss(x, *args, **kwargs)[0])
+    return jax.grad(fn)(jnp.asarray(logits))
+
+
+@pytest.mark.parametrize("normalize", ["token", "sequence"])
+def test_gradient_without_kl_is_the_reinforce_formula(normalize):
+    logits, targets, mask, adv, ref_logp = loss_inputs(0)
+    logp, dlogp = np_logp_and_dlogp(logits, targets)
+    per_token = mask / (1.0 if normalize == "token" else np.maximum(mask.sum(1, keepdims=True), 1))
+    # d/dlogits of sum_t -A_b log pi(y_bt) (times 1/n_b for "sequence"): REINFORCE.
+    expected = -(adv[:, None] * per_token)[..., None] * dlogp
+    grad = loss_sum_grad(logits, targets, mask, adv, ref_logp, kl_coef=0.0, normalize=normalize)
+    np.testing.assert_allclose(grad, expected, atol=1e-5)
+    loss_sum, denom = pg_loss(logits, targets, mask, adv, ref_logp, 0.0, normalize)
+    np.testing.assert_allclose(loss_sum, np.sum(-adv[:, None] * per_token * logp), rtol=1e-5)
+    assert denom == (mask.sum() if normalize == "token" else 2)
+
+
+def test_gradient_with_zero_advantages_is_the_k3_gradient():
+    logits, targets, mask, adv, ref_logp = loss_inputs(1)
+    coef = 0.3
+    logp, dlogp = np_logp_and_dlogp(logits, targets)
+    # d/dlogp of k3 = exp(ref - logp) - (ref - logp) - 1 is 1 - exp(ref - logp).
+    expected = (coef * mask * (1.0 - np.exp(ref_logp - logp)))[..., None] * dlogp
+    grad = loss_sum_grad(logits, targets, mask, np.zeros_like(adv), ref_logp, kl_coef=coef)
+    np.testing.assert_allclose(grad, expected, atol=1e-5)
+    loss_sum, _ = pg_loss(logits, targets, mask, np.zeros_like(adv), ref_logp, coef)
+    d = ref_logp - logp
+    np.testing.assert_allclose(loss_sum, coef * np.sum(mask * (np.exp(d) - d - 1)), rtol=1e-5)
+
+
+def test_kl_term_vanishes_with_its_gradient_when_policy_is_the_reference():
+    logits, targets, mask, adv, _ = loss_inputs(2)
+    ref_logp, _ = np_logp_and_dlogp(logits, targets)
+    loss_sum, _ = pg_loss(logits, targets, mask, np.zeros_like(adv), ref_logp.astype(np.float32), 1.0)
+    assert abs(float(loss_sum)) < 1e-5
+    grad = loss_sum_grad(logits, targets, mask, np.zeros_like(adv), ref_logp.astype(np.float32), kl_coef=1.0)
+    np.testing.assert_allclose(grad, 0.0, atol=1e-5)
+
+
+@SETTINGS
+@given(st.floats(-30.0, 30.0), st.floats(-30.0, 30.0))
+def test_k3_is_non_negative_and_zero_only_at_equality(logp, ref_logp):
+    k3 = float(kl_k3(jnp.float32(logp), jnp.float32(ref_logp)))
+    assert np.isfinite(k3) and k3 >= 0.0
+    if abs(logp - ref_logp) > 1e-2:
+        assert k3 > 0.0
+
+
+def test_masked_garbage_does_not_leak():
+    logits, targets, mask, adv, ref_logp = loss_inputs(3)
+    logits[~mask] = np.inf
+    ref_logp[~mask] = -np.inf
+    loss_sum, denom = pg_loss(logits, targets, mask, adv, ref_logp, 0.1)
+    assert np.isfinite(loss_sum) and np.isfinite(denom)
+
+
+# ---------------------------------------------------------------- the train step
+
+CFG = ModelConfig(vocab_size=24, hidden_size=16, intermediate_size=32, num_layers=1,
+                  num_heads=2, num_kv_heads=1, head_dim=8)
+
+
+def step_batch(seed, b=4, t=8):
+    rng = np.random.default_rng(seed)
+    valid = np.ones((b, t), bool)
+    valid[-1, 5:] = False  # right padding, as collate writes it
+    loss_mask = valid & (np.arange(t) >= 3)
+    return {"tokens": rng.integers(1, CFG.vocab_size, (b, t)).astype(np.int32), "valid": valid,
+            "loss_mask": loss_mask, "advantages": rng.normal(size=b).astype(np.float32)}
+
+
+def test_step_two_micro_batches_equal_one_batch_and_zero_advantage_at_reference_is_still():
+    tx, _ = make_optimizer(1e-2, total_steps=10, warmup_steps=0)
+    graphdef, state = create_train_state(Transformer(CFG, rngs=nnx.Rngs(0)), tx)
+    ref = jax.tree.map(jnp.copy, state.params)
+    batch = step_batch(0)
+    results = {}
+    for m in (1, 2):
+        step_fn = online_rl.make_pg_train_step(graphdef, tx, kl_coef=0.1, num_micro_batches=m)
+        fresh = jax.tree.map(jnp.copy, state)
+        new, metrics = step_fn(fresh, ref, batch)
+        results[m] = (new.params, metrics)
+    chex.assert_trees_all_close(results[1], results[2], rtol=1e-5, atol=1e-6)
+    # Zero advantages and policy == reference: the loss, the KL and the gradient are 0.
+    _, metrics = step_fn(jax.tree.map(jnp.copy, state), ref, {**batch, "advantages": np.zeros(4, np.float32)})
+    assert float(metrics["kl"]) == 0.0 and float(metrics["grad_norm"]) < 1e-6
+
+
+# ---------------------------------------------------------------- prompts per step
+
+
+@SETTINGS
+@given(st.integers(1, 30), st.integers(1, 10), st.integers(0, 3))
+def test_step_prompts_are_deterministic_and_never_repeat_within_an_epoch(n, p, seed):
+    if p > n:
+        with pytest.raises(ValueError, match="prompts_per_step"):
+            online_rl.step_prompts(n, p, seed, 0)
+        return
+    per_epoch = n // p
+    epoch = np.concatenate([online_rl.step_prompts(n, p, seed, s) for s in range(per_epoch)])
+    assert len(epoch) == per_epoch * p and len(set(epoch.tolist())) == len(epoch)
+    np.testing.assert_array_equal(online_rl.step_prompts(n, p, seed, per_epoch + 1),
+                                  online_rl.step_prompts(n, p, seed, per_epoch + 1))
+
+
+# ---------------------------------------------------------------- the online loop
+
+
+@pytest.fixture(scope="module")
+def secret():
+    tokenizer = build_tokenizer(num_values=10)
+    env = SecretGuessEnv(num_values=10, id_length=1, max_turns=2, max_answers=2)
+    questions = env.make_questions(6, seed=0, prefix="q")
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=3, stop_ids=(end_of_turn_id(tokenizer),))
+    cfg = CFG.replace(vocab_size=len(tokenizer), tie_word_embeddings=True)
+    return tokenizer, env, questions, sampling, cfg
+
+
+def run_online(secret, steps, tmp, model_seed=0, **kwargs):
+    tokenizer, env, questions, sampling, cfg = secret
+    # The reference is always seed 0; a resumed run's own init is replaced by the checkpoint.
+    model, ref = Transformer(cfg, rngs=nnx.Rngs(model_seed)), Transformer(cfg, rngs=nnx.Rngs(0))
+    stats = online_rl.train_online(
+        model, ref, tokenizer, env, questions, steps=steps, prompts_per_step=2, num_samples=4,
+        sampling=sampling, learning_rate=1e-2, seq_len=32, rollout_batch_size=8, seed=0,
+        checkpoint_dir=str(tmp / "ckpt"), checkpoint_every=2, metrics_path=str(tmp / "metrics.jsonl"),
+        progress=False, **kwargs)
+    return model, stats
+
+
+def test_online_loop_compiles_once_counts_cost_and_resumes_like_a_straight_run(secret, tmp_path):
+    online_rl.TRACE_COUNTS.clear()
+    model, stats = run_online(secret, 3, tmp_path)
+    assert stats["steps"] == 3 and stats["episodes"] == 3 * 2 * 4
+    assert stats["generated_tokens"] > 0
+    assert stats["trained_tokens"] > stats["supervised_tokens"] > 0
+    assert stats["wall_s"] == pytest.approx(stats["rollout_s"] + stats["train_s"])
+    metrics_path = tmp_path / "metrics.jsonl"
+    lines = [json.loads(x) for x in metrics_path.read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3]
+    assert sum(r["generated_tokens"] for r in lines) == stats["generated_tokens"]
+    straight = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
+    untrained = nnx.state(Transformer(secret[4], rngs=nnx.Rngs(0)), nnx.Param)
+    assert not jax.tree.all(jax.tree.map(np.array_equal, straight, untrained))  # updated in place
+
+    # A crash after update 3 was logged but before it was checkpointed: the rerun restores
+    # update 2, drops the stale log line, and redoes update 3 with the same prompts and keys.
+    shutil.rmtree(tmp_path / "ckpt" / "3")
+    resumed, resumed_stats = run_online(secret, 3, tmp_path, model_seed=5)
+    chex.assert_trees_all_close(nnx.state(resumed, nnx.Param), straight, rtol=1e-5, atol=1e-6)
+    for key in ("generated_tokens", "trained_tokens", "supervised_tokens", "episodes"):
+        assert resumed_stats[key] == stats[key], key
+    assert [json.loads(x)["step"] for x in metrics_path.read_text().splitlines()] == [1, 2, 3]
+    assert online_rl.TRACE_COUNTS == {(8, 32): 1}  # 4 updates over 2 calls, one compile
+
+
+def test_online_loop_rejects_a_tempered_sampler(secret, tmp_path):
+    with pytest.raises(ValueError, match="temperature 1"):
+        run_online((*secret[:3], SamplingParams(temperature=0.7), secret[4]), 1, tmp_path)
