@@ -1,32 +1,33 @@
 """Online multi-turn RL, the baseline DRIFT is measured against (in the spirit of UFO).
 
-UFO (drift-method.md, "The main baseline") runs PPO over whole multi-turn episodes. Here:
-every update the CURRENT policy plays fresh episodes (``play_episodes``, temperature 1) of
-``prompts_per_step`` prompts x K samples; each episode gets the same return as DRIFT
-(``weights.trajectory_returns``: discounted success + format penalty - repetition penalty);
-advantages are normalised within the K episodes of a prompt, as in GRPO,
+UFO (drift-method.md, "The main baseline") runs PPO over whole multi-turn episodes. Here,
+every update the CURRENT policy plays fresh episodes (temperature 1) of
+``prompts_per_step`` prompts x K samples; each gets DRIFT's return
+(``weights.trajectory_returns``: discounted success + format penalty - repetition
+penalty); advantages are normalised over the K episodes of a prompt, as in GRPO:
 
-    A_i = (R_i - mean_j R_j) / (std_j R_j + eps)        (population std over the K; A = 0
-                                                          for a group of equal returns)
+    A_i = (R_i - mean_j R_j) / (std_j R_j + eps)   (population std; 0 if all R are equal)
 
-and the loss over ALL assistant tokens of each episode (``encode_dialogue(...,
-supervise="all")``) is
+and the loss over ALL assistant tokens of each episode is, per token,
 
-    per token:  -A * log pi(y_t) + kl_coef * k3(t),
-    k3 = exp(d) - d - 1,  d = log pi_ref(y_t) - log pi(y_t)   (>= 0; 0 iff pi = pi_ref there)
+    -A * log pi(y_t) + kl_coef * k3_t,   k3 = exp(d) - d - 1,  d = log pi_ref(y_t) - log pi(y_t)
 
-k3 is the low-variance KL estimator GRPO and verl's "low_var_kl" use; kl_coef = 0.001 as in
-UFO. d is clipped to [-20, 20] (as verl does) so exp(d) cannot overflow.
+k3 (>= 0, 0 iff pi = pi_ref on that token) is the low-variance KL estimator of GRPO and
+verl's "low_var_kl"; kl_coef = 0.001 as in UFO; d is clipped to [-20, 20] as in verl.
 
-What is left out of PPO, and why: each batch of fresh episodes gets exactly ONE gradient
-step, so the data are always on-policy: the probability ratio pi / pi_old is 1 at the
-step, where PPO's clipped surrogate has the same gradient as -A log pi. Clipping only acts
-on later epochs over stale data, which this loop never runs. The value network is replaced
-by the group baseline (GRPO), which needs no extra model and no GAE.
+Left out of PPO, and why: each batch of fresh episodes gets exactly ONE gradient step, so
+the data are on-policy: the ratio pi / pi_old is 1, where PPO's clipped surrogate has the
+gradient of -A log pi. Clipping only acts on later epochs over stale data, which this loop
+never runs. The value network is replaced by the group baseline (GRPO): no extra model,
+no GAE.
 
-Known gap (none on the toy task): replies are trained as re-tokenised text. A tokenizer
-whose decode -> encode does not round-trip would train on token ids that differ from the
-sampled ones; the fix is to keep the sampled ids in ``Episode``.
+The loss is on the token ids actually sampled (``play_with_ids``), never on re-tokenised
+text (``encode_dialogue(..., supervise="all")``). A reply cut at ``max_new_tokens`` has no
+sampled end-of-turn token, yet the template renders one; training on it is off-policy,
+and on the toy task it let the policy drift into never ending a turn (k3 ~ 80 per token).
+One row per episode: the context of its last turn + its last reply; a turn whose sampled
+ids are not where that context has them (decode -> encode does not round-trip) is left
+out of the loss and counted (``left_out_turns``).
 """
 
 from __future__ import annotations
@@ -48,11 +49,12 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
-from drift_jax.chat import collate, encode_dialogue
+from drift_jax.chat import SFTExample, collate, encode_prompt
 from drift_jax.checkpoint import Checkpointer
+from drift_jax.envs.base import Episode
 from drift_jax.losses import mean_loss, token_cross_entropy
-from drift_jax.rollout import play_episodes
-from drift_jax.sampling import SamplingParams, bucket_length
+from drift_jax.rollout import episode_keys
+from drift_jax.sampling import SamplingParams, bucket_length, generate_batched
 from drift_jax.train import TrainState, create_train_state, make_optimizer
 from drift_jax.weights import trajectory_returns
 
@@ -253,22 +255,50 @@ def _optimizer_and_step(graphdef, optimizer_args: tuple, kl_coef, normalize, num
                                   num_micro_batches=num_micro_batches, schedule_fn=schedule_fn)
 
 
-def _episode_batch(tokenizer, episodes, adv_n, seq_len: int | None, step: int):
-    """Whole episodes, every assistant turn supervised, padded to ``seq_len`` (or the
-    bucket of the longest) -> (train batch with ``advantages``, the SFTExamples)."""
-    examples = []
-    for e, a in zip(episodes, adv_n):
-        try:
-            examples.append(encode_dialogue(tokenizer, e.messages, supervise="all",
-                                            max_len=seq_len, weight=float(a)))
-        except ValueError as err:
-            raise ValueError(f"update {step}, prompt {e.question.prompt_id}: {err}; "
-                             "raise seq_len (the padded episode length)") from None
-    length = seq_len or bucket_length(max(len(x.tokens) for x in examples))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    batch = collate(examples, length, pad_id)
-    batch["advantages"] = batch.pop("weights")
-    return batch, examples
+def play_with_ids(model, tokenizer, env, questions, *, num_samples: int,
+                  sampling: SamplingParams, seed: int, batch_size: int = 64):
+    """``rollout.play_episodes`` (same keys, so the same episodes) that also keeps, per
+    episode and turn, the prompt ids the policy saw and the ids it sampled.
+
+    Returns (episodes, turns, generated): ``turns[i]`` is a list of (prompt_ids,
+    reply_ids) per turn of episode i; ``generated`` counts every sampled token.
+    """
+    episodes = [Episode(env, q) for q in questions for _ in range(num_samples)]
+    sample_idx = [j for _ in questions for j in range(num_samples)]
+    turns: list[list[tuple[list[int], list[int]]]] = [[] for _ in episodes]
+    generated = 0
+    for turn in range(1, env.max_turns + 1):
+        live = [i for i, e in enumerate(episodes) if not e.done]
+        if not live:
+            break
+        prompts = [encode_prompt(tokenizer, episodes[i].messages) for i in live]
+        keys = episode_keys(seed, [episodes[i].question.prompt_id for i in live],
+                            [sample_idx[i] for i in live], turn)
+        outputs = generate_batched(model, prompts, keys, sampling, batch_size=batch_size)
+        for i, prompt, (reply, _) in zip(live, prompts, outputs):
+            generated += len(reply)
+            turns[i].append((list(prompt), list(reply)))
+            episodes[i].step(tokenizer.decode(reply, skip_special_tokens=True).strip())
+    return episodes, turns, generated
+
+
+def episode_example(turns: Sequence[tuple[list[int], list[int]]], advantage: float = 0.0):
+    """One training row of an episode: last context + last reply, loss on sampled ids.
+
+    Returns (SFTExample with weight = advantage, number of turns left out because their
+    sampled ids are not where the later context has them).
+    """
+    last_prompt, last_reply = turns[-1]
+    tokens = np.asarray(list(last_prompt) + list(last_reply), np.int32)
+    mask = np.zeros(len(tokens), bool)
+    left_out = 0
+    for prompt, reply in turns:
+        start, end = len(prompt), len(prompt) + len(reply)
+        if tokens[:end].tolist() == list(prompt) + list(reply):
+            mask[start:end] = True
+        else:
+            left_out += 1
+    return SFTExample(tokens, mask, float(advantage)), left_out
 
 
 def _read_history(metrics_path: str | None, upto: int) -> list[dict]:
@@ -329,7 +359,7 @@ def train_online(
 
     Returns stats: steps, episodes, generated_tokens (sum over updates), trained_tokens
     (real tokens through the policy's forward+backward; the reference's forward sees the
-    same), supervised_tokens, wall_s = rollout_s (sampling, scoring, tokenising) +
+    same), supervised_tokens (sampled ids in the loss), left_out_turns, wall_s = rollout_s (sampling, scoring, tokenising) +
     train_s (the jitted update), mean_return_first_last and success_rate_first_last
     (means over the first and last tenth of the updates). Without ``metrics_path`` a resumed
     run counts only its own updates.
@@ -362,19 +392,26 @@ def train_online(
     start = int(state.step)
     history = _read_history(metrics_path, start)
     group_ids_n = np.repeat(np.arange(prompts_per_step), num_samples)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     log_cm = open(metrics_path, "a") if metrics_path else contextlib.nullcontext()
     bar_cm = tqdm(total=steps, initial=start, desc="online RL", disable=not progress, dynamic_ncols=True)
     with log_cm as log_file, bar_cm as bar:
         for step in range(start, steps):
             t0 = time.perf_counter()
             qs = [questions[i] for i in step_prompts(len(questions), prompts_per_step, seed, step)]
-            episodes, generated = play_episodes(
+            episodes, turns, generated = play_with_ids(
                 nnx.merge(graphdef, state.params), tokenizer, env, qs, num_samples=num_samples,
-                sampling=sampling, seed=step_seed(seed, step), batch_size=rollout_batch_size,
-                progress=False)
+                sampling=sampling, seed=step_seed(seed, step), batch_size=rollout_batch_size)
             returns_n = np.asarray([trajectory_returns(e.to_record(), gamma, lam) for e in episodes])
             adv_n = np.asarray(group_advantages(returns_n, group_ids_n, prompts_per_step, adv_eps))
-            batch, examples = _episode_batch(tokenizer, episodes, adv_n, seq_len, step)
+            examples, left_out = zip(*(episode_example(t, a) for t, a in zip(turns, adv_n)))
+            longest = max(len(x.tokens) for x in examples)
+            if seq_len is not None and longest > seq_len:
+                raise ValueError(f"update {step + 1}: an episode of {longest} tokens does not fit "
+                                 f"seq_len={seq_len}; raise seq_len (online RL never truncates: it "
+                                 "would change the context the replies were sampled in)")
+            batch = collate(list(examples), seq_len or bucket_length(longest), pad_id)
+            batch["advantages"] = batch.pop("weights")
             t1 = time.perf_counter()
             state, metrics = step_fn(state, ref_params, batch)
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -392,6 +429,7 @@ def train_online(
                 "generated_tokens": int(generated),
                 "trained_tokens": int(sum(len(x.tokens) for x in examples)),
                 "supervised_tokens": int(sum(int(x.loss_mask.sum()) for x in examples)),
+                "left_out_turns": int(sum(left_out)),
                 "rollout_s": t1 - t0, "train_s": t2 - t1, "wall_time": time.time(),
             }
             history.append(record)
@@ -417,7 +455,8 @@ def train_online(
     return {
         "steps": int(state.step),
         "episodes": int(state.step) * batch_rows,
-        **{k: int(total(k)) for k in ("generated_tokens", "trained_tokens", "supervised_tokens")},
+        **{k: int(total(k)) for k in ("generated_tokens", "trained_tokens", "supervised_tokens",
+                                      "left_out_turns")},
         "rollout_s": total("rollout_s"),
         "train_s": total("train_s"),
         "wall_s": total("rollout_s") + total("train_s"),

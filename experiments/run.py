@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import json
 import os
+import re
 import sys
 import time
 
@@ -29,7 +30,7 @@ from absl import app, flags, logging  # noqa: E402
 from flax import nnx  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from drift_jax import checkpoint, distributed, evaluate, online_rl, report, rollouts, sharding, train  # noqa: E402
+from drift_jax import checkpoint, diagnostics, distributed, evaluate, online_rl, report, rollouts, sharding, train  # noqa: E402
 from drift_jax.chat import encode_dialogue, end_of_turn_id  # noqa: E402
 from drift_jax.data import make_batch_fn  # noqa: E402
 from drift_jax.envs.secret import SecretGuessEnv, build_tokenizer, scripted_episode  # noqa: E402
@@ -138,6 +139,26 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
+METHODS = ("sft_single", "sft", "rft", "drift", "drift_all_turns", "online_rl")
+
+
+def unknown_methods(methods) -> list:
+    """Names in ``methods`` that the runner cannot train, in order; ``drift_round<r>``
+    needs drift and every earlier round before it."""
+    bad, seen = [], set()
+    for m in methods:
+        match = re.fullmatch(r"drift_round(\d+)", m)
+        if match:
+            r = int(match.group(1))
+            ok = r >= 2 and "drift" in seen and all(f"drift_round{q}" in seen for q in range(2, r))
+        else:
+            ok = m in METHODS
+        if not ok:
+            bad.append(m)
+        seen.add(m)
+    return bad
+
+
 def check_config(cfg, workdir: str) -> None:
     """Reject impossible values, and a workdir that holds a run of another config."""
     checks = [
@@ -147,6 +168,8 @@ def check_config(cfg, workdir: str) -> None:
         (cfg.task.max_turns >= 1, f"task.max_turns (T) must be >= 1, got {cfg.task.max_turns}"),
         (cfg.rollout.num_prompts >= 1, f"rollout.num_prompts must be >= 1, got {cfg.rollout.num_prompts}"),
         # A prompt with one trajectory has DRIFT weight 1 whatever its return.
+        (not unknown_methods(cfg.methods), f"unknown methods {unknown_methods(cfg.methods)}: expected some "
+         f"of {', '.join(METHODS)} or drift_round<r> (iterative DRIFT, after drift and rounds < r)"),
         ("drift" not in cfg.methods or cfg.get("rollouts") or cfg.rollout.num_samples >= 2,
          f"rollout.num_samples (K) must be >= 2 to train 'drift', got {cfg.rollout.num_samples}"),
         (cfg.data.on_bad_record in ("error", "skip"),
@@ -183,9 +206,10 @@ class Experiment:
     replaces the rollout stage.
     """
 
-    def __init__(self, cfg, workdir: str):
+    def __init__(self, cfg, workdir: str, reference: str | None = None):
         self.cfg = cfg
         self.workdir = workdir
+        self.reference = reference  # iterative DRIFT: the previous round's policy directory
         os.makedirs(workdir, exist_ok=True)
         self.checkpoint = cfg.model if isinstance(cfg.model, str) else None
         self.given_rollouts = [p for p in cfg.get("rollouts", "").split(",") if p]
@@ -290,15 +314,31 @@ class Experiment:
     def new_model(self) -> Transformer:
         return Transformer(self.model_cfg, rngs=nnx.Rngs(self.cfg.seed))
 
+    def policy_dir(self, name: str) -> str | None:
+        """Where a policy lives: "reference" (None: the HF checkpoint itself), a method,
+        or ``drift_round<r>``, round r of iterative DRIFT."""
+        if name == "reference":
+            return self.reference or (None if self.checkpoint else self.path("reference"))
+        match = re.fullmatch(r"drift_round(\d+)", name)
+        return self.path(f"round{match.group(1)}", "drift") if match else self.path(name)
+
     def load_policy(self, name: str) -> Transformer:
         """The reference (``name="reference"``) or a trained method's final policy."""
+        where = self.policy_dir(name)
         if self.checkpoint is not None:
-            source = self.checkpoint if name == "reference" else self.path(name, "hf")
+            source = self.checkpoint if where is None else os.path.join(where, "hf")
             return from_pretrained(source, dtype=_DTYPES[self.cfg.get("dtype", "bfloat16")],
-                                   param_dtype=_DTYPES[self.cfg.get("param_dtype", "float32")])
+                                   param_dtype=_DTYPES[self.cfg.get("param_dtype", "float32")],
+                                   remat=self.cfg.get("remat", "none"), attention_impl=self.cfg.get("attention_impl"))
         model = self.new_model()
-        nnx.update(model, checkpoint.load_params(self.path(name, "params"), nnx.state(model, nnx.Param)))
+        nnx.update(model, checkpoint.load_params(os.path.join(where, "params"), nnx.state(model, nnx.Param)))
         return model
+
+    def round(self, r: int) -> "Experiment":
+        """Round r >= 2 of iterative DRIFT, in ``<workdir>/round<r>``: the same stages with
+        round r-1's DRIFT policy as the reference."""
+        return Experiment(self.cfg, self.path(f"round{r}"), reference=self.policy_dir(
+            "drift" if r == 2 else f"drift_round{r - 1}"))
 
 
 def fit(exp: Experiment, name: str, examples, init_model: Transformer, tcfg, steps: int) -> dict:
@@ -391,10 +431,16 @@ def stage_weights(exp: Experiment) -> None:
     d = exp.cfg.drift
     t0 = time.time()
     records, skipped = exp.rollout_records(), exp.skipped_records
-    weights = trajectory_weights(records, d.gamma, d.beta, d.lam, normalize=d.normalize)
+    beta = d.beta
+    if d.get("target_ess_fraction"):  # beta chosen so the mean ESS / K hits the target
+        beta = diagnostics.choose_beta(records, d.gamma, d.lam, d.target_ess_fraction)
+    weights = trajectory_weights(records, d.gamma, beta, d.lam, normalize=d.normalize)
     returns = [trajectory_returns(r, d.gamma, d.lam) for r in records]
+    diag = diagnostics.summary(records, weights)
+    print(f"weights ({exp.workdir}): beta={beta:.4g}, mean ESS/K={diag['mean_ess_fraction']:.3f}, "
+          f"groups where every trajectory failed: {diag['all_fail_share']:.1%}")
     write_json(exp.path("weights.json"), {
-        "drift": weights.tolist(), "returns": returns,
+        "drift": weights.tolist(), "returns": returns, "beta": beta, "diagnostics": diag,
         "skipped_records": rollouts.summarize_skipped(skipped),  # {"total", "reasons"}
         "wall_s": time.time() - t0})
 
@@ -468,6 +514,20 @@ def stage_online_rl(exp: Experiment) -> None:
     write_json(exp.path("online_rl", "train_stats.json"), stats)
 
 
+def stage_method(exp: Experiment, method: str) -> None:
+    """Train one method: offline ones on the rollouts, online RL, or an iterative round."""
+    match = re.fullmatch(r"drift_round(\d+)", method)
+    if method == "online_rl":
+        stage_online_rl(exp)
+    elif match:
+        child = exp.round(int(match.group(1)))
+        stage_rollout(child)
+        stage_weights(child)
+        stage_train(child, "drift")
+    else:
+        stage_train(exp, method)
+
+
 def stage_eval(exp: Experiment, method: str) -> None:
     """Greedy multi@k and correction rates on every benchmark's held-out prompts."""
     ec = exp.cfg.eval
@@ -506,6 +566,13 @@ def method_cost(exp: Experiment, method: str) -> dict:
     generation cost here: None."""
     if method == "reference":
         return {"generated_tokens": 0, "trained_tokens": 0, "supervised_tokens": 0, "wall_s": 0.0}
+    match = re.fullmatch(r"drift_round(\d+)", method)
+    if match:  # the previous rounds plus this round's rollouts, weights and training
+        r = int(match.group(1))
+        before = method_cost(exp, "drift" if r == 2 else f"drift_round{r - 1}")
+        this = method_cost(exp.round(r), "drift")
+        return {k: None if before[k] is None or this[k] is None else before[k] + this[k]
+                for k in ("generated_tokens", "trained_tokens", "supervised_tokens", "wall_s")}
     ts = read_json(exp.path(method, "train_stats.json"))
     if method == "online_rl":  # generates its own episodes at every update
         return {k: ts[k] for k in ("generated_tokens", "trained_tokens", "supervised_tokens")} | {
@@ -525,6 +592,12 @@ def stage_report(exp: Experiment, methods) -> dict:
                "rollout_files": exp.rollout_files(), "skipped_records": weights["skipped_records"]}
     if os.path.exists(exp.path("rollout_stats.json")):
         results["sampled_reference"] = read_json(exp.path("rollout_stats.json"))["sampled_reference"]
+    # Weight diagnostics (ESS, all-fail share, histogram) of each round's rollouts.
+    results["weight_diagnostics"] = {"drift": {"beta": weights["beta"], **weights["diagnostics"]}}
+    for method in methods:
+        if re.fullmatch(r"drift_round\d+", method):
+            w = read_json(exp.round(int(method.removeprefix("drift_round"))).path("weights.json"))
+            results["weight_diagnostics"][method] = {"beta": w["beta"], **w["diagnostics"]}
     for method in ["reference", *methods]:
         summary, per_bench = eval_summary(exp, method)
         results["methods"][method] = {**summary, "cost": method_cost(exp, method)}
@@ -533,13 +606,11 @@ def stage_report(exp: Experiment, methods) -> dict:
     write_json(exp.path("results.json"), results)
     if not exp.benchmarks:
         return results
-    table = report.results_table(results, exp.env.max_turns)
     with open(exp.path("report.md"), "w") as f:
-        f.write(f"# DRIFT: {', '.join(exp.benchmarks)} ({exp.workdir})\n\n"
-                "Greedy multi@k on held-out prompts (mean over benchmarks); "
-                "cost = rollout + weights + training.\n\n"
-                f"{table}\n")
-    report.plot_multi_at_k(results, exp.env.max_turns, exp.path("multi_at_k.png"))
+        f.write(report.markdown(results, exp.env.max_turns, title=f"DRIFT: {', '.join(exp.benchmarks)} ({exp.workdir})"))
+    for plot, file in ((report.plot_multi_at_k, "multi_at_k.png"), (report.plot_cost, "cost.png"),
+                       (report.plot_correction_rate, "correction_rate.png")):
+        plot(results, exp.env.max_turns, exp.path(file))
     return results
 
 
@@ -559,7 +630,7 @@ def main(argv):
         stage_rollout(exp)
     stage_weights(exp)
     for method in methods:
-        stage_online_rl(exp) if method == "online_rl" else stage_train(exp, method)
+        stage_method(exp, method)
     if exp.benchmarks:
         for method in ["reference", *methods]:
             stage_eval(exp, method)

@@ -17,10 +17,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from drift_jax import online_rl
-from drift_jax.chat import end_of_turn_id
+from drift_jax.chat import encode_dialogue, encode_prompt, end_of_turn_id
+from drift_jax.envs.base import FEEDBACK
 from drift_jax.envs.secret import SecretGuessEnv, build_tokenizer
 from drift_jax.models import ModelConfig, Transformer
-from drift_jax.online_rl import group_advantages, kl_k3, pg_loss
+from drift_jax.online_rl import episode_example, group_advantages, kl_k3, pg_loss
+from drift_jax.rollout import play_episodes
 from drift_jax.sampling import SamplingParams
 from drift_jax.train import create_train_state, make_optimizer
 
@@ -208,6 +210,65 @@ def secret():
     return tokenizer, env, questions, sampling, cfg
 
 
+def hand_turns(tokenizer, env, question, replies):
+    """(prompt ids, reply ids) per turn and the final messages, for replies given as token
+    lists, rendered as play_with_ids would (decode without special tokens, strip)."""
+    messages, turns = env.initial_messages(question), []
+    for k, words in enumerate(replies):
+        prompt = encode_prompt(tokenizer, messages)
+        reply = tokenizer.convert_tokens_to_ids(words)
+        turns.append((prompt, reply))
+        messages.append({"role": "assistant",
+                         "content": tokenizer.decode(reply, skip_special_tokens=True).strip()})
+        if k < len(replies) - 1:
+            messages.append({"role": "user", "content": FEEDBACK})
+    return turns, messages
+
+
+def test_episode_example_trains_exactly_the_sampled_ids(secret):
+    tokenizer, env, questions, _, _ = secret
+    eot = "<|im_end|>"
+    # Every reply ended by a sampled end-of-turn token: the same row and mask as
+    # encode_dialogue(supervise="all").
+    turns, messages = hand_turns(tokenizer, env, questions[0],
+                                 [["<answer>A</answer>", eot], ["maybe", "B", eot]])
+    example, left_out = episode_example(turns, 0.5)
+    expected = encode_dialogue(tokenizer, messages, supervise="all")
+    np.testing.assert_array_equal(example.tokens, expected.tokens)
+    np.testing.assert_array_equal(example.loss_mask, expected.loss_mask)
+    assert left_out == 0 and example.weight == 0.5
+
+    # A reply cut at the token budget: the template's end-of-turn token after it was never
+    # sampled, so it is context, not loss; everything else is as before.
+    turns, messages = hand_turns(tokenizer, env, questions[0],
+                                 [["<answer>A</answer>", "maybe", "C"], ["<answer>B</answer>", eot]])
+    example, left_out = episode_example(turns)
+    expected = encode_dialogue(tokenizer, messages, supervise="all")
+    np.testing.assert_array_equal(example.tokens, expected.tokens)
+    cut_eot = len(turns[0][0]) + 3
+    assert example.tokens[cut_eot] == end_of_turn_id(tokenizer) and expected.loss_mask[cut_eot]
+    assert not example.loss_mask[cut_eot] and left_out == 0
+    np.testing.assert_array_equal(np.delete(example.loss_mask, cut_eot), np.delete(expected.loss_mask, cut_eot))
+
+    # A sampled special token vanishes from the re-rendered context: that turn is left out.
+    turns, _ = hand_turns(tokenizer, env, questions[0], [["<|user|>", "<answer>A</answer>", eot], [eot]])
+    example, left_out = episode_example(turns)
+    assert left_out == 1 and example.loss_mask.sum() == 1  # only the last reply's one id
+
+
+def test_play_with_ids_plays_the_same_episodes_as_play_episodes(secret):
+    tokenizer, env, questions, sampling, cfg = secret
+    model = Transformer(cfg, rngs=nnx.Rngs(1))
+    kwargs = dict(num_samples=4, sampling=sampling, seed=3, batch_size=8)
+    episodes, turns, generated = online_rl.play_with_ids(model, tokenizer, env, questions[:2], **kwargs)
+    reference, reference_generated = play_episodes(model, tokenizer, env, questions[:2], progress=False, **kwargs)
+    assert [e.to_record() for e in episodes] == [e.to_record() for e in reference]
+    assert generated == reference_generated == sum(len(r) for t in turns for _, r in t)
+    for e, t in zip(episodes, turns):
+        assert len(t) == e.turn
+        assert t[0][0] == encode_prompt(tokenizer, env.initial_messages(e.question))
+
+
 def run_online(secret, steps, tmp, model_seed=0, **kwargs):
     tokenizer, env, questions, sampling, cfg = secret
     # The reference is always seed 0; a resumed run's own init is replaced by the checkpoint.
@@ -231,6 +292,7 @@ def test_online_loop_compiles_once_counts_cost_and_resumes_like_a_straight_run(s
     lines = [json.loads(x) for x in metrics_path.read_text().splitlines()]
     assert [r["step"] for r in lines] == [1, 2, 3]
     assert sum(r["generated_tokens"] for r in lines) == stats["generated_tokens"]
+    assert stats["left_out_turns"] == sum(r["left_out_turns"] for r in lines)
     straight = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
     untrained = nnx.state(Transformer(secret[4], rngs=nnx.Rngs(0)), nnx.Param)
     assert not jax.tree.all(jax.tree.map(np.array_equal, straight, untrained))  # updated in place
@@ -240,7 +302,7 @@ def test_online_loop_compiles_once_counts_cost_and_resumes_like_a_straight_run(s
     shutil.rmtree(tmp_path / "ckpt" / "3")
     resumed, resumed_stats = run_online(secret, 3, tmp_path, model_seed=5)
     chex.assert_trees_all_close(nnx.state(resumed, nnx.Param), straight, rtol=1e-5, atol=1e-6)
-    for key in ("generated_tokens", "trained_tokens", "supervised_tokens", "episodes"):
+    for key in ("generated_tokens", "trained_tokens", "supervised_tokens", "left_out_turns", "episodes"):
         assert resumed_stats[key] == stats[key], key
     assert [json.loads(x)["step"] for x in metrics_path.read_text().splitlines()] == [1, 2, 3]
     assert online_rl.TRACE_COUNTS == {(8, 32): 1}  # 4 updates over 2 calls, one compile

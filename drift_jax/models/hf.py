@@ -175,18 +175,20 @@ def _open_tensors(path: str, stack: contextlib.ExitStack) -> dict[str, Any]:
 
 
 def from_pretrained(name_or_path: str | os.PathLike, dtype: Any = jnp.bfloat16, param_dtype: Any = None,
-                    shardings: Any = None) -> Transformer:
+                    shardings: Any = None, **overrides) -> Transformer:
     """Load an HF qwen2 / qwen3 / llama checkpoint (local folder or hub id) as a ``Transformer``.
 
     ``dtype`` is the compute dtype, ``param_dtype`` the storage dtype (default ``dtype``);
     weights are cast on load. ``shardings``: optional pytree shaped like
     ``nnx.state(model)`` with a ``jax.sharding.Sharding`` per parameter; each tensor is
-    placed straight onto its sharding, else onto the default device. Raises ``ValueError``
+    placed straight onto its sharding, else onto the default device. ``overrides`` set
+    ``ModelConfig`` fields that the file does not describe (``remat``, ``attention_impl``).
+    Raises ``ValueError``
     naming any missing, unexpected or wrongly shaped tensor.
     """
     path = _resolve(name_or_path)
     with open(os.path.join(path, "config.json")) as f:
-        cfg = config_from_hf(json.load(f), dtype, param_dtype)
+        cfg = dataclasses.replace(config_from_hf(json.load(f), dtype, param_dtype), **overrides)
     # Build shapes only: the real values come from the files, so nothing is initialised twice.
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
     with contextlib.ExitStack() as stack:

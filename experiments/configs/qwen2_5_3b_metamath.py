@@ -18,6 +18,8 @@ def get_config():
     c.model = "Qwen/Qwen2.5-3B-Instruct"  # HF hub id or a local folder
     c.dtype = "bfloat16"  # compute
     c.param_dtype = "float32"  # master weights and optimizer state
+    c.remat = "full"  # recompute each layer's activations in the backward pass
+    c.attention_impl = None  # auto: cuDNN flash attention on GPU, XLA elsewhere
 
     # Training mesh: params and optimizer state sharded by logical axes (FSDP over fsdp,
     # heads/MLP over tensor), batch rows over data x fsdp. The product must equal the
