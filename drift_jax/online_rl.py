@@ -26,8 +26,8 @@ text (``encode_dialogue(..., supervise="all")``). A reply cut at ``max_new_token
 sampled end-of-turn token, yet the template renders one; training on it is off-policy,
 and on the toy task it let the policy drift into never ending a turn (k3 ~ 80 per token).
 One row per episode: the context of its last turn + its last reply; a turn whose sampled
-ids are not where that context has them (decode -> encode does not round-trip) is left
-out of the loss and counted (``left_out_turns``).
+ids are not where that context has them (decode -> encode does not round-trip; never on
+the toy task) is left out of the loss and counted (``left_out_turns``).
 """
 
 from __future__ import annotations
@@ -257,8 +257,15 @@ def _optimizer_and_step(graphdef, optimizer_args: tuple, kl_coef, normalize, num
 
 def play_with_ids(model, tokenizer, env, questions, *, num_samples: int,
                   sampling: SamplingParams, seed: int, batch_size: int = 64):
-    """``rollout.play_episodes`` (same keys, so the same episodes) that also keeps, per
-    episode and turn, the prompt ids the policy saw and the ids it sampled.
+    """Multi-turn episodes as ``rollout.play_episodes`` plays them (same keys, so the same
+    first turn), keeping per episode and turn the prompt ids the policy saw and the ids
+    it sampled.
+
+    One difference, so the next turn's context holds exactly the sampled ids: a reply
+    enters the dialogue decoded WITH its special tokens and unstripped (only a final stop
+    token is removed; the template closes the turn). ``play_episodes`` drops special
+    tokens and strips, which would hide, and so never penalise, a stray ``<|user|>`` in a
+    reply (on the toy task RL then learned to emit them).
 
     Returns (episodes, turns, generated): ``turns[i]`` is a list of (prompt_ids,
     reply_ids) per turn of episode i; ``generated`` counts every sampled token.
@@ -278,7 +285,8 @@ def play_with_ids(model, tokenizer, env, questions, *, num_samples: int,
         for i, prompt, (reply, _) in zip(live, prompts, outputs):
             generated += len(reply)
             turns[i].append((list(prompt), list(reply)))
-            episodes[i].step(tokenizer.decode(reply, skip_special_tokens=True).strip())
+            body = reply[:-1] if reply and reply[-1] in sampling.stop_ids else reply
+            episodes[i].step(tokenizer.decode(body, skip_special_tokens=False))
     return episodes, turns, generated
 
 

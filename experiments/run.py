@@ -507,7 +507,8 @@ def stage_online_rl(exp: Experiment) -> None:
         sampling=exp.sampling(temperature=1.0), learning_rate=oc.learning_rate,
         warmup_ratio=oc.warmup_ratio, schedule=oc.schedule, weight_decay=oc.weight_decay,
         grad_clip=oc.grad_clip, kl_coef=oc.kl_coef, gamma=d.gamma, lam=d.lam,
-        num_micro_batches=oc.num_micro_batches, rollout_batch_size=exp.cfg.rollout.batch_size,
+        num_micro_batches=oc.num_micro_batches, seq_len=oc.get("seq_len"),
+        rollout_batch_size=oc.prompts_per_step * exp.cfg.rollout.num_samples,
         seed=exp.cfg.seed, checkpoint_dir=exp.path("online_rl", "checkpoints"),
         checkpoint_every=oc.checkpoint_every, metrics_path=exp.path("online_rl", "metrics.jsonl"))
     save_policy(exp, "online_rl", model)

@@ -98,7 +98,8 @@ def test_every_stage_output_is_present_and_well_formed(run_dir):
         assert os.listdir(workdir / stage / "checkpoints")
     report = (workdir / "report.md").read_text()
     assert "| drift |" in report and "| sft |" in report
-    assert (workdir / "multi_at_k.png").read_bytes()[:4] == b"\x89PNG"
+    for plot in ("multi_at_k.png", "cost.png", "correction_rate.png"):
+        assert (workdir / plot).read_bytes()[:4] == b"\x89PNG"
     assert "| drift |" in stdout
 
 
@@ -109,7 +110,8 @@ def test_rerun_redoes_no_finished_stage(run_dir, run_env):
     after = _mtimes(workdir)
     changed = {p for p in before if after.get(p) != before[p]}
     # Only the final report is rewritten; no stage output, checkpoint or metric changes.
-    assert changed <= {str(workdir / f) for f in ("results.json", "report.md", "multi_at_k.png")}
+    report_files = ("results.json", "report.md", "multi_at_k.png", "cost.png", "correction_rate.png")
+    assert changed <= {str(workdir / f) for f in report_files}
     assert set(after) == set(before)
 
 
