@@ -1,0 +1,279 @@
+"""The stages of a run, each skipped when its output is already in the workdir:
+reference -> rollout -> weights -> train (per method) -> eval -> report."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import time
+
+import numpy as np
+from flax import nnx
+
+from drift_jax import checkpoint, diagnostics, evaluate, online_rl, report, rollouts, sharding, train
+from drift_jax.chat import encode_dialogue
+from drift_jax.data import make_batch_fn
+from drift_jax.envs.secret import scripted_episode
+from drift_jax.models import Transformer
+from drift_jax.rollout import append_rollouts, play_episodes
+from drift_jax.weights import trajectory_returns, trajectory_weights
+from experiments.experiment import Experiment, read_json, write_json
+
+
+def fit(exp: Experiment, name: str, examples, init_model: Transformer, tcfg, steps: int) -> dict:
+    """Train ``init_model`` on ``examples`` under ``<workdir>/<name>``; resumable."""
+    tx, schedule = train.make_optimizer(
+        tcfg.learning_rate, steps, warmup_ratio=tcfg.warmup_ratio, schedule=tcfg.schedule,
+        weight_decay=tcfg.weight_decay, grad_clip=tcfg.get("grad_clip", 1.0))
+    graphdef, state = train.create_train_state(init_model, tx, seed=exp.cfg.seed)
+    mesh = exp.mesh
+    if mesh is not None:  # params + optimizer state by their logical axes, batch rows over data x fsdp
+        state = sharding.shard_train_state(state, tx, mesh)
+    step_fn = train.make_train_step(graphdef, tx, tcfg.get("num_micro_batches", 1),
+                                    tcfg.get("loss_normalize", "batch"), schedule,
+                                    loss_chunk_size=tcfg.get("loss_chunk_size", "auto"))
+    batch_fn, _ = make_batch_fn(examples, tcfg.batch_size, exp.cfg.seed, exp.tokenizer.pad_token_id,
+                                bucket_window=tcfg.get("bucket_window", 0))
+    if mesh is not None:
+        batch_fn = (lambda make: lambda step: sharding.shard_batch(make(step), mesh))(batch_fn)
+    ckpt = checkpoint.Checkpointer(exp.path(name, "checkpoints"),
+                                   save_every=tcfg.get("checkpoint_every", 100), keep=2)
+    t0 = time.time()
+    state = train.train_loop(graphdef, state, step_fn, batch_fn, steps, checkpointer=ckpt,
+                             metrics_path=exp.path(name, "metrics.jsonl"), desc=f"train {name}")
+    ckpt.close()
+    exp.save_policy(name, nnx.merge(graphdef, state.params))
+    epochs = steps * tcfg.batch_size / len(examples)
+    stats = {
+        "steps": steps,
+        "examples": len(examples),
+        "truncated_examples": sum(e.truncated for e in examples),
+        # Tokens through forward+backward (real tokens) and the supervised ones among them.
+        "trained_tokens": int(round(epochs * sum(len(e.tokens) for e in examples))),
+        "supervised_tokens": int(round(epochs * sum(int(e.loss_mask.sum()) for e in examples))),
+        "wall_s": time.time() - t0,
+    }
+    write_json(exp.path(name, "train_stats.json"), stats)
+    return stats
+
+
+def stage_reference(exp: Experiment) -> None:
+    """Train the base policy from scratch on synthetic transcripts of the base habit
+    (embedded task only: a real model's checkpoint is its own reference)."""
+    if exp.checkpoint is not None or os.path.exists(exp.path("reference", "train_stats.json")):
+        return
+    rc = exp.cfg.reference
+    rng = np.random.default_rng(exp.cfg.seed * 1000 + 1)
+    questions = exp.env.make_questions(rc.num_transcripts, seed=exp.cfg.seed * 1000 + 1, prefix="ref-")
+    examples = [
+        encode_dialogue(exp.tokenizer, scripted_episode(exp.env, q, rng, rc.p_repeat, rc.p_format_error,
+                                         rc.preference_decay).messages,
+                        supervise="all")
+        for q in questions
+    ]
+    fit(exp, "reference", examples, exp.new_model(), rc.train, rc.train.steps)
+
+
+def stage_rollout(exp: Experiment) -> None:
+    """K trajectories per training prompt from the frozen reference, as JSONL records.
+
+    Appended one prompt group at a time: a killed run resumes where it stopped and ends
+    with the same file (``rollout.append_rollouts``)."""
+    if os.path.exists(exp.path("rollout_stats.json")):
+        return
+    rc = exp.cfg.rollout
+    t0 = time.time()
+    stats = append_rollouts(
+        exp.path("rollouts.jsonl"), exp.load_policy("reference"), exp.tokenizer, exp.env,
+        exp.train_questions, num_samples=rc.num_samples, seed=exp.cfg.seed,
+        sampling=exp.sampling(temperature=rc.temperature, top_p=rc.top_p),
+        batch_size=rc.batch_size, desc="rollout")
+    summary = evaluate.summarize(stats["t_star"], exp.env.max_turns)
+    write_json(exp.path("rollout_stats.json"), {
+        "trajectories": stats["trajectories"], "generated_tokens": stats["generated_tokens"],
+        "resumed_groups": stats["resumed_groups"],  # > 0: this run finished an interrupted one
+        "wall_s": time.time() - t0, "sampled_reference": summary})
+
+
+def stage_weights(exp: Experiment) -> None:
+    """Returns and importance weights of every trajectory (uniform ones for ``sft``)."""
+    if os.path.exists(exp.path("weights.json")):
+        return
+    d = exp.cfg.drift
+    t0 = time.time()
+    records, skipped = exp.rollout_records(), exp.skipped_records
+    beta = d.beta
+    if d.get("target_ess_fraction"):  # beta chosen so the mean ESS / K hits the target
+        beta = diagnostics.choose_beta(records, d.gamma, d.lam, d.target_ess_fraction)
+    weights = trajectory_weights(records, d.gamma, beta, d.lam, normalize=d.normalize)
+    returns = [trajectory_returns(r, d.gamma, d.lam) for r in records]
+    diag = diagnostics.summary(records, weights)
+    print(f"weights ({exp.workdir}): beta={beta:.4g}, mean ESS/K={diag['mean_ess_fraction']:.3f}, "
+          f"groups where every trajectory failed: {diag['all_fail_share']:.1%}")
+    write_json(exp.path("weights.json"), {
+        "drift": weights.tolist(), "returns": returns, "beta": beta, "diagnostics": diag,
+        "skipped_records": rollouts.summarize_skipped(skipped),  # {"total", "reasons"}
+        "wall_s": time.time() - t0})
+
+
+def method_examples(exp: Experiment, method: str) -> list:
+    """The weighted SFT data of a method trained on the reference's rollouts.
+
+    sft: every trajectory, last turn, weight 1.  drift: the same with importance weights.
+    rft: successful trajectories only, weight 1.  drift_all_turns: every assistant turn
+    weighted by its trajectory's weight (the paper's ablation).  sft_single: first-turn
+    correct answers only (single-turn SFT).
+    """
+    records = exp.rollout_records()
+    if method in ("drift", "drift_all_turns"):
+        weights = read_json(exp.path("weights.json"))["drift"]
+    else:
+        weights = [1.0] * len(records)
+    supervise = "all" if method == "drift_all_turns" else "last"
+    keep = {
+        "sft": lambda r: True, "drift": lambda r: True, "drift_all_turns": lambda r: True,
+        "rft": lambda r: r.get("t_star") is not None,
+        "sft_single": lambda r: r.get("t_star") == 1,
+    }
+    if method not in keep:
+        raise ValueError(f"unknown method {method!r}; expected one of {sorted(keep)}")
+    examples = exp.examples(supervise)
+    if not len(examples) == len(weights) == len(records):
+        raise RuntimeError(f"{exp.path('weights.json')} holds {len(weights)} weights for {len(records)} "
+                           "records: delete it to recompute")
+    examples = [dataclasses.replace(e, weight=w) for e, w, r in zip(examples, weights, records) if keep[method](r)]
+    if not examples:
+        raise ValueError(f"method {method!r} has no training examples in {exp.rollout_files()}")
+    return examples
+
+
+def stage_train(exp: Experiment, method: str) -> None:
+    """Weighted SFT from the reference on the method's examples."""
+    if os.path.exists(exp.path(method, "train_stats.json")):
+        return
+    examples = method_examples(exp, method)
+    tc = exp.cfg.train
+    steps = tc.epochs * -(-len(examples) // tc.batch_size)
+    fit(exp, method, examples, exp.load_policy("reference"), tc, steps)
+
+
+def stage_online_rl(exp: Experiment) -> None:
+    """The online multi-turn RL baseline: the current policy plays fresh episodes every
+    update (drift_jax/online_rl.py); same return as DRIFT, GRPO advantages, KL to the reference."""
+    if os.path.exists(exp.path("online_rl", "train_stats.json")):
+        return
+    oc, d = exp.cfg.online_rl, exp.cfg.drift
+    model, ref = exp.load_policy("reference"), exp.load_policy("reference")
+    stats = online_rl.train_online(
+        model, ref, exp.tokenizer, exp.env, exp.train_questions, steps=oc.steps,
+        prompts_per_step=oc.prompts_per_step, num_samples=exp.cfg.rollout.num_samples,
+        sampling=exp.sampling(temperature=1.0), learning_rate=oc.learning_rate,
+        warmup_ratio=oc.warmup_ratio, schedule=oc.schedule, weight_decay=oc.weight_decay,
+        grad_clip=oc.grad_clip, kl_coef=oc.kl_coef, gamma=d.gamma, lam=d.lam,
+        num_micro_batches=oc.num_micro_batches, seq_len=oc.get("seq_len"),
+        rollout_batch_size=oc.prompts_per_step * exp.cfg.rollout.num_samples,
+        seed=exp.cfg.seed, checkpoint_dir=exp.path("online_rl", "checkpoints"),
+        checkpoint_every=oc.checkpoint_every, metrics_path=exp.path("online_rl", "metrics.jsonl"))
+    exp.save_policy("online_rl", model)
+    write_json(exp.path("online_rl", "train_stats.json"), stats)
+
+
+def stage_method(exp: Experiment, method: str) -> None:
+    """Train one method: offline ones on the rollouts, online RL, or an iterative round."""
+    match = re.fullmatch(r"drift_round(\d+)", method)
+    if method == "online_rl":
+        stage_online_rl(exp)
+    elif match:
+        child = exp.round(int(match.group(1)))
+        stage_rollout(child)
+        stage_weights(child)
+        stage_train(child, "drift")
+    else:
+        stage_train(exp, method)
+
+
+def stage_eval(exp: Experiment, method: str) -> None:
+    """Greedy multi@k and correction rates on every benchmark's held-out prompts."""
+    ec = exp.cfg.eval
+    policy = None
+    for bench, (env, questions) in exp.benchmarks.items():
+        out = exp.path("eval", f"{bench}_{method}.json")
+        if os.path.exists(out):
+            continue
+        policy = policy or exp.load_policy(method)
+        episodes, generated = play_episodes(
+            policy, exp.tokenizer, env, questions, num_samples=1, seed=exp.cfg.seed,
+            sampling=exp.sampling(temperature=0.0), batch_size=ec.batch_size, desc=f"eval {method} {bench}")
+        os.makedirs(exp.path("eval"), exist_ok=True)
+        rollouts.write_jsonl(exp.path("eval", f"{bench}_{method}.jsonl"), (e.to_record() for e in episodes))
+        write_json(out, {**evaluate.summarize([e.t_star for e in episodes], env.max_turns),
+                         "questions": len(questions), "generated_tokens": generated})
+
+
+def eval_summary(exp: Experiment, method: str) -> tuple[dict, dict]:
+    """(mean over benchmarks of multi@k and correction rates, per-benchmark summaries)."""
+    per_bench = {b: read_json(exp.path("eval", f"{b}_{method}.json")) for b in exp.benchmarks}
+    if not per_bench:
+        return {}, {}
+    mean = {}
+    for key, value in next(iter(per_bench.values())).items():
+        if key.startswith("multi@"):
+            mean[key] = float(np.mean([s[key] for s in per_bench.values()]))
+    rates = np.array([[np.nan if r is None else r for r in s["correction_rate"]] for s in per_bench.values()])
+    mean["correction_rate"] = [None if np.all(np.isnan(c)) else float(np.nanmean(c)) for c in rates.T]
+    return mean, per_bench
+
+
+def method_cost(exp: Experiment, method: str) -> dict:
+    """Tokens generated (rollouts), tokens trained and wall-clock of everything the method
+    needed after the reference existed. Rollouts made elsewhere (``cfg.rollouts``) have no
+    generation cost here: None."""
+    if method == "reference":
+        return {"generated_tokens": 0, "trained_tokens": 0, "supervised_tokens": 0, "wall_s": 0.0}
+    match = re.fullmatch(r"drift_round(\d+)", method)
+    if match:  # the previous rounds plus this round's rollouts, weights and training
+        r = int(match.group(1))
+        before = method_cost(exp, "drift" if r == 2 else f"drift_round{r - 1}")
+        this = method_cost(exp.round(r), "drift")
+        return {k: None if before[k] is None or this[k] is None else before[k] + this[k]
+                for k in ("generated_tokens", "trained_tokens", "supervised_tokens", "wall_s")}
+    ts = read_json(exp.path(method, "train_stats.json"))
+    if method == "online_rl":  # generates its own episodes at every update
+        return {k: ts[k] for k in ("generated_tokens", "trained_tokens", "supervised_tokens")} | {
+            "wall_s": ts["wall_s"], "stage_wall_s": {"rollout": ts["rollout_s"], "train": ts["train_s"]}}
+    weights = read_json(exp.path("weights.json"))
+    rollout = (read_json(exp.path("rollout_stats.json"))
+               if os.path.exists(exp.path("rollout_stats.json")) else {"generated_tokens": None, "wall_s": 0.0})
+    return {"generated_tokens": rollout["generated_tokens"], "trained_tokens": ts["trained_tokens"],
+            "supervised_tokens": ts["supervised_tokens"],
+            "wall_s": rollout["wall_s"] + weights["wall_s"] + ts["wall_s"],
+            "stage_wall_s": {"rollout": rollout["wall_s"], "weights": weights["wall_s"], "train": ts["wall_s"]}}
+
+
+def stage_report(exp: Experiment, methods) -> dict:
+    weights = read_json(exp.path("weights.json"))
+    results = {"methods": {}, "benchmarks": {}, "config": exp.cfg.to_dict(),
+               "rollout_files": exp.rollout_files(), "skipped_records": weights["skipped_records"]}
+    if os.path.exists(exp.path("rollout_stats.json")):
+        results["sampled_reference"] = read_json(exp.path("rollout_stats.json"))["sampled_reference"]
+    # Weight diagnostics (ESS, all-fail share, histogram) of each round's rollouts.
+    results["weight_diagnostics"] = {"drift": {"beta": weights["beta"], **weights["diagnostics"]}}
+    for method in methods:
+        if re.fullmatch(r"drift_round\d+", method):
+            w = read_json(exp.round(int(method.removeprefix("drift_round"))).path("weights.json"))
+            results["weight_diagnostics"][method] = {"beta": w["beta"], **w["diagnostics"]}
+    for method in ["reference", *methods]:
+        summary, per_bench = eval_summary(exp, method)
+        results["methods"][method] = {**summary, "cost": method_cost(exp, method)}
+        for bench, s in per_bench.items():
+            results["benchmarks"].setdefault(bench, {})[method] = s
+    write_json(exp.path("results.json"), results)
+    if not exp.benchmarks:
+        return results
+    with open(exp.path("report.md"), "w") as f:
+        f.write(report.markdown(results, exp.env.max_turns, title=f"DRIFT: {', '.join(exp.benchmarks)} ({exp.workdir})"))
+    for plot, file in ((report.plot_multi_at_k, "multi_at_k.png"), (report.plot_cost, "cost.png"),
+                       (report.plot_correction_rate, "correction_rate.png")):
+        plot(results, exp.env.max_turns, exp.path(file))
+    return results
