@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from drift_jax.envs.secret import SecretGuessEnv, scripted_episode
+from drift_jax.rollouts import BadRecord
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RELEASE_KEYS = {"prompt_id", "gold", "messages", "turn_rewards", "verifier", "t_star",
@@ -210,5 +211,5 @@ def test_skipped_records_and_their_reasons_land_in_weights_json(tmp_path):
     strict.mkdir()
     (strict / "rollouts.jsonl").write_bytes((tmp_path / "rollouts.jsonl").read_bytes())
     cfg.data.on_bad_record = "error"
-    with pytest.raises(run.rollouts.BadRecord, match=rf"^{strict}/rollouts.jsonl:4: malformed JSON"):
+    with pytest.raises(BadRecord, match=rf"^{strict}/rollouts.jsonl:4: malformed JSON"):
         run.stage_weights(run.Experiment(cfg, str(strict)))
