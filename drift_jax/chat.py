@@ -10,9 +10,9 @@ length on a separately tokenised prompt, which goes wrong under truncation).
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
+
+from drift_jax.batching import SFTExample
 
 
 def render(tokenizer, messages, add_generation_prompt: bool = False) -> str:
@@ -36,16 +36,6 @@ def end_of_turn_id(tokenizer) -> int:
     if tokenizer.eos_token_id is None:
         raise ValueError("tokenizer has no end-of-turn or eos token")
     return tokenizer.eos_token_id
-
-
-@dataclasses.dataclass
-class SFTExample:
-    """One training sequence. ``loss_mask`` marks the supervised TOKENS."""
-
-    tokens: np.ndarray  # [T] int32
-    loss_mask: np.ndarray  # [T] bool
-    weight: float = 1.0
-    truncated: bool = False
 
 
 def encode_dialogue(tokenizer, messages, supervise: str = "last", max_len: int | None = None,
@@ -96,25 +86,3 @@ def encode_dialogue(tokenizer, messages, supervise: str = "last", max_len: int |
             )
         tokens, mask, truncated = tokens[-max_len:], mask[-max_len:], True
     return SFTExample(tokens, mask, float(weight), truncated)
-
-
-def collate(examples: list[SFTExample], length: int, pad_id: int, batch_size: int | None = None) -> dict:
-    """Right-pad examples into a batch dict of numpy arrays (``tokens``, ``valid``,
-    ``loss_mask`` ``[B, T]``; ``weights`` ``[B]``). Extra rows (up to ``batch_size``) are
-    all-padding with weight 0, which the loss ignores."""
-    b = batch_size or len(examples)
-    batch = {
-        "tokens": np.full((b, length), pad_id, np.int32),
-        "valid": np.zeros((b, length), bool),
-        "loss_mask": np.zeros((b, length), bool),
-        "weights": np.zeros((b,), np.float32),
-    }
-    for r, ex in enumerate(examples):
-        n = len(ex.tokens)
-        if n > length:
-            raise ValueError(f"example of {n} tokens does not fit batch length {length}")
-        batch["tokens"][r, :n] = ex.tokens
-        batch["valid"][r, :n] = True
-        batch["loss_mask"][r, :n] = ex.loss_mask
-        batch["weights"][r] = ex.weight
-    return batch

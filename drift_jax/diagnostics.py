@@ -22,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from drift_jax.weights import trajectory_returns
+from drift_jax.records import Record, parse_record
+from drift_jax.weights import record_return
 
 BETA_RANGE = (1e-4, 1e4)
 
@@ -98,18 +99,16 @@ def ess_fraction_at_beta(returns_n, group_ids_n, beta: float) -> float:
     return mean_ess_fraction(weights_from_returns(returns_n, group_ids_n, beta), group_ids_n)
 
 
-def _returns_and_groups(records: Sequence[Mapping[str, Any]], gamma: float, lam: float):
-    returns, prompt_ids = [], []
-    for i, record in enumerate(records):
-        try:
-            prompt_ids.append(str(record["prompt_id"]))
-            returns.append(trajectory_returns(record, gamma, lam))
-        except (KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"trajectory record {i}: {err!r}; see docs/drift-method.md for the format") from None
-    if not returns:
+def _parse(records: Sequence[Mapping[str, Any]]) -> list[Record]:
+    if not records:
         raise ValueError("no trajectory records")
-    ids, _ = group_indices(prompt_ids)
-    return np.asarray(returns, np.float64), ids
+    return [parse_record(r, f"trajectory record {i}", messages=False) for i, r in enumerate(records)]
+
+
+def _returns_and_groups(records: Sequence[Mapping[str, Any]], gamma: float, lam: float):
+    parsed = _parse(records)
+    ids, _ = group_indices([r.prompt_id for r in parsed])
+    return np.asarray([record_return(r, gamma, lam) for r in parsed], np.float64), ids
 
 
 def choose_beta(
@@ -153,13 +152,8 @@ def all_fail_share(records: Sequence[Mapping[str, Any]]) -> float:
     format and repetition penalties.
     """
     solved: dict[str, bool] = {}
-    for i, record in enumerate(records):
-        if "prompt_id" not in record:
-            raise ValueError(f"trajectory record {i}: missing required field 'prompt_id'")
-        pid = str(record["prompt_id"])
-        solved[pid] = solved.get(pid, False) or record.get("t_star") is not None
-    if not solved:
-        raise ValueError("no trajectory records")
+    for r in _parse(records):
+        solved[r.prompt_id] = solved.get(r.prompt_id, False) or r.t_star is not None
     return sum(not s for s in solved.values()) / len(solved)
 
 
@@ -196,7 +190,8 @@ def summary(records: Sequence[Mapping[str, Any]], weights_n, *, num_bins: int = 
     w = np.asarray(weights_n, np.float64)
     if len(records) != w.size:
         raise ValueError(f"{len(records)} records but {w.size} weights")
-    ids, num_groups = group_indices([str(r["prompt_id"]) for r in records])
+    parsed = _parse(records)
+    ids, num_groups = group_indices([r.prompt_id for r in parsed])
     ess_g = effective_sample_size(w, ids, num_groups)
     frac_g = ess_g / np.bincount(ids, minlength=num_groups)
     counts, edges = weight_histogram(w, num_bins)
@@ -208,7 +203,7 @@ def summary(records: Sequence[Mapping[str, Any]], weights_n, *, num_bins: int = 
         "mean_ess_fraction": float(frac_g.mean()),
         "min_ess_fraction": float(frac_g.min()),
         "all_fail_share": all_fail_share(records),
-        "success_share": float(np.mean([r.get("t_star") is not None for r in records])),
+        "success_share": float(np.mean([r.t_star is not None for r in parsed])),
         "max_weight": float(w.max()),
         "top_decile_weight_share": float(top.sum() / w.sum()) if w.sum() > 0 else 0.0,
         "histogram": {"counts": counts.tolist(), "edges": edges.tolist()},

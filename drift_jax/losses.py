@@ -1,4 +1,5 @@
-"""Importance-weighted SFT loss (drift-method.md, Stage 3).
+"""Importance-weighted SFT loss (``docs/method.md``, stage 3) and the masked reduction
+every loss here shares.
 
 The loss returns (sum, denominator) rather than a mean so that gradient accumulation
 over micro-batches is exact: sum both over K micro-batches and divide once at the end
@@ -14,7 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-_NORMALIZE_MODES = ("batch", "weight_sum")
+NORMALIZE_MODES = ("batch", "sequence", "weight_sum", "token")
 
 
 def token_cross_entropy(logits_btv: jax.Array, targets_bt: jax.Array) -> jax.Array:
@@ -93,6 +94,49 @@ def chunked_token_cross_entropy(
     return ce_nbc.swapaxes(0, 1).reshape(b, n * chunk_size)[:, :t]
 
 
+def reduce_masked(
+    per_token_bt: jax.Array,
+    mask_bt: jax.Array,
+    weights_b: jax.Array | None = None,
+    normalize: str = "batch",
+) -> tuple[jax.Array, jax.Array]:
+    """The one masked reduction of per-token losses to (loss_sum, denominator), float32.
+
+    normalize:
+      "batch" (alias "sequence"): each row's masked mean, times its weight, summed;
+        denominator = rows with at least one masked token (GRPO's per-sequence mean).
+      "weight_sum": the same sum; denominator = the weights of those rows.
+      "token": the masked per-token values, times their row's weight, summed;
+        denominator = the number of masked tokens (verl's "token-mean").
+    Rows without a masked token add 0 to both. ``weights_b`` None means all ones.
+
+    Args:
+      per_token_bt: [B, T] per-token losses (any float dtype; masked positions may hold
+        anything, even inf).
+      mask_bt: [B, T] bool/0-1, true where the token counts.
+      weights_b: [B] row weights, or None.
+    """
+    if normalize not in NORMALIZE_MODES:
+        raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got {normalize!r}")
+    mask_bt = jnp.asarray(mask_bt).astype(bool)
+    # where, not multiply: masked positions may hold garbage, and inf * 0 = nan.
+    per_token_bt = jnp.where(mask_bt, per_token_bt.astype(jnp.float32), 0.0)
+    num_tokens_b = jnp.sum(mask_bt, axis=-1).astype(jnp.float32)
+    if normalize == "token":
+        if weights_b is not None:
+            per_token_bt = per_token_bt * jnp.asarray(weights_b, jnp.float32)[:, None]
+        return jnp.sum(per_token_bt), jnp.sum(num_tokens_b)
+    has_tokens_b = num_tokens_b > 0
+    per_sample_b = jnp.sum(per_token_bt, axis=-1) / jnp.maximum(num_tokens_b, 1.0)
+    if weights_b is None:  # rows without tokens already hold 0
+        return jnp.sum(per_sample_b), jnp.sum(has_tokens_b, dtype=jnp.float32)
+    weights_b = jnp.asarray(weights_b, jnp.float32)
+    loss_sum = jnp.sum(jnp.where(has_tokens_b, weights_b * per_sample_b, 0.0))
+    if normalize == "weight_sum":
+        return loss_sum, jnp.sum(jnp.where(has_tokens_b, weights_b, 0.0))
+    return loss_sum, jnp.sum(has_tokens_b, dtype=jnp.float32)
+
+
 def weighted_token_loss(
     ce_bt: jax.Array,
     loss_mask_bt: jax.Array,
@@ -101,21 +145,7 @@ def weighted_token_loss(
 ) -> tuple[jax.Array, jax.Array]:
     """``weighted_sft_loss`` from per-token cross-entropies ``ce_bt`` [B, T] (e.g. from
     ``chunked_token_cross_entropy``) instead of logits. Same (loss_sum, denominator)."""
-    if normalize not in _NORMALIZE_MODES:
-        raise ValueError(f"normalize must be one of {_NORMALIZE_MODES}, got {normalize!r}")
-    mask_bt = jnp.asarray(loss_mask_bt).astype(bool)
-    weights_b = jnp.asarray(weights_b, jnp.float32)
-    # where, not multiply: masked positions may hold garbage, and inf * 0 = nan.
-    ce_bt = jnp.where(mask_bt, ce_bt.astype(jnp.float32), 0.0)
-    num_tokens_b = jnp.sum(mask_bt, axis=-1).astype(jnp.float32)
-    has_tokens_b = num_tokens_b > 0
-    per_sample_b = jnp.sum(ce_bt, axis=-1) / jnp.maximum(num_tokens_b, 1.0)
-    loss_sum = jnp.sum(jnp.where(has_tokens_b, weights_b * per_sample_b, 0.0))
-    if normalize == "batch":
-        denominator = jnp.sum(has_tokens_b, dtype=jnp.float32)
-    else:
-        denominator = jnp.sum(jnp.where(has_tokens_b, weights_b, 0.0))
-    return loss_sum, denominator
+    return reduce_masked(ce_bt, loss_mask_bt, weights_b, normalize)
 
 
 def weighted_sft_loss(
@@ -137,11 +167,9 @@ def weighted_sft_loss(
       targets_bt: [B, T] int target ids.
       loss_mask_bt: [B, T] bool/0-1, true where the token is supervised.
       weights_b: [B] importance weights.
-      normalize: "batch" or "weight_sum" (static).
+      normalize: "batch" or "weight_sum" (static; see ``reduce_masked`` for "token").
     """
-    if normalize not in _NORMALIZE_MODES:
-        raise ValueError(f"normalize must be one of {_NORMALIZE_MODES}, got {normalize!r}")
-    return weighted_token_loss(token_cross_entropy(logits_btv, targets_bt), loss_mask_bt,
+    return reduce_masked(token_cross_entropy(logits_btv, targets_bt), loss_mask_bt,
                                weights_b, normalize)
 
 

@@ -1,6 +1,7 @@
-"""Stage 3 training: weighted SFT with AdamW, gradient accumulation and a resumable loop.
+"""Training: AdamW, one accumulating train step that takes a loss function (weighted SFT
+by default; online RL's policy-gradient loss plugs in the same way) and a resumable loop.
 
-Device work is one jitted ``step_fn(state, batch)``; the model is rebuilt inside it from
+Device work is one jitted ``step_fn(state, batch, aux)``; the model is rebuilt inside it from
 ``(graphdef, params)`` so the weights are a jit argument (donated, never baked into the
 HLO). Host work -- fetching batches, the NaN check, logging, checkpoints -- is
 ``train_loop``.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 from typing import Any, Callable
 
@@ -27,7 +29,7 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
-from drift_jax.losses import chunked_token_cross_entropy, mean_loss, weighted_sft_loss, weighted_token_loss
+from drift_jax.losses import chunked_token_cross_entropy, mean_loss, token_cross_entropy, weighted_token_loss
 
 Batch = dict[str, Any]
 
@@ -130,34 +132,48 @@ def resolve_loss_chunk_size(loss_chunk_size: int | str | None, vocab_size: int) 
     return loss_chunk_size
 
 
-def _micro_batch_loss(graphdef, params, mb: Batch, normalize: str, loss_chunk_size: int | str | None = 0):
-    """Loss SUM of one micro-batch (differentiated) plus its token counts.
+def target_mask(batch: Batch) -> jax.Array:
+    """[B, T-1] bool: target t + 1 counts where loss_mask marks it, it is real, and its
+    input is real (a target predicted from padding is meaningless)."""
+    valid_bt = batch["valid"].astype(bool)
+    return batch["loss_mask"][:, 1:].astype(bool) & valid_bt[:, 1:] & valid_bt[:, :-1]
 
-    Position t predicts tokens[:, t + 1]; a target counts only where loss_mask marks it,
-    it is real, and its input is real (a target predicted from padding is meaningless).
-    With ``loss_chunk_size > 0`` the LM head and the cross-entropy run over sequence
-    chunks (``chunked_token_cross_entropy``): no ``[B, T, V]`` logits, same loss.
-    """
-    model = nnx.merge(graphdef, params)
-    tokens_bt, valid_bt = mb["tokens"], mb["valid"].astype(bool)
-    mask_bt = mb["loss_mask"][:, 1:].astype(bool) & valid_bt[:, 1:] & valid_bt[:, :-1]
-    weights_b = mb["weights"].astype(jnp.float32)
+
+def next_token_ce(model, batch: Batch, loss_chunk_size: int | str | None = 0) -> jax.Array:
+    """[B, T-1] float32 cross-entropy of each next token under ``model`` (position t
+    predicts tokens[:, t + 1]). With a chunk size > 0 (``resolve_loss_chunk_size``) the LM
+    head and the cross-entropy run over sequence chunks (``chunked_token_cross_entropy``):
+    no ``[B, T, V]`` logits, same values."""
+    tokens_bt, valid_bt = batch["tokens"], batch["valid"].astype(bool)
     chunk = resolve_loss_chunk_size(loss_chunk_size, model.cfg.vocab_size)
     if chunk:
         hidden_btd = model.hidden_states(tokens_bt[:, :-1], valid_bt[:, :-1])
-        ce_bt = chunked_token_cross_entropy(hidden_btd, model.lm_head_weight(), tokens_bt[:, 1:],
-                                            chunk, model.cfg.dtype)
+        return chunked_token_cross_entropy(hidden_btd, model.lm_head_weight(), tokens_bt[:, 1:],
+                                           chunk, model.cfg.dtype)
+    return token_cross_entropy(model(tokens_bt[:, :-1], valid_bt[:, :-1]), tokens_bt[:, 1:])
+
+
+# loss_fn(graphdef, params, micro_batch, aux) -> (loss SUM, denominator, {stat: sum}); the
+# step differentiates the sum wrt params and adds up all three over micro-batches.
+LossFn = Callable[[nnx.GraphDef, nnx.State, Batch, Any], tuple[jax.Array, jax.Array, dict]]
+
+
+def sft_loss_fn(normalize: str = "batch", loss_chunk_size: int | str | None = "auto") -> LossFn:
+    """The weighted SFT loss (``losses.weighted_token_loss``) as a ``make_train_step``
+    loss; stats: num_tokens (supervised) and num_weighted_tokens (sum of weight x tokens)."""
+    resolve_loss_chunk_size(loss_chunk_size, 0)  # reject a bad value now, not at trace time
+
+    def loss_fn(graphdef, params, mb, aux):
+        del aux
+        mask_bt = target_mask(mb)
+        weights_b = mb["weights"].astype(jnp.float32)
+        ce_bt = next_token_ce(nnx.merge(graphdef, params), mb, loss_chunk_size)
         loss_sum, denom = weighted_token_loss(ce_bt, mask_bt, weights_b, normalize)
-    else:
-        logits_btv = model(tokens_bt[:, :-1], valid_bt[:, :-1])
-        loss_sum, denom = weighted_sft_loss(logits_btv, tokens_bt[:, 1:], mask_bt, weights_b, normalize)
-    tokens_b = jnp.sum(mask_bt, axis=1).astype(jnp.float32)
-    counts = {
-        "num_tokens": jnp.sum(tokens_b),
-        "num_weighted_tokens": jnp.sum(weights_b * tokens_b),
-        "num_input_tokens": jnp.sum(valid_bt).astype(jnp.float32),
-    }
-    return loss_sum, (denom, counts)
+        tokens_b = jnp.sum(mask_bt, axis=1).astype(jnp.float32)
+        return loss_sum, denom, {"num_tokens": jnp.sum(tokens_b),
+                                 "num_weighted_tokens": jnp.sum(weights_b * tokens_b)}
+
+    return loss_fn
 
 
 def make_train_step(
@@ -167,11 +183,15 @@ def make_train_step(
     normalize: str = "batch",
     schedule_fn: Callable[[Any], jax.Array] | None = None,
     loss_chunk_size: int | str | None = "auto",
-) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
-    """Build the jitted ``step_fn(state, batch) -> (state, metrics)``; ``state`` is donated.
+    loss_fn: LossFn | None = None,
+) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+    """Build the jitted ``step_fn(state, batch, aux=None) -> (state, metrics)``; ``state``
+    is donated.
 
-    ``loss_chunk_size``: sequence positions per chunk of the LM head + loss (see
-    ``resolve_loss_chunk_size``; "auto" chunks large vocabularies, 0/None never).
+    ``loss_fn`` (see ``LossFn``) defaults to the weighted SFT loss with ``normalize`` and
+    ``loss_chunk_size`` (sequence positions per chunk of the LM head + loss, see
+    ``resolve_loss_chunk_size``); ``aux`` is passed to it unchanged (e.g. the reference
+    params of ``online_rl.pg_loss_fn``: a jit argument, never baked into the program).
 
     The batch's B rows are split into ``num_micro_batches`` micro-batches of B/M rows,
     scanned in order; gradients of the loss SUM and the (sum, denominator) pair are
@@ -179,30 +199,34 @@ def make_train_step(
     the same update as one batch of B (only peak memory changes).
 
     metrics (float32 scalars): loss, grad_norm (before clipping), lr (``schedule_fn`` at
-    this update; only if given), num_tokens (supervised), num_weighted_tokens (sum of
-    weight * supervised tokens), num_input_tokens (real tokens), denominator.
+    this update; only if given), denominator, num_input_tokens (real tokens) and the
+    loss's stats (summed over micro-batches).
     """
     m = num_micro_batches
-    resolve_loss_chunk_size(loss_chunk_size, 0)  # reject a bad value now, not at trace time
-    grad_fn = jax.value_and_grad(_micro_batch_loss, argnums=1, has_aux=True)
+    loss_fn = loss_fn or sft_loss_fn(normalize, loss_chunk_size)
 
-    def step_fn(state: TrainState, batch: Batch):
+    def micro_loss(params, mb, aux):
+        loss_sum, denom, stats = loss_fn(graphdef, params, mb, aux)
+        return loss_sum, (denom, stats)
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+    def step_fn(state: TrainState, batch: Batch, aux=None):
         b = batch["tokens"].shape[0]
         if b % m:
             raise ValueError(f"batch size {b} is not divisible by num_micro_batches={m}")
         micro = jax.tree.map(lambda x: x.reshape(m, b // m, *x.shape[1:]), batch)
 
         def accumulate(carry, mb):
-            (loss_sum, (denom, counts)), grads = grad_fn(graphdef, state.params, mb, normalize,
-                                                         loss_chunk_size)
-            new = (grads, loss_sum, denom, counts)
-            return jax.tree.map(jnp.add, carry, new), None
+            (loss_sum, (denom, stats)), grads = grad_fn(state.params, mb, aux)
+            return jax.tree.map(jnp.add, carry, (grads, loss_sum, denom, stats)), None
 
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
         zero = jnp.zeros((), jnp.float32)
-        counts0 = dict.fromkeys(("num_tokens", "num_weighted_tokens", "num_input_tokens"), zero)
-        init = (zeros, zero, zero, counts0)
-        (grads, loss_sum, denom, counts), _ = jax.lax.scan(accumulate, init, micro)
+        stats_shape = jax.eval_shape(lambda mb: micro_loss(state.params, mb, aux)[1][1],
+                                     jax.tree.map(lambda x: x[0], micro))
+        init = (jax.tree.map(jnp.zeros_like, state.params), zero, zero,
+                jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), stats_shape))
+        (grads, loss_sum, denom, stats), _ = jax.lax.scan(accumulate, init, micro)
 
         # d(sum/denom) = d(sum)/denom: the denominator does not depend on the params.
         inv_denom = mean_loss(jnp.float32(1.0), denom)  # 1 / denom, or 0 if no tokens
@@ -213,7 +237,8 @@ def make_train_step(
             "loss": mean_loss(loss_sum, denom),
             "grad_norm": optax.tree.norm(grads),
             "denominator": denom,
-            **counts,
+            "num_input_tokens": jnp.sum(batch["valid"]).astype(jnp.float32),
+            **stats,
         }
         if schedule_fn is not None:
             metrics["lr"] = jnp.asarray(schedule_fn(state.step), jnp.float32)
@@ -223,48 +248,66 @@ def make_train_step(
     return jax.jit(step_fn, donate_argnums=0)
 
 
+def _keep_metrics_upto(metrics_path: str, step: int) -> None:
+    """Drop metrics lines past ``step`` (the restored checkpoint): those updates are
+    redone, and a resumed run must not log them twice."""
+    if not os.path.exists(metrics_path):
+        return
+    with open(metrics_path) as f:
+        lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    with open(metrics_path, "w") as f:
+        f.writelines(lines)
+
+
 def train_loop(
-    graphdef: nnx.GraphDef,
     state: TrainState,
-    step_fn: Callable[[TrainState, Batch], tuple[TrainState, dict]],
-    batch_fn: Callable[[int], Batch],
+    step_fn: Callable[..., tuple[TrainState, dict]],
+    batch_fn: Callable[[int, TrainState], Batch | tuple[Batch, dict]],
     num_steps: int,
     *,
+    aux: Any = None,
     checkpointer=None,
     metrics_path: str | None = None,
     desc: str = "train",
     log_every: int = 1,
+    progress: bool = True,
 ) -> TrainState:
     """Run updates until ``state.step == num_steps`` (a total, not an increment).
 
     If ``checkpointer`` (a ``drift_jax.checkpoint.Checkpointer``) holds a step newer
-    than ``state.step``, training resumes from it; ``batch_fn(step)`` must be
-    deterministic in ``step`` so the resumed run sees the same data. ``graphdef`` is
-    the model definition matching ``state.params`` (kept for callers and future eval
-    hooks; the step already closes over it).
+    than ``state.step``, training resumes from it; ``batch_fn(step, state)`` must be
+    deterministic in ``step`` (and, for on-policy data, the state) so the resumed run
+    sees the same data. It returns a batch, or ``(batch, info)`` whose host-side numbers
+    are logged with the step. ``aux`` is passed to every ``step_fn`` call.
 
-    Every ``log_every`` updates, one JSON line is appended to ``metrics_path``: step
-    (updates done), loss, grad_norm, lr, tokens_per_s (real input tokens), step_time_s,
-    wall_time (unix seconds) and the token counts. The checkpointer saves on its own
-    interval and once at the end. Raises FloatingPointError at the first non-finite loss
-    or gradient norm, before that step is saved: the last checkpoint stays a good one.
+    Every ``log_every`` updates, one JSON line goes to ``metrics_path``: step (updates
+    done), the step's metrics and info, batch_s (making the batch), step_time_s (the
+    update), tokens_per_s (real input tokens per step second) and wall_time (unix
+    seconds); lines past the step training starts from are dropped first. The
+    checkpointer saves on its own interval and once at the end. Raises
+    FloatingPointError at the first non-finite loss or gradient norm, before that step
+    is saved: the last checkpoint stays a good one.
     """
-    del graphdef  # the step closes over it; accepted so callers pass a consistent set.
     if checkpointer is not None:
         latest = checkpointer.latest_step()
         if latest is not None and latest > int(state.step):
             state = checkpointer.restore(state, latest)
     start = int(state.step)
+    if metrics_path:
+        _keep_metrics_upto(metrics_path, start)
     log_cm = open(metrics_path, "a") if metrics_path else contextlib.nullcontext()
-    bar_cm = tqdm(total=num_steps, initial=start, desc=desc, dynamic_ncols=True)
+    bar_cm = tqdm(total=num_steps, initial=start, desc=desc, dynamic_ncols=True, disable=not progress)
     with log_cm as log_file, bar_cm as bar:
         for step in range(start, num_steps):
             t0 = time.perf_counter()
-            state, metrics = step_fn(state, batch_fn(step))
+            batch = batch_fn(step, state)
+            batch, info = batch if isinstance(batch, tuple) else (batch, {})
+            t1 = time.perf_counter()
+            state, metrics = step_fn(state, batch, aux)
             # Fetching the metrics waits for the step: the NaN check must precede
             # any save, and the step time must be the device's, not dispatch's.
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            step_time = time.perf_counter() - t0
+            step_time = time.perf_counter() - t1
             done = step + 1
             # A finite loss with non-finite gradients has already poisoned the params.
             if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
@@ -275,13 +318,8 @@ def train_loop(
                     "Check that batch's weights and tokens, or lower the learning rate."
                 )
             if log_file is not None and (done % log_every == 0 or done == num_steps):
-                record = {
-                    "step": done,
-                    **metrics,
-                    "tokens_per_s": metrics["num_input_tokens"] / step_time,
-                    "step_time_s": step_time,
-                    "wall_time": time.time(),
-                }
+                record = {"step": done, **metrics, **info, "batch_s": t1 - t0, "step_time_s": step_time,
+                          "tokens_per_s": metrics["num_input_tokens"] / step_time, "wall_time": time.time()}
                 log_file.write(json.dumps(record) + "\n")
                 log_file.flush()
             if checkpointer is not None:

@@ -1,10 +1,11 @@
-"""Returns and DRIFT importance weights (drift-method.md, Stage 2).
+"""Returns and DRIFT importance weights (``docs/method.md``, stage 2).
 
 Two layers:
 - array functions (`discounted_returns`, `importance_weights`): pure jnp, jit-compatible,
   float32;
-- host functions (`normalize_answer`, `repetition_penalty`, `trajectory_returns`,
-  `trajectory_weights`): plain Python over the reference release's rollout records.
+- host functions (`normalize_answer`, `repetition_penalty`, `record_return`,
+  `trajectory_returns`, `trajectory_weights`): plain Python over rollout records, read
+  through ``records.parse_record`` (the one place that decides what a record is).
 
     R(tau) = sum_t gamma^(t-1) r_t + format_penalty - lam * (1 - n_unique / n_answers)
     w(tau) = exp(R/beta) / mean_{tau' of the same prompt} exp(R(tau')/beta)
@@ -13,9 +14,6 @@ Two layers:
 from __future__ import annotations
 
 import functools
-import math
-import numbers
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -23,8 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from drift_jax.records import Record, parse_record
+
 _NORMALIZE_MODES = ("mean", "sum")
-_TURN_KEY = re.compile(r"t(\d+)")
 
 
 @jax.jit
@@ -118,53 +117,25 @@ def _importance_weights(returns_n, group_ids_n, beta, *, normalize, num_groups):
     return scaled_n * count_g[group_ids_n] / sum_g[group_ids_n]
 
 
-def _finite_number(value: Any, field: str) -> float:
-    # bool is a numbers.Real; a reward of True is almost certainly a mix-up with `verifier`.
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"field {field!r}: expected a number, got {value!r}")
-    if not math.isfinite(value):
-        raise ValueError(f"field {field!r}: expected a finite number, got {value!r}")
-    return float(value)
+def record_return(record: Record, gamma: float, lam: float = 0.5) -> float:
+    """R = G + format_penalty - P of one parsed record (``records.parse_record``).
 
-
-def _turn_rewards(record: Mapping[str, Any]) -> list[float]:
-    """Dense list r_1..r_T from {"t1": r, ...}; keys may be missing or out of order."""
-    if "turn_rewards" not in record:
-        raise ValueError("missing required field 'turn_rewards'")
-    raw = record["turn_rewards"]
-    if not isinstance(raw, Mapping):
-        raise ValueError(f"field 'turn_rewards': expected a dict {{'t1': float, ...}}, got {type(raw).__name__}")
-    by_turn: dict[int, float] = {}
-    for key, value in raw.items():
-        match = _TURN_KEY.fullmatch(str(key))
-        if match is None or int(match.group(1)) < 1:
-            raise ValueError(f"field 'turn_rewards': bad turn key {key!r}, expected 't1', 't2', ...")
-        by_turn[int(match.group(1))] = _finite_number(value, f"turn_rewards.{key}")
-    num_turns = max(by_turn, default=0)
-    return [by_turn.get(t, 0.0) for t in range(1, num_turns + 1)]
+    The answers are re-normalised (the normalisation is idempotent), so a file written
+    with another normalisation still counts repeats the same way.
+    """
+    g = sum(gamma**t * r for t, r in enumerate(record.turn_rewards))
+    penalty = repetition_penalty([normalize_answer(a) for a in record.answer_norms], lam)
+    return g + record.format_penalty - penalty
 
 
 def trajectory_returns(record: Mapping[str, Any], gamma: float, lam: float = 0.5) -> float:
     """R = G + format_penalty - P for ONE rollout record (reference release format).
 
-    Uses `turn_rewards` (missing turns are 0), `answer_norms` (re-normalised; the
-    normalisation is idempotent) and `format_penalty` (<= 0, missing -> 0.0).
-    Raises ValueError naming the field when the record is malformed.
+    Uses `turn_rewards` (missing turns are 0), `answer_norms` and `format_penalty`
+    (<= 0, missing -> 0.0). Raises ``records.BadRecord`` (a ValueError) naming the field
+    when the record is malformed.
     """
-    rewards = _turn_rewards(record)
-    g = sum(gamma**t * r for t, r in enumerate(rewards))
-
-    if "answer_norms" not in record:
-        raise ValueError("missing required field 'answer_norms'")
-    answers = record["answer_norms"]
-    if not isinstance(answers, (list, tuple)) or not all(isinstance(a, str) for a in answers):
-        raise ValueError(f"field 'answer_norms': expected a list of strings, got {answers!r}")
-    penalty = repetition_penalty([normalize_answer(a) for a in answers], lam)
-
-    fmt = _finite_number(record.get("format_penalty", 0.0), "format_penalty")
-    if fmt > 0.0:
-        raise ValueError(f"field 'format_penalty': expected a value <= 0 (a penalty), got {fmt!r}")
-    return g + fmt - penalty
+    return record_return(parse_record(record, messages=False), gamma, lam)
 
 
 def trajectory_weights(
@@ -184,22 +155,10 @@ def trajectory_weights(
     """
     _check_weight_args(beta, normalize)  # fail before parsing thousands of records
     returns, group_ids, group_of = [], [], {}
-    for i, record in enumerate(trajectories):
-        try:
-            if not isinstance(record, Mapping):
-                raise ValueError(f"expected a dict, got {type(record).__name__}")
-            if "prompt_id" not in record:
-                raise ValueError("missing required field 'prompt_id'")
-            prompt_id = record["prompt_id"]
-            if not isinstance(prompt_id, str):
-                raise ValueError(f"field 'prompt_id': expected a string, got {prompt_id!r}")
-            returns.append(trajectory_returns(record, gamma, lam))
-        except ValueError as err:
-            raise ValueError(
-                f"trajectory record {i}: {err}. Records must follow the reference release "
-                "format (docs/drift-method.md); fix or drop this record."
-            ) from None
-        group_ids.append(group_of.setdefault(prompt_id, len(group_of)))
+    for i, raw in enumerate(trajectories):
+        record = parse_record(raw, f"trajectory record {i}", messages=False)
+        returns.append(record_return(record, gamma, lam))
+        group_ids.append(group_of.setdefault(record.prompt_id, len(group_of)))
     if not returns:
         return np.zeros((0,), np.float32)
     weights_n = importance_weights(

@@ -1,7 +1,8 @@
 """DRIFT end to end: reference -> rollout -> weights -> train -> eval -> report.
 
-This file reads the config and runs the stages (``experiments/stages.py``) of one
-``Experiment`` (``experiments/experiment.py``).
+This file reads the config and runs the stages (``experiments/stages.py``, online RL in
+``experiments/online_rl.py``) of one ``Experiment`` (``experiments/workdir.py``) for
+each method of ``cfg.methods`` (``drift_jax/methods.py``).
 
     python experiments/run.py                                   # the embedded default
     python experiments/run.py --config=experiments/configs/tiny.py --workdir=/tmp/run
@@ -26,8 +27,8 @@ sys.path.insert(0, REPO)  # configs import each other as experiments.configs.*
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from drift_jax import distributed, report  # noqa: E402
-from experiments.experiment import Experiment, read_json, write_json  # noqa: E402
+from drift_jax import distributed, methods, report  # noqa: E402
+from experiments.workdir import Experiment, read_json, write_json  # noqa: E402
 from experiments.stages import (  # noqa: E402
     stage_eval, stage_method, stage_reference, stage_report, stage_rollout, stage_weights)
 
@@ -40,7 +41,6 @@ def check_config_keys(argv: list[str], default_config: str) -> None:
     """
     import difflib
     import importlib.util
-    import re
 
     spec, keys = default_config, []
     for i, arg in enumerate(argv[1:], start=1):
@@ -97,26 +97,6 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
-METHODS = ("sft_single", "sft", "rft", "drift", "drift_all_turns", "online_rl")
-
-
-def unknown_methods(methods) -> list:
-    """Names in ``methods`` that the runner cannot train, in order; ``drift_round<r>``
-    needs drift and every earlier round before it."""
-    bad, seen = [], set()
-    for m in methods:
-        match = re.fullmatch(r"drift_round(\d+)", m)
-        if match:
-            r = int(match.group(1))
-            ok = r >= 2 and "drift" in seen and all(f"drift_round{q}" in seen for q in range(2, r))
-        else:
-            ok = m in METHODS
-        if not ok:
-            bad.append(m)
-        seen.add(m)
-    return bad
-
-
 def check_config(cfg, workdir: str) -> None:
     """Reject impossible values, and a workdir that holds a run of another config."""
     checks = [
@@ -126,9 +106,7 @@ def check_config(cfg, workdir: str) -> None:
         (cfg.task.max_turns >= 1, f"task.max_turns (T) must be >= 1, got {cfg.task.max_turns}"),
         (cfg.rollout.num_prompts >= 1, f"rollout.num_prompts must be >= 1, got {cfg.rollout.num_prompts}"),
         # A prompt with one trajectory has DRIFT weight 1 whatever its return.
-        (not unknown_methods(cfg.methods), f"unknown methods {unknown_methods(cfg.methods)}: expected some "
-         f"of {', '.join(METHODS)} or drift_round<r> (iterative DRIFT, after drift and rounds < r)"),
-        ("drift" not in cfg.methods or cfg.get("rollouts") or cfg.rollout.num_samples >= 2,
+        ("drift" not in cfg.methods or cfg.rollouts or cfg.rollout.num_samples >= 2,
          f"rollout.num_samples (K) must be >= 2 to train 'drift', got {cfg.rollout.num_samples}"),
         (cfg.data.on_bad_record in ("error", "skip"),
          f"data.on_bad_record must be 'error' or 'skip', got {cfg.data.on_bad_record!r}"),
@@ -136,6 +114,10 @@ def check_config(cfg, workdir: str) -> None:
     for ok, message in checks:
         if not ok:
             raise ValueError(f"invalid config: {message}")
+    try:
+        methods.parse(cfg.methods)
+    except ValueError as e:
+        raise ValueError(f"invalid config: {e}") from None
     current = json.loads(json.dumps(cfg.to_dict()))  # tuples -> lists, as stored
     path = os.path.join(workdir, "config.json")
     if os.path.exists(path):
@@ -161,20 +143,20 @@ def main(argv):
     check_config(cfg, workdir)
     exp = Experiment(cfg, workdir)
     t0 = time.time()
-    methods = list(cfg.methods)
+    run_methods = methods.parse(cfg.methods)
     stage_reference(exp)
     if not exp.given_rollouts:
         stage_rollout(exp)
     stage_weights(exp)
-    for method in methods:
+    for method in run_methods:
         stage_method(exp, method)
     if exp.benchmarks:
-        for method in ["reference", *methods]:
-            stage_eval(exp, method)
-    results = stage_report(exp, methods)
+        for name in ["reference", *cfg.methods]:
+            stage_eval(exp, name)
+    results = stage_report(exp, run_methods)
     if exp.benchmarks:
         print(report.results_table(results, exp.env.max_turns))
-    trained = ", ".join(exp.path(m, "hf" if exp.checkpoint else "params") for m in methods)
+    trained = ", ".join(exp.policy_path(m) for m in cfg.methods)
     print(f"\nwrote {exp.path('results.json')} and the trained policies ({trained}) "
           f"in {time.time() - t0:.0f} s")
 

@@ -5,42 +5,40 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import time
 
 import numpy as np
 from flax import nnx
 
-from drift_jax import checkpoint, diagnostics, evaluate, online_rl, report, rollouts, sharding, train
+from drift_jax import diagnostics, evaluate, methods, records, report, sharding, train
+from drift_jax.batching import make_batch_fn
 from drift_jax.chat import encode_dialogue
-from drift_jax.data import make_batch_fn
 from drift_jax.envs.secret import scripted_episode
+from drift_jax.episodes import append_rollouts, play_episodes
 from drift_jax.models import Transformer
-from drift_jax.rollout import append_rollouts, play_episodes
 from drift_jax.weights import trajectory_returns, trajectory_weights
-from experiments.experiment import Experiment, read_json, write_json
+from experiments.online_rl import stage_online_rl
+from experiments.workdir import Experiment, read_json, write_json
 
 
 def fit(exp: Experiment, name: str, examples, init_model: Transformer, tcfg, steps: int) -> dict:
     """Train ``init_model`` on ``examples`` under ``<workdir>/<name>``; resumable."""
     tx, schedule = train.make_optimizer(
         tcfg.learning_rate, steps, warmup_ratio=tcfg.warmup_ratio, schedule=tcfg.schedule,
-        weight_decay=tcfg.weight_decay, grad_clip=tcfg.get("grad_clip", 1.0))
+        weight_decay=tcfg.weight_decay, grad_clip=tcfg.grad_clip)
     graphdef, state = train.create_train_state(init_model, tx, seed=exp.cfg.seed)
     mesh = exp.mesh
     if mesh is not None:  # params + optimizer state by their logical axes, batch rows over data x fsdp
         state = sharding.shard_train_state(state, tx, mesh)
-    step_fn = train.make_train_step(graphdef, tx, tcfg.get("num_micro_batches", 1),
-                                    tcfg.get("loss_normalize", "batch"), schedule,
-                                    loss_chunk_size=tcfg.get("loss_chunk_size", "auto"))
+    step_fn = train.make_train_step(graphdef, tx, tcfg.num_micro_batches, tcfg.loss_normalize, schedule,
+                                    loss_chunk_size=tcfg.loss_chunk_size)
     batch_fn, _ = make_batch_fn(examples, tcfg.batch_size, exp.cfg.seed, exp.tokenizer.pad_token_id,
-                                bucket_window=tcfg.get("bucket_window", 0))
+                                bucket_window=tcfg.bucket_window)
     if mesh is not None:
-        batch_fn = (lambda make: lambda step: sharding.shard_batch(make(step), mesh))(batch_fn)
-    ckpt = checkpoint.Checkpointer(exp.path(name, "checkpoints"),
-                                   save_every=tcfg.get("checkpoint_every", 100), keep=2)
+        batch_fn = (lambda make: lambda step, state=None: sharding.shard_batch(make(step), mesh))(batch_fn)
+    ckpt = exp.checkpointer(name, tcfg.checkpoint_every)
     t0 = time.time()
-    state = train.train_loop(graphdef, state, step_fn, batch_fn, steps, checkpointer=ckpt,
+    state = train.train_loop(state, step_fn, batch_fn, steps, checkpointer=ckpt,
                              metrics_path=exp.path(name, "metrics.jsonl"), desc=f"train {name}")
     ckpt.close()
     exp.save_policy(name, nnx.merge(graphdef, state.params))
@@ -79,7 +77,7 @@ def stage_rollout(exp: Experiment) -> None:
     """K trajectories per training prompt from the frozen reference, as JSONL records.
 
     Appended one prompt group at a time: a killed run resumes where it stopped and ends
-    with the same file (``rollout.append_rollouts``)."""
+    with the same file (``episodes.append_rollouts``)."""
     if os.path.exists(exp.path("rollout_stats.json")):
         return
     rc = exp.cfg.rollout
@@ -102,93 +100,56 @@ def stage_weights(exp: Experiment) -> None:
         return
     d = exp.cfg.drift
     t0 = time.time()
-    records, skipped = exp.rollout_records(), exp.skipped_records
+    trajectories, skipped = exp.rollout_records(), exp.skipped_records
     beta = d.beta
-    if d.get("target_ess_fraction"):  # beta chosen so the mean ESS / K hits the target
-        beta = diagnostics.choose_beta(records, d.gamma, d.lam, d.target_ess_fraction)
-    weights = trajectory_weights(records, d.gamma, beta, d.lam, normalize=d.normalize)
-    returns = [trajectory_returns(r, d.gamma, d.lam) for r in records]
-    diag = diagnostics.summary(records, weights)
+    if d.target_ess_fraction > 0:  # beta chosen so the mean ESS / K hits the target
+        beta = diagnostics.choose_beta(trajectories, d.gamma, d.lam, d.target_ess_fraction)
+    weights = trajectory_weights(trajectories, d.gamma, beta, d.lam, normalize=d.normalize)
+    returns = [trajectory_returns(r, d.gamma, d.lam) for r in trajectories]
+    diag = diagnostics.summary(trajectories, weights)
     print(f"weights ({exp.workdir}): beta={beta:.4g}, mean ESS/K={diag['mean_ess_fraction']:.3f}, "
           f"groups where every trajectory failed: {diag['all_fail_share']:.1%}")
     write_json(exp.path("weights.json"), {
         "drift": weights.tolist(), "returns": returns, "beta": beta, "diagnostics": diag,
-        "skipped_records": rollouts.summarize_skipped(skipped),  # {"total", "reasons"}
+        "skipped_records": records.summarize_skipped(skipped),  # {"total", "reasons"}
         "wall_s": time.time() - t0})
 
 
-def method_examples(exp: Experiment, method: str) -> list:
-    """The weighted SFT data of a method trained on the reference's rollouts.
-
-    sft: every trajectory, last turn, weight 1.  drift: the same with importance weights.
-    rft: successful trajectories only, weight 1.  drift_all_turns: every assistant turn
-    weighted by its trajectory's weight (the paper's ablation).  sft_single: first-turn
-    correct answers only (single-turn SFT).
-    """
-    records = exp.rollout_records()
-    if method in ("drift", "drift_all_turns"):
-        weights = read_json(exp.path("weights.json"))["drift"]
-    else:
-        weights = [1.0] * len(records)
-    supervise = "all" if method == "drift_all_turns" else "last"
-    keep = {
-        "sft": lambda r: True, "drift": lambda r: True, "drift_all_turns": lambda r: True,
-        "rft": lambda r: r.get("t_star") is not None,
-        "sft_single": lambda r: r.get("t_star") == 1,
-    }
-    if method not in keep:
-        raise ValueError(f"unknown method {method!r}; expected one of {sorted(keep)}")
-    examples = exp.examples(supervise)
-    if not len(examples) == len(weights) == len(records):
-        raise RuntimeError(f"{exp.path('weights.json')} holds {len(weights)} weights for {len(records)} "
+def method_examples(exp: Experiment, method: methods.Method) -> list:
+    """The weighted SFT data of an offline method: the records it keeps, the turns it
+    supervises and its weights (``drift_jax/methods.py``)."""
+    raw = exp.rollout_records()
+    weights = read_json(exp.path("weights.json"))["drift"] if method.weighted else [1.0] * len(raw)
+    examples = exp.examples(method.supervise)
+    if not len(examples) == len(weights) == len(raw):
+        raise RuntimeError(f"{exp.path('weights.json')} holds {len(weights)} weights for {len(raw)} "
                            "records: delete it to recompute")
-    examples = [dataclasses.replace(e, weight=w) for e, w, r in zip(examples, weights, records) if keep[method](r)]
+    examples = [dataclasses.replace(e, weight=w) for e, w, r in zip(examples, weights, raw)
+                if method.keep(records.parse_record(r, messages=False))]
     if not examples:
-        raise ValueError(f"method {method!r} has no training examples in {exp.rollout_files()}")
+        raise ValueError(f"method {method.name!r} has no training examples in {exp.rollout_files()}")
     return examples
 
 
-def stage_train(exp: Experiment, method: str) -> None:
+def stage_train(exp: Experiment, method: methods.Method) -> None:
     """Weighted SFT from the reference on the method's examples."""
-    if os.path.exists(exp.path(method, "train_stats.json")):
+    if os.path.exists(exp.path(method.name, "train_stats.json")):
         return
     examples = method_examples(exp, method)
     tc = exp.cfg.train
     steps = tc.epochs * -(-len(examples) // tc.batch_size)
-    fit(exp, method, examples, exp.load_policy("reference"), tc, steps)
+    fit(exp, method.name, examples, exp.load_policy("reference"), tc, steps)
 
 
-def stage_online_rl(exp: Experiment) -> None:
-    """The online multi-turn RL baseline: the current policy plays fresh episodes every
-    update (drift_jax/online_rl.py); same return as DRIFT, GRPO advantages, KL to the reference."""
-    if os.path.exists(exp.path("online_rl", "train_stats.json")):
-        return
-    oc, d = exp.cfg.online_rl, exp.cfg.drift
-    model, ref = exp.load_policy("reference"), exp.load_policy("reference")
-    stats = online_rl.train_online(
-        model, ref, exp.tokenizer, exp.env, exp.train_questions, steps=oc.steps,
-        prompts_per_step=oc.prompts_per_step, num_samples=exp.cfg.rollout.num_samples,
-        sampling=exp.sampling(temperature=1.0), learning_rate=oc.learning_rate,
-        warmup_ratio=oc.warmup_ratio, schedule=oc.schedule, weight_decay=oc.weight_decay,
-        grad_clip=oc.grad_clip, kl_coef=oc.kl_coef, gamma=d.gamma, lam=d.lam,
-        num_micro_batches=oc.num_micro_batches, seq_len=oc.get("seq_len"),
-        rollout_batch_size=oc.prompts_per_step * exp.cfg.rollout.num_samples,
-        seed=exp.cfg.seed, checkpoint_dir=exp.path("online_rl", "checkpoints"),
-        checkpoint_every=oc.checkpoint_every, metrics_path=exp.path("online_rl", "metrics.jsonl"))
-    exp.save_policy("online_rl", model)
-    write_json(exp.path("online_rl", "train_stats.json"), stats)
-
-
-def stage_method(exp: Experiment, method: str) -> None:
+def stage_method(exp: Experiment, method: methods.Method) -> None:
     """Train one method: offline ones on the rollouts, online RL, or an iterative round."""
-    match = re.fullmatch(r"drift_round(\d+)", method)
-    if method == "online_rl":
+    if method.trainer == "online_rl":
         stage_online_rl(exp)
-    elif match:
-        child = exp.round(int(match.group(1)))
+    elif method.round > 1:
+        child = exp.round(method.round)
         stage_rollout(child)
         stage_weights(child)
-        stage_train(child, "drift")
+        stage_train(child, methods.get("drift"))
     else:
         stage_train(exp, method)
 
@@ -206,7 +167,7 @@ def stage_eval(exp: Experiment, method: str) -> None:
             policy, exp.tokenizer, env, questions, num_samples=1, seed=exp.cfg.seed,
             sampling=exp.sampling(temperature=0.0), batch_size=ec.batch_size, desc=f"eval {method} {bench}")
         os.makedirs(exp.path("eval"), exist_ok=True)
-        rollouts.write_jsonl(exp.path("eval", f"{bench}_{method}.jsonl"), (e.to_record() for e in episodes))
+        records.write_jsonl(exp.path("eval", f"{bench}_{method}.jsonl"), (e.to_record() for e in episodes))
         write_json(out, {**evaluate.summarize([e.t_star for e in episodes], env.max_turns),
                          "questions": len(questions), "generated_tokens": generated})
 
@@ -231,15 +192,14 @@ def method_cost(exp: Experiment, method: str) -> dict:
     generation cost here: None."""
     if method == "reference":
         return {"generated_tokens": 0, "trained_tokens": 0, "supervised_tokens": 0, "wall_s": 0.0}
-    match = re.fullmatch(r"drift_round(\d+)", method)
-    if match:  # the previous rounds plus this round's rollouts, weights and training
-        r = int(match.group(1))
-        before = method_cost(exp, "drift" if r == 2 else f"drift_round{r - 1}")
-        this = method_cost(exp.round(r), "drift")
+    spec = methods.get(method)
+    if spec.round > 1:  # the previous rounds plus this round's rollouts, weights and training
+        before = method_cost(exp, spec.previous)
+        this = method_cost(exp.round(spec.round), "drift")
         return {k: None if before[k] is None or this[k] is None else before[k] + this[k]
                 for k in ("generated_tokens", "trained_tokens", "supervised_tokens", "wall_s")}
     ts = read_json(exp.path(method, "train_stats.json"))
-    if method == "online_rl":  # generates its own episodes at every update
+    if spec.trainer == "online_rl":  # generates its own episodes at every update
         return {k: ts[k] for k in ("generated_tokens", "trained_tokens", "supervised_tokens")} | {
             "wall_s": ts["wall_s"], "stage_wall_s": {"rollout": ts["rollout_s"], "train": ts["train_s"]}}
     weights = read_json(exp.path("weights.json"))
@@ -251,7 +211,7 @@ def method_cost(exp: Experiment, method: str) -> dict:
             "stage_wall_s": {"rollout": rollout["wall_s"], "weights": weights["wall_s"], "train": ts["wall_s"]}}
 
 
-def stage_report(exp: Experiment, methods) -> dict:
+def stage_report(exp: Experiment, run_methods: list[methods.Method]) -> dict:
     weights = read_json(exp.path("weights.json"))
     results = {"methods": {}, "benchmarks": {}, "config": exp.cfg.to_dict(),
                "rollout_files": exp.rollout_files(), "skipped_records": weights["skipped_records"]}
@@ -259,11 +219,11 @@ def stage_report(exp: Experiment, methods) -> dict:
         results["sampled_reference"] = read_json(exp.path("rollout_stats.json"))["sampled_reference"]
     # Weight diagnostics (ESS, all-fail share, histogram) of each round's rollouts.
     results["weight_diagnostics"] = {"drift": {"beta": weights["beta"], **weights["diagnostics"]}}
-    for method in methods:
-        if re.fullmatch(r"drift_round\d+", method):
-            w = read_json(exp.round(int(method.removeprefix("drift_round"))).path("weights.json"))
-            results["weight_diagnostics"][method] = {"beta": w["beta"], **w["diagnostics"]}
-    for method in ["reference", *methods]:
+    for method in run_methods:
+        if method.round > 1:
+            w = read_json(exp.round(method.round).path("weights.json"))
+            results["weight_diagnostics"][method.name] = {"beta": w["beta"], **w["diagnostics"]}
+    for method in ["reference", *(m.name for m in run_methods)]:
         summary, per_bench = eval_summary(exp, method)
         results["methods"][method] = {**summary, "cost": method_cost(exp, method)}
         for bench, s in per_bench.items():

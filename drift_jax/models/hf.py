@@ -143,7 +143,7 @@ def _hf_name(names: tuple) -> tuple[str, bool]:
     return (name if modules[0] == "lm_head" else "model." + name), transpose
 
 
-def _resolve(name_or_path: str | os.PathLike) -> str:
+def resolve(name_or_path: str | os.PathLike) -> str:
     """A local folder as-is; anything else is a hub id, downloaded (config + weights only)."""
     if os.path.isdir(name_or_path):
         return os.fspath(name_or_path)
@@ -186,7 +186,7 @@ def from_pretrained(name_or_path: str | os.PathLike, dtype: Any = jnp.bfloat16, 
     Raises ``ValueError``
     naming any missing, unexpected or wrongly shaped tensor.
     """
-    path = _resolve(name_or_path)
+    path = resolve(name_or_path)
     with open(os.path.join(path, "config.json")) as f:
         cfg = dataclasses.replace(config_from_hf(json.load(f), dtype, param_dtype), **overrides)
     # Build shapes only: the real values come from the files, so nothing is initialised twice.
@@ -246,3 +246,11 @@ def load_tokenizer(path_or_name: str | os.PathLike):
         raise ValueError(f"tokenizer {path_or_name} has no chat_template; use an instruct/chat "
                          "checkpoint or set tokenizer.chat_template")
     return tokenizer
+
+
+def token_ids(name_or_path: str | os.PathLike) -> dict:
+    """The bos / eos / pad token ids of a checkpoint's config.json (kept on save, so a
+    saved policy generates and stops like its source)."""
+    with open(os.path.join(resolve(name_or_path), "config.json")) as f:
+        hf = json.load(f)
+    return {k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in hf}

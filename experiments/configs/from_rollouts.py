@@ -1,12 +1,13 @@
 """Train a given model on a given rollout file (e.g. the authors' vLLM rollouts).
 
     python experiments/run.py --config=experiments/configs/from_rollouts.py \
-        --config.model=Qwen/Qwen2.5-3B-Instruct --config.rollouts=rollouts.jsonl
+        --config.model.checkpoint=Qwen/Qwen2.5-3B-Instruct --config.rollouts=rollouts.jsonl
 
-``rollouts`` takes comma-separated JSONL files in the reference release's record format;
-weights are recomputed from them (a stored "weight" is ignored). The trained policy is
-written in Hugging Face format to ``<workdir>/drift/hf``. Evaluation runs only when
-``eval.benchmarks`` names some (none by default); the other settings are the paper's.
+``rollouts`` takes comma-separated JSONL files in the reference release's record format
+(``docs/record-format.md``); weights are recomputed from them (a stored "weight" is
+ignored). The trained policy is written in Hugging Face format to ``<workdir>/drift/hf``.
+Evaluation runs only when ``eval.benchmarks`` names some (none by default); the other
+settings are the paper's.
 """
 
 import ml_collections
@@ -16,7 +17,7 @@ from experiments.configs import qwen2_5_3b_metamath
 
 def get_config():
     c = qwen2_5_3b_metamath.get_config()
-    c.model = ""  # required: HF folder or hub id
+    c.model.checkpoint = ""  # required: HF folder or hub id
     c.rollouts = ""  # required
     c.methods = ("drift",)
     c.data.train = ""  # unused: no rollout stage

@@ -5,6 +5,6 @@ from experiments.configs import qwen2_5_3b_metamath
 
 def get_config():
     c = qwen2_5_3b_metamath.get_config()
-    c.model = "Qwen/Qwen2.5-0.5B-Instruct"
+    c.model.checkpoint = "Qwen/Qwen2.5-0.5B-Instruct"
     c.train.num_micro_batches = 8
     return c

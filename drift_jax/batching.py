@@ -1,4 +1,5 @@
-"""Deterministic SFT batches: the batch of step ``s`` depends only on (examples, seed, s).
+"""SFT examples and deterministic batches: the batch of step ``s`` depends only on
+(examples, seed, s).
 
 That is what lets a killed run resume from a checkpoint and see the same data order.
 
@@ -13,14 +14,46 @@ masks padded targets), and the bucketed lengths keep the number of compiled shap
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Callable, Sequence
 
 import numpy as np
 
-from drift_jax.chat import SFTExample, collate
 from drift_jax.sampling import bucket_length
+
+
+@dataclasses.dataclass
+class SFTExample:
+    """One training sequence. ``loss_mask`` marks the supervised TOKENS."""
+
+    tokens: np.ndarray  # [T] int32
+    loss_mask: np.ndarray  # [T] bool
+    weight: float = 1.0
+    truncated: bool = False
+
+
+def collate(examples: list[SFTExample], length: int, pad_id: int, batch_size: int | None = None) -> dict:
+    """Right-pad examples into a batch dict of numpy arrays (``tokens``, ``valid``,
+    ``loss_mask`` ``[B, T]``; ``weights`` ``[B]``). Extra rows (up to ``batch_size``) are
+    all-padding with weight 0, which the loss ignores."""
+    b = batch_size or len(examples)
+    batch = {
+        "tokens": np.full((b, length), pad_id, np.int32),
+        "valid": np.zeros((b, length), bool),
+        "loss_mask": np.zeros((b, length), bool),
+        "weights": np.zeros((b,), np.float32),
+    }
+    for r, ex in enumerate(examples):
+        n = len(ex.tokens)
+        if n > length:
+            raise ValueError(f"example of {n} tokens does not fit batch length {length}")
+        batch["tokens"][r, :n] = ex.tokens
+        batch["valid"][r, :n] = True
+        batch["loss_mask"][r, :n] = ex.loss_mask
+        batch["weights"][r] = ex.weight
+    return batch
 
 
 def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int,
@@ -51,8 +84,9 @@ def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int
 
 
 def make_batch_fn(examples: Sequence[SFTExample], batch_size: int, seed: int, pad_id: int,
-                  min_bucket: int = 16, bucket_window: int = 0) -> tuple[Callable[[int], dict], int]:
-    """Returns ``(batch_fn, steps_per_epoch)``.
+                  min_bucket: int = 16, bucket_window: int = 0) -> tuple[Callable[..., dict], int]:
+    """Returns ``(batch_fn, steps_per_epoch)``; ``batch_fn(step)`` (or
+    ``batch_fn(step, state)``, as ``train.train_loop`` calls it) is step ``step``'s batch.
 
     Each epoch is a fresh permutation of the examples (``seed``, epoch); a short batch
     is filled with zero-weight padding rows, so every example is seen once per epoch.
@@ -72,7 +106,8 @@ def make_batch_fn(examples: Sequence[SFTExample], batch_size: int, seed: int, pa
     def plan(epoch: int) -> list[np.ndarray]:
         return epoch_batches(lengths, batch_size, seed, epoch, bucket_window)
 
-    def batch_fn(step: int) -> dict:
+    def batch_fn(step: int, state=None) -> dict:
+        del state  # the data do not depend on the policy
         epoch, index = divmod(step, steps_per_epoch)
         rows = plan(epoch)[index]
         length = global_length

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from drift_jax import rollouts
+from drift_jax import records
 from drift_jax.chat import encode_prompt
 from drift_jax.envs.base import Environment, Episode, Question
 from drift_jax.sampling import SamplingParams, generate_batched
@@ -37,30 +37,14 @@ def episode_keys(seed: int, prompt_ids: Sequence[str], sample_idx: Sequence[int]
     return jax.vmap(one)(prompt_hash, np.asarray(sample_idx, np.uint32))
 
 
-def _play(model, tokenizer, env, questions, *, num_samples, sampling, seed, batch_size, max_len,
-          desc, progress) -> tuple[list[Episode], list[list[int]]]:
-    """``play_episodes``, returning the tokens generated per episode and turn."""
-    episodes = [Episode(env, q) for q in questions for _ in range(num_samples)]
-    sample_idx = [j for _ in questions for j in range(num_samples)]
-    tokens_per_turn: list[list[int]] = [[] for _ in episodes]
-    bar = tqdm(total=len(episodes), desc=desc, unit="episode", disable=not progress, leave=False)
-    for turn in range(1, env.max_turns + 1):
-        live = [i for i, e in enumerate(episodes) if not e.done]
-        if not live:
-            break
-        bar.set_postfix(turn=turn, live=len(live))
-        prompts = [encode_prompt(tokenizer, episodes[i].messages) for i in live]
-        keys = episode_keys(
-            seed, [episodes[i].question.prompt_id for i in live], [sample_idx[i] for i in live], turn
-        )
-        outputs = generate_batched(model, prompts, keys, sampling, batch_size=batch_size, max_len=max_len)
-        for i, (tokens, _) in zip(live, outputs):
-            tokens_per_turn[i].append(len(tokens))
-            episodes[i].step(tokenizer.decode(tokens, skip_special_tokens=True).strip())
-            if episodes[i].done:
-                bar.update(1)
-    bar.close()
-    return episodes, tokens_per_turn
+def decode_reply(tokenizer, reply_ids: Sequence[int], stop_ids: Sequence[int]) -> str:
+    """The text a sampled reply adds to the dialogue: its ids minus one final stop token
+    (the chat template closes the turn itself), decoded WITH any other special tokens and
+    unstripped, so the next turn's context holds what the policy sampled. Dropping
+    special tokens would hide, and so never penalise, a stray ``<|user|>`` in a reply
+    (on the toy task online RL then learned to emit them)."""
+    body = reply_ids[:-1] if len(reply_ids) and reply_ids[-1] in stop_ids else reply_ids
+    return tokenizer.decode(list(body), skip_special_tokens=False)
 
 
 def play_episodes(
@@ -76,16 +60,48 @@ def play_episodes(
     max_len: int | None = None,
     desc: str = "episodes",
     progress: bool = True,
-) -> tuple[list[Episode], int]:
+    return_ids: bool = False,
+):
     """Play ``num_samples`` episodes of every question.
 
-    Returns the episodes (question-major: the K samples of question 0 first) and the
-    number of tokens generated.
+    Returns ``(episodes, generated)``: the episodes (question-major: the K samples of
+    question 0 first) and the number of tokens generated. With ``return_ids``,
+    ``(episodes, generated, turns)`` where ``turns[i]`` lists (prompt_ids, reply_ids) per
+    turn of episode i: the context the policy saw and the ids it sampled (online RL
+    trains on exactly these).
     """
-    episodes, tokens_per_turn = _play(
-        model, tokenizer, env, questions, num_samples=num_samples, sampling=sampling, seed=seed,
-        batch_size=batch_size, max_len=max_len, desc=desc, progress=progress)
-    return episodes, sum(map(sum, tokens_per_turn))
+    episodes, turns = _play(model, tokenizer, env, questions, num_samples=num_samples,
+                            sampling=sampling, seed=seed, batch_size=batch_size, max_len=max_len,
+                            desc=desc, progress=progress, keep_ids=return_ids)
+    generated = sum(len(reply) for t in turns for _, reply in t) if return_ids else sum(map(sum, turns))
+    return (episodes, generated, turns) if return_ids else (episodes, generated)
+
+
+def _play(model, tokenizer, env, questions, *, num_samples, sampling, seed, batch_size, max_len,
+          desc, progress, keep_ids):
+    """``play_episodes``; per episode and turn, (prompt ids, reply ids) with ``keep_ids``,
+    else the number of tokens generated."""
+    episodes = [Episode(env, q) for q in questions for _ in range(num_samples)]
+    sample_idx = [j for _ in questions for j in range(num_samples)]
+    turns: list[list] = [[] for _ in episodes]
+    bar = tqdm(total=len(episodes), desc=desc, unit="episode", disable=not progress, leave=False)
+    for turn in range(1, env.max_turns + 1):
+        live = [i for i, e in enumerate(episodes) if not e.done]
+        if not live:
+            break
+        bar.set_postfix(turn=turn, live=len(live))
+        prompts = [encode_prompt(tokenizer, episodes[i].messages) for i in live]
+        keys = episode_keys(
+            seed, [episodes[i].question.prompt_id for i in live], [sample_idx[i] for i in live], turn
+        )
+        outputs = generate_batched(model, prompts, keys, sampling, batch_size=batch_size, max_len=max_len)
+        for i, prompt, (reply, _) in zip(live, prompts, outputs):
+            turns[i].append((list(prompt), list(reply)) if keep_ids else len(reply))
+            episodes[i].step(decode_reply(tokenizer, reply, sampling.stop_ids))
+            if episodes[i].done:
+                bar.update(1)
+    bar.close()
+    return episodes, turns
 
 
 def generated_tokens(record: dict) -> int:
@@ -118,7 +134,7 @@ def append_rollouts(
     Prompts are played in fixed chunks of ``G = max(1, batch_size // num_samples)``
     (chunk c = questions[c*G:(c+1)*G], by index only), and every finished prompt group
     (its K records) is appended with one write + fsync. On entry the file is cut back to
-    its last complete group (``rollouts.resume_point``); the first chunk with unfinished
+    its last complete group (``records.resume_point``); the first chunk with unfinished
     groups is replayed IN FULL, so its batches and numerics are those of the
     uninterrupted run, and only its unfinished groups are appended. Sampling keys come
     from (seed, prompt id, sample, turn) alone, so the file ends up byte-identical to an
@@ -138,7 +154,7 @@ def append_rollouts(
     prompt_ids = [q.prompt_id for q in questions]
     if len(set(prompt_ids)) != len(prompt_ids):
         raise ValueError("questions have duplicate prompt ids; a prompt id must name one prompt group")
-    done = rollouts.resume_point(path, prompt_ids, num_samples)
+    done = records.resume_point(path, prompt_ids, num_samples)
     chunk = max(1, batch_size // num_samples)
     bar = tqdm(total=len(questions), initial=done, desc=desc, unit="prompt", disable=not progress)
     first = done - done % chunk if done < len(questions) else len(questions)  # chunk of group `done`
@@ -146,18 +162,17 @@ def append_rollouts(
         episodes, tokens_per_turn = _play(
             model, tokenizer, env, questions[start:start + chunk], num_samples=num_samples,
             sampling=sampling, seed=seed, batch_size=batch_size, max_len=max_len, desc=desc,
-            progress=False)
+            progress=False, keep_ids=False)
         for g in range(len(episodes) // num_samples):
             if start + g < done:
                 continue  # already in the file
             group = range(g * num_samples, (g + 1) * num_samples)
-            records = [_record(episodes[i], tokens_per_turn[i]) for i in group]
-            rollouts.append_group(path, records)
+            records.append_group(path, [_record(episodes[i], tokens_per_turn[i]) for i in group])
             bar.update(1)
     bar.close()
-    records, _ = rollouts.read_jsonl(path)
-    return {"trajectories": len(records), "generated_tokens": sum(map(generated_tokens, records)),
-            "resumed_groups": done, "t_star": [r["t_star"] for r in records]}
+    written, _ = records.read_jsonl(path)
+    return {"trajectories": len(written), "generated_tokens": sum(map(generated_tokens, written)),
+            "resumed_groups": done, "t_star": [r["t_star"] for r in written]}
 
 
 def _record(episode: Episode, tokens_per_turn: list[int]) -> dict:

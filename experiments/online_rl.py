@@ -1,0 +1,75 @@
+"""The online multi-turn RL stage: the baseline DRIFT is measured against.
+
+The current policy plays fresh episodes at every update (``online_rl.make_batch_fn``),
+trained by the shared step and loop (``train.make_train_step`` with
+``online_rl.pg_loss_fn``, ``train.train_loop``) against the frozen reference: DRIFT's
+return, GRPO advantages, k3 KL to the reference (``docs/method.md``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+from flax import nnx
+
+from drift_jax import online_rl, train
+from experiments.workdir import Experiment, write_json
+
+
+def stage_online_rl(exp: Experiment) -> None:
+    """Train ``online_rl`` from the reference; resumable (prompts and sampling keys depend
+    only on (seed, update), so a resumed run replays the same data)."""
+    if os.path.exists(exp.path("online_rl", "train_stats.json")):
+        return
+    oc, d = exp.cfg.online_rl, exp.cfg.drift
+    num_samples = exp.cfg.rollout.num_samples
+    tx, schedule = train.make_optimizer(
+        oc.learning_rate, oc.steps, warmup_ratio=oc.warmup_ratio, schedule=oc.schedule,
+        weight_decay=oc.weight_decay, grad_clip=oc.grad_clip)
+    graphdef, state = train.create_train_state(exp.load_policy("reference"), tx, exp.cfg.seed)
+    ref_params = nnx.state(exp.load_policy("reference"), nnx.Param)
+    step_fn = train.make_train_step(graphdef, tx, oc.num_micro_batches, schedule_fn=schedule,
+                                    loss_fn=online_rl.pg_loss_fn(oc.kl_coef, oc.loss_normalize))
+    batch_fn = online_rl.make_batch_fn(
+        graphdef, exp.tokenizer, exp.env, exp.train_questions, prompts_per_step=oc.prompts_per_step,
+        num_samples=num_samples, sampling=exp.sampling(temperature=1.0), gamma=d.gamma, lam=d.lam,
+        seq_len=oc.seq_len, batch_size=oc.prompts_per_step * num_samples, seed=exp.cfg.seed)
+    metrics_path = exp.path("online_rl", "metrics.jsonl")
+    ckpt = exp.checkpointer("online_rl", oc.checkpoint_every)
+    state = train.train_loop(state, step_fn, batch_fn, oc.steps, aux=ref_params, checkpointer=ckpt,
+                             metrics_path=metrics_path, desc="online RL")
+    ckpt.close()
+    exp.save_policy("online_rl", nnx.merge(graphdef, state.params))
+    with open(metrics_path) as f:  # one line per update, over every resume
+        history = [json.loads(line) for line in f if line.strip()]
+    write_json(exp.path("online_rl", "train_stats.json"),
+               run_stats(history, episodes=int(state.step) * oc.prompts_per_step * num_samples))
+
+
+def run_stats(history: list[dict], episodes: int) -> dict:
+    """Totals of an online-RL run from its metrics lines: steps, episodes,
+    generated_tokens, trained_tokens, supervised_tokens, left_out_turns, wall_s =
+    rollout_s (playing, scoring, tokenising) + train_s (the jitted update), and
+    mean_return_first_last / success_rate_first_last (means over the first and last
+    tenth of the updates: the curve's ends)."""
+    def total(key):
+        return sum(r[key] for r in history)
+
+    def ends(key):
+        tenth = max(1, len(history) // 10)
+        return [float(np.mean([r[key] for r in part])) for part in (history[:tenth], history[-tenth:])]
+
+    rollout_s, train_s = total("batch_s"), total("step_time_s")
+    return {
+        "steps": len(history),
+        "episodes": episodes,
+        **{k: int(total(k)) for k in ("generated_tokens", "trained_tokens", "supervised_tokens",
+                                      "left_out_turns")},
+        "rollout_s": rollout_s,
+        "train_s": train_s,
+        "wall_s": rollout_s + train_s,
+        "mean_return_first_last": ends("mean_return") if history else None,
+        "success_rate_first_last": ends("success_rate") if history else None,
+    }
