@@ -1,4 +1,5 @@
-"""Multi-turn episodes played by a policy in an environment (rollouts and evaluation).
+"""Multi-turn episodes played by a policy in an environment: the one player used by
+rollouts, evaluation and online RL, and the resumable rollout writer.
 
 Host side: render each live dialogue with the chat template, verify replies, append the
 feedback. Device side: one ``generate_batched`` call per turn for all live episodes.
@@ -113,21 +114,9 @@ def generated_tokens(record: dict) -> int:
     return sum(d.get("generated_tokens", 0) for d in details if isinstance(d, dict))
 
 
-def append_rollouts(
-    path: str,
-    model,
-    tokenizer,
-    env: Environment,
-    questions: Sequence[Question],
-    *,
-    num_samples: int,
-    sampling: SamplingParams,
-    seed: int,
-    batch_size: int = 64,
-    max_len: int | None = None,
-    desc: str = "rollout",
-    progress: bool = True,
-) -> dict:
+def append_rollouts(path: str, model, tokenizer, env: Environment, questions: Sequence[Question], *,
+                    num_samples: int, sampling: SamplingParams, seed: int, batch_size: int = 64,
+                    max_len: int | None = None, desc: str = "rollout", progress: bool = True) -> dict:
     """Play ``num_samples`` episodes of every question into the JSONL file ``path``,
     resuming whatever an interrupted call with the same arguments left there.
 

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 
 from drift_jax.records import Record
 
-_ROUND = re.compile(r"drift_round([0-9]+)")
+_ROUND = re.compile(r"drift_round([1-9][0-9]*)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,9 +80,10 @@ def get(name: str) -> Method:
 
 def parse(names: Sequence[str]) -> list[Method]:
     """The methods of a run, in order; ``drift_round<r>`` needs drift and every earlier
-    round before it. Raises ValueError naming every bad entry."""
+    round before it. An entry may hold several comma-separated names (what
+    ``--config.methods=sft,drift`` gives). Raises ValueError naming every bad entry."""
     bad, out, seen = [], [], set()
-    for name in names:
+    for name in (n.strip() for entry in names for n in entry.split(",") if n.strip()):
         try:
             method = get(name)
         except ValueError:

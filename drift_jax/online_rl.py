@@ -106,15 +106,9 @@ def pg_token_loss(
     return reduce_masked(per_token_bt, loss_mask_bt, None, normalize)
 
 
-def pg_loss(
-    logits_btv: jax.Array,
-    targets_bt: jax.Array,
-    loss_mask_bt: jax.Array,
-    advantages_b: jax.Array,
-    ref_logp_bt: jax.Array,
-    kl_coef: float = 1e-3,
-    normalize: str = "token",
-) -> tuple[jax.Array, jax.Array]:
+def pg_loss(logits_btv: jax.Array, targets_bt: jax.Array, loss_mask_bt: jax.Array,
+            advantages_b: jax.Array, ref_logp_bt: jax.Array, kl_coef: float = 1e-3,
+            normalize: str = "token") -> tuple[jax.Array, jax.Array]:
     """On-policy policy-gradient loss with a k3 KL penalty, as (loss_sum, denominator).
 
     loss_sum = sum over supervised tokens of (-A_b * log pi(y_bt) + kl_coef * k3_bt); the

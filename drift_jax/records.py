@@ -308,9 +308,10 @@ def _encode(records: Iterable[dict], where: str) -> bytes:
 
 def write_jsonl(path: str, records: Iterable[dict]) -> None:
     """Write records atomically (temporary file, then rename)."""
+    data = _encode(records, path)  # checked before anything is written
     tmp = f"{path}.tmp"
     with open(tmp, "wb") as f:
-        f.write(_encode(records, path))
+        f.write(data)
     os.replace(tmp, path)
 
 

@@ -14,7 +14,6 @@ batch; the weights keep whatever sharding they already have (``drift_jax.shardin
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
 from typing import Sequence
@@ -26,10 +25,6 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from drift_jax.models.transformer import KVCache, Transformer, default_positions
-
-# Number of times ``generate`` was traced, keyed by (batch, prompt_len, max_new_tokens):
-# tests use it to check that bucketing bounds recompilation.
-TRACE_COUNTS: collections.Counter = collections.Counter()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +103,6 @@ def generate(graphdef, state, prompt_bp, valid_bp, keys_b, max_new_b, *, params:
       tokens ``[B, N]`` (pad 0 after a row stops; the stop token itself is kept),
       lengths ``[B]``, log-probs ``[B, N]`` of the sampled tokens (0 after the end).
     """
-    TRACE_COUNTS[(prompt_bp.shape[0], prompt_bp.shape[1], params.max_new_tokens)] += 1
     model: Transformer = nnx.merge(graphdef, state)
     b, p = prompt_bp.shape
     n = params.max_new_tokens

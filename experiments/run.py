@@ -99,6 +99,10 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 def check_config(cfg, workdir: str) -> None:
     """Reject impossible values, and a workdir that holds a run of another config."""
+    try:
+        names = [m.name for m in methods.parse(cfg.methods)]
+    except ValueError as e:
+        raise ValueError(f"invalid config: {e}") from None
     checks = [
         (cfg.drift.beta > 0, f"drift.beta must be > 0, got {cfg.drift.beta}"),
         (0 < cfg.drift.gamma <= 1, f"drift.gamma must be in (0, 1], got {cfg.drift.gamma}"),
@@ -106,7 +110,7 @@ def check_config(cfg, workdir: str) -> None:
         (cfg.task.max_turns >= 1, f"task.max_turns (T) must be >= 1, got {cfg.task.max_turns}"),
         (cfg.rollout.num_prompts >= 1, f"rollout.num_prompts must be >= 1, got {cfg.rollout.num_prompts}"),
         # A prompt with one trajectory has DRIFT weight 1 whatever its return.
-        ("drift" not in cfg.methods or cfg.rollouts or cfg.rollout.num_samples >= 2,
+        ("drift" not in names or cfg.rollouts or cfg.rollout.num_samples >= 2,
          f"rollout.num_samples (K) must be >= 2 to train 'drift', got {cfg.rollout.num_samples}"),
         (cfg.data.on_bad_record in ("error", "skip"),
          f"data.on_bad_record must be 'error' or 'skip', got {cfg.data.on_bad_record!r}"),
@@ -114,10 +118,6 @@ def check_config(cfg, workdir: str) -> None:
     for ok, message in checks:
         if not ok:
             raise ValueError(f"invalid config: {message}")
-    try:
-        methods.parse(cfg.methods)
-    except ValueError as e:
-        raise ValueError(f"invalid config: {e}") from None
     current = json.loads(json.dumps(cfg.to_dict()))  # tuples -> lists, as stored
     path = os.path.join(workdir, "config.json")
     if os.path.exists(path):
@@ -151,12 +151,12 @@ def main(argv):
     for method in run_methods:
         stage_method(exp, method)
     if exp.benchmarks:
-        for name in ["reference", *cfg.methods]:
+        for name in ["reference", *(m.name for m in run_methods)]:
             stage_eval(exp, name)
     results = stage_report(exp, run_methods)
     if exp.benchmarks:
         print(report.results_table(results, exp.env.max_turns))
-    trained = ", ".join(exp.policy_path(m) for m in cfg.methods)
+    trained = ", ".join(exp.policy_path(m.name) for m in run_methods)
     print(f"\nwrote {exp.path('results.json')} and the trained policies ({trained}) "
           f"in {time.time() - t0:.0f} s")
 

@@ -1,6 +1,6 @@
-"""Properties of drift_jax.data's length bucketing: every example once per epoch, each
-batch padded to its own bucket, deterministic per step, and padding changes no loss.
-(The unbucketed batch_fn is tested in test_rollout.py.)"""
+"""Properties of drift_jax.batching: ``collate`` right-pads; ``make_batch_fn`` sees every
+example once per epoch, in one shape (plain) or each batch padded to its own bucket
+(length bucketing), deterministic per step; and padding changes no loss."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ import math
 import chex
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from drift_jax.chat import SFTExample, collate
-from drift_jax.data import epoch_batches, make_batch_fn
+from drift_jax.batching import SFTExample, collate, epoch_batches, make_batch_fn
 from drift_jax.models import ModelConfig, Transformer
 from drift_jax.sampling import bucket_length
 from drift_jax.train import create_train_state, make_train_step
@@ -29,6 +29,95 @@ def _examples(lengths, vocab=None):
         tokens = np.full(n, i + 1, np.int32) if vocab is None else rng.integers(1, vocab, n).astype(np.int32)
         out.append(SFTExample(tokens, np.arange(n) >= n // 2, weight=1.0 + i))
     return out
+
+
+# ---------------------------------------------------------------- collate
+
+
+@settings(max_examples=30, deadline=None)
+@given(lengths=st.lists(st.integers(1, 12), min_size=1, max_size=5), extra=st.integers(0, 3),
+       seed=st.integers(0, 2**16))
+def test_collate_right_pads_and_zero_weights_filler_rows(lengths, extra, seed):
+    rng = np.random.default_rng(seed)
+    examples = [SFTExample(rng.integers(1, 50, n).astype(np.int32), rng.random(n) < 0.5, float(rng.random()) + 0.1)
+                for n in lengths]
+    length, pad_id, b = 12, 0, len(lengths) + extra
+    batch = collate(examples, length, pad_id, batch_size=b)
+    assert {k: v.shape for k, v in batch.items()} == {
+        "tokens": (b, length), "valid": (b, length), "loss_mask": (b, length), "weights": (b,)}
+    for r, ex in enumerate(examples):
+        n = len(ex.tokens)
+        np.testing.assert_array_equal(batch["tokens"][r, :n], ex.tokens)
+        assert np.all(batch["tokens"][r, n:] == pad_id)
+        np.testing.assert_array_equal(batch["valid"][r], np.arange(length) < n)
+        np.testing.assert_array_equal(batch["loss_mask"][r, :n], ex.loss_mask)
+        assert not batch["loss_mask"][r, n:].any()
+        assert batch["weights"][r] == np.float32(ex.weight)
+    filler = slice(len(examples), None)
+    assert np.all(batch["weights"][filler] == 0)
+    assert not batch["valid"][filler].any() and not batch["loss_mask"][filler].any()
+    assert np.all(batch["tokens"][filler] == pad_id)
+
+
+def test_collate_rejects_an_example_longer_than_the_batch():
+    ex = SFTExample(np.arange(5, dtype=np.int32), np.ones(5, bool))
+    with pytest.raises(ValueError, match="5 tokens does not fit batch length 4"):
+        collate([ex], 4, 0)
+
+
+# ---------------------------------------------------------------- make_batch_fn, plain
+
+
+@settings(max_examples=40, deadline=None)
+@given(lengths=st.lists(st.integers(1, 40), min_size=1, max_size=25), batch_size=st.integers(1, 8),
+       seed=st.integers(0, 2**16))
+def test_each_epoch_covers_every_example_once_in_one_shape(lengths, batch_size, seed):
+    examples = _examples(lengths)
+    batch_fn, steps = make_batch_fn(examples, batch_size, seed, pad_id=0)
+    assert steps == math.ceil(len(examples) / batch_size)
+    shape = (batch_size, bucket_length(max(lengths)))
+    for epoch in range(2):
+        seen = []
+        for step in range(epoch * steps, (epoch + 1) * steps):
+            batch = batch_fn(step)
+            assert batch["tokens"].shape == batch["valid"].shape == batch["loss_mask"].shape == shape
+            real = batch["weights"] > 0
+            assert not batch["valid"][~real].any()  # filler rows are empty
+            for row in np.flatnonzero(real):
+                i = int(batch["tokens"][row, 0]) - 1
+                seen.append(i)
+                assert batch["weights"][row] == examples[i].weight
+                assert batch["valid"][row].sum() == lengths[i]
+        assert sorted(seen) == list(range(len(examples)))
+
+
+def test_batch_of_a_step_is_deterministic_and_epochs_reshuffle():
+    examples = _examples(range(1, 21))
+    batch_fn, steps = make_batch_fn(examples, 4, seed=0, pad_id=0)
+    rebuilt, _ = make_batch_fn(examples, 4, seed=0, pad_id=0)
+    reseeded, _ = make_batch_fn(examples, 4, seed=1, pad_id=0)
+    for step in (0, 3, steps, 2 * steps + 1):
+        for k, v in batch_fn(step).items():
+            np.testing.assert_array_equal(v, batch_fn(step)[k])
+            np.testing.assert_array_equal(v, rebuilt(step)[k])
+    order = lambda fn, epoch: [fn(s)["tokens"][:, 0].tolist() for s in range(epoch * steps, (epoch + 1) * steps)]  # noqa: E731
+    assert order(batch_fn, 0) != order(batch_fn, 1)
+    assert order(batch_fn, 0) != order(reseeded, 0)
+
+
+def test_batch_fn_takes_the_train_state_and_ignores_it():
+    """``train.train_loop`` calls ``batch_fn(step, state)``; SFT data do not depend on it."""
+    batch_fn, _ = make_batch_fn(_examples([3, 5, 7]), 2, seed=0, pad_id=0, bucket_window=1)
+    for step in range(4):
+        chex.assert_trees_all_equal(batch_fn(step, object()), batch_fn(step), batch_fn(step, state=None))
+
+
+def test_make_batch_fn_without_examples_raises():
+    with pytest.raises(ValueError, match="no training examples"):
+        make_batch_fn([], 4, seed=0, pad_id=0)
+
+
+# ---------------------------------------------------------------- make_batch_fn, bucketed
 
 
 @settings(max_examples=40, deadline=None)

@@ -11,43 +11,11 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
 
-from drift_jax.chat import SFTExample, collate, encode_dialogue, encode_prompt, end_of_turn_id, render
+from drift_jax.chat import encode_dialogue, encode_prompt, end_of_turn_id, render
 from drift_jax.envs.base import FEEDBACK
 from drift_jax.envs.secret import build_tokenizer
-
-# Qwen2.5's template, minus tool calls: a default system message when none is given.
-CHATML_TEMPLATE = (
-    "{% if messages and messages[0]['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
-    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-# Words both tokenizers know (the toy one is word-level over exactly these).
-WORDS = ["guess", "the", "secret", "puzzle", "maybe", "7", "42", "B", "<answer>A</answer>", "<answer>C</answer>"]
-
-
-def chatml_tokenizer() -> PreTrainedTokenizerFast:
-    """A small byte-level BPE (GPT-2 / Qwen pre-tokenisation) trained here, with ChatML."""
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
-    )
-    corpus = [" ".join(WORDS), FEEDBACK, "You are a helpful assistant.", "user\nassistant\nsystem\n"]
-    backend.train_from_iterator(corpus * 3, trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-        additional_special_tokens=["<|im_start|>"],
-    )
-    tokenizer.chat_template = CHATML_TEMPLATE
-    return tokenizer
-
+from helpers import WORDS, chatml_tokenizer
 
 _TOKENIZERS = {}
 
@@ -178,34 +146,3 @@ def test_encode_prompt_is_the_prefix_before_each_answer(tokenizer, messages):
 def test_end_of_turn_is_the_closing_token(tokenizer):
     eot = end_of_turn_id(tokenizer)
     assert tokenizer.convert_ids_to_tokens(eot) == "<|im_end|>"
-
-
-@settings(max_examples=30, deadline=None)
-@given(lengths=st.lists(st.integers(1, 12), min_size=1, max_size=5), extra=st.integers(0, 3),
-       seed=st.integers(0, 2**16))
-def test_collate_right_pads_and_zero_weights_filler_rows(lengths, extra, seed):
-    rng = np.random.default_rng(seed)
-    examples = [SFTExample(rng.integers(1, 50, n).astype(np.int32), rng.random(n) < 0.5, float(rng.random()) + 0.1)
-                for n in lengths]
-    length, pad_id, b = 12, 0, len(lengths) + extra
-    batch = collate(examples, length, pad_id, batch_size=b)
-    assert {k: v.shape for k, v in batch.items()} == {
-        "tokens": (b, length), "valid": (b, length), "loss_mask": (b, length), "weights": (b,)}
-    for r, ex in enumerate(examples):
-        n = len(ex.tokens)
-        np.testing.assert_array_equal(batch["tokens"][r, :n], ex.tokens)
-        assert np.all(batch["tokens"][r, n:] == pad_id)
-        np.testing.assert_array_equal(batch["valid"][r], np.arange(length) < n)
-        np.testing.assert_array_equal(batch["loss_mask"][r, :n], ex.loss_mask)
-        assert not batch["loss_mask"][r, n:].any()
-        assert batch["weights"][r] == np.float32(ex.weight)
-    filler = slice(len(examples), None)
-    assert np.all(batch["weights"][filler] == 0)
-    assert not batch["valid"][filler].any() and not batch["loss_mask"][filler].any()
-    assert np.all(batch["tokens"][filler] == pad_id)
-
-
-def test_collate_rejects_an_example_longer_than_the_batch():
-    ex = SFTExample(np.arange(5, dtype=np.int32), np.ones(5, bool))
-    with pytest.raises(ValueError, match="5 tokens does not fit batch length 4"):
-        collate([ex], 4, 0)

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from drift_jax import diagnostics as dg
+from drift_jax.records import BadRecord
 from drift_jax.weights import trajectory_returns, trajectory_weights
 
 SETTINGS = settings(max_examples=50, deadline=None)
@@ -130,8 +131,42 @@ def test_choose_beta_clips_unreachable_targets_to_the_range():
 def test_choose_beta_names_a_bad_record():
     records = mixed_records()
     del records[5]["answer_norms"]
-    with pytest.raises(ValueError, match="record 5.*answer_norms"):
+    with pytest.raises(BadRecord, match=r"^trajectory record 5: missing required field 'answer_norms'"):
         dg.choose_beta(records, 0.9, 0.5, 0.5)
+
+
+_ENTRY_POINTS = {
+    "choose_beta": lambda records: dg.choose_beta(records, 0.9, 0.5, 0.5),
+    "all_fail_share": dg.all_fail_share,
+    "summary": lambda records: dg.summary(records, np.ones(len(records))),
+}
+
+
+@pytest.mark.parametrize("entry", list(_ENTRY_POINTS))
+@pytest.mark.parametrize("corrupt, message", [
+    (lambda r: r.update(t_star=0), r"field 't_star' is 0, not null or a turn number >= 1"),
+    (lambda r: r.update(turn_rewards={"t01": 1.0}), r"field 'turn_rewards' has key 't01'"),
+    (lambda r: r.update(turn_rewards={"t1": 1e39}), r"field 'turn_rewards.t1' is 1e\+39"),
+    (lambda r: r.update(format_penalty=0.5), r"field 'format_penalty' is 0.5"),
+    (lambda r: r.update(prompt_id=3), r"field 'prompt_id' is 3"),
+])
+def test_diagnostics_parse_records_as_the_weights_do(entry, corrupt, message):
+    """Every entry point reads records through ``records.parse_record``: the same checks
+    and the same ``trajectory record {i}: field ...`` messages as ``trajectory_weights``."""
+    records = mixed_records()
+    corrupt(records[7])
+    with pytest.raises(BadRecord, match=rf"^trajectory record 7: {message}"):
+        _ENTRY_POINTS[entry](records)
+    with pytest.raises(BadRecord, match=rf"^trajectory record 7: {message}"):
+        trajectory_weights(records, 0.9, 0.3, 0.5)
+    # The dialogue is not read: a record without messages is fine.
+    assert all("messages" not in r for r in mixed_records())
+
+
+def test_diagnostics_of_no_records_raise():
+    for entry in ("choose_beta", "all_fail_share"):
+        with pytest.raises(ValueError, match="no trajectory records"):
+            _ENTRY_POINTS[entry]([])
 
 
 # ---------------------------------------------------------------- all-fail share, histogram, summary

@@ -4,7 +4,7 @@ import collections
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from drift_jax.envs.base import FEEDBACK, AnswerTagEnv, Episode, Question, extract_tagged_answer

@@ -1,10 +1,12 @@
-"""Properties of drift_jax.losses: the weighted SFT loss as (sum, denominator)."""
+"""Properties of drift_jax.losses: the masked reduction every loss shares and the
+weighted SFT loss, both as (sum, denominator)."""
 
 from __future__ import annotations
 
 import functools
 
 import chex
+import hypothesis.extra.numpy as hnp
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,8 +15,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from drift_jax.losses import (
+    NORMALIZE_MODES,
     chunked_token_cross_entropy,
     mean_loss,
+    reduce_masked,
     token_cross_entropy,
     weighted_sft_loss,
     weighted_token_loss,
@@ -33,18 +37,31 @@ def make_batch(seed, b=4, t=5, v=11, p_mask=0.6):
     return logits, targets, mask, weights
 
 
+def reference_reduce(per_token, mask, weights, normalize):
+    """NumPy float64 version of ``reduce_masked``, row by row (``docs/method.md``, stage 3)."""
+    x = np.asarray(per_token, np.float64)
+    w = np.ones(x.shape[0]) if weights is None else np.asarray(weights, np.float64)
+    total, denom = 0.0, 0.0
+    for b in range(x.shape[0]):
+        if not mask[b].any():
+            continue
+        if normalize == "token":
+            total += w[b] * x[b][mask[b]].sum()
+            denom += mask[b].sum()
+        else:
+            total += w[b] * x[b][mask[b]].mean()
+            denom += w[b] if normalize == "weight_sum" else 1.0
+    return total, denom
+
+
 def reference_loss(logits, targets, mask, weights, normalize):
-    """NumPy float64 version of the formula in drift-method.md, Stage 3."""
+    """The weighted SFT loss in NumPy float64: per-token cross-entropy, then
+    ``reference_reduce``."""
     x = logits.astype(np.float64)
     m = x.max(-1, keepdims=True)
     log_probs = x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
     ce = -np.take_along_axis(log_probs, targets[..., None], -1)[..., 0]
-    total, denom = 0.0, 0.0
-    for b in range(x.shape[0]):
-        if mask[b].any():
-            total += weights[b] * ce[b][mask[b]].mean()
-            denom += 1.0 if normalize == "batch" else weights[b]
-    return total, denom
+    return reference_reduce(ce, mask, weights, normalize)
 
 
 @settings(max_examples=25, deadline=None)
@@ -53,7 +70,7 @@ def reference_loss(logits, targets, mask, weights, normalize):
     st.integers(1, 3),
     st.integers(1, 4),
     st.sampled_from([2, 7, 16]),
-    st.sampled_from(NORMALIZE),
+    st.sampled_from(NORMALIZE_MODES),
 )
 def test_matches_numpy_reference(seed, b, t, v, normalize):
     batch = make_batch(seed, b, t, v)
@@ -73,7 +90,7 @@ def test_token_cross_entropy_matches_log_softmax_and_upcasts():
     np.testing.assert_allclose(ce, ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("normalize", NORMALIZE)
+@pytest.mark.parametrize("normalize", NORMALIZE_MODES)
 def test_masked_positions_do_not_matter(normalize):
     logits, targets, mask, weights = make_batch(1, b=4, t=6, v=9)
     rng = np.random.default_rng(2)
@@ -108,7 +125,7 @@ def test_sample_weight_scales_its_contribution_linearly(normalize):
         np.testing.assert_allclose(loss_sum_with(c), base + c * per_sample_1, rtol=1e-5)
 
 
-@pytest.mark.parametrize("normalize", NORMALIZE)
+@pytest.mark.parametrize("normalize", NORMALIZE_MODES)
 def test_micro_batches_accumulate_to_one_batch(normalize):
     logits, targets, mask, weights = make_batch(4, b=8, t=5, v=13)
     mask[2:4] = False  # one micro-batch of only padding rows (denominator 0)
@@ -122,7 +139,7 @@ def test_micro_batches_accumulate_to_one_batch(normalize):
     np.testing.assert_allclose(mean_loss(acc_sum, acc_denom), full, rtol=1e-6)
 
 
-@pytest.mark.parametrize("normalize", NORMALIZE)
+@pytest.mark.parametrize("normalize", NORMALIZE_MODES)
 def test_padding_rows_change_nothing(normalize):
     logits, targets, mask, weights = make_batch(5, b=3)
     pad_logits, pad_targets, _, pad_weights = make_batch(6, b=2)
@@ -133,6 +150,95 @@ def test_padding_rows_change_nothing(normalize):
         np.concatenate([weights, pad_weights + 5.0]),
     )
     chex.assert_trees_all_close(loss_fn(*padded, normalize=normalize), loss_fn(logits, targets, mask, weights, normalize=normalize), rtol=1e-6)
+
+
+# -- reduce_masked, on per-token values --------------------------------------------------
+
+SMALL_SHAPES = [(1, 1), (3, 4), (4, 7)]  # few shapes: each is one compile per mode
+
+
+@st.composite
+def masked_values(draw):
+    """(per_token [B, T] float32, mask [B, T], weights [B] or None); rows without masked
+    tokens are common (the mask is sparse half the time)."""
+    b, t = draw(st.sampled_from(SMALL_SHAPES))
+    x = draw(hnp.arrays(np.float32, (b, t), elements=st.floats(-10, 10, width=32)))
+    p = draw(st.sampled_from([0.2, 0.7]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    mask = np.random.default_rng(seed).random((b, t)) < p
+    weights = draw(st.none() | hnp.arrays(np.float32, (b,), elements=st.floats(0, 3, width=32)))
+    return x, mask, weights
+
+
+reduce_jit = jax.jit(reduce_masked, static_argnames="normalize")
+
+
+@settings(max_examples=40, deadline=None)
+@given(masked_values(), st.sampled_from(NORMALIZE_MODES))
+def test_reduce_masked_matches_numpy_reference(data, normalize):
+    x, mask, weights = data
+    loss_sum, denom = reduce_jit(x, mask, weights, normalize=normalize)
+    assert loss_sum.dtype == denom.dtype == jnp.float32 and loss_sum.shape == denom.shape == ()
+    ref_sum, ref_denom = reference_reduce(x, mask, weights, normalize)
+    np.testing.assert_allclose(loss_sum, ref_sum, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(denom, ref_denom, rtol=1e-6, atol=1e-6)
+
+
+@settings(max_examples=30, deadline=None)
+@given(masked_values(), st.sampled_from(NORMALIZE_MODES))
+def test_reduce_masked_without_weights_equals_weights_of_ones(data, normalize):
+    x, mask, _ = data
+    ones = np.ones(x.shape[0], np.float32)
+    chex.assert_trees_all_close(reduce_jit(x, mask, None, normalize=normalize),
+                                reduce_jit(x, mask, ones, normalize=normalize), rtol=1e-6, atol=1e-6)
+
+
+@settings(max_examples=20, deadline=None)
+@given(masked_values())
+def test_reduce_masked_sequence_is_batch(data):
+    x, mask, weights = data
+    chex.assert_trees_all_equal(reduce_jit(x, mask, weights, normalize="sequence"),
+                                reduce_jit(x, mask, weights, normalize="batch"))
+
+
+@settings(max_examples=30, deadline=None)
+@given(masked_values(), st.sampled_from(NORMALIZE_MODES), st.integers(1, 3),
+       st.sampled_from([np.inf, -np.inf, np.nan]))
+def test_reduce_masked_padding_columns_change_nothing(data, normalize, extra, garbage):
+    """Columns with mask False, holding inf or nan, change neither the value nor the
+    gradient of the real positions; their own gradient is 0."""
+    x, mask, weights = data
+    x_pad = np.concatenate([x, np.full((x.shape[0], extra), garbage, np.float32)], axis=1)
+    mask_pad = np.concatenate([mask, np.zeros((x.shape[0], extra), bool)], axis=1)
+
+    def value_and_grad(values, m):
+        return jax.value_and_grad(lambda v: mean_loss(*reduce_masked(v, m, weights, normalize)))(values)
+
+    want, want_grad = value_and_grad(x, mask)
+    got, got_grad = value_and_grad(x_pad, mask_pad)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(got_grad[:, : x.shape[1]], want_grad, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(got_grad[:, x.shape[1]:], 0.0)
+    chex.assert_trees_all_close(reduce_masked(x_pad, mask_pad, weights, normalize)[1],
+                                reduce_masked(x, mask, weights, normalize)[1])
+
+
+def test_reduce_masked_upcasts_and_rejects_unknown_normalize():
+    x, mask, weights = np.ones((2, 3), np.float32), np.ones((2, 3), bool), np.ones(2, np.float32)
+    loss_sum, _ = reduce_masked(jnp.asarray(x, jnp.bfloat16), mask, weights, "token")
+    assert loss_sum.dtype == jnp.float32 and float(loss_sum) == 6.0
+    with pytest.raises(ValueError, match="normalize"):
+        reduce_masked(x, mask, weights, "mean")
+
+
+@pytest.mark.parametrize("normalize", NORMALIZE_MODES)
+def test_weighted_losses_are_the_reduction_of_the_cross_entropy(normalize):
+    logits, targets, mask, weights = make_batch(12)
+    ce = token_cross_entropy(logits, targets)
+    want = reduce_masked(ce, mask, weights, normalize)
+    chex.assert_trees_all_equal(weighted_token_loss(ce, mask, weights, normalize), want)
+    chex.assert_trees_all_close(weighted_sft_loss(logits, targets, mask, weights, normalize), want,
+                                rtol=1e-6)
 
 
 def test_mean_loss_safe_division():

@@ -1,56 +1,22 @@
 """End to end: experiments/run.py on the tiny config writes every stage's output, well-formed;
 a rerun on the same workdir redoes nothing; a run killed twice (mid rollout write, mid
-checkpoint commit) and rerun ends with the same results."""
+checkpoint commit) and rerun ends with the same results. The run is the shared
+``tiny_run`` (tests/conftest.py)."""
 
 import functools
 import json
 import os
-import signal
-import subprocess
-import sys
+import shutil
 
 import numpy as np
 import pytest
 
 from drift_jax.envs.secret import SecretGuessEnv, scripted_episode
-from drift_jax.rollouts import BadRecord
+from drift_jax.records import BadRecord
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RELEASE_KEYS = {"prompt_id", "gold", "messages", "turn_rewards", "verifier", "t_star",
                 "answer_norms", "format_penalty", "reward_details"}
-
-
-RUN = os.path.join(REPO, "experiments", "run.py")
-TINY = os.path.join(REPO, "experiments", "configs", "tiny.py")
-
-
-@pytest.fixture(scope="module")
-def run_env(tmp_path_factory):
-    """The runs' environment: the repo importable, and one persistent compilation cache,
-    so later runs skip compiling (the same executables: the same numbers)."""
-    return {**os.environ, "PYTHONPATH": REPO,
-            "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")),
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-
-
-def _run(workdir, env, kill=None):
-    """run.py on the tiny config; ``kill``: (kind, n, path suffix) of
-    ``test_reliability.install_kill``, after which the run must have died of SIGKILL."""
-    args = [RUN, f"--config={TINY}", f"--workdir={workdir}"]
-    if kill is None:
-        cmd = [sys.executable, *args]
-    else:
-        code = (f"import runpy, sys; sys.path.insert(0, {os.path.join(REPO, 'tests')!r}); "
-                f"import test_reliability; test_reliability.install_kill(*{kill!r}); "
-                f"sys.argv = {args!r}; runpy.run_path({RUN!r}, run_name='__main__')")
-        cmd = [sys.executable, "-c", code]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    if kill is None:
-        assert out.returncode == 0, out.stderr[-3000:]
-    else:
-        assert out.returncode == -signal.SIGKILL, (out.returncode, out.stderr[-3000:])
-    return out.stdout
 
 
 def _mtimes(root):
@@ -58,15 +24,16 @@ def _mtimes(root):
             for d, _, files in os.walk(root) for f in files}
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, run_env):
-    workdir = tmp_path_factory.mktemp("tiny_run")
-    stdout = _run(workdir, run_env)
-    return workdir, stdout
+@pytest.fixture
+def run_dir(tiny_run, tmp_path):
+    """A private copy of the shared tiny run (tests here rerun it)."""
+    workdir, stdout = tiny_run
+    shutil.copytree(workdir, tmp_path / "run")
+    return tmp_path / "run", stdout
 
 
-def test_every_stage_output_is_present_and_well_formed(run_dir):
-    workdir, stdout = run_dir
+def test_every_stage_output_is_present_and_well_formed(tiny_run):
+    workdir, stdout = tiny_run
     results = json.loads((workdir / "results.json").read_text())
     assert set(results["methods"]) == {"reference", "sft", "drift"}
     for name, m in results["methods"].items():
@@ -94,9 +61,11 @@ def test_every_stage_output_is_present_and_well_formed(run_dir):
 
     for stage in ("reference", "sft", "drift"):
         assert (workdir / stage / "params").is_dir()
-        lines = (workdir / stage / "metrics.jsonl").read_text().splitlines()
-        assert lines and {"step", "loss", "grad_norm", "lr", "tokens_per_s"} <= set(json.loads(lines[-1]))
-        assert os.listdir(workdir / stage / "checkpoints")
+        lines = [json.loads(line) for line in (workdir / stage / "metrics.jsonl").read_text().splitlines()]
+        assert lines and {"step", "loss", "grad_norm", "lr", "tokens_per_s"} <= set(lines[-1])
+        assert [r["step"] for r in lines] == list(range(1, len(lines) + 1))
+        # One train-state checkpoint is kept (the last), besides the final policy.
+        assert os.listdir(workdir / stage / "checkpoints") == [str(lines[-1]["step"])]
     report = (workdir / "report.md").read_text()
     assert "| drift |" in report and "| sft |" in report
     for plot in ("multi_at_k.png", "cost.png", "correction_rate.png"):
@@ -104,10 +73,10 @@ def test_every_stage_output_is_present_and_well_formed(run_dir):
     assert "| drift |" in stdout
 
 
-def test_rerun_redoes_no_finished_stage(run_dir, run_env):
+def test_rerun_redoes_no_finished_stage(run_dir, run_tiny):
     workdir, _ = run_dir
     before = _mtimes(workdir)
-    _run(workdir, run_env)
+    run_tiny(workdir)
     after = _mtimes(workdir)
     changed = {p for p in before if after.get(p) != before[p]}
     # Only the final report is rewritten; no stage output, checkpoint or metric changes.
@@ -124,20 +93,20 @@ def _without_wall_clock(tree):
     return tree
 
 
-def test_run_killed_twice_then_rerun_ends_with_the_same_results(run_dir, run_env, tmp_path):
-    straight, _ = run_dir
+def test_run_killed_twice_then_rerun_ends_with_the_same_results(tiny_run, run_tiny, tmp_path):
+    straight, _ = tiny_run
     workdir = tmp_path / "killed"
     # 1: halfway through appending the third prompt group of the rollouts.
-    _run(workdir, run_env, kill=("torn", 3, "rollouts.jsonl"))
+    run_tiny(workdir, kill=("torn", 3, "rollouts.jsonl"))
     data = (workdir / "rollouts.jsonl").read_bytes()
     assert 2 * 4 <= data.count(b"\n") < 3 * 4 and not data.endswith(b"\n")  # tiny: K = 4
     assert not (workdir / "rollout_stats.json").exists()
     # 2: while Orbax commits drift's last step (3; tiny: 3 steps, a checkpoint every 2).
-    _run(workdir, run_env, kill=("save", 3, "drift/checkpoints"))
+    run_tiny(workdir, kill=("save", 3, "drift/checkpoints"))
     assert (workdir / "sft" / "train_stats.json").exists()
     assert not (workdir / "drift" / "train_stats.json").exists()
     assert "2" in os.listdir(workdir / "drift" / "checkpoints")
-    _run(workdir, run_env)
+    run_tiny(workdir)
     assert (workdir / "rollouts.jsonl").read_bytes() == (straight / "rollouts.jsonl").read_bytes()
     rollout_stats = json.loads((workdir / "rollout_stats.json").read_text())
     assert rollout_stats["resumed_groups"] == 2
@@ -164,14 +133,19 @@ def _load_run_module():
     ("task.max_turns", 0, "max_turns (T) must be >= 1"),
     ("rollout.num_samples", 1, "num_samples (K) must be >= 2 to train 'drift'"),
     ("data.on_bad_record", "ignore", "data.on_bad_record must be 'error' or 'skip'"),
+    ("methods", ("sft", "dpo"), "unknown methods ['dpo']"),
+    ("methods", ("drift_round2",), "unknown methods ['drift_round2']"),
 ])
 def test_config_validation_rejects_bad_values(tmp_path, path, value, message):
     run = _load_run_module()
     from experiments.configs import tiny
 
     cfg = tiny.get_config()
-    section, field = path.split(".")
-    cfg[section][field] = value
+    *sections, field = path.split(".")
+    node = cfg
+    for section in sections:
+        node = node[section]
+    node[field] = value
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         run.check_config(cfg, str(tmp_path))
 
@@ -213,3 +187,28 @@ def test_skipped_records_and_their_reasons_land_in_weights_json(tmp_path):
     cfg.data.on_bad_record = "error"
     with pytest.raises(BadRecord, match=rf"^{strict}/rollouts.jsonl:4: malformed JSON"):
         run.stage_weights(run.Experiment(cfg, str(strict)))
+
+
+def _keys(tree: dict, prefix: str = "") -> set:
+    out = set()
+    for name, value in tree.items():
+        if isinstance(value, dict) and name != "benchmarks":
+            out |= _keys(value, f"{prefix}{name}.")
+        else:
+            out.add(prefix + name)
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(
+    f[:-3] for f in os.listdir(os.path.join(REPO, "experiments", "configs"))
+    if f.endswith(".py") and f != "__init__.py"))
+def test_every_config_has_exactly_the_base_configs_keys(name):
+    """One config shape: every config overrides base.py and adds no key of its own, so
+    any method runs from any config and no default hides in code."""
+    import importlib
+
+    base = importlib.import_module("experiments.configs.base").get_config()
+    cfg = importlib.import_module(f"experiments.configs.{name}").get_config()
+    assert _keys(cfg.to_dict()) == _keys(base.to_dict())
+    for bench in cfg.eval.benchmarks.values():
+        assert set(bench) == {"task", "source", "split", "layout"}

@@ -24,7 +24,6 @@ from pathlib import Path
 import chex
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
@@ -32,72 +31,15 @@ from drift_jax.chat import end_of_turn_id
 from drift_jax.checkpoint import Checkpointer, load_params, save_params
 from drift_jax.envs.secret import SecretGuessEnv, build_tokenizer
 from drift_jax.models import ModelConfig, Transformer
-from drift_jax.rollout import append_rollouts
+from drift_jax.episodes import append_rollouts
 from drift_jax.sampling import SamplingParams
 from drift_jax.train import create_train_state, make_optimizer, make_train_step, train_loop
+from helpers import die, install_kill
 
 HERE = os.path.abspath(__file__)
 REPO = os.path.dirname(os.path.dirname(HERE))
 MODEL = {"hidden_size": 32, "intermediate_size": 64, "num_layers": 1, "num_heads": 4, "num_kv_heads": 2,
          "head_dim": 8}
-
-
-# -- kill switches (installed in the child process) -----------------------------------------
-
-def _die() -> None:
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _fd_path(fd: int) -> str:
-    return os.readlink(f"/proc/self/fd/{fd}")
-
-
-def install_kill(kind: str, n: int, suffix: str) -> None:
-    """SIGKILL this process at the n-th matching event on a path ending with ``suffix``.
-
-    torn: halfway through the n-th ``os.write`` (half its bytes land, as when a kill
-    interrupts a write); lines: at the first ``os.fsync`` after which the file holds n
-    complete lines; save: when Orbax
-    starts committing step n (its files written, the temporary directory not renamed).
-    """
-    count = 0
-    if kind == "torn":
-        write = os.write
-
-        def torn_write(fd, data):
-            nonlocal count
-            if _fd_path(fd).endswith(suffix):
-                count += 1
-                if count == n:
-                    write(fd, bytes(data)[: len(data) // 2])
-                    _die()
-            return write(fd, data)
-
-        os.write = torn_write
-    elif kind == "lines":
-        fsync = os.fsync
-
-        def fsync_then_die(fd):
-            fsync(fd)
-            if _fd_path(fd).endswith(suffix):
-                with open(_fd_path(fd), "rb") as f:
-                    if f.read().count(b"\n") >= n:
-                        _die()
-
-        os.fsync = fsync_then_die
-    elif kind == "save":
-        cls = ocp.path.atomicity.AtomicRenameTemporaryPath
-        finalize = cls.finalize
-
-        async def die_in_commit(self, *args, **kwargs):
-            tmp = self.get()
-            if str(tmp.parent).endswith(suffix) and tmp.name.split(".")[0] == str(n):
-                _die()
-            return await finalize(self, *args, **kwargs)
-
-        cls.finalize = die_in_commit
-    else:
-        raise ValueError(f"unknown kill kind {kind!r}")
 
 
 @pytest.fixture(scope="module")
@@ -180,13 +122,13 @@ def _fresh_state():
 def train_worker(workdir: str, kill_at_step: int | None = None) -> None:
     tx, graphdef, state = _fresh_state()
 
-    def batch_fn(step):
+    def batch_fn(step, state):
         if step == kill_at_step:
-            _die()
+            die()
         return _batch(step)
 
     with Checkpointer(os.path.join(workdir, "ckpt"), save_every=SAVE_EVERY, keep=2) as ckpt:
-        state = train_loop(graphdef, state, make_train_step(graphdef, tx), batch_fn, STEPS, checkpointer=ckpt)
+        state = train_loop(state, make_train_step(graphdef, tx), batch_fn, STEPS, checkpointer=ckpt)
     save_params(os.path.join(workdir, "params"), state.params, force=True)
 
 

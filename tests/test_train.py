@@ -1,20 +1,25 @@
-"""Properties of drift_jax.train: it learns, K micro-batches == 1 batch, it compiles once,
-the schedule and weight-decay mask are right, and the loop resumes, logs and stops on NaN."""
+"""Properties of drift_jax.train: it learns, K micro-batches == 1 batch, one step is one
+optimizer update of the loss's gradient, the default SFT loss is ``sft_loss_fn``, a
+custom loss's aux and stats go through, it compiles once, the schedule and weight-decay
+mask are right, and the loop resumes (logging each step once), logs and stops on NaN."""
 
 from __future__ import annotations
 
 import functools
 import json
+import shutil
 
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
 from drift_jax import train
 from drift_jax.checkpoint import Checkpointer
+from drift_jax.losses import mean_loss, weighted_sft_loss
 from drift_jax.models import ModelConfig, Transformer
 from drift_jax.train import create_train_state, make_optimizer, make_train_step, train_loop
 
@@ -56,10 +61,20 @@ def shared_step_fn():
     return make_train_step(graphdef, TX, schedule_fn=SCHEDULE)
 
 
-def run_steps(step_fn, state, batches):
+def run_steps(step_fn, state, batches, aux=None):
     for batch in batches:
-        state, metrics = step_fn(state, batch)
+        state, metrics = step_fn(state, batch, aux)
     return state, metrics
+
+
+def batch_fn(step, state):
+    """``train_loop``'s batch function: the data depends on the step only."""
+    del state
+    return make_batch(step)
+
+
+def read_metrics(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def test_overfits_a_tiny_fixed_dataset():
@@ -112,19 +127,75 @@ def test_metrics_count_supervised_tokens_and_weights():
     assert metrics["grad_norm"] > 0
 
 
-def test_step_compiles_once_for_fixed_shapes(monkeypatch):
-    traces, train_loss = [], train.weighted_sft_loss
-
-    def counting_loss(*args, **kwargs):
-        traces.append(1)  # Python side effect: runs only while tracing
-        return train_loss(*args, **kwargs)
-
-    monkeypatch.setattr(train, "weighted_sft_loss", counting_loss)
+def test_step_compiles_once_for_fixed_shapes():
     graphdef, state = fresh_state(TX)
     step_fn = make_train_step(graphdef, TX, num_micro_batches=2)
     state, _ = run_steps(step_fn, state, [make_batch(s) for s in range(5)])
-    assert len(traces) == 1
+    assert step_fn._cache_size() == 1
     assert int(state.step) == 5
+
+
+def test_step_is_one_optimizer_update_of_the_mean_loss_gradient():
+    """The step against its definition: AdamW (after clipping) applied to jax.grad of the
+    weighted SFT loss's mean, written out here from the model's logits."""
+    _, state = fresh_state(TX)
+    state, _ = shared_step_fn()(state, make_batch(1))  # off update 0, whose lr is 0
+    graphdef, _ = fresh_state(TX)
+    batch = make_batch(2)
+    tokens, valid = batch["tokens"], batch["valid"]
+    mask = batch["loss_mask"][:, 1:] & valid[:, 1:] & valid[:, :-1]
+
+    def mean_sft(params):
+        logits = nnx.merge(graphdef, params)(tokens[:, :-1], valid[:, :-1])
+        return mean_loss(*weighted_sft_loss(logits, tokens[:, 1:], mask, batch["weights"], "batch"))
+
+    loss, grads = jax.value_and_grad(mean_sft)(state.params)
+    updates, opt_state = TX.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new, metrics = shared_step_fn()(state, batch)
+    np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-6)
+    np.testing.assert_allclose(metrics["grad_norm"], optax.tree.norm(grads), rtol=1e-5)
+    chex.assert_trees_all_close(new.opt_state, opt_state, rtol=1e-5, atol=1e-9)
+    chex.assert_trees_all_close(new.params, params, rtol=1e-5, atol=1e-4 * LR)  # see above
+    assert int(new.step) == 2
+
+
+def test_default_loss_is_sft_loss_fn():
+    """``make_train_step``'s default and an explicit ``loss_fn=sft_loss_fn(...)`` are the
+    same program: bit-identical states and metrics."""
+    batches = [make_batch(7), make_batch(8)]
+    graphdef, state = fresh_state(TX)
+    explicit = make_train_step(graphdef, TX, schedule_fn=SCHEDULE,
+                               loss_fn=train.sft_loss_fn("batch", "auto"))
+    got = run_steps(explicit, state, batches)
+    _, state = fresh_state(TX)
+    want = run_steps(shared_step_fn(), state, batches)
+    chex.assert_trees_all_equal(got, want)
+
+
+def test_custom_loss_gets_aux_and_its_stats_are_summed_over_micro_batches():
+    """``aux`` is a jit argument (new values, no new compile) handed to the loss; the
+    loss's stats are summed over micro-batches into the metrics."""
+    sft = train.sft_loss_fn()
+
+    def scaled_sft(graphdef, params, mb, aux):
+        loss_sum, denom, stats = sft(graphdef, params, mb, None)
+        rows = jnp.sum(jnp.any(mb["valid"], axis=1)).astype(jnp.float32)
+        return aux["scale"] * loss_sum, denom, {**stats, "rows": rows}
+
+    graphdef, state = fresh_state(TX)
+    step_fn = make_train_step(graphdef, TX, num_micro_batches=4, loss_fn=scaled_sft)
+    batch = make_batch(4)
+    metrics = {}
+    for scale in (1.0, 2.0):
+        _, metrics[scale] = step_fn(jax.tree.map(jnp.copy, state), batch, {"scale": np.float32(scale)})
+    assert step_fn._cache_size() == 1
+    assert float(metrics[1.0]["rows"]) == B - 2  # the two all-padding rows have no token
+    np.testing.assert_allclose(metrics[2.0]["loss"], 2 * metrics[1.0]["loss"], rtol=1e-6)
+    np.testing.assert_allclose(metrics[2.0]["grad_norm"], 2 * metrics[1.0]["grad_norm"], rtol=1e-5)
+    _, default = shared_step_fn()(state, batch)
+    for key in ("loss", "grad_norm", "num_tokens", "num_weighted_tokens", "num_input_tokens", "denominator"):
+        np.testing.assert_allclose(metrics[1.0][key], default[key], rtol=1e-5, err_msg=key)
 
 
 def test_micro_batches_must_divide_batch():
@@ -160,39 +231,72 @@ def test_weight_decay_skips_one_dimensional_params():
 
 
 def _loop_setup(tmp_path=None, save_every=3):
-    graphdef, state = fresh_state(TX)
+    _, state = fresh_state(TX)
     ckpt = Checkpointer(tmp_path / "ckpt", save_every=save_every) if tmp_path else None
-    return TX, graphdef, state, shared_step_fn(), ckpt
+    return TX, state, shared_step_fn(), ckpt
 
 
 def test_train_loop_resumes_from_latest_checkpoint(tmp_path):
-    tx, graphdef, state, step_fn, ckpt = _loop_setup(tmp_path)
-    train_loop(graphdef, state, step_fn, make_batch, 6, checkpointer=ckpt)
+    tx, state, step_fn, ckpt = _loop_setup(tmp_path)
+    train_loop(state, step_fn, batch_fn, 6, checkpointer=ckpt, progress=False)
     assert ckpt.all_steps() == [3, 6]
     # A "restarted job": everything rebuilt from scratch; the loop picks up step 6.
-    graphdef, state = fresh_state(tx, seed=1)
+    _, state = fresh_state(tx, seed=1)
     ckpt = Checkpointer(tmp_path / "ckpt", save_every=3)
-    resumed = train_loop(graphdef, state, step_fn, make_batch, 10, checkpointer=ckpt)
-    graphdef, state = fresh_state(tx)
-    straight = train_loop(graphdef, state, step_fn, make_batch, 10)
+    resumed = train_loop(state, step_fn, batch_fn, 10, checkpointer=ckpt, progress=False)
+    _, state = fresh_state(tx)
+    straight = train_loop(state, step_fn, batch_fn, 10, progress=False)
     assert int(resumed.step) == int(straight.step) == 10
     chex.assert_trees_all_equal(resumed.params, straight.params)  # same program, same data
     chex.assert_trees_all_equal(resumed.opt_state, straight.opt_state)
     assert ckpt.latest_step() == 10  # the end-of-run save
     ckpt.close()
+    assert step_fn._cache_size() == 1  # a restored state runs the fresh state's program
+
+
+def test_resumed_run_logs_each_step_once(tmp_path):
+    """Killed after update 5 was logged but before it was saved: the rerun restores update
+    3, drops the log lines of 4 and 5 and redoes them with the same numbers. A fresh run
+    into the same file starts it over. Each step is in metrics.jsonl exactly once."""
+    path = tmp_path / "metrics.jsonl"
+
+    def run(num_steps, seed=0, ckpt_dir=tmp_path / "ckpt"):
+        _, state = fresh_state(TX, seed)
+        ckpt = Checkpointer(ckpt_dir, save_every=3) if ckpt_dir else None
+        state = train_loop(state, shared_step_fn(), batch_fn, num_steps, checkpointer=ckpt,
+                           metrics_path=str(path), progress=False)
+        if ckpt:
+            ckpt.close()
+        return state
+
+    run(5)  # checkpoints 3 and 5 (the end-of-run save), lines 1..5
+    first = read_metrics(path)
+    shutil.rmtree(tmp_path / "ckpt" / "5")
+    resumed = run(8, seed=1)
+    lines = read_metrics(path)
+    assert [r["step"] for r in lines] == list(range(1, 9))
+    for old, new in zip(first, lines[:5]):  # kept (1..3) and redone (4, 5): the same updates
+        assert (old["loss"], old["grad_norm"]) == (new["loss"], new["grad_norm"]), old["step"]
+    assert lines[:3] == first[:3]  # kept as they were
+
+    straight = run(8, ckpt_dir=None)
+    again = read_metrics(path)
+    assert [r["step"] for r in again] == list(range(1, 9))
+    assert [(r["loss"], r["grad_norm"]) for r in again] == [(r["loss"], r["grad_norm"]) for r in lines]
+    chex.assert_trees_all_equal(resumed.params, straight.params)
 
 
 def test_nan_loss_raises_naming_the_step_and_keeps_last_checkpoint(tmp_path):
-    tx, graphdef, state, step_fn, ckpt = _loop_setup(tmp_path, save_every=2)
+    tx, state, step_fn, ckpt = _loop_setup(tmp_path, save_every=2)
 
-    def batch_fn(step):
+    def nan_batch_fn(step, state):
         batch = make_batch(step)
         if step == 4:  # the 5th update
             batch["weights"] = np.full_like(batch["weights"], np.nan)
         return batch
 
     with pytest.raises(FloatingPointError, match="at step 5 .*last checkpoint: step 4"):
-        train_loop(graphdef, state, step_fn, batch_fn, 10, checkpointer=ckpt)
+        train_loop(state, step_fn, nan_batch_fn, 10, checkpointer=ckpt, progress=False)
     assert ckpt.all_steps() == [2, 4]  # the bad step 5 was not saved
     _, like = fresh_state(tx)
     restored = ckpt.restore(like)
@@ -201,15 +305,26 @@ def test_nan_loss_raises_naming_the_step_and_keeps_last_checkpoint(tmp_path):
     ckpt.close()
 
 
-def test_metrics_jsonl_has_expected_keys(tmp_path):
-    _, graphdef, state, step_fn, _ = _loop_setup()
+def test_metrics_jsonl_has_expected_keys_and_the_batch_info(tmp_path):
+    _, state, step_fn, _ = _loop_setup()
     path = tmp_path / "metrics.jsonl"
-    train_loop(graphdef, state, step_fn, make_batch, 5, metrics_path=str(path), log_every=2)
-    records = [json.loads(line) for line in path.read_text().splitlines()]
+
+    def batch_with_info(step, state):
+        return make_batch(step), {"data_step": step, "state_step": int(state.step)}
+
+    train_loop(state, step_fn, batch_with_info, 5, metrics_path=str(path), log_every=2, progress=False)
+    records = read_metrics(path)
     assert [r["step"] for r in records] == [2, 4, 5]  # every 2nd step and the last
     for r in records:
-        assert {"step", "loss", "grad_norm", "lr", "tokens_per_s", "wall_time", "num_tokens"} <= r.keys()
+        assert {"step", "loss", "grad_norm", "lr", "tokens_per_s", "wall_time", "num_tokens",
+                "num_weighted_tokens", "num_input_tokens", "denominator", "batch_s",
+                "step_time_s"} <= r.keys()
         assert np.isfinite(r["loss"]) and r["tokens_per_s"] > 0
+        assert r["batch_s"] >= 0 and r["step_time_s"] > 0
+        np.testing.assert_allclose(r["tokens_per_s"], r["num_input_tokens"] / r["step_time_s"], rtol=1e-9)
+        # The info of the step's own batch, made from the state before the update.
+        assert r["data_step"] == r["state_step"] == r["step"] - 1
+        assert r["num_input_tokens"] == make_batch(r["step"] - 1)["valid"].sum()
     assert records[0]["lr"] == pytest.approx(LR / WARMUP)  # update index 1 of the warm-up
 
 

@@ -1,8 +1,10 @@
-"""Properties of drift_jax.weights: returns, repetition penalty, importance weights."""
+"""Properties of drift_jax.weights: returns, repetition penalty, importance weights, and
+agreement with drift_jax.records on what a usable record is."""
 
 from __future__ import annotations
 
 import functools
+import json
 import math
 
 import chex
@@ -13,14 +15,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from drift_jax import records
+from drift_jax.records import BadRecord, parse_record
 from drift_jax.weights import (
     discounted_returns,
     importance_weights,
     normalize_answer,
+    record_return,
     repetition_penalty,
     trajectory_returns,
     trajectory_weights,
 )
+from helpers import write_lines
 
 # Few distinct shapes keep the number of XLA compilations (the real cost here) small.
 SETTINGS = settings(max_examples=30, deadline=None)
@@ -267,22 +273,86 @@ def test_trajectory_weights_empty():
     assert trajectory_weights([], gamma=0.9, beta=0.1).shape == (0,)
 
 
+def test_record_return_of_the_parsed_record_is_trajectory_returns():
+    for raw in _records():
+        parsed = parse_record(raw, messages=False)
+        assert record_return(parsed, 0.9, 0.3) == trajectory_returns(raw, 0.9, 0.3)
+    # Answers are re-normalised: "X " and "x" are one answer whatever the file holds.
+    parsed = parse_record(_records()[3], messages=False)
+    assert parsed.answer_norms == ("x", "X ") and record_return(parsed, 0.9) == pytest.approx(-0.25)
+
+
 @pytest.mark.parametrize(
-    "mutate, field",
+    "mutate, message",
     [
-        (lambda r: r.pop("turn_rewards"), "turn_rewards"),
-        (lambda r: r.pop("answer_norms"), "answer_norms"),
-        (lambda r: r.pop("prompt_id"), "prompt_id"),
-        (lambda r: r["turn_rewards"].update(t2=float("nan")), "turn_rewards.t2"),
-        (lambda r: r["turn_rewards"].update(t2=float("inf")), "turn_rewards.t2"),
-        (lambda r: r["turn_rewards"].update(t2="1.0"), "turn_rewards.t2"),
-        (lambda r: r["turn_rewards"].update(turn2=1.0), "turn_rewards"),
-        (lambda r: r.update(format_penalty=None), "format_penalty"),
-        (lambda r: r.update(format_penalty=0.1), "format_penalty"),
+        (lambda r: r.pop("turn_rewards"), r"missing required field 'turn_rewards'"),
+        (lambda r: r.pop("answer_norms"), r"missing required field 'answer_norms'"),
+        (lambda r: r.pop("prompt_id"), r"missing required field 'prompt_id'"),
+        (lambda r: r.update(prompt_id=""), r"field 'prompt_id' is '', not a non-empty string"),
+        (lambda r: r["turn_rewards"].update(t2=float("nan")), r"field 'turn_rewards.t2' is nan, not a finite number"),
+        (lambda r: r["turn_rewards"].update(t2=float("inf")), r"field 'turn_rewards.t2' is inf"),
+        (lambda r: r["turn_rewards"].update(t2="1.0"), r"field 'turn_rewards.t2' is '1.0'"),
+        (lambda r: r["turn_rewards"].update(t2=True), r"field 'turn_rewards.t2' is True"),
+        # Accepted before weights parsed through records: float32 overflow, a zero-padded key.
+        (lambda r: r["turn_rewards"].update(t2=1e39), r"field 'turn_rewards.t2' is 1e\+39"),
+        (lambda r: r["turn_rewards"].update(t02=1.0), r"field 'turn_rewards' has key 't02', expected 't1'"),
+        (lambda r: r["turn_rewards"].update(turn2=1.0), r"field 'turn_rewards' has key 'turn2'"),
+        (lambda r: r.update(turn_rewards=[1.0]), r"field 'turn_rewards' must be an object"),
+        (lambda r: r.update(answer_norms=[3]), r"field 'answer_norms' must be a list of strings"),
+        (lambda r: r.update(format_penalty=None), r"field 'format_penalty' is None, not a finite number <= 0"),
+        (lambda r: r.update(format_penalty=0.1), r"field 'format_penalty' is 0.1"),
+        (lambda r: r.update(t_star=0), r"field 't_star' is 0, not null or a turn number >= 1"),
     ],
 )
-def test_trajectory_weights_errors_name_record_and_field(mutate, field):
-    records = _records()
-    mutate(records[2])
-    with pytest.raises(ValueError, match=rf"record 2\b.*{field}"):
-        trajectory_weights(records, gamma=0.9, beta=0.1)
+def test_trajectory_weights_errors_name_record_and_field(mutate, message):
+    records_ = _records()
+    mutate(records_[2])
+    with pytest.raises(BadRecord, match=rf"^trajectory record 2: {message}"):
+        trajectory_weights(records_, gamma=0.9, beta=0.1)
+    with pytest.raises(BadRecord, match=rf"^record: {message}"):
+        trajectory_returns(records_[2], gamma=0.9)
+    assert issubclass(BadRecord, ValueError)  # callers catching ValueError still do
+
+
+def test_weights_do_not_need_messages_nor_check_them():
+    record = {**_records()[0], "messages": "not a dialogue"}
+    assert trajectory_returns(record, gamma=0.9) == pytest.approx(0.9)
+
+
+# ---------------------------------------------------------------- weights and the reader agree
+
+_KEYS = st.sampled_from(["t1", "t2", "t3", "t10", "t01", "t0", "t00", "x1", "T1", "t", "1", "t1 ", " t1",
+                         "t-1", "t+1", "t1.0", "t1e0", "t\u0661", "tt1"]) | st.text(max_size=4)
+_VALUES = (st.floats(-2.0, 2.0) | st.integers(-2, 2) | st.sampled_from(
+    [float("nan"), float("inf"), -float("inf"), 1e39, -3.5e38, 3.4e38, 10**40, True, False, None, "1", [1.0]]))
+
+
+@settings(max_examples=200, deadline=None)
+@given(rewards=st.dictionaries(_KEYS, _VALUES, max_size=3),
+       # ...: no format_penalty key
+       penalty=st.sampled_from([0.0, -0.1, 0.1, -1e39, float("nan"), None, True, "x", ...]),
+       answers=st.sampled_from([["a"], [], ["a", 1], "a", None]))
+def test_a_record_the_reader_accepts_is_one_the_weights_accept(tmp_path_factory, rewards, penalty, answers):
+    """``records.read_jsonl`` and ``trajectory_returns`` accept exactly the same records
+    (weights need no messages; here the dialogue is always valid)."""
+    record = {"prompt_id": "p", "turn_rewards": rewards, "answer_norms": answers,
+              "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    if penalty is not ...:
+        record["format_penalty"] = penalty
+    path = write_lines(tmp_path_factory.mktemp("agree") / "r.jsonl", [json.dumps(record)])
+    try:
+        read, _ = records.read_jsonl(path)
+    except BadRecord as e:
+        reader_error = str(e).removeprefix(f"{path}:1: ")
+    else:
+        reader_error = None
+        assert read == [json.loads(json.dumps(record))]
+    try:
+        value = trajectory_returns(record, gamma=0.9)
+    except BadRecord as e:
+        weights_error = str(e).removeprefix("record: ")
+    else:
+        weights_error = None
+        assert math.isfinite(value)
+        assert np.isfinite(trajectory_weights([record, record], gamma=0.9, beta=0.1)).all()
+    assert reader_error == weights_error  # the same verdict, for the same reason

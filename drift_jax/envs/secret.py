@@ -4,7 +4,7 @@ The secret is one of ``num_candidates`` letters (A, B, C, ...), drawn uniformly 
 question; the prompt is a puzzle id that gives no clue. So no policy can beat
 1/num_candidates on the first try, and everything above that must come from *using the
 feedback*: never repeating a rejected answer and moving to an untried letter. That is
-exactly the skill DRIFT is meant to teach (``../shared/docs/toy-notes.md``: a task whose
+exactly the skill DRIFT is meant to teach (``docs/embedded-task.md``: a task whose
 first answer can be learned would let plain last-turn SFT look as good as DRIFT).
 
 The reference policy is made to behave like the paper's base models by its synthetic

@@ -1,6 +1,6 @@
 """The paper's pipeline (qwen2_5_3b_metamath) shrunk to seconds, on the test fixtures.
 
-tests/test_interop.py fills in ``model`` (a random-init HF folder it writes) and runs every
+tests/test_records_interop.py fills in ``model.checkpoint`` (a random-init HF folder it writes) and runs every
 stage: rollouts with the math environment, weights, training, evaluation on a math and a
 multiple-choice benchmark, HF checkpoints out.
 """
@@ -9,15 +9,16 @@ import os
 
 import ml_collections
 
-from experiments.configs import qwen2_5_3b_metamath
+from experiments.configs import base, qwen2_5_3b_metamath
 
 FIXTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fixtures", "datasets")
 
 
 def get_config():
     c = qwen2_5_3b_metamath.get_config()
-    c.model = ""  # set by the test
-    c.dtype = "float32"
+    c.model.checkpoint = ""  # set by the test
+    c.model.dtype = "float32"
+    c.model.remat = "none"
     c.methods = ("drift",)
     c.task.max_turns = 2  # each turn's longer prompts compile new length buckets
     c.data.train = os.path.join(FIXTURES, "metamathqa.jsonl")
@@ -33,7 +34,7 @@ def get_config():
     c.train.checkpoint_every = 2
     c.eval.batch_size = 8
     c.eval.benchmarks = ml_collections.ConfigDict({
-        "math500": {"task": "math", "source": os.path.join(FIXTURES, "math500.jsonl"), "split": None},
-        "mmlu_pro": {"task": "choice", "source": os.path.join(FIXTURES, "mmlu_pro.jsonl"), "split": None},
+        "math500": base.benchmark("math", os.path.join(FIXTURES, "math500.jsonl")),
+        "mmlu_pro": base.benchmark("choice", os.path.join(FIXTURES, "mmlu_pro.jsonl")),
     })
     return c

@@ -1,10 +1,11 @@
-"""The dataset loader: every benchmark layout, parquet/json/jsonl, tfds, bad records."""
+"""The question loader: every benchmark layout, parquet/json/jsonl, tfds, bad records."""
 
 import hashlib
 import json
 import logging
 import sys
 import types
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from drift_jax.datasets import LAYOUTS, DatasetError, detect_layout, load_questions
+import drift_jax.datasets
+import drift_jax.questions
+from drift_jax.questions import LAYOUTS, DatasetError, detect_layout, load_questions
+from drift_jax.records import BadRecord
 from drift_jax.envs.base import Question
 from drift_jax.envs.choice import choice_letter
 
@@ -94,7 +98,7 @@ def test_every_layout_loads_to_the_expected_questions(name):
     assert detected.layout == layout
     assert_matches(detected, expected)
     assert load_questions(str(FIXTURES / name), layout=layout) == detected  # explicit == detected
-    assert detected.skipped == []
+    assert detected.skipped == Counter()
 
 
 def test_every_layout_has_a_fixture():
@@ -150,9 +154,9 @@ def write_lines(path, lines):
 GOOD = json.dumps({"question": "1+1?", "answer": "2 #### 2"})
 BAD_LINES = [  # (line, field named in the error)
     ('{"question": "2+2?", "answer": "4"}', "'answer'"),  # no ####
-    ('{"question": "broken", ', "'<json>'"),
+    ('{"question": "broken", ', "malformed JSON"),
     ('{"answer": "#### 5"}', "'question'"),
-    ('["a", "list"]', "JSON object"),
+    ('["a", "list"]', "not a JSON object"),
     ('{"question": "", "answer": "#### 1"}', "'question'"),
 ]
 
@@ -162,36 +166,43 @@ def test_a_bad_record_names_file_line_and_field(tmp_path, line, field):
     path = write_lines(tmp_path / "gsm.jsonl", [GOOD, "", line, GOOD.replace("1+1", "1+2")])
     with pytest.raises(DatasetError) as error:
         load_questions(path, layout="gsm8k")
-    assert f"{path}:line 3: " in str(error.value) and field in str(error.value)
+    assert isinstance(error.value, BadRecord)  # the rollout files' bad-line policy
+    message = str(error.value)
+    assert message.startswith(f"{path}:3: ") and field in message
+    assert "on_bad_record='skip'" in message
 
 
 def test_skip_mode_keeps_the_good_records_and_reports_the_bad(tmp_path, caplog):
     lines = [GOOD] + [line for line, _ in BAD_LINES] + [GOOD.replace("1+1", "1+2")]
     path = write_lines(tmp_path / "gsm.jsonl", lines)
-    with caplog.at_level(logging.WARNING, logger="drift_jax.datasets"):
+    with caplog.at_level(logging.WARNING):
         questions = load_questions(path, layout="gsm8k", on_bad_record="skip")
     assert [q.text for q in questions] == ["1+1?", "1+2?"]
-    assert len(questions.skipped) == len(BAD_LINES)
-    assert [m.split(": ")[0] for m in questions.skipped] == [f"{path}:line {n}" for n in range(2, 7)]
-    assert len(caplog.records) == len(BAD_LINES)
+    assert isinstance(questions.skipped, Counter) and sum(questions.skipped.values()) == len(BAD_LINES)
+    assert questions.skipped["field 'question' (gsm8k layout): missing or empty"] == 2  # counted by reason
+    assert not any(path in reason for reason in questions.skipped)  # reasons, without "file:line: "
+    logged = [r.getMessage() for r in caplog.records]
+    assert len(logged) == len(BAD_LINES)
+    assert all(f"{path}:{n}: " in m for m, n in zip(logged, range(2, 7)))  # each names its line
 
 
 def test_row_errors_in_json_and_index_errors_in_choice_layouts(tmp_path):
     path = tmp_path / "redux.json"
     path.write_text(json.dumps([{"question": "q", "choices": ["a", "b"], "answer": 1},
                                 {"question": "q2", "choices": ["a", "b"], "answer": 5}]))
-    with pytest.raises(DatasetError, match=r"redux.json\[1\]: mmlu_redux field 'answer'.*\[0, 2\)"):
+    with pytest.raises(DatasetError, match=r"redux.json:2: field 'answer' \(mmlu_redux layout\).*\[0, 2\)"):
         load_questions(str(path))
     path = write_lines(tmp_path / "pro.jsonl", [json.dumps(
         {"question_id": 1, "question": "q", "options": ["a", "b", "c"], "answer": "C", "answer_index": 1})])
-    with pytest.raises(DatasetError, match="field 'answer_index': disagrees"):
+    with pytest.raises(DatasetError, match=r"pro.jsonl:1: field 'answer_index' \(mmlu_pro layout\): disagrees"):
         load_questions(path)
 
 
 def test_the_same_id_for_another_question_is_a_bad_record(tmp_path):
     path = write_lines(tmp_path / "pro.jsonl", [
         json.dumps({"question_id": 7, "question": q, "options": ["x", "y"], "answer": "A"}) for q in ("one", "two")])
-    with pytest.raises(DatasetError, match=r"line 2: mmlu_pro id 'mmlu_pro/7' already used by .*line 1"):
+    with pytest.raises(DatasetError, match=r"pro.jsonl:2: field 'question_id' \(mmlu_pro layout\): an id already "
+                       r"used for another question: 'mmlu_pro/7', first at .*pro.jsonl:1 "):
         load_questions(path)
 
 
@@ -253,7 +264,7 @@ def test_tfds_sources_are_loaded_and_decoded(monkeypatch):
     assert calls[-1] == ("huggingface:TIGER-Lab/MMLU-Pro", "validation[:2]")
 
     records.append({"question": b"bad", "options": np.array([b"1"], dtype=object), "answer": b"A"})
-    with pytest.raises(DatasetError, match=r"tfds:mmlu_pro/default/test\[2\]: mmlu_pro field 'options'"):
+    with pytest.raises(DatasetError, match=r"tfds:mmlu_pro/default\[test\]:3: field 'options' \(mmlu_pro layout\)"):
         load_questions("tfds:mmlu_pro/default", split="test")
     with pytest.raises(ValueError, match="needs a split"):
         load_questions("tfds:mmlu_pro/default")
@@ -263,3 +274,8 @@ def test_a_missing_tfds_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # makes the import fail
     with pytest.raises(ImportError, match="pip install tensorflow-datasets"):
         load_questions("tfds:gsm8k", split="test")
+
+
+def test_the_former_module_name_still_works():
+    assert drift_jax.datasets.load_questions is drift_jax.questions.load_questions
+    assert drift_jax.datasets.DatasetError is DatasetError

@@ -12,8 +12,9 @@ import os
 import numpy as np
 import pytest
 
-from drift_jax import rollouts
+from drift_jax.records import read_jsonl, write_jsonl
 from drift_jax.weights import trajectory_returns, trajectory_weights
+from helpers import chatml_tokenizer
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "rollouts", "authors_format.jsonl")
 GAMMA, BETA, LAM = 0.9, 0.1, 0.5  # the released values
@@ -42,19 +43,19 @@ def _hand_weights() -> np.ndarray:
 
 
 def test_fixture_reads_strictly():
-    records, skipped = rollouts.read_jsonl(FIXTURE)
+    records, skipped = read_jsonl(FIXTURE)
     assert len(records) == 8 and not skipped
     assert [r["prompt_id"] for r in records].count("math-17") == 4
 
 
 def test_returns_equal_the_formula():
-    records, _ = rollouts.read_jsonl(FIXTURE)
+    records, _ = read_jsonl(FIXTURE)
     for i, record in enumerate(records):
         assert trajectory_returns(record, GAMMA, LAM) == pytest.approx(HAND_RETURNS[i], abs=1e-9), i
 
 
 def test_weights_equal_the_formula_and_ignore_stale_weights():
-    records, _ = rollouts.read_jsonl(FIXTURE)
+    records, _ = read_jsonl(FIXTURE)
     assert any("weight" in r for r in records)
     got = trajectory_weights(records, GAMMA, BETA, LAM)
     np.testing.assert_allclose(got, _hand_weights(), rtol=1e-5)
@@ -65,10 +66,10 @@ def test_weights_equal_the_formula_and_ignore_stale_weights():
 
 
 def test_write_read_roundtrip_keeps_records(tmp_path):
-    records, _ = rollouts.read_jsonl(FIXTURE)
+    records, _ = read_jsonl(FIXTURE)
     path = str(tmp_path / "copy.jsonl")
-    rollouts.write_jsonl(path, records)
-    again, _ = rollouts.read_jsonl(path)
+    write_jsonl(path, records)
+    again, _ = read_jsonl(path)
     assert again == records
     # One JSON object per line, as the authors' scripts read it.
     with open(path) as f:
@@ -80,7 +81,6 @@ def _tiny_hf_checkpoint(path):
     from flax import nnx
 
     from drift_jax.models import ModelConfig, Transformer, save_pretrained
-    from test_chat import chatml_tokenizer
 
     tokenizer = chatml_tokenizer()
     cfg = ModelConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_layers=1,
@@ -106,14 +106,15 @@ def test_from_rollouts_trains_a_checkpoint_on_the_authors_file(tmp_path):
     workdir = tmp_path / "run"
     cmd = [sys.executable, os.path.join(repo, "experiments", "run.py"),
            "--config=" + os.path.join(repo, "experiments", "configs", "from_rollouts.py"),
-           f"--config.model={tmp_path / 'init'}", f"--config.rollouts={FIXTURE}", f"--workdir={workdir}",
-           "--config.dtype=float32", "--config.train.batch_size=4", "--config.train.num_micro_batches=2",
+           f"--config.model.checkpoint={tmp_path / 'init'}", f"--config.rollouts={FIXTURE}",
+           f"--workdir={workdir}", "--config.model.dtype=float32", "--config.model.param_dtype=float32",
+           "--config.model.remat=none", "--config.train.batch_size=4", "--config.train.num_micro_batches=2",
            "--config.train.epochs=2", "--config.train.learning_rate=1e-2", "--config.train.max_len=128",
            "--config.train.checkpoint_every=2"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
 
-    records, _ = rollouts.read_jsonl(FIXTURE)
+    records, _ = read_jsonl(FIXTURE)
     saved = json.loads((workdir / "weights.json").read_text())
     np.testing.assert_allclose(saved["drift"], trajectory_weights(records, GAMMA, BETA, LAM), rtol=1e-6)
     stats = json.loads((workdir / "drift" / "train_stats.json").read_text())
@@ -146,11 +147,11 @@ def test_paper_pipeline_runs_on_a_tiny_checkpoint(tmp_path):
     workdir = tmp_path / "run"
     cmd = [sys.executable, os.path.join(repo, "experiments", "run.py"),
            "--config=" + os.path.join(repo, "tests", "configs", "tiny_math.py"),
-           f"--config.model={tmp_path / 'init'}", f"--workdir={workdir}"]
+           f"--config.model.checkpoint={tmp_path / 'init'}", f"--workdir={workdir}"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
 
-    records, _ = rollouts.read_jsonl(str(workdir / "rollouts.jsonl"))
+    records, _ = read_jsonl(str(workdir / "rollouts.jsonl"))
     assert len(records) == 2 * 2  # the fixture's 2 MATH_ prompts (of 4 records) x K=2
     for r in records:
         assert r["messages"][0] == {"role": "system", "content": "You're a helpful assistant. "}
