@@ -83,7 +83,7 @@ def parse(names: Sequence[str]) -> list[Method]:
     round before it. An entry may hold several comma-separated names (what
     ``--config.methods=sft,drift`` gives). Raises ValueError naming every bad entry."""
     bad, out, seen = [], [], set()
-    for name in (n.strip() for entry in names for n in entry.split(",") if n.strip()):
+    for name in (n for entry in names for n in entry.split(",")):
         try:
             method = get(name)
         except ValueError:

@@ -222,8 +222,10 @@ def make_train_step(
             return jax.tree.map(jnp.add, carry, (grads, loss_sum, denom, stats)), None
 
         zero = jnp.zeros((), jnp.float32)
-        stats_shape = jax.eval_shape(lambda mb: micro_loss(state.params, mb, aux)[1][1],
-                                     jax.tree.map(lambda x: x[0], micro))
+        # The stats' structure, without running the loss (every input passed explicitly:
+        # nnx may not mutate variables of an outer trace).
+        stats_shape = jax.eval_shape(lambda p, mb, a: micro_loss(p, mb, a)[1][1],
+                                     state.params, jax.tree.map(lambda x: x[0], micro), aux)
         init = (jax.tree.map(jnp.zeros_like, state.params), zero, zero,
                 jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), stats_shape))
         (grads, loss_sum, denom, stats), _ = jax.lax.scan(accumulate, init, micro)

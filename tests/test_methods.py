@@ -95,7 +95,7 @@ def test_get_rejects_a_round_with_a_leading_zero():
 
 
 _names = st.sampled_from(list(METHODS) + [f"drift_round{r}" for r in range(2, 6)]
-                         + ["drift_round1", "drift_round0", "dpo", "DRIFT", ""]) | st.text(max_size=6)
+                         + ["drift_round1", "drift_round0", "dpo", "DRIFT", ""]) | st.text(max_size=6).filter(lambda s: "," not in s)
 
 
 def _expected_bad(names):
@@ -138,3 +138,10 @@ def test_parse_rejects_rounds_out_of_order_naming_them():
         methods.parse(["dpo", "drift", "drift_round3", "sft"])
     assert [m.name for m in methods.parse(["drift", "sft", "drift_round2", "drift_round3"])] == [
         "drift", "sft", "drift_round2", "drift_round3"]
+
+
+def test_a_comma_separated_entry_is_several_methods():
+    """``--config.methods=sft,drift`` reaches the config as the one-entry tuple ('sft,drift',)."""
+    assert [m.name for m in methods.parse(("sft,drift,drift_round2",))] == ["sft", "drift", "drift_round2"]
+    with pytest.raises(ValueError, match=r"\['dpo'\]"):
+        methods.parse(("sft,dpo",))

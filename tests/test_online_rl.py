@@ -1,30 +1,39 @@
 """Properties of drift_jax.online_rl: GRPO advantages, the policy-gradient loss against the
-REINFORCE and k3 formulas, the train step, and the online loop on the secret task
-(compiles once, counts its cost, resumes to the same result as a straight run)."""
+REINFORCE and k3 formulas, its loss function through the shared train step (== a direct
+jax.grad of ``pg_loss``; K micro-batches == one batch), the episode rows on sampled ids,
+and ``make_batch_fn`` in ``train.train_loop`` on the secret task (compiles once, counts
+its cost, resumes to the same result as a straight run)."""
 
 from __future__ import annotations
 
 import json
-import shutil
 
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from drift_jax import online_rl
+from drift_jax import online_rl, train
 from drift_jax.chat import encode_dialogue, encode_prompt, end_of_turn_id
+from drift_jax.checkpoint import Checkpointer
 from drift_jax.envs.base import FEEDBACK
 from drift_jax.envs.secret import SecretGuessEnv, build_tokenizer
+from drift_jax.episodes import decode_reply, play_episodes
+from drift_jax.losses import mean_loss
 from drift_jax.models import ModelConfig, Transformer
 from drift_jax.online_rl import episode_example, group_advantages, kl_k3, pg_loss
-from drift_jax.rollout import play_episodes
 from drift_jax.sampling import SamplingParams
 from drift_jax.train import create_train_state, make_optimizer
+
+try:  # the stage's run totals (conftest puts the repo root on sys.path)
+    from experiments.online_rl import run_stats
+except ImportError:  # pragma: no cover
+    run_stats = None
 
 SETTINGS = settings(max_examples=30, deadline=None)
 
@@ -135,7 +144,8 @@ def test_kl_term_vanishes_with_its_gradient_when_policy_is_the_reference():
 @given(st.floats(-30.0, 30.0), st.floats(-30.0, 30.0))
 def test_k3_is_non_negative_and_zero_only_at_equality(logp, ref_logp):
     k3 = float(kl_k3(jnp.float32(logp), jnp.float32(ref_logp)))
-    assert np.isfinite(k3) and k3 >= 0.0
+    # exp(d) - d - 1 in float32 rounds to about -6e-8 for |d| ~ 1e-7.
+    assert np.isfinite(k3) and k3 >= -1e-6
     if abs(logp - ref_logp) > 1e-2:
         assert k3 > 0.0
 
@@ -152,6 +162,7 @@ def test_masked_garbage_does_not_leak():
 
 CFG = ModelConfig(vocab_size=24, hidden_size=16, intermediate_size=32, num_layers=1,
                   num_heads=2, num_kv_heads=1, head_dim=8)
+TX, _ = make_optimizer(1e-2, total_steps=10, warmup_steps=0)
 
 
 def step_batch(seed, b=4, t=8):
@@ -163,21 +174,89 @@ def step_batch(seed, b=4, t=8):
             "loss_mask": loss_mask, "advantages": rng.normal(size=b).astype(np.float32)}
 
 
+def pg_step(graphdef, m=1, **kwargs):
+    return train.make_train_step(graphdef, TX, num_micro_batches=m, loss_fn=online_rl.pg_loss_fn(**kwargs))
+
+
+def assert_close_on_tensor_scale(got, want, rtol=1e-5):
+    """Sums in another order differ by rounding relative to a tensor's scale, not to each
+    (possibly ~0) element."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    assert np.abs(got - want).max(initial=0.0) <= rtol * np.abs(want).max(initial=0.0)
+
+
+@pytest.mark.parametrize("normalize, chunk", [("token", 0), ("sequence", 4)])
+def test_pg_step_is_one_optimizer_update_of_the_direct_pg_loss_gradient(normalize, chunk):
+    """Through the shared step, ``pg_loss_fn`` is AdamW applied to jax.grad of
+    ``pg_loss``'s mean on the same batch, written out here from the policy's and the
+    reference's logits; also with the LM head + loss in chunks (T - 1 = 7, chunk 4)."""
+    graphdef, state = create_train_state(Transformer(CFG, rngs=nnx.Rngs(0)), TX)
+    ref_params = nnx.state(Transformer(CFG, rngs=nnx.Rngs(1)), nnx.Param)  # KL is not 0
+    batch = step_batch(1)
+    tokens, valid = batch["tokens"], batch["valid"]
+    inputs, in_valid, targets = tokens[:, :-1], valid[:, :-1], tokens[:, 1:]
+    mask = batch["loss_mask"][:, 1:] & valid[:, 1:] & in_valid
+    kl_coef = 0.1
+
+    @jax.jit  # jitted only for speed: op by op, the model is slow
+    def logp_of(params):
+        logits = nnx.merge(graphdef, params)(inputs, in_valid)
+        return jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1)[..., 0]
+
+    ref_logp = logp_of(ref_params)
+
+    @jax.jit
+    def mean_pg_and_grad(params):
+        def mean_pg(p):
+            logits = nnx.merge(graphdef, p)(inputs, in_valid)
+            return mean_loss(*pg_loss(logits, targets, mask, batch["advantages"], ref_logp, kl_coef, normalize))
+
+        return jax.value_and_grad(mean_pg)(params)
+
+    loss, grads = mean_pg_and_grad(state.params)
+    updates, opt_state = jax.jit(TX.update)(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    kl_sum = jnp.sum(jnp.where(mask, kl_k3(logp_of(state.params), ref_logp), 0.0))
+
+    step_fn = pg_step(graphdef, kl_coef=kl_coef, normalize=normalize, loss_chunk_size=chunk)
+    new, metrics = step_fn(state, batch, ref_params)
+    np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(metrics["grad_norm"], optax.tree.norm(grads), rtol=1e-5)
+    np.testing.assert_allclose(metrics["kl_sum"], kl_sum, rtol=1e-5)
+    assert float(kl_sum) > 0
+    assert metrics["num_tokens"] == mask.sum() and metrics["num_input_tokens"] == valid.sum()
+    assert metrics["denominator"] == (mask.sum() if normalize == "token" else (mask.sum(1) > 0).sum())
+    jax.tree.map(assert_close_on_tensor_scale, new.opt_state, opt_state)
+    chex.assert_trees_all_close(new.params, params, rtol=1e-5, atol=1e-6)
+
+
 def test_step_two_micro_batches_equal_one_batch_and_zero_advantage_at_reference_is_still():
-    tx, _ = make_optimizer(1e-2, total_steps=10, warmup_steps=0)
-    graphdef, state = create_train_state(Transformer(CFG, rngs=nnx.Rngs(0)), tx)
+    graphdef, state = create_train_state(Transformer(CFG, rngs=nnx.Rngs(0)), TX)
     ref = jax.tree.map(jnp.copy, state.params)
     batch = step_batch(0)
     results = {}
     for m in (1, 2):
-        step_fn = online_rl.make_pg_train_step(graphdef, tx, kl_coef=0.1, num_micro_batches=m)
-        fresh = jax.tree.map(jnp.copy, state)
-        new, metrics = step_fn(fresh, ref, batch)
+        step_fn = pg_step(graphdef, m, kl_coef=0.1)
+        new, metrics = step_fn(jax.tree.map(jnp.copy, state), batch, ref)
         results[m] = (new.params, metrics)
     chex.assert_trees_all_close(results[1], results[2], rtol=1e-5, atol=1e-6)
     # Zero advantages and policy == reference: the loss, the KL and the gradient are 0.
-    _, metrics = step_fn(jax.tree.map(jnp.copy, state), ref, {**batch, "advantages": np.zeros(4, np.float32)})
-    assert float(metrics["kl"]) == 0.0 and float(metrics["grad_norm"]) < 1e-6
+    _, metrics = step_fn(jax.tree.map(jnp.copy, state), {**batch, "advantages": np.zeros(4, np.float32)}, ref)
+    assert float(metrics["loss"]) == 0.0 and float(metrics["kl_sum"]) == 0.0
+    assert float(metrics["grad_norm"]) < 1e-6
+    # The reference params are a jit argument: other values, the same program.
+    other_ref = jax.tree.map(lambda x: 1.5 * x, ref)
+    _, metrics = step_fn(jax.tree.map(jnp.copy, state), batch, other_ref)
+    assert float(metrics["kl_sum"]) > 0 and step_fn._cache_size() == 1
+
+
+def test_pg_loss_fn_and_on_policy_check_reject_bad_settings():
+    with pytest.raises(ValueError, match="normalize"):
+        online_rl.pg_loss_fn(normalize="weight_sum")
+    online_rl.check_on_policy(SamplingParams(temperature=1.0, max_new_tokens=3))
+    for tempered in (SamplingParams(temperature=0.7), SamplingParams(top_p=0.9), SamplingParams(top_k=5)):
+        with pytest.raises(ValueError, match="temperature 1"):
+            online_rl.check_on_policy(tempered)
 
 
 # ---------------------------------------------------------------- prompts per step
@@ -210,17 +289,18 @@ def secret():
     return tokenizer, env, questions, sampling, cfg
 
 
-def hand_turns(tokenizer, env, question, replies):
+def hand_turns(tokenizer, env, question, replies, render=None):
     """(prompt ids, reply ids) per turn for replies given as token lists, rendered into the
-    dialogue the way ``play_episodes`` does (special tokens dropped, stripped), plus the
-    final messages."""
+    dialogue the way ``play_episodes`` does (``decode_reply``; or ``render(reply_ids)``),
+    plus the final messages."""
+    eot = end_of_turn_id(tokenizer)
+    render = render or (lambda ids: decode_reply(tokenizer, ids, (eot,)))
     messages, turns = env.initial_messages(question), []
     for k, words in enumerate(replies):
         prompt = encode_prompt(tokenizer, messages)
         reply = tokenizer.convert_tokens_to_ids(words)
         turns.append((prompt, reply))
-        messages.append({"role": "assistant",
-                         "content": tokenizer.decode(reply, skip_special_tokens=True).strip()})
+        messages.append({"role": "assistant", "content": render(reply)})
         if k < len(replies) - 1:
             messages.append({"role": "user", "content": FEEDBACK})
     return turns, messages
@@ -251,75 +331,114 @@ def test_episode_example_trains_exactly_the_sampled_ids(secret):
     assert not example.loss_mask[cut_eot] and left_out == 0
     np.testing.assert_array_equal(np.delete(example.loss_mask, cut_eot), np.delete(expected.loss_mask, cut_eot))
 
-    # A sampled special token vanishes from the re-rendered context: that turn is left out.
+    # A sampled special token kept in the context (decode_reply) stays where it was sampled.
     turns, _ = hand_turns(tokenizer, env, questions[0], [["<|user|>", "<answer>A</answer>", eot], [eot]])
+    example, left_out = episode_example(turns)
+    assert left_out == 0 and example.loss_mask.sum() == 4
+
+    # A context that does not hold a turn's sampled ids (here: a renderer that drops
+    # special tokens): that turn is left out, the others stay.
+    def drop_special(ids):
+        return tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+    turns, _ = hand_turns(tokenizer, env, questions[0], [["<|user|>", "<answer>A</answer>", eot], [eot]],
+                          render=drop_special)
     example, left_out = episode_example(turns)
     assert left_out == 1 and example.loss_mask.sum() == 1  # only the last reply's one id
 
 
-def test_play_with_ids_keeps_every_sampled_id_in_the_context(secret):
+def test_play_episodes_with_ids_keeps_every_sampled_id_in_the_context(secret):
     """A random policy samples special tokens mid-reply and runs out of budget: every turn
-    still lands in the loss, and turn 1 is what play_episodes samples."""
+    still lands in the loss, and with or without ids the player plays the same episodes."""
     tokenizer, env, questions, sampling, cfg = secret
     model = Transformer(cfg, rngs=nnx.Rngs(1))
-    kwargs = {"num_samples": 4, "sampling": sampling, "seed": 3, "batch_size": 8}
-    episodes, turns, generated = online_rl.play_with_ids(model, tokenizer, env, questions[:2], **kwargs)
-    reference, _ = play_episodes(model, tokenizer, env, questions[:2], progress=False, **kwargs)
-    assert generated == sum(len(r) for t in turns for _, r in t) > 0
+    kwargs = {"num_samples": 4, "sampling": sampling, "seed": 3, "batch_size": 8, "progress": False}
+    episodes, generated, turns = play_episodes(model, tokenizer, env, questions[:2], return_ids=True, **kwargs)
+    reference, ref_generated = play_episodes(model, tokenizer, env, questions[:2], **kwargs)
+    assert generated == ref_generated == sum(len(r) for t in turns for _, r in t) > 0
     assert any(tokenizer.convert_ids_to_tokens(r[0]) in tokenizer.all_special_tokens for t in turns
-               for _, r in t if r)  # the case this function exists for is exercised
+               for _, r in t if r)  # the case the ids exist for is exercised
     for e, ref, t in zip(episodes, reference, turns):
+        assert e.messages == ref.messages and e.to_record() == ref.to_record()
         assert len(t) == e.turn and e.done
         assert t[0][0] == encode_prompt(tokenizer, env.initial_messages(e.question))
-        eot = end_of_turn_id(tokenizer)
-        first = [i for i in t[0][1] if i != eot]
-        assert ref.messages[1]["content"] == tokenizer.decode(first, skip_special_tokens=True).strip()
+        for k, (prompt, reply) in enumerate(t):  # each reply enters the dialogue via decode_reply
+            assert e.messages[len(env.initial_messages(e.question)) + 2 * k]["content"] == \
+                decode_reply(tokenizer, reply, sampling.stop_ids)
         example, left_out = episode_example(t)
         assert left_out == 0
         assert example.loss_mask.sum() == sum(len(r) for _, r in t)
 
 
-def run_online(secret, steps, tmp, model_seed=0, **kwargs):
-    tokenizer, env, questions, sampling, cfg = secret
+INFO_KEYS = ("mean_return", "success_rate", "mean_turns", "generated_tokens", "trained_tokens",
+             "supervised_tokens", "left_out_turns")
+TIMING_KEYS = ("batch_s", "step_time_s", "tokens_per_s", "wall_time")
+
+
+def run_online(secret, steps, tmp, model_seed=0, sampling=None, **kwargs):
+    """The online-RL stage's wiring, small: ``make_batch_fn`` + ``pg_loss_fn`` in
+    ``train_loop``, checkpointing every 2 updates into ``tmp``. Returns (state, step_fn,
+    metrics lines)."""
+    tokenizer, env, questions, default_sampling, cfg = secret
+    tx, schedule = make_optimizer(1e-2, total_steps=4, warmup_steps=0, weight_decay=0.01)
     # The reference is always seed 0; a resumed run's own init is replaced by the checkpoint.
-    model, ref = Transformer(cfg, rngs=nnx.Rngs(model_seed)), Transformer(cfg, rngs=nnx.Rngs(0))
-    stats = online_rl.train_online(
-        model, ref, tokenizer, env, questions, steps=steps, prompts_per_step=2, num_samples=4,
-        sampling=sampling, learning_rate=1e-2, seq_len=32, rollout_batch_size=8, seed=0,
-        checkpoint_dir=str(tmp / "ckpt"), checkpoint_every=2, metrics_path=str(tmp / "metrics.jsonl"),
-        progress=False, **kwargs)
-    return model, stats
+    graphdef, state = create_train_state(Transformer(cfg, rngs=nnx.Rngs(model_seed)), tx)
+    ref_params = nnx.state(Transformer(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+    step_fn = kwargs.pop("step_fn", None) or train.make_train_step(
+        graphdef, tx, schedule_fn=schedule, loss_fn=online_rl.pg_loss_fn(kl_coef=1e-3))
+    batch_fn = online_rl.make_batch_fn(
+        graphdef, tokenizer, env, questions, prompts_per_step=2, num_samples=4,
+        sampling=sampling or default_sampling, gamma=1.0, lam=0.5, seq_len=32, batch_size=8, seed=0,
+        **kwargs)
+    metrics_path = tmp / "metrics.jsonl"
+    with Checkpointer(tmp / "ckpt", save_every=2) as ckpt:
+        state = train.train_loop(state, step_fn, batch_fn, steps, aux=ref_params, checkpointer=ckpt,
+                                 metrics_path=str(metrics_path), desc="online RL", progress=False)
+    return state, step_fn, [json.loads(x) for x in metrics_path.read_text().splitlines()]
 
 
 def test_online_loop_compiles_once_counts_cost_and_resumes_like_a_straight_run(secret, tmp_path):
-    online_rl.TRACE_COUNTS.clear()
-    model, stats = run_online(secret, 3, tmp_path)
-    assert stats["steps"] == 3 and stats["episodes"] == 3 * 2 * 4
-    assert stats["generated_tokens"] > 0
-    assert stats["trained_tokens"] > stats["supervised_tokens"] > 0
-    # The loss covers exactly the sampled tokens: every one, nothing else.
-    assert stats["left_out_turns"] == 0 and stats["supervised_tokens"] == stats["generated_tokens"]
-    assert stats["wall_s"] == pytest.approx(stats["rollout_s"] + stats["train_s"])
-    metrics_path = tmp_path / "metrics.jsonl"
-    lines = [json.loads(x) for x in metrics_path.read_text().splitlines()]
-    assert [r["step"] for r in lines] == [1, 2, 3]
-    assert sum(r["generated_tokens"] for r in lines) == stats["generated_tokens"]
-    assert stats["left_out_turns"] == sum(r["left_out_turns"] for r in lines)
-    straight = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
+    straight, step_fn, lines = run_online(secret, 4, tmp_path / "straight")
+    assert [r["step"] for r in lines] == [1, 2, 3, 4]
+    for r in lines:
+        assert set(INFO_KEYS) <= r.keys()
+        assert r["generated_tokens"] > 0 and r["trained_tokens"] > r["supervised_tokens"] > 0
+        # The loss covers exactly the sampled tokens: every one, nothing else.
+        assert r["left_out_turns"] == 0 and r["supervised_tokens"] == r["generated_tokens"] == r["num_tokens"]
+        assert r["trained_tokens"] == r["num_input_tokens"]
     untrained = nnx.state(Transformer(secret[4], rngs=nnx.Rngs(0)), nnx.Param)
-    assert not jax.tree.all(jax.tree.map(np.array_equal, straight, untrained))  # updated in place
+    assert not jax.tree.all(jax.tree.map(np.array_equal, straight.params, untrained))
 
-    # A crash after update 3 was logged but before it was checkpointed: the rerun restores
-    # update 2, drops the stale log line, and redoes update 3 with the same prompts and keys.
-    shutil.rmtree(tmp_path / "ckpt" / "3")
-    resumed, resumed_stats = run_online(secret, 3, tmp_path, model_seed=5)
-    chex.assert_trees_all_close(nnx.state(resumed, nnx.Param), straight, rtol=1e-5, atol=1e-6)
-    for key in ("generated_tokens", "trained_tokens", "supervised_tokens", "left_out_turns", "episodes"):
-        assert resumed_stats[key] == stats[key], key
-    assert [json.loads(x)["step"] for x in metrics_path.read_text().splitlines()] == [1, 2, 3]
-    assert online_rl.TRACE_COUNTS == {(8, 32): 1}  # 4 updates over 2 calls, one compile
+    # Half the updates, then a new "process" (new model, new checkpointer, same step)
+    # resumes from the checkpoint of update 2 and goes on to 4.
+    run_online(secret, 2, tmp_path / "resumed", step_fn=step_fn)
+    resumed, _, resumed_lines = run_online(secret, 4, tmp_path / "resumed", model_seed=5, step_fn=step_fn)
+    assert int(resumed.step) == int(straight.step) == 4
+    chex.assert_trees_all_equal(resumed.params, straight.params)  # same prompts, keys, program
+    chex.assert_trees_all_equal(resumed.opt_state, straight.opt_state)
+    strip = lambda r: {k: v for k, v in r.items() if k not in TIMING_KEYS}  # noqa: E731
+    assert [strip(r) for r in resumed_lines] == [strip(r) for r in lines]
+    assert step_fn._cache_size() == 1  # 8 updates over 3 calls, fixed seq_len: one compile
+
+    if run_stats is not None:
+        stats = run_stats(lines, episodes=4 * 2 * 4)
+        assert stats["steps"] == 4 and stats["episodes"] == 32
+        for key in ("generated_tokens", "trained_tokens", "supervised_tokens", "left_out_turns"):
+            assert stats[key] == sum(r[key] for r in lines), key
+        assert stats["rollout_s"] == pytest.approx(sum(r["batch_s"] for r in lines))
+        assert stats["train_s"] == pytest.approx(sum(r["step_time_s"] for r in lines))
+        assert stats["wall_s"] == pytest.approx(stats["rollout_s"] + stats["train_s"])
+        assert len(stats["mean_return_first_last"]) == 2
+        assert stats["mean_return_first_last"][0] == pytest.approx(lines[0]["mean_return"])
 
 
-def test_online_loop_rejects_a_tempered_sampler(secret, tmp_path):
+def test_online_batch_fn_rejects_a_tempered_sampler_and_a_short_seq_len(secret, tmp_path):
+    tokenizer, env, questions, sampling, cfg = secret
     with pytest.raises(ValueError, match="temperature 1"):
-        run_online((*secret[:3], SamplingParams(temperature=0.7), secret[4]), 1, tmp_path)
+        run_online(secret, 1, tmp_path, sampling=SamplingParams(temperature=0.7))
+    graphdef, state = create_train_state(Transformer(cfg, rngs=nnx.Rngs(0)), TX)
+    batch_fn = online_rl.make_batch_fn(graphdef, tokenizer, env, questions, prompts_per_step=2,
+                                       num_samples=4, sampling=sampling, gamma=1.0, lam=0.5,
+                                       seq_len=8, batch_size=8)
+    with pytest.raises(ValueError, match="does not fit seq_len=8"):
+        batch_fn(0, state)

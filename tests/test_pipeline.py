@@ -6,6 +6,7 @@ checkpoint commit) and rerun ends with the same results. The run is the shared
 import functools
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -146,7 +147,7 @@ def test_config_validation_rejects_bad_values(tmp_path, path, value, message):
     for section in sections:
         node = node[section]
     node[field] = value
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ValueError, match=re.escape(message)):
         run.check_config(cfg, str(tmp_path))
 
 

@@ -63,8 +63,13 @@ def shared_step_fn():
 
 def run_steps(step_fn, state, batches, aux=None):
     for batch in batches:
-        state, metrics = step_fn(state, batch, aux)
+        state, metrics = step_fn(state, batch) if aux is None else step_fn(state, batch, aux)
     return state, metrics
+
+
+def assert_close_on_tensor_scale(got, want, rtol=1e-5):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    assert np.abs(got - want).max(initial=0.0) <= rtol * np.abs(want).max(initial=0.0)
 
 
 def batch_fn(step, state):
@@ -138,9 +143,8 @@ def test_step_compiles_once_for_fixed_shapes():
 def test_step_is_one_optimizer_update_of_the_mean_loss_gradient():
     """The step against its definition: AdamW (after clipping) applied to jax.grad of the
     weighted SFT loss's mean, written out here from the model's logits."""
-    _, state = fresh_state(TX)
+    graphdef, state = fresh_state(TX)
     state, _ = shared_step_fn()(state, make_batch(1))  # off update 0, whose lr is 0
-    graphdef, _ = fresh_state(TX)
     batch = make_batch(2)
     tokens, valid = batch["tokens"], batch["valid"]
     mask = batch["loss_mask"][:, 1:] & valid[:, 1:] & valid[:, :-1]
@@ -149,13 +153,15 @@ def test_step_is_one_optimizer_update_of_the_mean_loss_gradient():
         logits = nnx.merge(graphdef, params)(tokens[:, :-1], valid[:, :-1])
         return mean_loss(*weighted_sft_loss(logits, tokens[:, 1:], mask, batch["weights"], "batch"))
 
-    loss, grads = jax.value_and_grad(mean_sft)(state.params)
-    updates, opt_state = TX.update(grads, state.opt_state, state.params)
+    loss, grads = jax.jit(jax.value_and_grad(mean_sft))(state.params)  # jit: op by op is slow
+    updates, opt_state = jax.jit(TX.update)(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new, metrics = shared_step_fn()(state, batch)
     np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-6)
     np.testing.assert_allclose(metrics["grad_norm"], optax.tree.norm(grads), rtol=1e-5)
-    chex.assert_trees_all_close(new.opt_state, opt_state, rtol=1e-5, atol=1e-9)
+    # Gradients summed in another order differ by rounding relative to each tensor's
+    # scale, not to each (possibly ~0) element: compare Adam's moments on that scale.
+    jax.tree.map(assert_close_on_tensor_scale, new.opt_state, opt_state)
     chex.assert_trees_all_close(new.params, params, rtol=1e-5, atol=1e-4 * LR)  # see above
     assert int(new.step) == 2
 
@@ -240,6 +246,7 @@ def test_train_loop_resumes_from_latest_checkpoint(tmp_path):
     tx, state, step_fn, ckpt = _loop_setup(tmp_path)
     train_loop(state, step_fn, batch_fn, 6, checkpointer=ckpt, progress=False)
     assert ckpt.all_steps() == [3, 6]
+    compiled = step_fn._cache_size()
     # A "restarted job": everything rebuilt from scratch; the loop picks up step 6.
     _, state = fresh_state(tx, seed=1)
     ckpt = Checkpointer(tmp_path / "ckpt", save_every=3)
@@ -251,7 +258,7 @@ def test_train_loop_resumes_from_latest_checkpoint(tmp_path):
     chex.assert_trees_all_equal(resumed.opt_state, straight.opt_state)
     assert ckpt.latest_step() == 10  # the end-of-run save
     ckpt.close()
-    assert step_fn._cache_size() == 1  # a restored state runs the fresh state's program
+    assert step_fn._cache_size() == compiled  # a restored state runs the fresh state's program
 
 
 def test_resumed_run_logs_each_step_once(tmp_path):
