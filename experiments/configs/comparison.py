@@ -9,8 +9,6 @@ generated-tokens column shows what each accuracy cost. drift_round2 is iterative
 rollouts from the trained DRIFT policy, weighted, trained again from it.
 """
 
-import ml_collections
-
 from experiments.configs import default
 
 
