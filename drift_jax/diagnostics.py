@@ -22,20 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from drift_jax.records import Record, parse_record
-from drift_jax.weights import record_return
+from drift_jax.records import Record
+from drift_jax.weights import group_indices, parse_trajectories, returns_and_groups  # noqa: F401 (group_indices: public here too)
 
 BETA_RANGE = (1e-4, 1e4)
-
-
-def group_indices(prompt_ids: Sequence[str]) -> tuple[np.ndarray, int]:
-    """Map prompt ids to 0..G-1 in order of first appearance (as ``trajectory_weights``).
-
-    Returns ([N] int64 group ids, G).
-    """
-    group_of: dict[str, int] = {}
-    ids = np.asarray([group_of.setdefault(p, len(group_of)) for p in prompt_ids], np.int64)
-    return ids, len(group_of)
 
 
 def effective_sample_size(weights_n, group_ids_n, num_groups: int | None = None) -> np.ndarray:
@@ -102,13 +92,7 @@ def ess_fraction_at_beta(returns_n, group_ids_n, beta: float) -> float:
 def _parse(records: Sequence[Mapping[str, Any]]) -> list[Record]:
     if not records:
         raise ValueError("no trajectory records")
-    return [parse_record(r, f"trajectory record {i}", messages=False) for i, r in enumerate(records)]
-
-
-def _returns_and_groups(records: Sequence[Mapping[str, Any]], gamma: float, lam: float):
-    parsed = _parse(records)
-    ids, _ = group_indices([r.prompt_id for r in parsed])
-    return np.asarray([record_return(r, gamma, lam) for r in parsed], np.float64), ids
+    return parse_trajectories(records)
 
 
 def choose_beta(
@@ -129,7 +113,7 @@ def choose_beta(
     """
     if not 0.0 < target_ess_fraction <= 1.0:
         raise ValueError(f"target_ess_fraction must be in (0, 1], got {target_ess_fraction!r}")
-    returns_n, ids = _returns_and_groups(records, gamma, lam)
+    returns_n, ids, _ = returns_and_groups(_parse(records), gamma, lam)
     lo, hi = math.log(BETA_RANGE[0]), math.log(BETA_RANGE[1])
     if ess_fraction_at_beta(returns_n, ids, BETA_RANGE[0]) >= target_ess_fraction:
         return BETA_RANGE[0]
@@ -151,8 +135,12 @@ def all_fail_share(records: Sequence[Mapping[str, Any]]) -> float:
     Such a group carries no success signal: its weights only rank failures by their
     format and repetition penalties.
     """
+    return _all_fail_share(_parse(records))
+
+
+def _all_fail_share(parsed: Sequence[Record]) -> float:
     solved: dict[str, bool] = {}
-    for r in _parse(records):
+    for r in parsed:
         solved[r.prompt_id] = solved.get(r.prompt_id, False) or r.t_star is not None
     return sum(not s for s in solved.values()) / len(solved)
 
@@ -202,7 +190,7 @@ def summary(records: Sequence[Mapping[str, Any]], weights_n, *, num_bins: int = 
         "mean_ess": float(ess_g.mean()),
         "mean_ess_fraction": float(frac_g.mean()),
         "min_ess_fraction": float(frac_g.min()),
-        "all_fail_share": all_fail_share(records),
+        "all_fail_share": _all_fail_share(parsed),
         "success_share": float(np.mean([r.t_star is not None for r in parsed])),
         "max_weight": float(w.max()),
         "top_decile_weight_share": float(top.sum() / w.sum()) if w.sum() > 0 else 0.0,

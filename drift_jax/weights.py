@@ -138,6 +138,24 @@ def trajectory_returns(record: Mapping[str, Any], gamma: float, lam: float = 0.5
     return record_return(parse_record(record, messages=False), gamma, lam)
 
 
+def parse_trajectories(trajectories: Sequence[Mapping[str, Any]]) -> list[Record]:
+    """``records.parse_record`` of each trajectory (rewards only), errors naming its index."""
+    return [parse_record(r, f"trajectory record {i}", messages=False) for i, r in enumerate(trajectories)]
+
+
+def group_indices(prompt_ids: Sequence[str]) -> tuple[np.ndarray, int]:
+    """Map prompt ids to 0..G-1 in order of first appearance: ([N] int64 group ids, G)."""
+    group_of: dict[str, int] = {}
+    ids = np.asarray([group_of.setdefault(p, len(group_of)) for p in prompt_ids], np.int64)
+    return ids, len(group_of)
+
+
+def returns_and_groups(records: Sequence[Record], gamma: float, lam: float = 0.5):
+    """([N] float64 returns, [N] int64 group ids, G) of parsed records (``group_indices``)."""
+    ids, num_groups = group_indices([r.prompt_id for r in records])
+    return np.asarray([record_return(r, gamma, lam) for r in records], np.float64), ids, num_groups
+
+
 def trajectory_weights(
     trajectories: Sequence[Mapping[str, Any]],
     gamma: float,
@@ -154,18 +172,9 @@ def trajectory_weights(
       [N] float32 NumPy array.
     """
     _check_weight_args(beta, normalize)  # fail before parsing thousands of records
-    returns, group_ids, group_of = [], [], {}
-    for i, raw in enumerate(trajectories):
-        record = parse_record(raw, f"trajectory record {i}", messages=False)
-        returns.append(record_return(record, gamma, lam))
-        group_ids.append(group_of.setdefault(record.prompt_id, len(group_of)))
-    if not returns:
+    returns_n, group_ids_n, num_groups = returns_and_groups(parse_trajectories(trajectories), gamma, lam)
+    if not num_groups:
         return np.zeros((0,), np.float32)
-    weights_n = importance_weights(
-        np.asarray(returns, np.float32),
-        np.asarray(group_ids, np.int32),
-        beta,
-        normalize=normalize,
-        num_groups=len(group_of),
-    )
+    weights_n = importance_weights(returns_n.astype(np.float32), group_ids_n.astype(np.int32), beta,
+                                   normalize=normalize, num_groups=num_groups)
     return np.asarray(weights_n)
