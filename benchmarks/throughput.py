@@ -21,7 +21,7 @@ CPU, to exercise the code). It runs first: JAX's GPU backend is started before t
 loads its CUDA libraries (so JAX's cuDNN is the one loaded), without preallocating, and
 JAX allocates its working memory after torch has freed its own.
 
-  python benchmarks/throughput.py                      # Qwen2.5-0.5B and 1.5B, H200 defaults
+  python benchmarks/throughput.py                      # Qwen2.5-0.5B and 1.5B, peaks of the device kind
   python benchmarks/throughput.py --tiny               # small shapes, a few steps, any CPU
   python benchmarks/throughput.py --models qwen2.5-0.5b --sample-batches 64 --peak-flops 989e12
 """
@@ -244,8 +244,10 @@ def parse_args(argv=None):
     ap.add_argument("--remat", default="none", choices=["none", "full", "dots"])
     ap.add_argument("--attention", default=None, choices=["xla", "cudnn"], help="default: auto")
     ap.add_argument("--loss-chunk-size", type=int, default=512, help="0: full [B, T, V] logits")
-    ap.add_argument("--peak-flops", type=float, default=989e12, help="dense bf16 FLOP/s (H200/H100 SXM)")
-    ap.add_argument("--hbm-bandwidth", type=float, default=4.2e12, help="bytes/s (H200 measured)")
+    ap.add_argument("--peak-flops", type=float, default=None,
+                    help="dense bf16 FLOP/s (default: DEVICE_PEAKS for the device kind)")
+    ap.add_argument("--hbm-bandwidth", type=float, default=None,
+                    help="bytes/s (default: DEVICE_PEAKS for the device kind)")
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--skip-train", action="store_true")
     ap.add_argument("--skip-sample", action="store_true")
@@ -258,6 +260,24 @@ def parse_args(argv=None):
         args.sample_batches, args.prompt_len, args.new_tokens, args.sample_repeats = "4", 16, 16, 1
         args.loss_chunk_size = min(args.loss_chunk_size, 32)
     return args
+
+
+# Device kind (a substring of jax's device_kind, first match wins) -> (dense bf16 FLOP/s,
+# HBM bytes/s), from the vendors' data sheets; H200's bandwidth is the one measured on it.
+DEVICE_PEAKS = (
+    ("H200", 989e12, 4.2e12), ("H100", 989e12, 3.35e12), ("A100", 312e12, 2.0e12), ("L4", 121e12, 0.3e12),
+    ("TPU v4", 275e12, 1.2e12), ("TPU v5 lite", 197e12, 0.82e12), ("TPU v5", 459e12, 2.76e12),
+    ("TPU v6 lite", 918e12, 1.64e12),
+)
+
+
+def device_peaks(device_kind: str) -> tuple[float | None, float | None]:
+    """(peak FLOP/s, HBM bytes/s) of a device kind; (None, None) when unknown (a CPU):
+    then MFU and roofline shares are not reported rather than measured against an H100."""
+    for kind, flops, bandwidth in DEVICE_PEAKS:
+        if kind.lower() in device_kind.lower():
+            return flops, bandwidth
+    return None, None
 
 
 def model_config(name: str, args, train: bool) -> ModelConfig:
@@ -273,6 +293,9 @@ def main(argv=None):
     names = args.models.split(",")
     batches = [int(b) for b in args.sample_batches.split(",")]
     print(f"jax {jax.__version__}, devices {jax.devices()}", flush=True)  # starts JAX's backend first
+    peak_flops, bandwidth = device_peaks(jax.devices()[0].device_kind)
+    args.peak_flops = args.peak_flops or peak_flops
+    args.hbm_bandwidth = args.hbm_bandwidth or bandwidth
     use_torch = not args.no_torch and torch_available(args.tiny)
     results = {name: {} for name in names}
 
@@ -300,18 +323,22 @@ def main(argv=None):
         r["train_flops_per_token"] = flops
         if not args.skip_train:
             r["jax_train_tok_s"] = jax_train(cfg, args)
-            r["jax_mfu"] = r["jax_train_tok_s"] * flops / args.peak_flops
-            if "hf_train_tok_s" in r:
-                r["hf_mfu"] = r["hf_train_tok_s"] * flops / args.peak_flops
-            print(f"{name}: our train {r['jax_train_tok_s']:,.0f} tokens/s, MFU {r['jax_mfu']:.1%}", flush=True)
+            if args.peak_flops:
+                r["jax_mfu"] = r["jax_train_tok_s"] * flops / args.peak_flops
+                if "hf_train_tok_s" in r:
+                    r["hf_mfu"] = r["hf_train_tok_s"] * flops / args.peak_flops
+            print(f"{name}: our train {r['jax_train_tok_s']:,.0f} tokens/s, MFU {_share(r.get('jax_mfu'))}",
+                  flush=True)
         if not args.skip_sample:
             for b in batches:
                 scfg = model_config(name, args, False)
                 r[f"jax_sample_b{b}_tok_s"] = jax_sample(scfg, b, args)
+                print(f"{name}: our sampler batch {b}: {r[f'jax_sample_b{b}_tok_s']:,.0f} new tokens/s", flush=True)
+                if not args.hbm_bandwidth:
+                    continue
                 roof = decode_roofline(scfg, b, args.prompt_len, args.new_tokens, args.hbm_bandwidth)
                 r[f"roofline_b{b}"] = roof
-                print(f"{name}: our sampler batch {b}: {r[f'jax_sample_b{b}_tok_s']:,.0f} new tokens/s; "
-                      f"roofline: {roof['weight_GB']:.2f} GB weights + {roof['ideal_kv_GB']:.2f} GB KV "
+                print(f"{name}: roofline: {roof['weight_GB']:.2f} GB weights + {roof['ideal_kv_GB']:.2f} GB KV "
                       f"per step -> {roof['ideal_step_ms']:.3f} ms -> {roof['ideal_tokens_per_s']:,.0f} "
                       f"new tokens/s (dense-cache read: {roof['dense_tokens_per_s']:,.0f})", flush=True)
 
@@ -322,14 +349,21 @@ def main(argv=None):
     return results
 
 
+def _share(x):
+    return "-" if x is None else f"{x:.1%}"
+
+
 def _ratio(a, b):
     return f"{a / b:.2f}x" if a and b else "-"
 
 
 def print_table(results, names, batches, args):
     device = jax.devices()[0].device_kind
-    print(f"\n=== throughput on {device} (peak {args.peak_flops / 1e12:.0f} TFLOP/s, "
-          f"HBM {args.hbm_bandwidth / 1e12:.1f} TB/s) ===")
+    peaks = (f"peak {args.peak_flops / 1e12:.0f} TFLOP/s" if args.peak_flops else
+             "peak unknown for this device kind: pass --peak-flops for MFU")
+    peaks += (f", HBM {args.hbm_bandwidth / 1e12:.1f} TB/s" if args.hbm_bandwidth else
+              ", HBM unknown: pass --hbm-bandwidth for the roofline")
+    print(f"\n=== throughput on {device} ({peaks}) ===")
     header = f"{'shape':<14} {'measure':<34} {'ours':>12} {'HF':>12} {'ours/HF':>8} {'ours/roof':>9}"
     print(header)
     print("-" * len(header))
@@ -339,17 +373,18 @@ def print_table(results, names, batches, args):
             hf = r.get("hf_train_tok_s")
             print(f"{name:<14} {f'train tok/s, {args.train_batch}x{args.train_seq}':<34} "
                   f"{r['jax_train_tok_s']:>12,.0f} {hf or 0:>12,.0f} {_ratio(r['jax_train_tok_s'], hf):>8}")
-            hf_mfu = f"{r['hf_mfu']:.1%}" if "hf_mfu" in r else "-"
-            print(f"{name:<14} {'train MFU (6N + attention)':<34} {r['jax_mfu']:>12.1%} {hf_mfu:>12}")
+            print(f"{name:<14} {'train MFU (6N + attention)':<34} {_share(r.get('jax_mfu')):>12} "
+                  f"{_share(r.get('hf_mfu')):>12}")
         for b in batches:
             if f"jax_sample_b{b}_tok_s" not in r:
                 continue
             ours, hf = r[f"jax_sample_b{b}_tok_s"], r.get(f"hf_sample_b{b}_tok_s")
-            roof = r[f"roofline_b{b}"]["ideal_tokens_per_s"]
+            roof = r.get(f"roofline_b{b}", {}).get("ideal_tokens_per_s")
             label = f"new tok/s, batch {b}, {args.prompt_len}+{args.new_tokens}"
             print(f"{name:<14} {label:<34} {ours:>12,.0f} {hf or 0:>12,.0f} {_ratio(ours, hf):>8} "
-                  f"{ours / roof:>9.1%}")
-            print(f"{name:<14} {f'  decode roofline, batch {b}':<34} {roof:>12,.0f}")
+                  f"{_share(roof and ours / roof):>9}")
+            if roof:
+                print(f"{name:<14} {f'  decode roofline, batch {b}':<34} {roof:>12,.0f}")
 
 
 if __name__ == "__main__":

@@ -78,10 +78,11 @@ def get(name: str) -> Method:
                      "drift_round<r> (iterative DRIFT round r >= 2)")
 
 
-def parse(names: Sequence[str]) -> list[Method]:
+def parse(names: str | Sequence[str]) -> list[Method]:
     """The methods of a run, in order; ``drift_round<r>`` needs drift and every earlier
     round before it. An entry may hold several comma-separated names (what
     ``--config.methods=sft,drift`` gives). Raises ValueError naming every bad entry."""
+    names = [names] if isinstance(names, str) else names
     bad, out, seen = [], [], set()
     for name in (n for entry in names for n in entry.split(",")):
         try:

@@ -302,6 +302,11 @@ def _to_python(value: Any) -> Any:
     return value
 
 
+# setup.py's "data" extra installs these (tfds, its TensorFlow, and the Hugging Face
+# datasets library its "huggingface:" builder reads the Hub with).
+TFDS_PACKAGES = ("tensorflow-datasets>=4.9", "tensorflow>=2.15", "datasets>=2.14")
+
+
 def _read_tfds(source: str, split: str | None) -> Iterator[tuple[str, Any]]:
     # tfds's community namespace keeps its prefix ("huggingface:<org>/<name>"); "tfds:" goes.
     name = source[len("tfds:"):] if source.startswith("tfds:") else source
@@ -311,8 +316,8 @@ def _read_tfds(source: str, split: str | None) -> Iterator[tuple[str, Any]]:
         import tensorflow_datasets as tfds
     except ImportError as e:
         raise ImportError(
-            f"loading {name!r} needs TensorFlow Datasets: pip install tensorflow-datasets tensorflow "
-            "(or export the data to a local .jsonl/.json/.parquet file)") from e
+            f"loading {name!r} needs TensorFlow Datasets: pip install 'drift-jax[data]' (that is "
+            f"{' '.join(TFDS_PACKAGES)}), or export the data to a local .jsonl/.json/.parquet file") from e
     for i, record in enumerate(tfds.as_numpy(tfds.load(name, split=split)), 1):
         yield f"{source}[{split}]:{i}", _to_python(record)
 

@@ -8,20 +8,17 @@ return, GRPO advantages, k3 KL to the reference (``docs/method.md``).
 
 from __future__ import annotations
 
-import json
-import os
-
 import numpy as np
 from flax import nnx
 
 from drift_jax import online_rl, train
-from experiments.workdir import Experiment, write_json
+from experiments.workdir import Experiment, read_metrics, warn_if_unchanged, write_json
 
 
 def stage_online_rl(exp: Experiment) -> None:
     """Train ``online_rl`` from the reference; resumable (prompts and sampling keys depend
     only on (seed, update), so a resumed run replays the same data)."""
-    if os.path.exists(exp.path("online_rl", "train_stats.json")):
+    if exp.begin("train:online_rl"):
         return
     oc, d = exp.cfg.online_rl, exp.cfg.drift
     num_samples = exp.cfg.rollout.num_samples
@@ -42,10 +39,11 @@ def stage_online_rl(exp: Experiment) -> None:
                              metrics_path=metrics_path, desc="online RL")
     ckpt.close()
     exp.save_policy("online_rl", nnx.merge(graphdef, state.params))
-    with open(metrics_path) as f:  # one line per update, over every resume
-        history = [json.loads(line) for line in f if line.strip()]
+    history = read_metrics(metrics_path)
+    stats = run_stats(history, episodes=int(state.step) * oc.prompts_per_step * num_samples)
     write_json(exp.path("online_rl", "train_stats.json"),
-               run_stats(history, episodes=int(state.step) * oc.prompts_per_step * num_samples))
+               {**stats, "unchanged_policy": warn_if_unchanged("online_rl", history)})
+    exp.finish("train:online_rl")
 
 
 def run_stats(history: list[dict], episodes: int) -> dict:

@@ -28,30 +28,36 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from drift_jax import distributed, methods, report  # noqa: E402
+from drift_jax.records import BadRecord  # noqa: E402
+from experiments.preflight import ConfigError, preflight  # noqa: E402
 from experiments.workdir import Experiment, read_json, write_json  # noqa: E402
 from experiments.stages import (  # noqa: E402
     stage_eval, stage_method, stage_reference, stage_report, stage_rollout, stage_weights)
 
 
-def check_config_keys(argv: list[str], default_config: str) -> None:
-    """Exit with a clear message when a ``--config.<key>`` override names no config field.
+def check_overrides(argv: list[str], default_config: str) -> tuple[list[str], list[str]]:
+    """Check every ``--config.<key>=<value>`` before flag parsing; returns (argv without
+    the ``=None`` overrides, the keys to set to None after parsing).
 
-    ml_collections would die inside flag parsing (at import when ``--config`` is not
-    given) with a bare AttributeError, so this runs before the config flag is defined.
+    An unknown key or a section name exits with a did-you-mean message (ml_collections
+    would die inside flag parsing, at import when ``--config`` is not given, with a
+    bare AttributeError or a SyntaxError). ml_collections cannot parse ``None`` for a
+    typed field (it arrives as the string 'None', or fails for an int), so those are
+    taken out here and applied to the parsed config by ``apply_nones``.
     """
     import difflib
     import importlib.util
 
     spec, keys = default_config, []
     for i, arg in enumerate(argv[1:], start=1):
-        m = re.match(r"--?config(?:=(?P<spec>.*)|\.(?P<key>[^=]+)(?:=.*)?)?$", arg)
+        m = re.match(r"--?config(?:=(?P<spec>.*)|\.(?P<key>[^=]+)(?:=(?P<value>.*))?)?$", arg)
         if m and m["key"]:
-            keys.append((m["key"], arg))
+            keys.append((m["key"], m["value"], arg))
         elif m:
             spec = m["spec"] if m["spec"] is not None else (argv[i + 1] if i + 1 < len(argv) else spec)
     path, _, config_arg = spec.partition(":")
     if not keys or not os.path.isfile(path):
-        return  # nothing to check, or a bad path ml_collections reports itself
+        return argv, []  # nothing to check, or a bad path ml_collections reports itself
     module_spec = importlib.util.spec_from_file_location("_config_for_key_check", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
@@ -59,89 +65,96 @@ def check_config_keys(argv: list[str], default_config: str) -> None:
 
     def names(tree: dict, prefix: str = ""):
         for name, value in tree.items():
-            yield prefix + name
+            yield prefix + name, isinstance(value, dict)
             if isinstance(value, dict):
                 yield from names(value, f"{prefix}{name}.")
 
-    known = sorted(names(cfg.to_dict()))
-    for key, arg in keys:
-        if key not in known:
-            close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
-            parts = key.split(".")
-            while parts and ".".join(parts) not in known:
-                parts.pop()  # the deepest section that exists
-            depth = len(parts) + 1
-            prefix = "".join(f"{p}." for p in parts)
-            section = [k for k in known if k.count(".") + 1 == depth and k.startswith(prefix)]
-            hint = f" Did you mean {' or '.join(close)}?" if close else ""
-            sys.exit(f"unknown config key {key!r} in {arg} (config {path}).{hint} "
-                     f"Keys {'under ' + repr('.'.join(parts)) if parts else 'at the top'}: "
-                     f"{', '.join(section)}")
+    sections = dict(names(cfg.to_dict()))
+    known = sorted(sections)
+    nones = []
+    for key, value, arg in keys:
+        if key in known and not sections[key]:
+            if value == "None":
+                nones.append(key)
+            continue
+        close = difflib.get_close_matches(key, [k for k in known if not sections[k]], n=3, cutoff=0.6)
+        hint = f" Did you mean {' or '.join(close)}?" if close else ""
+        if key in known:  # a section, e.g. --config.rollout=x.jsonl
+            fields = [k for k in known if k.startswith(key + ".") and k.count(".") == key.count(".") + 1]
+            sys.exit(f"{arg}: {key!r} is a config section, not a field; set one of its fields "
+                     f"({', '.join(fields)}).{hint}")
+        parts = key.split(".")
+        while parts and ".".join(parts) not in known:
+            parts.pop()  # the deepest section that exists
+        depth = len(parts) + 1
+        prefix = "".join(f"{p}." for p in parts)
+        siblings = [k for k in known if k.count(".") + 1 == depth and k.startswith(prefix)]
+        sys.exit(f"unknown config key {key!r} in {arg} (config {path}).{hint} "
+                 f"Keys {'under ' + repr('.'.join(parts)) if parts else 'at the top'}: "
+                 f"{', '.join(siblings)}")
+    return [a for a in argv if not any(a == f"--config.{k}=None" for k in nones)], nones
 
 
+def apply_nones(cfg, keys: list[str]) -> None:
+    """Set each dotted key of ``cfg`` to None (``check_overrides`` took them out of argv)."""
+    for key in keys:
+        *sections, field = key.split(".")
+        node = cfg
+        for section in sections:
+            node = node[section]
+        node[field] = None
+
+
+_NONES: list[str] = []
 if __name__ == "__main__":
-    check_config_keys(sys.argv, os.path.join(REPO, "experiments/configs/default.py"))
+    sys.argv[:], _NONES[:] = check_overrides(sys.argv, os.path.join(REPO, "experiments/configs/default.py"))
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(REPO, "experiments/configs/default.py"), "Experiment config file."
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default runs/<config name>).")
+_DEBUG = flags.DEFINE_bool("debug", False, "Show the traceback of a config or data error.")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Check the config, data and model, print what each "
+                             "stage would do, and stop (nothing is written).")
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
+def planned_stages(exp: Experiment, run_methods: list) -> list[tuple[Experiment, str]]:
+    """Every (experiment, stage) a run of ``run_methods`` goes through, in order; a DRIFT
+    round's stages belong to its round's experiment."""
+    plan = [] if exp.checkpoint else [(exp, "reference")]
+    plan += [] if exp.given_rollouts else [(exp, "rollout")]
+    plan.append((exp, "weights"))
+    for method in run_methods:
+        if method.round > 1:
+            child = exp.round(method.round)
+            plan += [(child, "rollout"), (child, "weights"), (child, "train:drift")]
         else:
-            flat[prefix + key] = value
-    return flat
+            plan.append((exp, f"train:{method.name}"))
+    for name in ["reference", *(m.name for m in run_methods)]:
+        plan += [(exp, f"eval:{name}:{bench}") for bench in exp.cfg.eval.benchmarks or ["secret"]]
+    return plan
 
 
-def check_config(cfg, workdir: str) -> None:
-    """Reject impossible values, and a workdir that holds a run of another config."""
-    try:
-        names = [m.name for m in methods.parse(cfg.methods)]
-    except ValueError as e:
-        raise ValueError(f"invalid config: {e}") from None
-    checks = [
-        (cfg.drift.beta > 0, f"drift.beta must be > 0, got {cfg.drift.beta}"),
-        (0 < cfg.drift.gamma <= 1, f"drift.gamma must be in (0, 1], got {cfg.drift.gamma}"),
-        (cfg.rollout.num_samples >= 1, f"rollout.num_samples (K) must be >= 1, got {cfg.rollout.num_samples}"),
-        (cfg.task.max_turns >= 1, f"task.max_turns (T) must be >= 1, got {cfg.task.max_turns}"),
-        (cfg.rollout.num_prompts >= 1, f"rollout.num_prompts must be >= 1, got {cfg.rollout.num_prompts}"),
-        # A prompt with one trajectory has DRIFT weight 1 whatever its return.
-        ("drift" not in names or cfg.rollouts or cfg.rollout.num_samples >= 2,
-         f"rollout.num_samples (K) must be >= 2 to train 'drift', got {cfg.rollout.num_samples}"),
-        (cfg.data.on_bad_record in ("error", "skip"),
-         f"data.on_bad_record must be 'error' or 'skip', got {cfg.data.on_bad_record!r}"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(f"invalid config: {message}")
-    current = json.loads(json.dumps(cfg.to_dict()))  # tuples -> lists, as stored
-    path = os.path.join(workdir, "config.json")
-    if os.path.exists(path):
-        saved = _flatten(read_json(path))
-        diff = sorted(k for k in set(saved) | set(_flatten(current))
-                      if saved.get(k) != _flatten(current).get(k))
-        if diff:
-            raise ValueError(
-                f"{workdir} holds a run of a different config (differs in {', '.join(diff)}); "
-                "use another --workdir or delete that one")
-    else:
-        os.makedirs(workdir, exist_ok=True)
-        write_json(path, current)
+def dry_run(exp: Experiment, run_methods: list) -> None:
+    """Print what each stage would do (done, new, resume, or why it is stale); writes nothing."""
+    for owner, stage in planned_stages(exp, run_methods):
+        status = owner.ledger.status(stage, owner.settings(stage), owner.outputs(stage))
+        print(f"{owner.ledger.label}{stage}: {status}")
 
 
-def main(argv):
-    del argv
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every save/restore at INFO
-    distributed.initialize_from_env()  # multi-host: join the other processes before touching devices
-    cfg = _CONFIG.value
-    name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
-    workdir = _WORKDIR.value or os.path.join("runs", name)
-    check_config(cfg, workdir)
+def run(cfg, workdir: str, dry: bool = False) -> dict | None:
+    """Preflight, then every stage not already done in ``workdir``; returns results
+    (``dry``: print the plan instead, and write nothing)."""
     exp = Experiment(cfg, workdir)
+    for warning in preflight(exp):
+        print(f"warning: {warning}", file=sys.stderr)
+    if dry:
+        dry_run(exp, methods.parse(cfg.methods))
+        return None
+    os.makedirs(workdir, exist_ok=True)
+    # The latest config, for the record; which outputs are current is the ledger's call.
+    config = json.loads(json.dumps(cfg.to_dict()))
+    if not os.path.exists(exp.path("config.json")) or read_json(exp.path("config.json")) != config:
+        write_json(exp.path("config.json"), config)
     t0 = time.time()
     run_methods = methods.parse(cfg.methods)
     stage_reference(exp)
@@ -156,9 +169,29 @@ def main(argv):
     results = stage_report(exp, run_methods)
     if exp.benchmarks:
         print(report.results_table(results, exp.env.max_turns))
+    for warning in results["warnings"]:
+        print(f"\n*** WARNING: {warning}", file=sys.stderr)
+    ran = exp.ledger.ran
+    print(f"\nstages run: {', '.join(ran) if ran else 'none (every output was current)'}")
     trained = ", ".join(exp.policy_path(m.name) for m in run_methods)
-    print(f"\nwrote {exp.path('results.json')} and the trained policies ({trained}) "
+    print(f"wrote {exp.path('results.json')} and the trained policies ({trained}) "
           f"in {time.time() - t0:.0f} s")
+    return results
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save/restore at INFO
+    distributed.initialize_from_env()  # multi-host: join the other processes before touching devices
+    cfg = _CONFIG.value
+    apply_nones(cfg, _NONES)
+    name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
+    try:
+        run(cfg, _WORKDIR.value or os.path.join("runs", name), dry=_DRY_RUN.value)
+    except (ConfigError, BadRecord) as e:  # the user's config or data: the message says what to fix
+        if _DEBUG.value:
+            raise
+        sys.exit(f"error: {e}\n(--debug shows the traceback)")
 
 
 if __name__ == "__main__":

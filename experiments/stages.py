@@ -18,7 +18,7 @@ from drift_jax.episodes import append_rollouts, play_episodes
 from drift_jax.models import Transformer
 from drift_jax.weights import trajectory_returns, trajectory_weights
 from experiments.online_rl import stage_online_rl
-from experiments.workdir import Experiment, read_json, write_json
+from experiments.workdir import Experiment, read_json, read_metrics, warn_if_unchanged, write_json
 
 
 def fit(exp: Experiment, name: str, examples, init_model: Transformer, tcfg, steps: int) -> dict:
@@ -37,19 +37,22 @@ def fit(exp: Experiment, name: str, examples, init_model: Transformer, tcfg, ste
     if mesh is not None:
         batch_fn = (lambda make: lambda step, state=None: sharding.shard_batch(make(step), mesh))(batch_fn)
     ckpt = exp.checkpointer(name, tcfg.checkpoint_every)
+    metrics_path = exp.path(name, "metrics.jsonl")
     t0 = time.time()
     state = train.train_loop(state, step_fn, batch_fn, steps, checkpointer=ckpt,
-                             metrics_path=exp.path(name, "metrics.jsonl"), desc=f"train {name}")
+                             metrics_path=metrics_path, desc=f"train {name}")
     ckpt.close()
     exp.save_policy(name, nnx.merge(graphdef, state.params))
-    epochs = steps * tcfg.batch_size / len(examples)
+    history = read_metrics(metrics_path)
     stats = {
         "steps": steps,
         "examples": len(examples),
         "truncated_examples": sum(e.truncated for e in examples),
-        # Tokens through forward+backward (real tokens) and the supervised ones among them.
-        "trained_tokens": int(round(epochs * sum(len(e.tokens) for e in examples))),
-        "supervised_tokens": int(round(epochs * sum(int(e.loss_mask.sum()) for e in examples))),
+        # Real tokens of real rows through forward+backward, and the supervised targets
+        # among them, from each update's metrics (a resumed run logs each update once).
+        "trained_tokens": int(sum(r["num_input_tokens"] for r in history)),
+        "supervised_tokens": int(sum(r["num_tokens"] for r in history)),
+        "unchanged_policy": warn_if_unchanged(name, history),
         "wall_s": time.time() - t0,
     }
     write_json(exp.path(name, "train_stats.json"), stats)
@@ -59,7 +62,7 @@ def fit(exp: Experiment, name: str, examples, init_model: Transformer, tcfg, ste
 def stage_reference(exp: Experiment) -> None:
     """Train the base policy from scratch on synthetic transcripts of the base habit
     (embedded task only: a real model's checkpoint is its own reference)."""
-    if exp.checkpoint is not None or os.path.exists(exp.path("reference", "train_stats.json")):
+    if exp.checkpoint is not None or exp.begin("reference"):
         return
     rc = exp.cfg.reference
     rng = np.random.default_rng(exp.cfg.seed * 1000 + 1)
@@ -71,6 +74,7 @@ def stage_reference(exp: Experiment) -> None:
         for q in questions
     ]
     fit(exp, "reference", examples, exp.new_model(), rc.train, rc.train.steps)
+    exp.finish("reference")
 
 
 def stage_rollout(exp: Experiment) -> None:
@@ -78,7 +82,7 @@ def stage_rollout(exp: Experiment) -> None:
 
     Appended one prompt group at a time: a killed run resumes where it stopped and ends
     with the same file (``episodes.append_rollouts``)."""
-    if os.path.exists(exp.path("rollout_stats.json")):
+    if exp.begin("rollout"):
         return
     rc = exp.cfg.rollout
     t0 = time.time()
@@ -92,11 +96,12 @@ def stage_rollout(exp: Experiment) -> None:
         "trajectories": stats["trajectories"], "generated_tokens": stats["generated_tokens"],
         "resumed_groups": stats["resumed_groups"],  # > 0: this run finished an interrupted one
         "wall_s": time.time() - t0, "sampled_reference": summary})
+    exp.finish("rollout")
 
 
 def stage_weights(exp: Experiment) -> None:
     """Returns and importance weights of every trajectory (uniform ones for ``sft``)."""
-    if os.path.exists(exp.path("weights.json")):
+    if exp.begin("weights"):
         return
     d = exp.cfg.drift
     t0 = time.time()
@@ -113,6 +118,7 @@ def stage_weights(exp: Experiment) -> None:
         "drift": weights.tolist(), "returns": returns, "beta": beta, "diagnostics": diag,
         "skipped_records": records.summarize_skipped(skipped),  # {"total", "reasons"}
         "wall_s": time.time() - t0})
+    exp.finish("weights")
 
 
 def method_examples(exp: Experiment, method: methods.Method) -> list:
@@ -133,12 +139,13 @@ def method_examples(exp: Experiment, method: methods.Method) -> list:
 
 def stage_train(exp: Experiment, method: methods.Method) -> None:
     """Weighted SFT from the reference on the method's examples."""
-    if os.path.exists(exp.path(method.name, "train_stats.json")):
+    if exp.begin(f"train:{method.name}"):
         return
     examples = method_examples(exp, method)
     tc = exp.cfg.train
     steps = tc.epochs * -(-len(examples) // tc.batch_size)
     fit(exp, method.name, examples, exp.load_policy("reference"), tc, steps)
+    exp.finish(f"train:{method.name}")
 
 
 def stage_method(exp: Experiment, method: methods.Method) -> None:
@@ -160,7 +167,7 @@ def stage_eval(exp: Experiment, method: str) -> None:
     policy = None
     for bench, (env, questions) in exp.benchmarks.items():
         out = exp.path("eval", f"{bench}_{method}.json")
-        if os.path.exists(out):
+        if exp.begin(f"eval:{method}:{bench}"):
             continue
         policy = policy or exp.load_policy(method)
         episodes, generated = play_episodes(
@@ -170,6 +177,7 @@ def stage_eval(exp: Experiment, method: str) -> None:
         records.write_jsonl(exp.path("eval", f"{bench}_{method}.jsonl"), (e.to_record() for e in episodes))
         write_json(out, {**evaluate.summarize([e.t_star for e in episodes], env.max_turns),
                          "questions": len(questions), "generated_tokens": generated})
+        exp.finish(f"eval:{method}:{bench}")
 
 
 def eval_summary(exp: Experiment, method: str) -> tuple[dict, dict]:
@@ -186,6 +194,14 @@ def eval_summary(exp: Experiment, method: str) -> tuple[dict, dict]:
     return mean, per_bench
 
 
+def train_stats(exp: Experiment, method: str) -> dict:
+    """``train_stats.json`` of a trained method (a DRIFT round's lives in its round)."""
+    spec = methods.get(method)
+    if spec.round > 1:
+        return train_stats(exp.round(spec.round), "drift")
+    return read_json(exp.path(method, "train_stats.json"))
+
+
 def method_cost(exp: Experiment, method: str) -> dict:
     """Tokens generated (rollouts), tokens trained and wall-clock of everything the method
     needed after the reference existed. Rollouts made elsewhere (``cfg.rollouts``) have no
@@ -198,13 +214,13 @@ def method_cost(exp: Experiment, method: str) -> dict:
         this = method_cost(exp.round(spec.round), "drift")
         return {k: None if before[k] is None or this[k] is None else before[k] + this[k]
                 for k in ("generated_tokens", "trained_tokens", "supervised_tokens", "wall_s")}
-    ts = read_json(exp.path(method, "train_stats.json"))
+    ts = train_stats(exp, method)
     if spec.trainer == "online_rl":  # generates its own episodes at every update
         return {k: ts[k] for k in ("generated_tokens", "trained_tokens", "supervised_tokens")} | {
             "wall_s": ts["wall_s"], "stage_wall_s": {"rollout": ts["rollout_s"], "train": ts["train_s"]}}
     weights = read_json(exp.path("weights.json"))
-    rollout = (read_json(exp.path("rollout_stats.json"))
-               if os.path.exists(exp.path("rollout_stats.json")) else {"generated_tokens": None, "wall_s": 0.0})
+    rollout = (read_json(exp.path("rollout_stats.json")) if not exp.given_rollouts
+               else {"generated_tokens": None, "wall_s": 0.0})
     return {"generated_tokens": rollout["generated_tokens"], "trained_tokens": ts["trained_tokens"],
             "supervised_tokens": ts["supervised_tokens"],
             "wall_s": rollout["wall_s"] + weights["wall_s"] + ts["wall_s"],
@@ -213,9 +229,9 @@ def method_cost(exp: Experiment, method: str) -> dict:
 
 def stage_report(exp: Experiment, run_methods: list[methods.Method]) -> dict:
     weights = read_json(exp.path("weights.json"))
-    results = {"methods": {}, "benchmarks": {}, "config": exp.cfg.to_dict(),
+    results = {"methods": {}, "benchmarks": {}, "config": exp.cfg.to_dict(), "warnings": [],
                "rollout_files": exp.rollout_files(), "skipped_records": weights["skipped_records"]}
-    if os.path.exists(exp.path("rollout_stats.json")):
+    if not exp.given_rollouts:
         results["sampled_reference"] = read_json(exp.path("rollout_stats.json"))["sampled_reference"]
     # Weight diagnostics (ESS, all-fail share, histogram) of each round's rollouts.
     results["weight_diagnostics"] = {"drift": {"beta": weights["beta"], **weights["diagnostics"]}}
@@ -226,6 +242,9 @@ def stage_report(exp: Experiment, run_methods: list[methods.Method]) -> dict:
     for method in ["reference", *(m.name for m in run_methods)]:
         summary, per_bench = eval_summary(exp, method)
         results["methods"][method] = {**summary, "cost": method_cost(exp, method)}
+        if method != "reference" and train_stats(exp, method).get("unchanged_policy"):
+            results["warnings"].append(f"{method}: the trained policy equals its initial weights "
+                                       "(every update ran at learning rate 0)")
         for bench, s in per_bench.items():
             results["benchmarks"].setdefault(bench, {})[method] = s
     write_json(exp.path("results.json"), results)

@@ -7,16 +7,20 @@ import functools
 import json
 import logging
 import os
+import shutil
+import sys
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from drift_jax import checkpoint, methods, sharding
+from experiments import ledger
 from drift_jax import records as records_io
 from drift_jax.chat import encode_dialogue, end_of_turn_id
 from drift_jax.envs.secret import SecretGuessEnv, build_tokenizer
 from drift_jax.models import ModelConfig, Transformer, from_pretrained, load_tokenizer, save_pretrained
-from drift_jax.models.hf import token_ids
+from drift_jax.models.hf import resolve, token_ids
 from drift_jax.sampling import SamplingParams
 
 
@@ -54,6 +58,26 @@ def read_json(path: str):
         return json.load(f)
 
 
+def read_metrics(path: str) -> list[dict]:
+    """The metrics lines of a training: one per update, over every resume."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def warn_if_unchanged(name: str, history: list[dict]) -> bool:
+    """True, and a loud warning, when every update ran at learning rate 0: AdamW's
+    update (decay included) is scaled by the learning rate, so the policy is then
+    exactly its initial weights."""
+    if any(r["lr"] > 0 for r in history):
+        return False
+    message = (f"policy {name!r} equals its initial weights: all {len(history)} updates ran at "
+               "learning rate 0 (the warm-up covers every step). Train on more data or more "
+               "epochs, or lower the warm-up ratio.")
+    logging.warning(message)
+    print(f"\n*** WARNING: {message}\n", file=sys.stderr)
+    return True
+
+
 class Experiment:
     """The config, the task, the policy's source and the workdir paths shared by all stages.
 
@@ -68,38 +92,103 @@ class Experiment:
     replaces the rollout stage.
     """
 
-    def __init__(self, cfg, workdir: str, reference: str | None = None):
+    def __init__(self, cfg, workdir: str, parent: "Experiment | None" = None, round_number: int = 1):
+        # Nothing is read or written here: ``experiments/preflight.py`` checks the config,
+        # paths and model first, and a start that fails it leaves no workdir behind.
         self.cfg = cfg
         self.workdir = workdir
-        self.reference = reference  # iterative DRIFT: the previous round's policy directory
-        os.makedirs(workdir, exist_ok=True)
-        t, m = cfg.task, cfg.model
-        self.checkpoint = m.checkpoint or None
-        self.given_rollouts = [p for p in cfg.rollouts.split(",") if p]
+        # Iterative DRIFT: round r > 1 runs in <workdir>/round<r> of its parent, with
+        # round r-1's DRIFT policy as its reference.
+        self.parent, self.round_number = parent, round_number
+        self.previous = methods.get(f"drift_round{round_number}").previous if parent else None
+        self.checkpoint = cfg.model.checkpoint or None
+        # Round r > 1 rolls out its own reference; only round 1 may train on given files.
+        self.given_rollouts = [] if parent else [p for p in cfg.rollouts.split(",") if p]
         self.skipped_records = collections.Counter()
-        if self.checkpoint is None and t.name != "secret":
-            raise ValueError(f"task {t.name!r} needs a model: set --config.model.checkpoint to a "
-                             "Hugging Face folder or hub id")
-        if not self.given_rollouts and t.name != "secret" and not cfg.data.train:
-            raise ValueError("nothing to train on: set --config.rollouts to one or more comma-separated "
-                             "JSONL files, or --config.data.train to a question set to roll out")
-        for path in self.given_rollouts:
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"--config.rollouts: no such file {path}")
+        self.ledger = ledger.Ledger(workdir, ran=parent.ledger.ran if parent else None,
+                                    label=f"{os.path.basename(workdir)}/" if parent else "")
+        self._flat_cfg = ledger.flatten(json.loads(json.dumps(cfg.to_dict())))  # tuples -> lists
+
+    @functools.cached_property
+    def tokenizer(self):
         if self.checkpoint is None:
-            self.tokenizer = build_tokenizer(t.num_values)
-            self.model_cfg = ModelConfig(
-                vocab_size=len(self.tokenizer), hidden_size=m.hidden_size,
-                intermediate_size=m.intermediate_size, num_layers=m.num_layers,
-                num_heads=m.num_heads, num_kv_heads=m.num_kv_heads, head_dim=m.head_dim,
-                tie_word_embeddings=True, dtype=_DTYPES[m.dtype], param_dtype=_DTYPES[m.param_dtype],
-                remat=m.remat, attention_impl=m.attention_impl,
-            )
-        else:
-            self.tokenizer = load_tokenizer(self.checkpoint)
+            return build_tokenizer(self.cfg.task.num_values)
+        return load_tokenizer(self.checkpoint)
+
+    @functools.cached_property
+    def model_cfg(self) -> ModelConfig:
+        """The embedded task's model (a real model's comes from its config.json)."""
+        m = self.cfg.model
+        return ModelConfig(
+            vocab_size=len(self.tokenizer), hidden_size=m.hidden_size,
+            intermediate_size=m.intermediate_size, num_layers=m.num_layers,
+            num_heads=m.num_heads, num_kv_heads=m.num_kv_heads, head_dim=m.head_dim,
+            tie_word_embeddings=True, dtype=_DTYPES[m.dtype], param_dtype=_DTYPES[m.param_dtype],
+            remat=m.remat, attention_impl=m.attention_impl,
+        )
+
+    @functools.cached_property
+    def stop_ids(self) -> tuple:
         # A chat model ends its turn with the template's end-of-turn token, not always EOS.
-        self.stop_ids = tuple(sorted({self.tokenizer.eos_token_id, end_of_turn_id(self.tokenizer)}
-                                     - {None}))
+        return tuple(sorted({self.tokenizer.eos_token_id, end_of_turn_id(self.tokenizer)} - {None}))
+
+    # -- which stage outputs are current (experiments/ledger.py) ---------------------------
+
+    def settings(self, stage: str) -> dict:
+        """The settings ``stage``'s output depends on: its own config keys and its
+        upstream stages' settings. Stages: "reference", "rollout", "weights",
+        "train:<method>", "eval:<method>:<benchmark>"."""
+        kind, *rest = stage.split(":")
+        own = ledger.select(self._flat_cfg, ledger.OWN_KEYS.get(kind, ()))
+        if kind == "reference":
+            if self.parent is not None:  # round r: round r-1's DRIFT policy
+                return {**self.parent.settings(f"train:{self.previous}"), "round": self.round_number}
+            return ledger.select(self._flat_cfg, ("model",)) if self.checkpoint else own
+        if kind == "rollout":
+            return {**self.settings("reference"), **own}
+        if kind == "weights":
+            return {**self.settings("rollout"), **own, "min_group_size": self.min_group_size}
+        if kind == "train":
+            method = methods.get(rest[0])
+            if method.round > 1:
+                return self.round(method.round).settings("train:drift")
+            if method.trainer == "online_rl":
+                own = ledger.select(self._flat_cfg, ledger.OWN_KEYS["online_rl"])
+                return {**self.settings("rollout"), **own, "method": method.name}
+            upstream = self.settings("weights") if method.weighted else {
+                **self.settings("rollout"), "min_group_size": self.min_group_size}
+            return {**upstream, **own, "method": method.name}
+        if kind == "eval":
+            name, bench = rest
+            upstream = self.settings("reference" if name == "reference" else f"train:{name}")
+            bench_keys = ledger.select(self._flat_cfg, (f"eval.benchmarks.{bench}", "rollout.num_prompts"))
+            return {**upstream, **own, **bench_keys, "benchmark": bench}
+        raise ValueError(f"unknown stage {stage!r}")
+
+    def outputs(self, stage: str) -> list[str]:
+        """The files and folders ``stage`` writes."""
+        kind, *rest = stage.split(":")
+        if kind == "eval":
+            name, bench = rest
+            return [self.path("eval", f"{bench}_{name}.json"), self.path("eval", f"{bench}_{name}.jsonl")]
+        if kind == "train":
+            return [self.policy_dir(rest[0])]
+        return {"reference": [self.path("reference")],
+                "rollout": [self.path("rollouts.jsonl"), self.path("rollout_stats.json")],
+                "weights": [self.path("weights.json")]}[kind]
+
+    def begin(self, stage: str) -> bool:
+        """True when ``stage``'s output is current (skip it); else its stale output
+        moves aside and the stage is recorded as started (``ledger.Ledger.begin``)."""
+        return self.ledger.begin(stage, self.settings(stage), self.outputs(stage))
+
+    def finish(self, stage: str) -> None:
+        self.ledger.finish(stage)
+
+    @property
+    def min_group_size(self) -> int:
+        """A weighted method needs >= 2 trajectories per prompt (one alone has weight 1)."""
+        return 2 if any(m.weighted for m in methods.parse(self.cfg.methods)) else 1
 
     @functools.cached_property
     def env(self):
@@ -125,9 +214,13 @@ class Experiment:
             return {"secret": (self.env, questions)}
         out = {}
         for name, b in cfg.eval.benchmarks.items():
-            env = make_env(b.task, cfg.task)
-            out[name] = (env, load_questions(b.source, split=b.split, layout=b.layout,
-                                             limit=cfg.eval.num_prompts, on_bad_record=cfg.data.on_bad_record))
+            try:
+                questions = load_questions(b.source, split=b.split, layout=b.layout,
+                                           limit=cfg.eval.num_prompts, on_bad_record=cfg.data.on_bad_record)
+            except (ValueError, ImportError) as e:  # DatasetError is a ValueError
+                raise type(e)(f"benchmark {name!r}: {e} (set --config.eval.benchmarks.{name}.layout, "
+                              "or its .source / .split)") from e
+            out[name] = (make_env(b.task, cfg.task), questions)
         return out
 
     @functools.cache
@@ -149,10 +242,9 @@ class Experiment:
         """Every usable record of the rollout files, with the group checks of
         ``records.read_rollouts``; skipped ones are counted in ``skipped_records``."""
         max_len = self.cfg.train.max_len
-        weighted = any(m.weighted for m in methods.parse(self.cfg.methods))
         records, skipped = records_io.read_rollouts(
             self.rollout_files(), on_bad_record=self.cfg.data.on_bad_record,
-            min_group_size=2 if weighted else 1,
+            min_group_size=self.min_group_size,
             check=records_io.context_check(self.tokenizer, max_len) if max_len else None)
         self.skipped_records.update(skipped)
         return records
@@ -182,7 +274,9 @@ class Experiment:
         """Where a policy lives: "reference" (None: the HF checkpoint itself), a method,
         or ``drift_round<r>``, round r of iterative DRIFT."""
         if name == "reference":
-            return self.reference or (None if self.checkpoint else self.path("reference"))
+            if self.parent is not None:
+                return self.parent.policy_dir(self.previous)
+            return None if self.checkpoint else self.path("reference")
         method = methods.get(name)
         return self.path(f"round{method.round}", "drift") if method.round > 1 else self.path(name)
 
@@ -202,11 +296,11 @@ class Experiment:
         """The saved final policy of ``name``: an HF folder (real model) or Orbax params."""
         return self.path(name, "hf" if self.checkpoint else "params")
 
+    @functools.cache
     def round(self, r: int) -> "Experiment":
         """Round r >= 2 of iterative DRIFT, in ``<workdir>/round<r>``: the same stages with
         round r-1's DRIFT policy as the reference."""
-        return Experiment(self.cfg, self.path(f"round{r}"),
-                          reference=self.policy_dir(methods.get(f"drift_round{r}").previous))
+        return Experiment(self.cfg, self.path(f"round{r}"), parent=self, round_number=r)
 
     def save_policy(self, name: str, model: Transformer) -> None:
         """A trained policy: Orbax params (embedded task) or, for a real model, an HF
@@ -214,8 +308,26 @@ class Experiment:
         if self.checkpoint is None:
             checkpoint.save_params(self.policy_path(name), nnx.state(model, nnx.Param), force=True)
             return
-        save_pretrained(model, self.policy_path(name), hf_config_extra=token_ids(self.checkpoint))
-        self.tokenizer.save_pretrained(self.policy_path(name))
+        dtype = self.save_dtype
+        if jnp.dtype(model.cfg.param_dtype) != dtype:  # a copy in the saved dtype; the model is kept
+            graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+            model = nnx.merge(graphdef, jax.tree.map(lambda x: x.astype(dtype), params), rest)
+        out = self.policy_path(name)
+        save_pretrained(model, out, hf_config_extra={**token_ids(self.checkpoint), "torch_dtype": dtype.name})
+        self.tokenizer.save_pretrained(out)
+        source = os.path.join(resolve(self.checkpoint), "generation_config.json")
+        if os.path.exists(source):  # sampling defaults and stop ids, as vLLM and transformers read them
+            shutil.copyfile(source, os.path.join(out, "generation_config.json"))
+
+    @functools.cached_property
+    def save_dtype(self) -> jnp.dtype:
+        """The dtype of saved HF folders: ``model.save_dtype``, else the checkpoint's own
+        (so a bf16 model is not written back at twice its size in float32)."""
+        if self.cfg.model.save_dtype:
+            return jnp.dtype(self.cfg.model.save_dtype)
+        with open(os.path.join(resolve(self.checkpoint), "config.json")) as f:
+            hf = json.load(f)
+        return jnp.dtype(hf.get("torch_dtype") or hf.get("dtype") or "float32")
 
     def checkpointer(self, name: str, save_every: int) -> checkpoint.Checkpointer:
         """The train-state checkpoints of ``name``'s training: the newest one is kept."""

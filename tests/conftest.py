@@ -67,3 +67,11 @@ def tiny_run(tmp_path_factory, run_tiny):
     it: copy it first (``shutil.copytree``) to rerun or extend it."""
     workdir = tmp_path_factory.mktemp("tiny_run")
     return workdir, run_tiny(workdir)
+
+
+@pytest.fixture(scope="session")
+def comparison_run(tmp_path_factory, run_tiny):
+    """(workdir, stdout) of one finished run of experiments/configs/comparison_tiny.py
+    (every method), shared like ``tiny_run``."""
+    workdir = tmp_path_factory.mktemp("comparison_run")
+    return workdir, run_tiny(workdir, config=os.path.join(REPO, "experiments", "configs", "comparison_tiny.py"))

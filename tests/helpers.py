@@ -50,6 +50,27 @@ def chatml_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
+def tiny_hf_checkpoint(path, param_dtype: str = "float32", generation_config: dict | None = None):
+    """A random-init Qwen2-shaped checkpoint and a ChatML tokenizer, in HF's file formats
+    (weights stored in ``param_dtype``); returns the model."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from drift_jax.models import ModelConfig, Transformer, save_pretrained
+
+    tokenizer = chatml_tokenizer()
+    cfg = ModelConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_layers=1,
+                      num_heads=4, num_kv_heads=2, head_dim=8, qkv_bias=True, tie_word_embeddings=True,
+                      param_dtype=jnp.dtype(param_dtype))
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    save_pretrained(model, path, hf_config_extra={"eos_token_id": tokenizer.eos_token_id})
+    tokenizer.save_pretrained(path)
+    if generation_config is not None:
+        with open(os.path.join(path, "generation_config.json"), "w") as f:
+            json.dump(generation_config, f)
+    return model
+
+
 def good_records(n: int = 4, prefix: str = "g") -> list[dict]:
     """``n`` valid release-format records of the toy task (scripted, so no model needed)."""
     env = SecretGuessEnv()

@@ -9,7 +9,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(REPO, "experiments", "notebooks", "quickstart.ipynb")
 
 
-def test_quickstart_code_cells_run(tmp_path, monkeypatch, tiny_run):
+def test_quickstart_code_cells_run(tmp_path, monkeypatch, tiny_run, comparison_run):
     with open(NOTEBOOK) as f:
         nb = json.load(f)
     cells = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
@@ -18,9 +18,9 @@ def test_quickstart_code_cells_run(tmp_path, monkeypatch, tiny_run):
     monkeypatch.setenv("DRIFT_QUICKSTART_DEFAULT", "experiments/configs/tiny.py")
     monkeypatch.setenv("DRIFT_QUICKSTART_COMPARISON", "experiments/configs/comparison_tiny.py")
     monkeypatch.setenv("DRIFT_QUICKSTART_WORKDIR", str(tmp_path))
-    # The default cell reruns the shared tiny run (only its report is redone); the
-    # comparison cell runs from scratch.
+    # The cells rerun the shared tiny runs (only their reports are redone).
     shutil.copytree(tiny_run[0], tmp_path / "default")
+    shutil.copytree(comparison_run[0], tmp_path / "comparison")
     namespace: dict = {}
     for source in cells:
         exec(compile(source, NOTEBOOK, "exec"), namespace)  # noqa: S102 - our own notebook

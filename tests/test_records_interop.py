@@ -14,7 +14,7 @@ import pytest
 
 from drift_jax.records import read_jsonl, write_jsonl
 from drift_jax.weights import trajectory_returns, trajectory_weights
-from helpers import chatml_tokenizer
+from helpers import chatml_tokenizer, tiny_hf_checkpoint
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "rollouts", "authors_format.jsonl")
 GAMMA, BETA, LAM = 0.9, 0.1, 0.5  # the released values
@@ -76,21 +76,6 @@ def test_write_read_roundtrip_keeps_records(tmp_path):
         assert [json.loads(line) for line in f] == records
 
 
-def _tiny_hf_checkpoint(path):
-    """A random-init Qwen2-shaped checkpoint and a ChatML tokenizer, in HF's file formats."""
-    from flax import nnx
-
-    from drift_jax.models import ModelConfig, Transformer, save_pretrained
-
-    tokenizer = chatml_tokenizer()
-    cfg = ModelConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_layers=1,
-                      num_heads=4, num_kv_heads=2, head_dim=8, qkv_bias=True, tie_word_embeddings=True)
-    model = Transformer(cfg, rngs=nnx.Rngs(0))
-    save_pretrained(model, path, hf_config_extra={"eos_token_id": tokenizer.eos_token_id})
-    tokenizer.save_pretrained(path)
-    return model
-
-
 def test_from_rollouts_trains_a_checkpoint_on_the_authors_file(tmp_path):
     """experiments/configs/from_rollouts.py end to end: HF checkpoint + authors' rollouts in,
     a trained HF checkpoint out, weights from the formula."""
@@ -101,7 +86,7 @@ def test_from_rollouts_trains_a_checkpoint_on_the_authors_file(tmp_path):
 
     from drift_jax.models import from_pretrained
 
-    init = _tiny_hf_checkpoint(str(tmp_path / "init"))
+    init = tiny_hf_checkpoint(str(tmp_path / "init"))
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     workdir = tmp_path / "run"
     cmd = [sys.executable, os.path.join(repo, "experiments", "run.py"),
@@ -142,7 +127,7 @@ def test_paper_pipeline_runs_on_a_tiny_checkpoint(tmp_path):
     import subprocess
     import sys
 
-    _tiny_hf_checkpoint(str(tmp_path / "init"))
+    tiny_hf_checkpoint(str(tmp_path / "init"))
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     workdir = tmp_path / "run"
     cmd = [sys.executable, os.path.join(repo, "experiments", "run.py"),

@@ -33,7 +33,11 @@ def train_section(**overrides) -> ml_collections.ConfigDict:
 def benchmark(task: str, source: str, split: str | None = None,
               layout: str | None = None) -> ml_collections.ConfigDict:
     """One ``eval.benchmarks`` entry: its environment, question source, split and layout."""
-    return ml_collections.ConfigDict({"task": task, "source": source, "split": split, "layout": layout})
+    # Placeholders: None by default, and still settable from the command line.
+    return ml_collections.ConfigDict({
+        "task": task, "source": source,
+        "split": config_dict.placeholder(str) if split is None else split,
+        "layout": config_dict.placeholder(str) if layout is None else layout})
 
 
 def get_config():
@@ -43,6 +47,9 @@ def get_config():
     # Comma-separated rollout JSONL files (e.g. from the authors' vLLM scripts) to train
     # on instead of running the rollout stage.
     c.rollouts = ""
+    # Preflight refuses a training of <= 1 update or none at learning rate > 0 (the
+    # policy would come out unchanged); True lets such a run through (smoke tests).
+    c.allow_tiny = False
 
     # Training mesh: params and optimizer state sharded by logical axes (FSDP over fsdp,
     # heads/MLP over tensor), batch rows over data x fsdp. The product must equal the
@@ -71,6 +78,9 @@ def get_config():
     c.model.param_dtype = "float32"  # master weights and optimizer state
     c.model.remat = "none"  # "full": recompute each layer's activations in the backward pass
     c.model.attention_impl = config_dict.placeholder(str)  # None: cuDNN flash on GPU, XLA elsewhere
+    # Dtype of the Hugging Face folders written (real models): "" = the checkpoint's own
+    # (its config.json's torch_dtype), or "float32" / "bfloat16" / "float16".
+    c.model.save_dtype = ""
 
     c.data = ml_collections.ConfigDict()
     # Training questions (not for the secret task): a tfds name or a local

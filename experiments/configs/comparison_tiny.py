@@ -6,10 +6,6 @@ from experiments.configs import comparison, tiny
 def get_config():
     c = comparison.get_config()
     small = tiny.get_config()
-    for section in ("model", "reference", "rollout", "train", "eval"):
+    for section in ("model", "reference", "rollout", "train", "eval", "online_rl"):
         c[section] = small[section]
-    c.online_rl.steps = 3
-    c.online_rl.prompts_per_step = 2
-    c.online_rl.checkpoint_every = 2
-    c.online_rl.seq_len = None  # tiny: replies of random models can be long
     return c

@@ -21,4 +21,8 @@ def get_config():
     c.train.checkpoint_every = 2
     c.eval.num_prompts = 8
     c.eval.batch_size = 8
+    c.online_rl.steps = 3  # --config.methods=...,online_rl: a few updates, as in comparison_tiny
+    c.online_rl.prompts_per_step = 2
+    c.online_rl.checkpoint_every = 2
+    c.online_rl.seq_len = None  # replies of barely trained models can be long
     return c

@@ -23,11 +23,11 @@ def get_config():
     c.task.max_turns = 2  # each turn's longer prompts compile new length buckets
     c.data.train = os.path.join(FIXTURES, "metamathqa.jsonl")
     c.data.train_split = None
-    c.rollout.num_prompts = 4
+    c.rollout.num_prompts = 2  # the fixture's MATH_ prompts
     c.rollout.num_samples = 2
     c.rollout.max_new_tokens = 6
     c.rollout.batch_size = 8
-    c.train.batch_size = 4
+    c.train.batch_size = 2
     c.train.num_micro_batches = 2
     c.train.learning_rate = 1e-3
     c.train.max_len = 256

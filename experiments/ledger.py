@@ -1,0 +1,127 @@
+"""Which stage outputs in a workdir are current: each stage records the settings its
+output depends on, and a stage whose settings changed runs again.
+
+A stage's settings are the config keys below plus those of the stages upstream of it,
+so a change reaches exactly the stages that depend on it: changing ``eval.*`` re-runs
+evaluation only; changing ``drift.beta`` re-runs the weights and DRIFT's training (and
+their evaluation) on the same rollouts; changing ``seed`` re-runs everything. Settings
+that change how a stage runs but not what it makes (``HOW_NOT_WHAT``) are left out, so
+they can be changed on a finished run.
+
+Stale outputs are not deleted: they move to ``<workdir>/stale/<time>/`` (rollouts of a
+real model are hours of work).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+
+# Keys that change memory, speed or bookkeeping, not the numbers a stage writes.
+HOW_NOT_WHAT = ("mesh", "model.remat", "model.attention_impl", "allow_tiny",
+                "train.checkpoint_every", "reference.train.checkpoint_every", "online_rl.checkpoint_every",
+                "train.loss_chunk_size", "reference.train.loss_chunk_size")
+
+# Stage kind -> the config keys (or sections) its output depends on, besides upstream's.
+OWN_KEYS = {
+    "reference": ("seed", "task", "model", "reference"),
+    "rollout": ("seed", "task", "rollout", "data", "rollouts"),
+    "weights": ("drift", "train.max_len"),
+    "train": ("train",),
+    "online_rl": ("online_rl", "drift.gamma", "drift.lam"),
+    "eval": ("seed", "task", "eval.num_prompts", "eval.batch_size", "rollout.max_new_tokens"),
+}
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def _under(key: str, prefixes) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def select(flat_cfg: dict, prefixes) -> dict:
+    """The entries of ``flat_cfg`` under ``prefixes``, less ``HOW_NOT_WHAT``."""
+    return {k: v for k, v in flat_cfg.items() if _under(k, prefixes) and not _under(k, HOW_NOT_WHAT)}
+
+
+def describe_change(saved: dict, current: dict, limit: int = 4) -> str:
+    """'drift.beta 0.5 -> 0.3, ...' for the keys that differ."""
+    keys = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    parts = [f"{k} {saved.get(k, '(unset)')!r} -> {current.get(k, '(unset)')!r}" for k in keys[:limit]]
+    return ", ".join(parts) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+class Ledger:
+    """``<workdir>/stages.json``: {stage: {"settings": {...}, "done": bool}}.
+
+    ``begin(stage, settings, outputs)`` is True when the stage's output is current (skip
+    the stage); otherwise stale outputs move aside, the stage is recorded as started
+    under ``settings`` (a killed stage then resumes only under the same settings) and
+    it is False. ``finish(stage)`` marks it done. ``ran`` lists the stages begun, each
+    prefixed by ``label`` (a round's ledger shares its parent's list).
+    """
+
+    def __init__(self, workdir: str, ran: list | None = None, label: str = ""):
+        self.workdir, self.label = workdir, label
+        # One folder per run for whatever it finds stale.
+        self.stale_dir = os.path.join(workdir, "stale", f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+        self.path = os.path.join(workdir, "stages.json")
+        self.ran = [] if ran is None else ran
+
+    def _read(self) -> dict:
+        if not os.path.exists(self.path):
+            return {}
+        with open(self.path) as f:
+            return json.load(f)
+
+    def _write(self, entries: dict) -> None:
+        os.makedirs(self.workdir, exist_ok=True)
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(entries, f, indent=1, sort_keys=True)
+        os.replace(tmp, self.path)
+
+    def status(self, stage: str, settings: dict, outputs: list[str]) -> str:
+        """'done', 'resume' (started under these settings), 'new', or why it is stale."""
+        entry = self._read().get(stage)
+        present = any(os.path.exists(p) for p in outputs)
+        if entry is not None and entry["settings"] == settings:
+            return "done" if entry["done"] and present else ("resume" if present else "new")
+        if not present:
+            return "new"
+        if entry is None:
+            return "stale: no record of the settings that made it"
+        return "stale: " + describe_change(entry["settings"], settings)
+
+    def begin(self, stage: str, settings: dict, outputs: list[str]) -> bool:
+        status = self.status(stage, settings, outputs)
+        if status == "done":
+            return True
+        if status.startswith("stale"):
+            for path in outputs:
+                if os.path.exists(path):
+                    target = os.path.join(self.stale_dir, os.path.relpath(path, self.workdir))
+                    os.makedirs(os.path.dirname(target), exist_ok=True)
+                    shutil.move(path, target)
+            print(f"stage {stage} runs again ({status[len('stale: '):]}); old output moved to {self.stale_dir}")
+        entries = self._read()
+        entries[stage] = {"settings": settings, "done": False}
+        self._write(entries)
+        self.ran.append(self.label + stage)
+        return False
+
+    def finish(self, stage: str) -> None:
+        entries = self._read()
+        entries[stage]["done"] = True
+        self._write(entries)

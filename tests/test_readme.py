@@ -1,0 +1,114 @@
+"""Every ``python experiments/run.py`` command in README.md's code blocks runs, on the
+tiny configs, exactly as printed but for the substitutions in ``on_tiny`` (each says why).
+
+Two commands are what the session's shared runs already execute (``tiny_run`` is the
+first command on the tiny config, ``comparison_run`` the comparison); the others run
+here, each in its own workdir. A command that only changes some settings of the default
+starts from a copy of the shared tiny run: the workdir ledger then re-runs exactly the
+stages those settings reach (``tests/test_runner.py`` checks that it does), which keeps
+this file's cost to the stages each command changes.
+"""
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from helpers import tiny_hf_checkpoint
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUN = os.path.join(REPO, "experiments", "run.py")
+AUTHORS = os.path.join(REPO, "tests", "fixtures", "rollouts", "authors_format.jsonl")
+
+# README config -> the tiny config that stands in for it.
+TINY_CONFIGS = {
+    None: "experiments/configs/tiny.py",
+    "experiments/configs/tiny.py": "experiments/configs/tiny.py",
+    "experiments/configs/comparison.py": "experiments/configs/comparison_tiny.py",
+    "experiments/configs/qwen2_5_3b_metamath.py": "tests/configs/tiny_math.py",
+    "experiments/configs/qwen2_5_0_5b_metamath.py": "tests/configs/tiny_math.py",
+    "experiments/configs/from_rollouts.py": "experiments/configs/from_rollouts.py",
+}
+# A real model's config on the tiny checkpoint and 8 rollout records: float32 on CPU,
+# batches small enough for more than one update.
+SMALL_REAL_MODEL = ["--config.model.dtype=float32", "--config.model.remat=none", "--config.train.batch_size=4",
+                    "--config.train.num_micro_batches=1", "--config.train.max_len=128"]
+
+
+def readme_commands() -> list[str]:
+    """The ``python experiments/run.py`` commands of README's bash blocks, continuation
+    lines joined and comments dropped."""
+    with open(os.path.join(REPO, "README.md")) as f:
+        blocks = re.findall(r"```bash\n(.*?)```", f.read(), flags=re.S)
+    commands = []
+    for block in blocks:
+        for line in block.replace("\\\n", " ").splitlines():
+            for part in line.split("#")[0].split("&&"):
+                if part.strip().startswith("python experiments/run.py"):
+                    commands.append(" ".join(part.split()))
+    return commands
+
+
+COMMANDS = readme_commands()
+
+
+def on_tiny(command: str, checkpoint: str) -> tuple[list[str], str]:
+    """(arguments for run.py, workdir relative to the cwd) of a README command."""
+    args = shlex.split(command)[2:]
+    config = next((a.split("=", 1)[1] for a in args if a.startswith("--config=")), None)
+    tiny = TINY_CONFIGS[config]  # a KeyError: a README config with no stand-in here
+    args = [a for a in args if not a.startswith("--config=")]
+    out = [f"--config={os.path.join(REPO, tiny)}"]
+    for a in args:
+        key, _, value = a.partition("=")
+        if key == "--config.model.checkpoint":  # a hub id: no internet here
+            a = f"{key}={checkpoint}"
+        elif key == "--workdir" and os.path.isabs(value):  # e.g. /tmp/tiny: kept inside the test's folder
+            a = f"{key}={value.lstrip(os.sep)}"
+        out.append(a)
+    if tiny == "tests/configs/tiny_math.py":
+        out.append(f"--config.model.checkpoint={checkpoint}")
+    if config == "experiments/configs/from_rollouts.py":
+        out += SMALL_REAL_MODEL
+    workdir = next((a.split("=", 1)[1] for a in out if a.startswith("--workdir=")), None)
+    return out, workdir or os.path.join("runs", os.path.splitext(os.path.basename(tiny))[0])
+
+
+def test_readme_has_the_commands_this_file_runs():
+    assert COMMANDS[0] == "python experiments/run.py"  # the first screen's main job
+    assert any("--config.drift.gamma=0.9 --config.drift.beta=0.1" in c for c in COMMANDS)
+    workdirs = [on_tiny(c, "ckpt")[1] for c in COMMANDS]
+    assert len(set(workdirs)) == len(workdirs), "every README example uses its own workdir"
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_readme_command_runs_on_the_tiny_configs(command, tmp_path, run_env, tiny_run, comparison_run):
+    checkpoint = tmp_path / "checkpoint"
+    args, workdir = on_tiny(command, str(checkpoint))
+    settings = [a for a in args if not a.startswith("--workdir=")]
+    if settings == [f"--config={os.path.join(REPO, TINY_CONFIGS[None])}"]:
+        results = tiny_run[0] / "results.json"  # this very command, run once per session
+    elif settings == [f"--config={os.path.join(REPO, TINY_CONFIGS['experiments/configs/comparison.py'])}"]:
+        results = comparison_run[0] / "results.json"
+    else:
+        tiny_hf_checkpoint(str(checkpoint))
+        for files in re.findall(r"--config\.rollouts=(\S+)", command):  # the authors' file, split by prompt
+            lines = open(AUTHORS).read().splitlines()
+            prompts = sorted({json.loads(line)["prompt_id"] for line in lines})
+            names = files.split(",")
+            for i, name in enumerate(names):
+                mine = set(prompts[i::len(names)])
+                (tmp_path / name).write_text("".join(
+                    line + "\n" for line in lines if json.loads(line)["prompt_id"] in mine))
+        if settings[0].endswith("experiments/configs/tiny.py") and "--config.seed=" not in command:
+            shutil.copytree(tiny_run[0], tmp_path / workdir)  # see the module docstring
+        out = subprocess.run([sys.executable, RUN, *args], cwd=tmp_path, capture_output=True, text=True,
+                             timeout=600, env=run_env)
+        assert out.returncode == 0, out.stderr[-3000:]
+        results = tmp_path / workdir / "results.json"
+    assert results.exists()

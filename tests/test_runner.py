@@ -1,0 +1,296 @@
+"""The runner fails fast and never wastes a user's work (experiments/run.py, preflight.py,
+ledger.py): each finding of the runner issue as a user would type it, and the behaviour
+or message expected. Preflight runs before any stage writes anything; a stage re-runs
+exactly when the settings it depends on changed."""
+
+import functools
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from helpers import chatml_tokenizer, tiny_hf_checkpoint
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUN = os.path.join(REPO, "experiments", "run.py")
+CONFIGS = os.path.join(REPO, "experiments", "configs")
+TINY_MATH = os.path.join(REPO, "tests", "configs", "tiny_math.py")
+AUTHORS = os.path.join(REPO, "tests", "fixtures", "rollouts", "authors_format.jsonl")
+FIXTURES = os.path.join(REPO, "tests", "fixtures", "datasets")
+
+
+@pytest.fixture
+def cli(run_env):
+    """``cli(*args, ok=True) -> CompletedProcess`` of ``python experiments/run.py *args``."""
+    def run(*args, ok=True):
+        out = subprocess.run([sys.executable, RUN, *map(str, args)], capture_output=True, text=True,
+                             timeout=600, env=run_env)
+        assert (out.returncode == 0) == ok, (out.returncode, out.stderr[-3000:])
+        return out
+    return run
+
+
+def stages_run(stdout: str) -> list[str]:
+    line = next(line for line in stdout.splitlines() if line.startswith("stages run: "))
+    rest = line[len("stages run: "):]
+    return [] if rest.startswith("none") else rest.split(", ")
+
+
+def error_of(out) -> str:
+    """A config error is one short message (no traceback) on stderr."""
+    assert "Traceback" not in out.stderr, out.stderr[-2000:]
+    lines = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, out.stderr[-2000:]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A bf16 random-init HF folder with a generation_config.json."""
+    path = tmp_path_factory.mktemp("ckpt") / "init"
+    tiny_hf_checkpoint(str(path), param_dtype="bfloat16", generation_config={"do_sample": False, "eos_token_id": 2})
+    return path
+
+
+@pytest.fixture
+def run_dir(tiny_run, tmp_path):
+    """A private copy of the shared finished tiny run."""
+    shutil.copytree(tiny_run[0], tmp_path / "run")
+    return tmp_path / "run"
+
+
+# -- silent no-op training, honest costs, failed starts, the HF output ----------------------
+
+def test_a_training_that_cannot_move_the_policy_is_refused_before_any_work(cli, checkpoint, tmp_path):
+    """README's from_rollouts command on a file of 8 records (batch 128, 10% warm-up) is
+    one update at learning rate 0: refused up front, naming what to change."""
+    workdir = tmp_path / "run"
+    out = cli(f"--config={CONFIGS}/from_rollouts.py", f"--config.model.checkpoint={checkpoint}",
+              f"--config.rollouts={AUTHORS}", f"--workdir={workdir}", ok=False)
+    message = error_of(out)
+    assert "1 update(s), 0 of them at learning rate > 0" in message
+    assert "train.batch_size" in message and "--config.allow_tiny=True" in message
+    assert not workdir.exists()
+
+
+def test_a_failed_start_leaves_nothing_and_the_corrected_command_runs(cli, checkpoint, tmp_path):
+    """A wrong rollouts path: a one-line error and no workdir, so the corrected command is
+    not refused. Forced through with allow_tiny, the no-op training says so loudly; costs
+    count real tokens; the HF output keeps the input's bf16 and its generation config."""
+    workdir = tmp_path / "run"
+    common = [f"--config={CONFIGS}/from_rollouts.py", f"--config.model.checkpoint={checkpoint}",
+              f"--workdir={workdir}", "--config.model.dtype=float32", "--config.model.remat=none",
+              "--config.train.max_len=128"]
+    message = error_of(cli(*common, "--config.rollouts=/no/such/rollouts.jsonl", ok=False))
+    assert message == "error: --config.rollouts: no such file /no/such/rollouts.jsonl"
+    assert not workdir.exists()
+
+    out = cli(*common, f"--config.rollouts={AUTHORS}", "--config.allow_tiny=True")
+    assert "policy 'drift' equals its initial weights" in out.stderr
+    stats = json.loads((workdir / "drift" / "train_stats.json").read_text())
+    assert stats["steps"] == 1 and stats["unchanged_policy"] is True
+    results = json.loads((workdir / "results.json").read_text())
+    assert any("drift: the trained policy equals its initial weights" in w for w in results["warnings"])
+
+    # One update over the 8 records: each example's real tokens once, not 128/8 = 16 times.
+    from drift_jax.chat import encode_dialogue
+    from drift_jax.records import read_jsonl
+    records, _ = read_jsonl(AUTHORS)
+    tokenizer = chatml_tokenizer()
+    examples = [encode_dialogue(tokenizer, r["messages"], supervise="last", max_len=128) for r in records]
+    assert stats["trained_tokens"] == sum(len(e.tokens) for e in examples)
+    assert results["methods"]["drift"]["cost"]["trained_tokens"] == stats["trained_tokens"]
+
+    hf = workdir / "drift" / "hf"
+    assert json.loads((hf / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert (hf / "generation_config.json").read_text() == (checkpoint / "generation_config.json").read_text()
+    from safetensors import safe_open
+    with safe_open(str(hf / "model.safetensors"), framework="flax") as f:
+        assert {str(f.get_tensor(k).dtype) for k in f.keys()} == {"bfloat16"}
+
+
+# -- errors before the expensive work -------------------------------------------------------
+
+def test_a_benchmark_in_an_unknown_layout_fails_before_any_stage(cli, checkpoint, tmp_path):
+    odd = tmp_path / "odd.jsonl"
+    odd.write_text(json.dumps({"query": "1+1?", "expected": "2"}) + "\n")
+    workdir = tmp_path / "run"
+    message = error_of(cli(f"--config={TINY_MATH}", f"--config.model.checkpoint={checkpoint}",
+                           f"--config.eval.benchmarks.math500.source={odd}", f"--workdir={workdir}", ok=False))
+    assert "benchmark 'math500'" in message and "cannot tell the layout" in message
+    assert "eval.benchmarks.math500.layout" in message
+    assert not workdir.exists()
+    # ... and the key it names can be set.
+    cli(f"--config={TINY_MATH}", f"--config.model.checkpoint={checkpoint}", "--dry_run",
+        "--config.eval.benchmarks.math500.layout=math500", f"--workdir={workdir}")
+    assert not workdir.exists()
+
+
+def test_iterative_drift_on_given_rollouts_needs_questions_and_says_so(cli, checkpoint, tmp_path):
+    message = error_of(cli(f"--config={CONFIGS}/from_rollouts.py", f"--config.model.checkpoint={checkpoint}",
+                           f"--config.rollouts={AUTHORS}", "--config.methods=drift,drift_round2",
+                           f"--workdir={tmp_path / 'run'}", ok=False))
+    assert "'drift_round2'" in message and "--config.data.train" in message
+
+
+@pytest.mark.parametrize("config", ["default.py", "tiny.py"])
+def test_online_rl_is_planned_from_the_embedded_configs(cli, tmp_path, config):
+    out = cli(f"--config={CONFIGS}/{config}", "--config.methods=sft,drift,online_rl", "--dry_run",
+              f"--workdir={tmp_path / 'run'}")
+    assert "train:online_rl: new" in out.stdout and "eval:online_rl:secret: new" in out.stdout
+    assert not (tmp_path / "run").exists()
+
+
+def test_fewer_questions_than_asked_is_a_warning_with_the_numbers(cli, checkpoint, tmp_path):
+    out = cli(f"--config={TINY_MATH}", f"--config.model.checkpoint={checkpoint}", "--dry_run",
+              "--config.rollout.num_prompts=4", f"--workdir={tmp_path / 'run'}")
+    assert "gave 2 questions; rollout.num_prompts asks for 4: using 2" in out.stderr
+
+
+def test_debug_keeps_the_traceback(cli, tmp_path):
+    out = cli(f"--config={CONFIGS}/tiny.py", "--config.drift.beta=0", "--debug", f"--workdir={tmp_path}/r", ok=False)
+    assert "Traceback" in out.stderr and "drift.beta must be > 0" in out.stderr
+
+
+# -- the model and its tokenizer ------------------------------------------------------------
+
+def test_a_model_folder_without_tokenizer_files_is_named_as_such(cli, checkpoint, tmp_path):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(checkpoint / f, bare / f)
+    message = error_of(cli(f"--config={CONFIGS}/from_rollouts.py", f"--config.model.checkpoint={bare}",
+                           f"--config.rollouts={AUTHORS}", f"--workdir={tmp_path / 'run'}", ok=False))
+    assert "no tokenizer files" in message and "copy them from the base model" in message
+
+
+def test_a_tokenizer_larger_than_the_embedding_is_refused(cli, checkpoint, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(checkpoint, other)
+    config = json.loads((other / "config.json").read_text())
+    config["vocab_size"] = 100  # the tokenizer has more tokens than that
+    # The weights must match config.json, so write a model of that vocabulary.
+    from flax import nnx
+    from drift_jax.models import Transformer, config_from_hf, save_pretrained
+    save_pretrained(Transformer(config_from_hf(config), rngs=nnx.Rngs(0)), other)
+    message = error_of(cli(f"--config={CONFIGS}/from_rollouts.py", f"--config.model.checkpoint={other}",
+                           f"--config.rollouts={AUTHORS}", f"--workdir={tmp_path / 'run'}", ok=False))
+    assert re.search(r"tokenizer has \d+ tokens .* embedding has 100 rows", message)
+
+
+# -- the workdir: what each stage depends on ------------------------------------------------
+
+def test_changing_eval_settings_reruns_eval_only(cli, run_dir):
+    out = cli(f"--config={CONFIGS}/tiny.py", f"--workdir={run_dir}", "--config.eval.num_prompts=6")
+    assert stages_run(out.stdout) == ["eval:reference:secret", "eval:sft:secret", "eval:drift:secret"]
+    assert json.loads((run_dir / "eval" / "secret_drift.json").read_text())["questions"] == 6
+    assert (run_dir / "stale").is_dir()  # the old evaluations are moved aside, not deleted
+
+
+def test_changing_beta_reruns_weights_and_drift_on_the_same_rollouts(cli, run_dir):
+    before = (run_dir / "rollouts.jsonl").read_bytes()
+    sft = (run_dir / "sft" / "train_stats.json").read_text()
+    out = cli(f"--config={CONFIGS}/tiny.py", f"--workdir={run_dir}", "--config.drift.beta=0.3")
+    assert stages_run(out.stdout) == ["weights", "train:drift", "eval:drift:secret"]
+    assert (run_dir / "rollouts.jsonl").read_bytes() == before
+    assert (run_dir / "sft" / "train_stats.json").read_text() == sft
+    assert json.loads((run_dir / "weights.json").read_text())["beta"] == 0.3
+    # Back to the first beta: DRIFT is retrained (its output was replaced), sft is not.
+    out = cli(f"--config={CONFIGS}/tiny.py", f"--workdir={run_dir}")
+    assert stages_run(out.stdout) == ["weights", "train:drift", "eval:drift:secret"]
+
+
+def test_settings_that_change_how_not_what_leave_a_finished_run_alone(cli, run_dir):
+    out = cli(f"--config={CONFIGS}/tiny.py", f"--workdir={run_dir}", "--dry_run",
+              "--config.model.remat=full", "--config.model.attention_impl=xla", "--config.train.loss_chunk_size=8",
+              "--config.train.checkpoint_every=1")
+    assert all(line.endswith(": done") for line in out.stdout.strip().splitlines()), out.stdout
+
+
+def test_embedded_config_trains_on_given_rollouts(cli, run_dir, tiny_run):
+    """--config.rollouts works in the embedded configs: the same rollouts, given as a file,
+    give the same trained policies."""
+    given = run_dir.parent / "given.jsonl"
+    shutil.copy(run_dir / "rollouts.jsonl", given)
+    out = cli(f"--config={CONFIGS}/tiny.py", f"--workdir={run_dir}", f"--config.rollouts={given}")
+    ran = stages_run(out.stdout)
+    assert "rollout" not in ran and "reference" not in ran and "train:drift" in ran
+    got = json.loads((run_dir / "results.json").read_text())["methods"]
+    want = json.loads((tiny_run[0] / "results.json").read_text())["methods"]
+    for method in ("sft", "drift"):
+        assert [got[method][f"multi@{k}"] for k in range(1, 6)] == [want[method][f"multi@{k}"] for k in range(1, 6)]
+        assert got[method]["cost"]["generated_tokens"] is None  # made elsewhere
+
+
+# -- options and syntax ---------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)  # run.py defines absl flags: load it once
+def _run_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("drift_run_for_runner_tests", RUN)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _overrides(*args, config="from_rollouts.py"):
+    return _run_module().check_overrides(["run.py", f"--config={CONFIGS}/{config}", *args],
+                                         os.path.join(CONFIGS, "default.py"))
+
+
+def test_none_reaches_none_able_fields():
+    argv, nones = _overrides("--config.data.train_split=None", "--config.train.max_len=None",
+                             "--config.model.attention_impl=None", "--config.seed=3")
+    assert nones == ["data.train_split", "train.max_len", "model.attention_impl"]
+    assert argv[1:] == [f"--config={CONFIGS}/from_rollouts.py", "--config.seed=3"]
+    from experiments.configs import from_rollouts
+    cfg = from_rollouts.get_config()
+    cfg.train.max_len = 4096
+    _run_module().apply_nones(cfg, nones)
+    assert cfg.data.train_split is None and cfg.train.max_len is None and cfg.model.attention_impl is None
+
+
+@pytest.mark.parametrize("arg, expected", [
+    ("--config.attention_impl=xla", "Did you mean model.attention_impl?"),
+    ("--config.rollout=x.jsonl", "'rollout' is a config section, not a field; set one of its fields"),
+])
+def test_misplaced_keys_get_a_did_you_mean(arg, expected):
+    with pytest.raises(SystemExit, match=re.escape(expected)):
+        _overrides(arg, config="tiny.py")
+
+
+@pytest.mark.parametrize("key", ["drift.target_ess_fraction", "train.loss_chunk_size", "train.bucket_window",
+                                 "model.remat", "model.attention_impl", "allow_tiny", "model.save_dtype"])
+@pytest.mark.parametrize("config", sorted(f for f in os.listdir(CONFIGS) if f.endswith(".py") and f != "__init__.py"))
+def test_documented_options_are_settable_from_every_config(config, key):
+    _overrides(f"--config.{key}=1", config=config)  # exits on an unknown key
+
+
+def test_methods_take_a_comma_list():
+    from drift_jax import methods
+    assert [m.name for m in methods.parse("sft,drift,online_rl")] == ["sft", "drift", "online_rl"]
+
+
+# -- packaging and benchmarks ---------------------------------------------------------------
+
+def test_the_data_extra_installs_what_the_loader_asks_for():
+    from drift_jax.questions import TFDS_PACKAGES
+    setup = open(os.path.join(REPO, "setup.py")).read()
+    extra = re.search(r'"data": \[([^\]]*)\]', setup).group(1)
+    assert sorted(re.findall(r'"([^"]+)"', extra)) == sorted(TFDS_PACKAGES)
+
+
+def test_throughput_peaks_follow_the_device_kind():
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    import throughput
+    assert throughput.device_peaks("cpu") == (None, None)
+    assert throughput.device_peaks("NVIDIA H100 80GB HBM3")[0] == 989e12
+    assert throughput.device_peaks("TPU v5 lite")[0] == 197e12
+    assert throughput.device_peaks("TPU v5p")[0] == 459e12
+    assert np.isfinite(throughput.device_peaks("NVIDIA H200")[1])
