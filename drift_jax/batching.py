@@ -57,7 +57,7 @@ def collate(examples: list[SFTExample], length: int, pad_id: int, batch_size: in
 
 
 def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int,
-                  bucket_window: int = 0) -> list[np.ndarray]:
+                  bucket_window: int = 0, shuffle: bool = True) -> list[np.ndarray]:
     """Example indices of each batch of one epoch, in step order (the last or, with
     bucketing, one batch may be short). Every index appears exactly once.
 
@@ -65,8 +65,14 @@ def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int
     ``bucket_window > 0``: windows of ``bucket_window * batch_size`` examples of the
     permutation, each sorted by length (stable) and cut into batches; then the batches
     are shuffled. Deterministic in (lengths, batch_size, seed, epoch, bucket_window).
+    ``shuffle=False``: file order, consecutive batches, every epoch (the reference
+    release's ``--disable_shuffle``: a batch then holds whole prompt groups).
     """
     n = len(lengths)
+    if not shuffle:
+        if bucket_window > 0:
+            raise ValueError("bucket_window > 0 reorders the batches; it needs shuffle=True")
+        return [np.arange(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(n)
     if bucket_window <= 0:
@@ -84,7 +90,8 @@ def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int
 
 
 def make_batch_fn(examples: Sequence[SFTExample], batch_size: int, seed: int, pad_id: int,
-                  min_bucket: int = 16, bucket_window: int = 0) -> tuple[Callable[..., dict], int]:
+                  min_bucket: int = 16, bucket_window: int = 0,
+                  shuffle: bool = True) -> tuple[Callable[..., dict], int]:
     """Returns ``(batch_fn, steps_per_epoch)``; ``batch_fn(step)`` (or
     ``batch_fn(step, state)``, as ``train.train_loop`` calls it) is step ``step``'s batch.
 
@@ -104,7 +111,7 @@ def make_batch_fn(examples: Sequence[SFTExample], batch_size: int, seed: int, pa
 
     @functools.lru_cache(maxsize=2)
     def plan(epoch: int) -> list[np.ndarray]:
-        return epoch_batches(lengths, batch_size, seed, epoch, bucket_window)
+        return epoch_batches(lengths, batch_size, seed, epoch, bucket_window, shuffle)
 
     def batch_fn(step: int, state=None) -> dict:
         del state  # the data do not depend on the policy

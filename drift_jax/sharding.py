@@ -23,7 +23,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from drift_jax.train import TrainState
+from drift_jax.train import TrainState, split_trainable
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -82,7 +82,8 @@ def shard_train_state(state, tx, mesh, rules=LOGICAL_RULES):
 
     return state.replace(
         params=params,
-        opt_state=jax.tree.map(like, state.opt_state, tx.init(params)),
+        # The optimizer covers the trained params only (the adapters, under LoRA).
+        opt_state=jax.tree.map(like, state.opt_state, tx.init(split_trainable(params)[0])),
         step=jax.device_put(state.step, replicated),
         rng=jax.device_put(state.rng, replicated),
     )
@@ -107,15 +108,15 @@ def create_sharded_train_state(
     params_sharding = param_shardings(abstract_params, mesh, rules)
     replicated = NamedSharding(mesh, PartitionSpec())
     opt_sharding = optax.tree_map_params(
-        tx, lambda _, sharding: sharding, jax.eval_shape(tx.init, abstract_params), params_sharding,
-        transform_non_params=lambda _: replicated,
+        tx, lambda _, sharding: sharding, jax.eval_shape(tx.init, split_trainable(abstract_params)[0]),
+        split_trainable(params_sharding)[0], transform_non_params=lambda _: replicated,
     )
     shardings = TrainState(params=params_sharding, opt_state=opt_sharding, step=replicated, rng=replicated)
 
     @jax.jit
     def init() -> TrainState:
         params = nnx.state(make_model(), nnx.Param)
-        state = TrainState(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32),
+        state = TrainState(params=params, opt_state=tx.init(split_trainable(params)[0]), step=jnp.zeros((), jnp.int32),
                            rng=jax.random.key(seed))
         return jax.lax.with_sharding_constraint(state, shardings)
 

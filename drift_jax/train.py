@@ -11,6 +11,14 @@ A batch is a dict of host or device arrays:
   valid     [B, T] bool   real (non-padding) tokens
   loss_mask [B, T] bool   supervised tokens (the last assistant message)
   weights   [B]    float32 importance weights
+
+LoRA: for a model with adapters (``drift_jax.models.lora``) only the ``nnx.LoRAParam``
+leaves train (``split_trainable``): gradients and optimizer state cover the adapters
+alone, the frozen base passes through the step bit for bit, and checkpoints hold the
+adapters, their optimizer state, step and rng (the base comes from the model the run
+starts from). The step then adds ``dropout_rng`` (a key: ``state.rng`` folded with the
+step and the micro-batch, so a resumed run draws the same masks) to each micro-batch for
+the adapters' dropout; ``next_token_ce`` hands it to the model.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from typing import Any, Callable
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from tqdm.auto import tqdm
@@ -85,7 +94,11 @@ def make_optimizer(
 class TrainState:
     """Everything a resumed run needs. ``step``: int32 scalar, updates applied so far.
     ``rng``: a key for stochastic training; derive per-step keys with
-    ``jax.random.fold_in(rng, step)`` so a resumed run draws the same ones."""
+    ``jax.random.fold_in(rng, step)`` so a resumed run draws the same ones.
+
+    ``params`` is every ``nnx.Param`` of the model (``nnx.merge(graphdef, params)`` is
+    the model, adapters included); ``opt_state`` covers the trained ones only:
+    ``split_trainable(params)[0]``, i.e. all of them, or the LoRA adapters alone."""
 
     params: nnx.State
     opt_state: optax.OptState
@@ -93,26 +106,92 @@ class TrainState:
     rng: jax.Array
 
 
-def create_train_state(
-    model: nnx.Module, tx: optax.GradientTransformation, seed: int = 0
-) -> tuple[nnx.GraphDef, TrainState]:
-    """Split ``model`` into (graphdef, Param state) and initialise the optimizer."""
+def split_trainable(params: nnx.State) -> tuple[nnx.State, nnx.State]:
+    """(trained, frozen) parts of a model's params: the ``nnx.LoRAParam`` leaves and the
+    rest when there are any (a model with LoRA adapters), else (all, empty). Works on
+    abstract states too (``jax.eval_shape`` leaves); ``nnx.merge_state(trained, frozen)``
+    puts them back together."""
+    adapters, base = nnx.split_state(params, nnx.LoRAParam, ...)
+    if jax.tree.leaves(adapters):
+        return adapters, base
+    return params, nnx.State({})
+
+
+def _init_state(params: nnx.State, tx: optax.GradientTransformation, seed: int) -> TrainState:
+    return TrainState(
+        params=params,
+        opt_state=tx.init(split_trainable(params)[0]),
+        step=jnp.zeros((), jnp.int32),
+        rng=jax.random.key(seed),
+    )
+
+
+def _model_params(model: nnx.Module, who: str) -> tuple[nnx.GraphDef, nnx.State]:
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     if jax.tree.leaves(rest):
         # step_fn rebuilds the model from params alone; other state would be dropped.
         raise ValueError(
-            "create_train_state supports models whose only state is nnx.Param; found "
+            f"{who} supports models whose only state is nnx.Param; found "
             f"other variables: {rest}. Carry them in TrainState before training this model."
         )
-    state = TrainState(
-        params=params,
-        opt_state=tx.init(params),
-        step=jnp.zeros((), jnp.int32),
-        rng=jax.random.key(seed),
-    )
+    return graphdef, params
+
+
+def create_train_state(
+    model: nnx.Module, tx: optax.GradientTransformation, seed: int = 0
+) -> tuple[nnx.GraphDef, TrainState]:
+    """Split ``model`` into (graphdef, Param state) and initialise the optimizer over the
+    trained params (``split_trainable``: the LoRA adapters if the model has any)."""
+    graphdef, params = _model_params(model, "create_train_state")
     # Commit the state to a device: a restored checkpoint is committed too, and jit keys
     # its cache on committedness, so a fresh and a restored state share one compile.
-    return graphdef, jax.device_put(state, jax.local_devices()[0])
+    return graphdef, jax.device_put(_init_state(params, tx, seed), jax.local_devices()[0])
+
+
+def abstract_train_state(
+    make_model: Callable[[], nnx.Module], tx: optax.GradientTransformation, seed: int = 0
+) -> TrainState:
+    """``create_train_state(make_model(), tx, seed)[1]`` as ``jax.ShapeDtypeStruct``
+    leaves: shapes and dtypes with nothing allocated (for ``state_summary`` of models too
+    big for this host, or as a checkpoint's restore target)."""
+    return jax.eval_shape(lambda: _init_state(_model_params(make_model(), "abstract_train_state")[1], tx, seed))
+
+
+def _tree_size(tree) -> tuple[int, int]:
+    """(elements, bytes) over the array leaves of ``tree`` (concrete or abstract)."""
+    leaves = [x for x in jax.tree.leaves(tree) if hasattr(x, "shape") and hasattr(x, "dtype")]
+    return (sum(int(np.prod(x.shape)) for x in leaves),
+            sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in leaves))
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**26 else f"{n / 2**20:.2f} MiB"
+
+
+def state_summary(state: TrainState) -> tuple[dict[str, int | float], str]:
+    """Trained-parameter count and train-state bytes of ``state`` (concrete, or
+    ``abstract_train_state``: only shapes and dtypes are read).
+
+    Returns (summary, line). summary: trainable_params / frozen_params (elements),
+    trainable_bytes / frozen_bytes / opt_state_bytes and state_bytes (params + optimizer
+    state), trainable_fraction (of all params). line: the same in one printable line.
+    """
+    trained, frozen = split_trainable(state.params)
+    (n_train, b_train), (n_frozen, b_frozen) = _tree_size(trained), _tree_size(frozen)
+    _, b_opt = _tree_size(state.opt_state)
+    summary = {
+        "trainable_params": n_train,
+        "frozen_params": n_frozen,
+        "trainable_fraction": n_train / max(n_train + n_frozen, 1),
+        "trainable_bytes": b_train,
+        "frozen_bytes": b_frozen,
+        "opt_state_bytes": b_opt,
+        "state_bytes": b_train + b_frozen + b_opt,
+    }
+    line = (f"train state: {n_train:,} trained params ({100 * summary['trainable_fraction']:.3g}% of "
+            f"{n_train + n_frozen:,}); {_gib(summary['state_bytes'])} = trained {_gib(b_train)} + "
+            f"frozen {_gib(b_frozen)} + optimizer {_gib(b_opt)}")
+    return summary, line
 
 
 # Vocabularies at least this large chunk the LM head + loss by default ("auto").
@@ -139,22 +218,25 @@ def target_mask(batch: Batch) -> jax.Array:
     return batch["loss_mask"][:, 1:].astype(bool) & valid_bt[:, 1:] & valid_bt[:, :-1]
 
 
-def next_token_ce(model, batch: Batch, loss_chunk_size: int | str | None = 0) -> jax.Array:
+def next_token_ce(model, batch: Batch, loss_chunk_size: int | str | None = 0, dropout_rng=None) -> jax.Array:
     """[B, T-1] float32 cross-entropy of each next token under ``model`` (position t
     predicts tokens[:, t + 1]). With a chunk size > 0 (``resolve_loss_chunk_size``) the LM
     head and the cross-entropy run over sequence chunks (``chunked_token_cross_entropy``):
-    no ``[B, T, V]`` logits, same values."""
+    no ``[B, T, V]`` logits, same values. ``dropout_rng``: a key for the dropout of LoRA
+    adapters (a micro-batch's ``dropout_rng`` in training); None runs them deterministically."""
     tokens_bt, valid_bt = batch["tokens"], batch["valid"].astype(bool)
     chunk = resolve_loss_chunk_size(loss_chunk_size, model.cfg.vocab_size)
     if chunk:
-        hidden_btd = model.hidden_states(tokens_bt[:, :-1], valid_bt[:, :-1])
+        hidden_btd = model.hidden_states(tokens_bt[:, :-1], valid_bt[:, :-1], dropout_rng=dropout_rng)
         return chunked_token_cross_entropy(hidden_btd, model.lm_head_weight(), tokens_bt[:, 1:],
                                            chunk, model.cfg.dtype)
-    return token_cross_entropy(model(tokens_bt[:, :-1], valid_bt[:, :-1]), tokens_bt[:, 1:])
+    return token_cross_entropy(model(tokens_bt[:, :-1], valid_bt[:, :-1], dropout_rng=dropout_rng),
+                               tokens_bt[:, 1:])
 
 
 # loss_fn(graphdef, params, micro_batch, aux) -> (loss SUM, denominator, {stat: sum}); the
-# step differentiates the sum wrt params and adds up all three over micro-batches.
+# step differentiates the sum wrt the trained params (all, or the LoRA adapters: params is
+# always the whole model's) and adds up all three over micro-batches.
 LossFn = Callable[[nnx.GraphDef, nnx.State, Batch, Any], tuple[jax.Array, jax.Array, dict]]
 
 
@@ -167,7 +249,7 @@ def sft_loss_fn(normalize: str = "batch", loss_chunk_size: int | str | None = "a
         del aux
         mask_bt = target_mask(mb)
         weights_b = mb["weights"].astype(jnp.float32)
-        ce_bt = next_token_ce(nnx.merge(graphdef, params), mb, loss_chunk_size)
+        ce_bt = next_token_ce(nnx.merge(graphdef, params), mb, loss_chunk_size, mb.get("dropout_rng"))
         loss_sum, denom = weighted_token_loss(ce_bt, mask_bt, weights_b, normalize)
         tokens_b = jnp.sum(mask_bt, axis=1).astype(jnp.float32)
         return loss_sum, denom, {"num_tokens": jnp.sum(tokens_b),
@@ -201,40 +283,53 @@ def make_train_step(
     metrics (float32 scalars): loss, grad_norm (before clipping), lr (``schedule_fn`` at
     this update; only if given), denominator, num_input_tokens (real tokens) and the
     loss's stats (summed over micro-batches).
+
+    Only ``split_trainable(state.params)[0]`` trains (the LoRA adapters, if the model has
+    any; then each micro-batch also carries a ``dropout_rng``, see the module docstring);
+    the rest of ``state.params`` comes back unchanged.
     """
     m = num_micro_batches
     loss_fn = loss_fn or sft_loss_fn(normalize, loss_chunk_size)
 
-    def micro_loss(params, mb, aux):
-        loss_sum, denom, stats = loss_fn(graphdef, params, mb, aux)
+    def micro_loss(trained, frozen, mb, aux):
+        # tree.map rebuilds the Variables of frozen and aux (e.g. reference params) in
+        # this trace: jax.grad passes non-differentiated arguments through as the same
+        # objects, made in an outer trace, which nnx transforms inside the model (remat)
+        # refuse to update.
+        frozen, aux = jax.tree.map(lambda x: x, (frozen, aux))
+        loss_sum, denom, stats = loss_fn(graphdef, nnx.merge_state(trained, frozen), mb, aux)
         return loss_sum, (denom, stats)
 
-    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)  # wrt the trained params only
 
     def step_fn(state: TrainState, batch: Batch, aux=None):
         b = batch["tokens"].shape[0]
         if b % m:
             raise ValueError(f"batch size {b} is not divisible by num_micro_batches={m}")
         micro = jax.tree.map(lambda x: x.reshape(m, b // m, *x.shape[1:]), batch)
+        trained, frozen = split_trainable(state.params)
+        if jax.tree.leaves(frozen):  # adapters: a dropout key per (step, micro-batch)
+            step_rng = jax.random.fold_in(state.rng, state.step)
+            micro = {**micro, "dropout_rng": jax.vmap(lambda i: jax.random.fold_in(step_rng, i))(jnp.arange(m))}
 
         def accumulate(carry, mb):
-            (loss_sum, (denom, stats)), grads = grad_fn(state.params, mb, aux)
+            (loss_sum, (denom, stats)), grads = grad_fn(trained, frozen, mb, aux)
             return jax.tree.map(jnp.add, carry, (grads, loss_sum, denom, stats)), None
 
         zero = jnp.zeros((), jnp.float32)
         # The stats' structure, without running the loss (every input passed explicitly:
         # nnx may not mutate variables of an outer trace).
-        stats_shape = jax.eval_shape(lambda p, mb, a: micro_loss(p, mb, a)[1][1],
-                                     state.params, jax.tree.map(lambda x: x[0], micro), aux)
-        init = (jax.tree.map(jnp.zeros_like, state.params), zero, zero,
+        stats_shape = jax.eval_shape(lambda t, f, mb, a: micro_loss(t, f, mb, a)[1][1],
+                                     trained, frozen, jax.tree.map(lambda x: x[0], micro), aux)
+        init = (jax.tree.map(jnp.zeros_like, trained), zero, zero,
                 jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), stats_shape))
         (grads, loss_sum, denom, stats), _ = jax.lax.scan(accumulate, init, micro)
 
         # d(sum/denom) = d(sum)/denom: the denominator does not depend on the params.
         inv_denom = mean_loss(jnp.float32(1.0), denom)  # 1 / denom, or 0 if no tokens
         grads = jax.tree.map(lambda g: g * inv_denom.astype(g.dtype), grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        updates, opt_state = tx.update(grads, state.opt_state, trained)
+        params = nnx.merge_state(optax.apply_updates(trained, updates), frozen)
         metrics = {
             "loss": mean_loss(loss_sum, denom),
             "grad_norm": optax.tree.norm(grads),
@@ -248,6 +343,21 @@ def make_train_step(
         return new_state, metrics
 
     return jax.jit(step_fn, donate_argnums=0)
+
+
+def checkpoint_view(state: TrainState) -> TrainState:
+    """What ``train_loop`` checkpoints: ``state`` with params cut to the trained ones (the
+    whole state without adapters; with them, the adapters and not the frozen base)."""
+    return state.replace(params=split_trainable(state.params)[0])
+
+
+def restore_checkpoint(checkpointer, state: TrainState, step: int | None = None) -> TrainState:
+    """``state`` with the trained params, optimizer state, step and rng of checkpoint
+    ``step`` (default: the latest) written by ``train_loop``; frozen params are kept from
+    ``state`` (concrete, not abstract, when the model has adapters)."""
+    trained, frozen = split_trainable(state.params)
+    restored = checkpointer.restore(state.replace(params=trained), step)
+    return restored.replace(params=nnx.merge_state(restored.params, frozen))
 
 
 def _keep_metrics_upto(metrics_path: str, step: int) -> None:
@@ -293,7 +403,7 @@ def train_loop(
     if checkpointer is not None:
         latest = checkpointer.latest_step()
         if latest is not None and latest > int(state.step):
-            state = checkpointer.restore(state, latest)
+            state = restore_checkpoint(checkpointer, state, latest)
     start = int(state.step)
     if metrics_path:
         _keep_metrics_upto(metrics_path, start)
@@ -325,9 +435,9 @@ def train_loop(
                 log_file.write(json.dumps(record) + "\n")
                 log_file.flush()
             if checkpointer is not None:
-                checkpointer.save(done, state)
+                checkpointer.save(done, checkpoint_view(state))
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics.get('lr', math.nan):.2e}")
     if checkpointer is not None:
-        checkpointer.save(int(state.step), state, force=True)
+        checkpointer.save(int(state.step), checkpoint_view(state), force=True)
     return state

@@ -20,7 +20,7 @@ import shutil
 import time
 
 # Keys that change memory, speed or bookkeeping, not the numbers a stage writes.
-HOW_NOT_WHAT = ("mesh", "model.remat", "model.attention_impl", "allow_tiny",
+HOW_NOT_WHAT = ("mesh", "model.remat", "model.attention_impl", "allow_tiny", "compilation_cache",
                 "train.checkpoint_every", "reference.train.checkpoint_every", "online_rl.checkpoint_every",
                 "train.loss_chunk_size", "reference.train.loss_chunk_size")
 
@@ -29,9 +29,10 @@ OWN_KEYS = {
     "reference": ("seed", "task", "model", "reference"),
     "rollout": ("seed", "task", "rollout", "data", "rollouts"),
     "weights": ("drift", "train.max_len"),
-    "train": ("train",),
-    "online_rl": ("online_rl", "drift.gamma", "drift.lam"),
-    "eval": ("seed", "task", "eval.num_prompts", "eval.batch_size", "rollout.max_new_tokens"),
+    "train": ("train", "lora"),
+    "online_rl": ("online_rl", "drift.gamma", "drift.lam", "lora"),
+    "eval": ("seed", "task", "eval.num_prompts", "eval.batch_size", "eval.max_new_tokens",
+             "rollout.max_new_tokens"),
 }
 
 

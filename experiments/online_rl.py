@@ -25,8 +25,11 @@ def stage_online_rl(exp: Experiment) -> None:
     tx, schedule = train.make_optimizer(
         oc.learning_rate, oc.steps, warmup_ratio=oc.warmup_ratio, schedule=oc.schedule,
         weight_decay=oc.weight_decay, grad_clip=oc.grad_clip)
-    graphdef, state = train.create_train_state(exp.load_policy("reference"), tx, exp.cfg.seed)
-    ref_params = nnx.state(exp.load_policy("reference"), nnx.Param)
+    graphdef, state = train.create_train_state(exp.adapt(exp.load_policy("reference")), tx, exp.cfg.seed)
+    print(f"train online_rl: {train.state_summary(state)[1]}")
+    # A separate copy (the train state is donated), with the same fresh adapters under
+    # LoRA: the same graphdef, and exactly the reference.
+    ref_params = nnx.state(exp.adapt(exp.load_policy("reference")), nnx.Param)
     step_fn = train.make_train_step(graphdef, tx, oc.num_micro_batches, schedule_fn=schedule,
                                     loss_fn=online_rl.pg_loss_fn(oc.kl_coef, oc.loss_normalize))
     batch_fn = online_rl.make_batch_fn(

@@ -54,9 +54,17 @@ def check_values(cfg) -> None:
         (cfg.task.name in ("secret", "math", "choice"),
          f"task.name must be 'secret', 'math' or 'choice', got {cfg.task.name!r}"),
     ]
+    if cfg.lora.rank > 0:
+        from drift_jax.models.lora import LoRAConfig
+        try:
+            LoRAConfig(rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, targets=cfg.lora.targets)
+        except ValueError as e:
+            raise ConfigError(f"invalid config: lora: {e}") from None
     for section in ("train", "reference.train"):
         t = cfg.train if section == "train" else cfg.reference.train
         checks += [
+            (t.shuffle or not t.bucket_window, f"{section}.bucket_window > 0 reorders batches: it needs "
+                                               f"{section}.shuffle=True"),
             (t.schedule in ("constant", "cosine"), f"{section}.schedule must be 'constant' or 'cosine', got {t.schedule!r}"),
             (t.loss_normalize in ("batch", "weight_sum"),
              f"{section}.loss_normalize must be 'batch' or 'weight_sum', got {t.loss_normalize!r}"),

@@ -24,6 +24,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # configs import each other as experiments.configs.*
 
+import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
@@ -145,6 +146,12 @@ def run(cfg, workdir: str, dry: bool = False) -> dict | None:
     """Preflight, then every stage not already done in ``workdir``; returns results
     (``dry``: print the plan instead, and write nothing)."""
     exp = Experiment(cfg, workdir)
+    cache = cfg.compilation_cache
+    if cache == "auto":  # a cache set through JAX_COMPILATION_CACHE_DIR is kept
+        cache = "" if jax.config.jax_compilation_cache_dir or not exp.checkpoint else (
+            os.path.expanduser("~/.cache/drift-jax/xla"))
+    if cache:  # later runs (and stages) load compiled programs instead of compiling again
+        jax.config.update("jax_compilation_cache_dir", cache)
     for warning in preflight(exp):
         print(f"warning: {warning}", file=sys.stderr)
     if dry:

@@ -27,13 +27,14 @@ def fit(exp: Experiment, name: str, examples, init_model: Transformer, tcfg, ste
         tcfg.learning_rate, steps, warmup_ratio=tcfg.warmup_ratio, schedule=tcfg.schedule,
         weight_decay=tcfg.weight_decay, grad_clip=tcfg.grad_clip)
     graphdef, state = train.create_train_state(init_model, tx, seed=exp.cfg.seed)
+    print(f"train {name}: {train.state_summary(state)[1]}")
     mesh = exp.mesh
     if mesh is not None:  # params + optimizer state by their logical axes, batch rows over data x fsdp
         state = sharding.shard_train_state(state, tx, mesh)
     step_fn = train.make_train_step(graphdef, tx, tcfg.num_micro_batches, tcfg.loss_normalize, schedule,
                                     loss_chunk_size=tcfg.loss_chunk_size)
     batch_fn, _ = make_batch_fn(examples, tcfg.batch_size, exp.cfg.seed, exp.tokenizer.pad_token_id,
-                                bucket_window=tcfg.bucket_window)
+                                bucket_window=tcfg.bucket_window, shuffle=tcfg.shuffle)
     if mesh is not None:
         batch_fn = (lambda make: lambda step, state=None: sharding.shard_batch(make(step), mesh))(batch_fn)
     ckpt = exp.checkpointer(name, tcfg.checkpoint_every)
@@ -87,7 +88,7 @@ def stage_rollout(exp: Experiment) -> None:
     rc = exp.cfg.rollout
     t0 = time.time()
     stats = append_rollouts(
-        exp.path("rollouts.jsonl"), exp.load_policy("reference"), exp.tokenizer, exp.env,
+        exp.path("rollouts.jsonl"), exp.load_policy("reference", for_sampling=True), exp.tokenizer, exp.env,
         exp.train_questions, num_samples=rc.num_samples, seed=exp.cfg.seed,
         sampling=exp.sampling(temperature=rc.temperature, top_p=rc.top_p),
         batch_size=rc.batch_size, desc="rollout")
@@ -144,7 +145,8 @@ def stage_train(exp: Experiment, method: methods.Method) -> None:
     examples = method_examples(exp, method)
     tc = exp.cfg.train
     steps = tc.epochs * -(-len(examples) // tc.batch_size)
-    fit(exp, method.name, examples, exp.load_policy("reference"), tc, steps)
+    # The reference trained from scratch is full training; methods train adapters under LoRA.
+    fit(exp, method.name, examples, exp.adapt(exp.load_policy("reference")), tc, steps)
     exp.finish(f"train:{method.name}")
 
 
@@ -169,10 +171,11 @@ def stage_eval(exp: Experiment, method: str) -> None:
         out = exp.path("eval", f"{bench}_{method}.json")
         if exp.begin(f"eval:{method}:{bench}"):
             continue
-        policy = policy or exp.load_policy(method)
+        policy = policy or exp.load_policy(method, for_sampling=True)
         episodes, generated = play_episodes(
             policy, exp.tokenizer, env, questions, num_samples=1, seed=exp.cfg.seed,
-            sampling=exp.sampling(temperature=0.0), batch_size=ec.batch_size, desc=f"eval {method} {bench}")
+            sampling=exp.sampling(temperature=0.0, max_new_tokens=ec.max_new_tokens),
+            batch_size=ec.batch_size, desc=f"eval {method} {bench}")
         os.makedirs(exp.path("eval"), exist_ok=True)
         records.write_jsonl(exp.path("eval", f"{bench}_{method}.jsonl"), (e.to_record() for e in episodes))
         write_json(out, {**evaluate.summarize([e.t_star for e in episodes], env.max_turns),

@@ -21,6 +21,7 @@ from drift_jax.chat import encode_dialogue, end_of_turn_id
 from drift_jax.envs.secret import SecretGuessEnv, build_tokenizer
 from drift_jax.models import ModelConfig, Transformer, from_pretrained, load_tokenizer, save_pretrained
 from drift_jax.models.hf import resolve, token_ids
+from drift_jax.models.lora import LoRAConfig, apply_lora, has_lora, load_adapter, merge_lora
 from drift_jax.sampling import SamplingParams
 
 
@@ -76,6 +77,15 @@ def warn_if_unchanged(name: str, history: list[dict]) -> bool:
     logging.warning(message)
     print(f"\n*** WARNING: {message}\n", file=sys.stderr)
     return True
+
+
+def cast_params(model: Transformer, dtype) -> Transformer:
+    """``model`` itself when its weights are stored in ``dtype``; else a copy whose
+    weights are (``model`` is left as it is)."""
+    if jnp.dtype(model.cfg.param_dtype) == jnp.dtype(dtype):
+        return model
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    return nnx.merge(graphdef, jax.tree.map(lambda x: x.astype(dtype), params), rest)
 
 
 class Experiment:
@@ -263,9 +273,11 @@ class Experiment:
     def path(self, *parts) -> str:
         return os.path.join(self.workdir, *parts)
 
-    def sampling(self, temperature: float, top_p: float = 1.0) -> SamplingParams:
-        return SamplingParams(temperature=temperature, top_p=top_p,
-                              max_new_tokens=self.cfg.rollout.max_new_tokens, stop_ids=self.stop_ids)
+    def sampling(self, temperature: float, top_p: float = 1.0, max_new_tokens: int | None = None) -> SamplingParams:
+        """Sampling with the run's stop ids; ``max_new_tokens`` per turn defaults to
+        ``rollout.max_new_tokens``."""
+        return SamplingParams(temperature=temperature, top_p=top_p, stop_ids=self.stop_ids,
+                              max_new_tokens=max_new_tokens or self.cfg.rollout.max_new_tokens)
 
     def new_model(self) -> Transformer:
         return Transformer(self.model_cfg, rngs=nnx.Rngs(self.cfg.seed))
@@ -280,21 +292,36 @@ class Experiment:
         method = methods.get(name)
         return self.path(f"round{method.round}", "drift") if method.round > 1 else self.path(name)
 
-    def load_policy(self, name: str) -> Transformer:
-        """The reference (``name="reference"``) or a trained method's final policy."""
+    def load_policy(self, name: str, for_sampling: bool = False) -> Transformer:
+        """The reference (``name="reference"``) or a trained method's final policy.
+
+        ``for_sampling``: the weights stored in the compute dtype (``model.dtype``), cast
+        once here: a sampler then reads bf16, not float32 master weights cast at every
+        token (twice the bytes per decode step)."""
+        if self.parent is not None and name == "reference":  # round r: round r-1's policy
+            return self.parent.load_policy(self.previous, for_sampling)
         where = self.policy_dir(name)
         m = self.cfg.model
+        param_dtype = _DTYPES[m.dtype if for_sampling else m.param_dtype]
         if self.checkpoint is not None:
+            if where is not None and not os.path.isdir(os.path.join(where, "hf")):
+                # LoRA saved unmerged: the reference plus the adapter, merged once here.
+                base = self.load_policy("reference", for_sampling)
+                return merge_lora(load_adapter(base, os.path.join(where, "adapter"), param_dtype=param_dtype))
             return from_pretrained(self.checkpoint if where is None else os.path.join(where, "hf"),
-                                   dtype=_DTYPES[m.dtype], param_dtype=_DTYPES[m.param_dtype],
+                                   dtype=_DTYPES[m.dtype], param_dtype=param_dtype,
                                    remat=m.remat, attention_impl=m.attention_impl)
         model = self.new_model()
         nnx.update(model, checkpoint.load_params(os.path.join(where, "params"), nnx.state(model, nnx.Param)))
-        return model
+        return cast_params(model, param_dtype)
 
     def policy_path(self, name: str) -> str:
-        """The saved final policy of ``name``: an HF folder (real model) or Orbax params."""
-        return self.path(name, "hf" if self.checkpoint else "params")
+        """The saved final policy of ``name``: an HF folder (real model; the PEFT adapter
+        folder when LoRA adapters are saved unmerged) or Orbax params."""
+        if self.checkpoint is None:
+            return self.path(name, "params")
+        unmerged = self.cfg.lora.rank > 0 and not self.cfg.lora.merged and name != "reference"
+        return self.path(name, "adapter" if unmerged else "hf")
 
     @functools.cache
     def round(self, r: int) -> "Experiment":
@@ -304,20 +331,45 @@ class Experiment:
 
     def save_policy(self, name: str, model: Transformer) -> None:
         """A trained policy: Orbax params (embedded task) or, for a real model, an HF
-        folder vLLM can serve and ``load_policy`` reads back."""
+        folder vLLM can serve and ``load_policy`` reads back. A policy with LoRA adapters
+        is also written as a PEFT adapter folder ``<method>/adapter`` (real models), and
+        its merged weights go to ``<method>/hf`` unless ``lora.merged`` is False."""
+        where = self.path(name)
         if self.checkpoint is None:
-            checkpoint.save_params(self.policy_path(name), nnx.state(model, nnx.Param), force=True)
+            checkpoint.save_params(os.path.join(where, "params"), nnx.state(merge_lora(model), nnx.Param),
+                                   force=True)
             return
+        if has_lora(model):
+            save_pretrained(model, os.path.join(where, "adapter"), lora="adapter",
+                            base_model_name_or_path=self.reference_source)
+            if not self.cfg.lora.merged:
+                return
+            model = merge_lora(model)
         dtype = self.save_dtype
-        if jnp.dtype(model.cfg.param_dtype) != dtype:  # a copy in the saved dtype; the model is kept
-            graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-            model = nnx.merge(graphdef, jax.tree.map(lambda x: x.astype(dtype), params), rest)
-        out = self.policy_path(name)
-        save_pretrained(model, out, hf_config_extra={**token_ids(self.checkpoint), "torch_dtype": dtype.name})
+        out = os.path.join(where, "hf")
+        save_pretrained(cast_params(model, dtype), out,
+                        hf_config_extra={**token_ids(self.checkpoint), "torch_dtype": dtype.name})
         self.tokenizer.save_pretrained(out)
-        source = os.path.join(resolve(self.checkpoint), "generation_config.json")
+        source = os.path.join(resolve(self.checkpoint, patterns=["generation_config.json"]),
+                              "generation_config.json")
         if os.path.exists(source):  # sampling defaults and stop ids, as vLLM and transformers read them
             shutil.copyfile(source, os.path.join(out, "generation_config.json"))
+
+    @property
+    def reference_source(self) -> str:
+        """Where this run's reference policy is read from: the checkpoint, or (iterative
+        DRIFT) the previous round's merged HF folder."""
+        where = self.policy_dir("reference")
+        return self.checkpoint if where is None else os.path.join(where, "hf")
+
+    def adapt(self, model: Transformer) -> Transformer:
+        """``model`` with fresh LoRA adapters when ``lora.rank`` > 0 (only they are then
+        trained), else ``model``. Every call makes the same adapters (seeded by ``seed``)."""
+        lc = self.cfg.lora
+        if lc.rank <= 0:
+            return model
+        config = LoRAConfig(rank=lc.rank, alpha=lc.alpha, dropout=lc.dropout, targets=lc.targets)
+        return apply_lora(model, config, nnx.Rngs(self.cfg.seed))
 
     @functools.cached_property
     def save_dtype(self) -> jnp.dtype:

@@ -7,6 +7,7 @@ these as ``from helpers import ...``.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -48,6 +49,19 @@ def chatml_tokenizer() -> PreTrainedTokenizerFast:
     )
     tokenizer.chat_template = CHATML_TEMPLATE
     return tokenizer
+
+
+@functools.lru_cache(maxsize=None)
+def run_module():
+    """experiments/run.py as a module, loaded once per session: it defines absl flags,
+    which a second load would define again."""
+    import importlib.util
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("drift_run", os.path.join(repo, "experiments", "run.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def tiny_hf_checkpoint(path, param_dtype: str = "float32", generation_config: dict | None = None):

@@ -187,3 +187,14 @@ def test_padding_to_the_bucket_or_the_global_length_gives_the_same_step():
     chex.assert_trees_all_close(metrics_a, metrics_b, rtol=1e-5)
     # The two shapes reduce in different orders: float32 rounding on O(0.1) gradients.
     chex.assert_trees_all_close(params_a, params_b, rtol=1e-5, atol=1e-5)
+
+
+def test_unshuffled_batches_are_file_order_and_hold_whole_groups():
+    """shuffle=False (the release's --disable_shuffle): every epoch is the file in order,
+    so with records written group by group a batch of 2K holds two whole groups."""
+    k, groups = 4, 5
+    batches = epoch_batches([3] * (k * groups), 2 * k, seed=0, epoch=1, shuffle=False)
+    assert [b.tolist() for b in batches] == [list(range(0, 8)), list(range(8, 16)), list(range(16, 20))]
+    assert all(len({i // k for i in b}) * k == len(b) for b in batches)  # whole groups only
+    with pytest.raises(ValueError, match="needs shuffle=True"):
+        epoch_batches([3] * 8, 4, seed=0, epoch=0, bucket_window=2, shuffle=False)

@@ -230,6 +230,29 @@ def test_pg_step_is_one_optimizer_update_of_the_direct_pg_loss_gradient(normaliz
     chex.assert_trees_all_close(new.params, params, rtol=1e-5, atol=1e-6)
 
 
+def test_pg_update_at_qwen_vocab_compiles_without_full_logits():
+    """The whole online-RL update (policy and reference forward, backward, AdamW) at
+    vocabulary 151,936 and 4,096 tokens: with the default chunked LM head + loss, the
+    compiled program's scratch memory stays far below one float32 [B, T, V] array (the
+    policy's or the reference's), so neither set of full logits exists."""
+    b, t, v = 1, 4096, 151_936
+    cfg = ModelConfig(vocab_size=v, hidden_size=8, intermediate_size=16, num_layers=1,
+                      num_heads=1, num_kv_heads=1, head_dim=8, tie_word_embeddings=True)
+    model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    graphdef, params = nnx.split(model, nnx.Param)
+    state = jax.eval_shape(lambda p: train.TrainState(
+        params=p, opt_state=TX.init(p), step=jnp.zeros((), jnp.int32), rng=jax.random.key_data(jax.random.key(0))),
+        params)
+    batch = {"tokens": jax.ShapeDtypeStruct((b, t), jnp.int32), "valid": jax.ShapeDtypeStruct((b, t), bool),
+             "loss_mask": jax.ShapeDtypeStruct((b, t), bool), "advantages": jax.ShapeDtypeStruct((b,), jnp.float32)}
+    step_fn = pg_step(graphdef)  # loss_chunk_size "auto": chunks at a 152k vocabulary
+    compiled = step_fn.lower(state, batch, params).compile()
+    full_logits_bytes = b * t * v * 4
+    assert compiled.memory_analysis().temp_size_in_bytes < full_logits_bytes / 3
+    unchunked = pg_step(graphdef, loss_chunk_size=0).lower(state, batch, params).compile()
+    assert unchunked.memory_analysis().temp_size_in_bytes > full_logits_bytes  # the check can fail
+
+
 def test_step_two_micro_batches_equal_one_batch_and_zero_advantage_at_reference_is_still():
     graphdef, state = create_train_state(Transformer(CFG, rngs=nnx.Rngs(0)), TX)
     ref = jax.tree.map(jnp.copy, state.params)

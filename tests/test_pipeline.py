@@ -3,7 +3,6 @@ a rerun on the same workdir redoes nothing; a run killed twice (mid rollout writ
 checkpoint commit) and rerun ends with the same results. The run is the shared
 ``tiny_run`` (tests/conftest.py)."""
 
-import functools
 import json
 import os
 import re
@@ -14,6 +13,7 @@ import pytest
 
 from drift_jax.envs.secret import SecretGuessEnv, scripted_episode
 from drift_jax.records import BadRecord
+from helpers import run_module
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RELEASE_KEYS = {"prompt_id", "gold", "messages", "turn_rewards", "verifier", "t_star",
@@ -116,16 +116,6 @@ def test_run_killed_twice_then_rerun_ends_with_the_same_results(tiny_run, run_ti
     assert _without_wall_clock(got) == _without_wall_clock(want)
 
 
-@functools.lru_cache(maxsize=None)  # run.py defines absl flags: load it once
-def _load_run_module():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("drift_run", os.path.join(REPO, "experiments", "run.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("path, value, message", [
     ("drift.beta", 0.0, "beta must be > 0"),
     ("drift.gamma", 1.5, "gamma must be in (0, 1]"),
@@ -157,7 +147,7 @@ def test_config_validation_rejects_bad_values(path, value, message):
 def test_skipped_records_and_their_reasons_land_in_weights_json(tmp_path):
     """--config.data.on_bad_record=skip: bad lines are dropped and counted by reason
     (stage_report copies the count into results.json)."""
-    run = _load_run_module()
+    run = run_module()
     from experiments.configs import tiny
 
     env = SecretGuessEnv()

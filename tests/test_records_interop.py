@@ -14,7 +14,7 @@ import pytest
 
 from drift_jax.records import read_jsonl, write_jsonl
 from drift_jax.weights import trajectory_returns, trajectory_weights
-from helpers import chatml_tokenizer, tiny_hf_checkpoint
+from helpers import tiny_hf_checkpoint
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "rollouts", "authors_format.jsonl")
 GAMMA, BETA, LAM = 0.9, 0.1, 0.5  # the released values

@@ -3,7 +3,6 @@ ledger.py): each finding of the runner issue as a user would type it, and the be
 or message expected. Preflight runs before any stage writes anything; a stage re-runs
 exactly when the settings it depends on changed."""
 
-import functools
 import json
 import os
 import re
@@ -14,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from helpers import chatml_tokenizer, tiny_hf_checkpoint
+from helpers import chatml_tokenizer, run_module, tiny_hf_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = os.path.join(REPO, "experiments", "run.py")
@@ -229,18 +228,8 @@ def test_embedded_config_trains_on_given_rollouts(cli, run_dir, tiny_run):
 
 # -- options and syntax ---------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=None)  # run.py defines absl flags: load it once
-def _run_module():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("drift_run_for_runner_tests", RUN)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _overrides(*args, config="from_rollouts.py"):
-    return _run_module().check_overrides(["run.py", f"--config={CONFIGS}/{config}", *args],
+    return run_module().check_overrides(["run.py", f"--config={CONFIGS}/{config}", *args],
                                          os.path.join(CONFIGS, "default.py"))
 
 
@@ -252,7 +241,7 @@ def test_none_reaches_none_able_fields():
     from experiments.configs import from_rollouts
     cfg = from_rollouts.get_config()
     cfg.train.max_len = 4096
-    _run_module().apply_nones(cfg, nones)
+    run_module().apply_nones(cfg, nones)
     assert cfg.data.train_split is None and cfg.train.max_len is None and cfg.model.attention_impl is None
 
 

@@ -21,7 +21,7 @@ SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from flax import nnx
     from drift_jax import sharding
-    from drift_jax.models import ModelConfig, Transformer
+    from drift_jax.models import LoRAConfig, ModelConfig, Transformer, apply_lora
     from drift_jax.sampling import SamplingParams, generate, generate_batched
     from drift_jax.train import create_train_state, make_optimizer, make_train_step
 
@@ -38,14 +38,17 @@ SCRIPT = textwrap.dedent("""
                         "weights": rng.uniform(0.1, 2.0, 8).astype(np.float32)})
 
     make_model = lambda: Transformer(cfg, rngs=nnx.Rngs(0))
+    make_lora_model = lambda: apply_lora(make_model(), LoRAConfig(rank=4, alpha=8.0, dropout=0.0), nnx.Rngs(1))
 
-    def train(mesh, build_on_mesh=False):
+    def train(mesh, build_on_mesh=False, make=make_model, initial=None):
         if build_on_mesh:
-            graphdef, state = sharding.create_sharded_train_state(make_model, tx, mesh, 0)
+            graphdef, state = sharding.create_sharded_train_state(make, tx, mesh, 0)
         else:
-            graphdef, state = create_train_state(make_model(), tx, 0)
+            graphdef, state = create_train_state(make(), tx, 0)
             if mesh is not None:
                 state = sharding.shard_train_state(state, tx, mesh)
+        if initial is not None:  # a host copy of the params before any update
+            initial.append(jax.device_get(state.params))
         step_fn = make_train_step(graphdef, tx, schedule_fn=schedule)
         for batch in batches:
             state, _ = step_fn(state, batch if mesh is None else sharding.shard_batch(batch, mesh))
@@ -86,6 +89,22 @@ SCRIPT = textwrap.dedent("""
             "rows_sharded": sampled_rows_sharded(graphdef, state.params, mesh),
             "base_tokens": base_tokens,
         }
+    # LoRA adapters on the mesh: sharded by the base's axes, the same updates, base frozen.
+    _, lora_base = train(None, make=make_lora_model)
+    for shape, build_on_mesh in [((2, 2, 2), False), ((1, 8, 1), True)]:
+        initial = []
+        _, state = train(sharding.make_mesh(*shape), build_on_mesh, make=make_lora_model, initial=initial)
+        diffs = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - jax.device_get(b)))), lora_base.params, state.params)
+        frozen = nnx.split_state(state.params, nnx.LoRAParam, ...)[1]
+        start = nnx.split_state(initial[0], nnx.LoRAParam, ...)[1]
+        report["lora " + "x".join(map(str, shape))] = {
+            "max_param_diff": max(jax.tree.leaves(diffs)),
+            "base_unchanged": all(bool(jnp.array_equal(a, jax.device_get(b)))
+                                  for a, b in zip(jax.tree.leaves(start), jax.tree.leaves(frozen))),
+            "sharded_opt_leaves": num_sharded(state.opt_state),
+            "adapters_moved": float(max(jnp.max(jnp.abs(x)) for x in jax.tree.leaves(
+                nnx.split_state(state.params, nnx.LoRAParam, ...)[0]))),
+        }
     print("REPORT" + json.dumps(report))
 """)
 
@@ -110,6 +129,15 @@ def test_sharded_train_steps_equal_single_device(shard_report, mesh):
         assert result["sharded_leaves"] > 0 and result["sharded_opt_leaves"] >= result["sharded_leaves"]
     else:  # pure data parallelism replicates them
         assert result["sharded_leaves"] == 0
+
+
+@pytest.mark.parametrize("mesh", ["2x2x2", "1x8x1"])
+def test_sharded_lora_training_equals_single_device(shard_report, mesh):
+    """Adapters only: the same updates on the mesh, the base bitwise frozen, and the
+    adapters' Adam moments sharded like them (the base's axes)."""
+    result = shard_report["lora " + mesh]
+    assert result["max_param_diff"] < 1e-5 and result["base_unchanged"], result
+    assert result["sharded_opt_leaves"] > 0 and result["adapters_moved"] > 0
 
 
 @pytest.mark.parametrize("mesh", MESHES)

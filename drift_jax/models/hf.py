@@ -5,6 +5,10 @@ dots (under ``model.``, except ``lm_head``). Linear kernels are stored ``[in, ou
 and ``[out, in]`` (torch's ``Linear.weight``) in the files, so they are transposed both
 ways. Loading fills an abstract model one tensor at a time straight from the safetensors
 files, so host memory never holds more than one tensor beyond the file's page cache.
+
+LoRA: ``from_pretrained(..., lora_adapter=DIR)`` adds a PEFT adapter to the loaded base;
+``save_pretrained(..., lora="adapter")`` writes the adapters as a PEFT folder, and a model
+with adapters otherwise saves merged (``drift_jax.models.lora``).
 """
 
 from __future__ import annotations
@@ -22,11 +26,14 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from drift_jax.models import lora as lora_lib
 from drift_jax.models.config import ModelConfig, RopeScaling
 from drift_jax.models.transformer import Transformer
 
 _ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}
 _INDEX = "model.safetensors.index.json"
+_CHECKPOINT_FILES = ("config.json", "*.safetensors", _INDEX)
+_ADAPTER_FILES = (lora_lib.ADAPTER_CONFIG, lora_lib.ADAPTER_WEIGHTS)
 
 
 def _unsupported(model_type: str, what: str) -> ValueError:
@@ -143,13 +150,14 @@ def _hf_name(names: tuple) -> tuple[str, bool]:
     return (name if modules[0] == "lm_head" else "model." + name), transpose
 
 
-def resolve(name_or_path: str | os.PathLike) -> str:
-    """A local folder as-is; anything else is a hub id, downloaded (config + weights only)."""
+def resolve(name_or_path: str | os.PathLike, patterns=_CHECKPOINT_FILES) -> str:
+    """A local folder as-is; anything else is a hub id, downloaded (only the files matching
+    ``patterns``: by default config + weights)."""
     if os.path.isdir(name_or_path):
         return os.fspath(name_or_path)
     from huggingface_hub import snapshot_download  # lazy: only hub ids need it
 
-    return snapshot_download(str(name_or_path), allow_patterns=["config.json", "*.safetensors", _INDEX])
+    return snapshot_download(str(name_or_path), allow_patterns=list(patterns))
 
 
 def _open_tensors(path: str, stack: contextlib.ExitStack) -> dict[str, Any]:
@@ -175,16 +183,19 @@ def _open_tensors(path: str, stack: contextlib.ExitStack) -> dict[str, Any]:
 
 
 def from_pretrained(name_or_path: str | os.PathLike, dtype: Any = jnp.bfloat16, param_dtype: Any = None,
-                    shardings: Any = None, **overrides) -> Transformer:
+                    shardings: Any = None, lora_adapter: str | os.PathLike | None = None,
+                    **overrides) -> Transformer:
     """Load an HF qwen2 / qwen3 / llama checkpoint (local folder or hub id) as a ``Transformer``.
 
     ``dtype`` is the compute dtype, ``param_dtype`` the storage dtype (default ``dtype``);
     weights are cast on load. ``shardings``: optional pytree shaped like
-    ``nnx.state(model)`` with a ``jax.sharding.Sharding`` per parameter; each tensor is
-    placed straight onto its sharding, else onto the default device. ``overrides`` set
-    ``ModelConfig`` fields that the file does not describe (``remat``, ``attention_impl``).
-    Raises ``ValueError``
-    naming any missing, unexpected or wrongly shaped tensor.
+    ``nnx.state(model)`` of the base (no adapters) with a ``jax.sharding.Sharding`` per
+    parameter; each tensor is placed straight onto its sharding, else onto the default
+    device. ``lora_adapter``: a PEFT adapter folder (or hub id) to add to the base
+    (``lora.load_adapter``; adapters in float32, uncommitted to any device).
+    ``overrides`` set ``ModelConfig`` fields that the file does not describe (``remat``,
+    ``attention_impl``). Raises ``ValueError`` naming any missing, unexpected or wrongly
+    shaped tensor.
     """
     path = resolve(name_or_path)
     with open(os.path.join(path, "config.json")) as f:
@@ -213,17 +224,37 @@ def from_pretrained(name_or_path: str | os.PathLike, dtype: Any = jnp.bfloat16, 
             return jax.device_put(array.astype(like.dtype, copy=False), sharding)
 
         state = jax.tree_util.tree_map_with_path(fill, abstract, *([] if shardings is None else [shardings]))
-    return nnx.merge(graphdef, state)
+    model = nnx.merge(graphdef, state)
+    if lora_adapter is not None:
+        lora_lib.load_adapter(model, resolve(lora_adapter, _ADAPTER_FILES))
+    return model
 
 
-def save_pretrained(model: Transformer, path: str | os.PathLike, hf_config_extra: dict | None = None) -> None:
+def save_pretrained(model: Transformer, path: str | os.PathLike, hf_config_extra: dict | None = None,
+                    lora: str | None = None, base_model_name_or_path: str | None = None) -> None:
     """Write ``config.json`` + ``model.safetensors`` (torch layout) loadable by
     ``transformers.AutoModelForCausalLM.from_pretrained(path)``.
 
     ``hf_config_extra`` adds or overrides config keys (e.g. ``eos_token_id``). Weights are
     saved in their storage dtype; a tied head is not written (as HF does). Gathers each
     parameter to this host, so it needs fully addressable (single-host) arrays.
+
+    ``lora`` says what to write for a model with LoRA adapters: ``"adapter"`` only the
+    adapters, as a PEFT folder (``adapter_config.json`` + ``adapter_model.safetensors``,
+    ``base_model_name_or_path`` recorded in it; no ``config.json``, so
+    ``hf_config_extra`` must be None); ``"merged"`` or None (the default) the full
+    checkpoint with the adapters folded into the weights (``lora.merge_lora``): what
+    ``save_pretrained`` always writes is a checkpoint that computes what the model does.
     """
+    if lora not in (None, "merged", "adapter"):
+        raise ValueError(f"lora must be None, 'merged' or 'adapter', got {lora!r}")
+    if lora == "adapter":
+        if hf_config_extra:
+            raise ValueError("lora='adapter' writes no config.json, so hf_config_extra has nowhere to go")
+        lora_lib.save_adapter(model, path, base_model_name_or_path)
+        return
+    if lora_lib.has_lora(model):
+        model = lora_lib.merge_lora(model)
     os.makedirs(path, exist_ok=True)
     tensors = {}
     for key_path, value in jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]:

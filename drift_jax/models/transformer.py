@@ -14,6 +14,9 @@ mesh at all.
 
 Speed switches live in the config: ``remat`` (activation checkpointing per layer) and
 ``attention_impl`` (cuDNN flash attention on GPU, XLA elsewhere).
+
+Any ``Linear`` of a layer may carry a LoRA adapter (``drift_jax.models.lora``); the full
+forward takes an optional ``dropout_rng`` for the adapters' dropout in training.
 """
 
 from __future__ import annotations
@@ -76,17 +79,24 @@ class RMSNorm(nnx.Module):
 
 
 class Linear(nnx.Module):
-    """``y = x @ kernel (+ bias)``; kernel stored ``[in, out]``."""
+    """``y = x @ kernel (+ bias) (+ lora(x))``; kernel stored ``[in, out]``.
+
+    ``lora``: an optional adapter (``drift_jax.models.lora.apply_lora`` sets it), called
+    with the forward's ``dropout_rng`` (None: no dropout)."""
 
     def __init__(self, d_in, d_out, axes, cfg: ModelConfig, rngs: nnx.Rngs, bias=False):
         self.kernel = _param(rngs, (d_in, d_out), axes, cfg.param_dtype)
         self.bias = _param(rngs, (d_out,), axes[-1:], cfg.param_dtype, "zeros") if bias else None
         self.dtype = cfg.dtype
+        # nnx.data: a data attribute, so an adapter module may replace the None later.
+        self.lora = nnx.data(None)
 
-    def __call__(self, x):
+    def __call__(self, x, dropout_rng=None):
         y = x @ self.kernel[...].astype(self.dtype)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
+        if self.lora is not None:
+            y = y + self.lora(x, dropout_rng)
         return y
 
 
@@ -143,18 +153,20 @@ class Attention(nnx.Module):
             self.k_norm = RMSNorm(h, cfg.rms_norm_eps, cfg, rngs)
         self.cfg = cfg
 
-    def __call__(self, x_btd, positions_bt, inv_freq, mask_bts, kv=None, index=None, is_causal=False):
+    def __call__(self, x_btd, positions_bt, inv_freq, mask_bts, kv=None, index=None, is_causal=False,
+                 dropout_rng=None):
         """Attention over the new tokens' own keys, or over a cache ``kv=(k, v)`` into
         which the new keys are first written at slot ``index``. Returns (out, (k, v)).
 
         ``is_causal`` (only valid when T == S, query t at key slot t) tells the kernel
         the mask is causal, so cuDNN can skip the upper triangle; ``mask_bts`` must then
-        already be causal, and is applied as well."""
+        already be causal, and is applied as well. ``dropout_rng``: for LoRA adapters'
+        dropout (training only)."""
         cfg = self.cfg
         b, t, _ = x_btd.shape
-        q = self.q_proj(x_btd).reshape(b, t, cfg.num_heads, cfg.head_dim)
-        k = self.k_proj(x_btd).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-        v = self.v_proj(x_btd).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        q = self.q_proj(x_btd, dropout_rng).reshape(b, t, cfg.num_heads, cfg.head_dim)
+        k = self.k_proj(x_btd, dropout_rng).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        v = self.v_proj(x_btd, dropout_rng).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q, positions_bt, inv_freq)
@@ -168,7 +180,7 @@ class Attention(nnx.Module):
             q, k.astype(q.dtype), v.astype(q.dtype), mask=mask_bts[:, None, :, :],
             is_causal=is_causal, implementation=attention_implementation(cfg, t),
         )
-        return self.o_proj(out.reshape(b, t, -1)), (k, v)
+        return self.o_proj(out.reshape(b, t, -1), dropout_rng), (k, v)
 
 
 class MLP(nnx.Module):
@@ -178,8 +190,9 @@ class MLP(nnx.Module):
         self.up_proj = Linear(d, f, ("embed", "mlp"), cfg, rngs)
         self.down_proj = Linear(f, d, ("mlp", "embed"), cfg, rngs)
 
-    def __call__(self, x):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+    def __call__(self, x, dropout_rng=None):
+        hidden = jax.nn.silu(self.gate_proj(x, dropout_rng)) * self.up_proj(x, dropout_rng)
+        return self.down_proj(hidden, dropout_rng)
 
 
 class DecoderLayer(nnx.Module):
@@ -189,16 +202,17 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg, rngs)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x, positions_bt, inv_freq, mask_bts, kv=None, index=None, is_causal=False):
+    def __call__(self, x, positions_bt, inv_freq, mask_bts, kv=None, index=None, is_causal=False,
+                 dropout_rng=None):
         h, kv = self.self_attn(self.input_layernorm(x), positions_bt, inv_freq, mask_bts, kv, index,
-                               is_causal)
+                               is_causal, dropout_rng)
         x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x)), kv
+        return x + self.mlp(self.post_attention_layernorm(x), dropout_rng), kv
 
 
-def _layer_forward(layer: DecoderLayer, x_btd, positions_bt, inv_freq, mask_bts):
+def _layer_forward(layer: DecoderLayer, x_btd, positions_bt, inv_freq, mask_bts, dropout_rng=None):
     """One layer of the uncached forward (query t at key slot t, so causal)."""
-    return layer(x_btd, positions_bt, inv_freq, mask_bts, is_causal=True)[0]
+    return layer(x_btd, positions_bt, inv_freq, mask_bts, is_causal=True, dropout_rng=dropout_rng)[0]
 
 
 # remat policy -> layer forward. "dots" saves matmuls without batch dimensions (the
@@ -245,11 +259,13 @@ class Transformer(nnx.Module):
             return hidden_btd @ self.embed_tokens[...].astype(self.cfg.dtype).T
         return self.lm_head(hidden_btd)
 
-    def hidden_states(self, tokens_bt, valid_bt=None, positions_bt=None):
+    def hidden_states(self, tokens_bt, valid_bt=None, positions_bt=None, dropout_rng=None):
         """Full (uncached) forward up to the final norm: ``[B, T]`` -> ``[B, T, D]``.
 
         ``valid_bt`` marks real tokens (False = padding, left or right); padding keys are
         never attended to by real tokens, so padding changes no real token's output.
+        ``dropout_rng``: a PRNG key for the dropout of LoRA adapters (training); None
+        (evaluation, sampling) runs them deterministically. Without adapters it is unused.
         """
         b, t = tokens_bt.shape
         if valid_bt is None:
@@ -264,11 +280,11 @@ class Transformer(nnx.Module):
         layer_forward = _LAYER_FORWARD[self.cfg.remat]
         x = self.embed(tokens_bt)
         for layer in self.layers:
-            x = layer_forward(layer, x, positions_bt, inv_freq, mask_bts)
+            x = layer_forward(layer, x, positions_bt, inv_freq, mask_bts, dropout_rng)
         return self.norm(x)
 
-    def __call__(self, tokens_bt, valid_bt=None, positions_bt=None):
-        return self.logits(self.hidden_states(tokens_bt, valid_bt, positions_bt))
+    def __call__(self, tokens_bt, valid_bt=None, positions_bt=None, dropout_rng=None):
+        return self.logits(self.hidden_states(tokens_bt, valid_bt, positions_bt, dropout_rng))
 
     def decode(self, tokens_bt, cache: KVCache, index, positions_bt, valid_bt=None):
         """Run ``T`` new tokens through the model, writing their keys/values into the

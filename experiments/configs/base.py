@@ -24,6 +24,7 @@ def train_section(**overrides) -> ml_collections.ConfigDict:
     t.loss_normalize = "batch"  # or "weight_sum" (docs/method.md)
     t.loss_chunk_size = "auto"  # LM head + loss over sequence chunks for large vocabularies
     t.bucket_window = 0  # > 0: batches of similar length, each padded to its own bucket
+    t.shuffle = True  # False: batches in file order (the release's --disable_shuffle)
     t.max_len = config_dict.placeholder(int)  # left-truncate longer dialogues (None: never)
     t.checkpoint_every = 100  # one train-state checkpoint is kept, plus the final policy
     t.update(overrides)
@@ -50,6 +51,9 @@ def get_config():
     # Preflight refuses a training of <= 1 update or none at learning rate > 0 (the
     # policy would come out unchanged); True lets such a run through (smoke tests).
     c.allow_tiny = False
+    # JAX's persistent compilation cache: "auto" = ~/.cache/drift-jax/xla for a real model
+    # (tens of programs, minutes of compiling) and off for the embedded task; a path; or "".
+    c.compilation_cache = "auto"
 
     # Training mesh: params and optimizer state sharded by logical axes (FSDP over fsdp,
     # heads/MLP over tensor), batch rows over data x fsdp. The product must equal the
@@ -124,6 +128,17 @@ def get_config():
     # Stage "train": weighted SFT on the last assistant turn, from the reference.
     c.train = train_section(epochs=4, checkpoint_every=50)
 
+    # LoRA (docs/lora.md): rank > 0 trains adapters on lora.targets instead of every weight,
+    # for every trained method; the release's optional LoRA is rank 16, alpha 32, dropout
+    # 0.05 on q, k, v, o. Real models: the PEFT adapter goes to <method>/adapter and, with
+    # merged, the full checkpoint with the adapters folded in to <method>/hf.
+    c.lora = ml_collections.ConfigDict()
+    c.lora.rank = 0
+    c.lora.alpha = 32.0
+    c.lora.dropout = 0.05
+    c.lora.targets = "q_proj,k_proj,v_proj,o_proj"  # also: gate_proj, up_proj, down_proj
+    c.lora.merged = True
+
     # Online multi-turn RL (drift_jax/online_rl.py): the current policy plays fresh
     # episodes every update; DRIFT's return (drift.gamma, drift.lam), GRPO advantages,
     # k3 KL to the reference with UFO's coefficient.
@@ -148,6 +163,7 @@ def get_config():
     c.eval = ml_collections.ConfigDict()
     c.eval.num_prompts = 400
     c.eval.batch_size = 512
+    c.eval.max_new_tokens = config_dict.placeholder(int)  # per turn; None: rollout.max_new_tokens
     # {name: {"task": "math" | "choice", "source": ..., "split": ..., "layout": ...}}
     c.eval.benchmarks = ml_collections.ConfigDict()
     return c
