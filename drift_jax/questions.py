@@ -316,8 +316,8 @@ def _read_tfds(source: str, split: str | None) -> Iterator[tuple[str, Any]]:
         import tensorflow_datasets as tfds
     except ImportError as e:
         raise ImportError(
-            f"loading {name!r} needs TensorFlow Datasets: pip install 'drift-jax[data]' (that is "
-            f"{' '.join(TFDS_PACKAGES)}), or export the data to a local .jsonl/.json/.parquet file") from e
+            f"loading {name!r} needs TensorFlow Datasets: pip install {' '.join(TFDS_PACKAGES)} (the "
+            "'data' extra of drift-jax), or export the data to a local .jsonl/.json/.parquet file") from e
     for i, record in enumerate(tfds.as_numpy(tfds.load(name, split=split)), 1):
         yield f"{source}[{split}]:{i}", _to_python(record)
 

@@ -72,6 +72,10 @@ def check_values(cfg) -> None:
              f"{section}.batch_size ({t.batch_size}) must be a positive multiple of "
              f"{section}.num_micro_batches ({t.num_micro_batches})"),
         ]
+    rows = cfg.online_rl.prompts_per_step * cfg.rollout.num_samples
+    checks.append((cfg.online_rl.num_micro_batches >= 1 and rows % cfg.online_rl.num_micro_batches == 0,
+                   f"online_rl.prompts_per_step x rollout.num_samples ({rows} rows per update) must be a "
+                   f"multiple of online_rl.num_micro_batches ({cfg.online_rl.num_micro_batches})"))
     for ok, message in checks:
         if not ok:
             raise ConfigError(f"invalid config: {message}")
@@ -89,7 +93,8 @@ def check_inputs(cfg) -> None:
         if not os.path.isfile(path):
             raise ConfigError(f"--config.rollouts: no such file {path}")
     has_questions = cfg.task.name == "secret" or bool(cfg.data.train)
-    if not given and not has_questions:
+    offline = any(methods.get(name).trainer == "sft" for name in names)
+    if offline and not given and not has_questions:
         raise ConfigError("nothing to train on: set --config.rollouts to one or more comma-separated "
                           "JSONL files, or --config.data.train to a question set to roll out")
     for name in names:
@@ -160,7 +165,8 @@ def check_questions(exp) -> list[str]:
             warnings.append(f"{name} gave {len(questions)} questions; {key} asks for {asked}: "
                             f"using {len(questions)}")
 
-    if not exp.given_rollouts or any(m.round > 1 or m.trainer == "online_rl" for m in methods.parse(cfg.methods)):
+    if (exp.offline and not exp.given_rollouts) or any(
+            m.round > 1 or m.trainer == "online_rl" for m in methods.parse(cfg.methods)):
         questions = load("data.train: ", lambda: exp.train_questions)
         count(f"data.train {cfg.data.train}".strip(), questions, cfg.rollout.num_prompts, "rollout.num_prompts")
     for name, (_, questions) in load("", lambda: exp.benchmarks).items():

@@ -122,8 +122,8 @@ def planned_stages(exp: Experiment, run_methods: list) -> list[tuple[Experiment,
     """Every (experiment, stage) a run of ``run_methods`` goes through, in order; a DRIFT
     round's stages belong to its round's experiment."""
     plan = [] if exp.checkpoint else [(exp, "reference")]
-    plan += [] if exp.given_rollouts else [(exp, "rollout")]
-    plan.append((exp, "weights"))
+    if exp.offline:
+        plan += ([] if exp.given_rollouts else [(exp, "rollout")]) + [(exp, "weights")]
     for method in run_methods:
         if method.round > 1:
             child = exp.round(method.round)
@@ -165,9 +165,10 @@ def run(cfg, workdir: str, dry: bool = False) -> dict | None:
     t0 = time.time()
     run_methods = methods.parse(cfg.methods)
     stage_reference(exp)
-    if not exp.given_rollouts:
-        stage_rollout(exp)
-    stage_weights(exp)
+    if exp.offline:  # online RL plays its own episodes; evaluation alone needs none
+        if not exp.given_rollouts:
+            stage_rollout(exp)
+        stage_weights(exp)
     for method in run_methods:
         stage_method(exp, method)
     if exp.benchmarks:

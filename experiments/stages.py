@@ -231,13 +231,13 @@ def method_cost(exp: Experiment, method: str) -> dict:
 
 
 def stage_report(exp: Experiment, run_methods: list[methods.Method]) -> dict:
-    weights = read_json(exp.path("weights.json"))
-    results = {"methods": {}, "benchmarks": {}, "config": exp.cfg.to_dict(), "warnings": [],
-               "rollout_files": exp.rollout_files(), "skipped_records": weights["skipped_records"]}
-    if not exp.given_rollouts:
-        results["sampled_reference"] = read_json(exp.path("rollout_stats.json"))["sampled_reference"]
-    # Weight diagnostics (ESS, all-fail share, histogram) of each round's rollouts.
-    results["weight_diagnostics"] = {"drift": {"beta": weights["beta"], **weights["diagnostics"]}}
+    results = {"methods": {}, "benchmarks": {}, "config": exp.cfg.to_dict(), "warnings": []}
+    if exp.offline:  # the rollouts, and the weight diagnostics (ESS, all-fail share, histogram)
+        weights = read_json(exp.path("weights.json"))
+        results.update(rollout_files=exp.rollout_files(), skipped_records=weights["skipped_records"],
+                       weight_diagnostics={"drift": {"beta": weights["beta"], **weights["diagnostics"]}})
+        if not exp.given_rollouts:
+            results["sampled_reference"] = read_json(exp.path("rollout_stats.json"))["sampled_reference"]
     for method in run_methods:
         if method.round > 1:
             w = read_json(exp.round(method.round).path("weights.json"))

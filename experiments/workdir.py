@@ -196,6 +196,11 @@ class Experiment:
         self.ledger.finish(stage)
 
     @property
+    def offline(self) -> bool:
+        """Whether a method of the run trains on the rollouts (every trainer but online RL)."""
+        return any(m.trainer == "sft" for m in methods.parse(self.cfg.methods))
+
+    @property
     def min_group_size(self) -> int:
         """A weighted method needs >= 2 trajectories per prompt (one alone has weight 1)."""
         return 2 if any(m.weighted for m in methods.parse(self.cfg.methods)) else 1

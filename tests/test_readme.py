@@ -33,7 +33,16 @@ TINY_CONFIGS = {
     "experiments/configs/qwen2_5_3b_metamath.py": "tests/configs/tiny_math.py",
     "experiments/configs/qwen2_5_0_5b_metamath.py": "tests/configs/tiny_math.py",
     "experiments/configs/from_rollouts.py": "experiments/configs/from_rollouts.py",
+    "experiments/configs/eval.py": "experiments/configs/eval.py",
 }
+FIXTURES = os.path.join(REPO, "tests", "fixtures", "datasets")
+# The paper's benchmarks (hub datasets) -> the fixture files in their layouts.
+BENCHMARK_FIXTURES = {"math500": "math500.jsonl", "math": "hendrycks_math.jsonl", "theoremqa": "theoremqa.json",
+                      "gpqa_diamond": "gpqa_diamond.jsonl", "mmlu_redux": "mmlu_redux.jsonl",
+                      "mmlu_pro": "mmlu_pro.jsonl"}
+OFFLINE_BENCHMARKS = [arg for name, file in BENCHMARK_FIXTURES.items() for arg in (
+    f"--config.eval.benchmarks.{name}.source={os.path.join(FIXTURES, file)}",
+    f"--config.eval.benchmarks.{name}.split=None")]
 # A real model's config on the tiny checkpoint and 8 rollout records: float32 on CPU,
 # batches small enough for more than one update.
 SMALL_REAL_MODEL = ["--config.model.dtype=float32", "--config.model.remat=none", "--config.train.batch_size=4",
@@ -75,6 +84,9 @@ def on_tiny(command: str, checkpoint: str) -> tuple[list[str], str]:
         out.append(f"--config.model.checkpoint={checkpoint}")
     if config == "experiments/configs/from_rollouts.py":
         out += SMALL_REAL_MODEL
+    if config == "experiments/configs/eval.py":  # the hub benchmarks: offline fixtures instead
+        out += OFFLINE_BENCHMARKS + ["--config.model.dtype=float32", "--config.rollout.max_new_tokens=6", "--config.eval.max_new_tokens=6",
+                                     "--config.task.max_turns=2"]
     workdir = next((a.split("=", 1)[1] for a in out if a.startswith("--workdir=")), None)
     return out, workdir or os.path.join("runs", os.path.splitext(os.path.basename(tiny))[0])
 

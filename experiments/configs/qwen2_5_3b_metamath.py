@@ -36,6 +36,19 @@ def get_config():
     c.train = base.train_section(epochs=1, batch_size=128, num_micro_batches=16, learning_rate=5e-6,
                                  schedule="constant", max_len=8192 + 512, checkpoint_every=50)
 
+    # The online-RL baseline at UFO's budget: 200 updates x 8 prompts x K=16 episodes at
+    # temperature 1, k3 KL 0.001 to the reference; the LM head and loss run in chunks
+    # (train.loss_chunk_size "auto"), so no [B, T, 151k] logits. The learning rate is
+    # verl's default actor rate, not tuned here.
+    c.online_rl.steps = 200
+    c.online_rl.prompts_per_step = 8
+    c.online_rl.kl_coef = 1e-3
+    c.online_rl.learning_rate = 1e-6
+    c.online_rl.warmup_ratio = 0.0
+    c.online_rl.num_micro_batches = 16
+    c.online_rl.checkpoint_every = 25
+    c.online_rl.seq_len = None
+
     c.eval.num_prompts = 100000  # all of each benchmark
     c.eval.batch_size = 256
     c.eval.benchmarks.math500 = base.benchmark("math", "huggingface:HuggingFaceH4/MATH-500", "test")

@@ -1,0 +1,25 @@
+"""Evaluate a checkpoint on the paper's benchmarks, with no training: greedy multi@1..5
+and the correction rates per turn, per benchmark and their mean (what a user measures
+first, and how any trained policy is compared with the paper).
+
+    python experiments/run.py --config=experiments/configs/eval.py \\
+        --config.model.checkpoint=Qwen/Qwen2.5-3B-Instruct --workdir=runs/eval_q3b
+    python experiments/run.py --config=experiments/configs/eval.py \\
+        --config.model.checkpoint=runs/q3b/drift/hf --workdir=runs/eval_q3b_drift
+
+``model.checkpoint`` is any Hugging Face folder or hub id (a trained policy's ``hf``
+folder included); it is the run's "reference" in ``results.json`` and ``report.md``. The
+benchmarks, their sources and the evaluation protocol are the paper config's
+(``qwen2_5_3b_metamath.py``).
+"""
+
+from experiments.configs import qwen2_5_3b_metamath
+
+
+def get_config():
+    c = qwen2_5_3b_metamath.get_config()
+    c.model.checkpoint = ""  # required: the checkpoint to evaluate
+    c.methods = ()  # nothing trained: no rollouts, no weights
+    c.data.train = ""
+    c.data.train_split = None
+    return c
