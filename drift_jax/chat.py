@@ -15,15 +15,22 @@ import numpy as np
 from drift_jax.batching import SFTExample
 
 
-def render(tokenizer, messages, add_generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(
+def render(tokenizer, messages, add_generation_prompt: bool = False, prefill: str = "") -> str:
+    """The dialogue rendered by the tokenizer's chat template. ``prefill`` (with
+    ``add_generation_prompt`` only) is appended after the generation prompt: the start of
+    the assistant's reply that the model continues, as the release's ``<think>``."""
+    if prefill and not add_generation_prompt:
+        raise ValueError("a prefill continues the generation prompt; pass add_generation_prompt=True")
+    text = tokenizer.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=add_generation_prompt
     )
+    return text + prefill
 
 
-def encode_prompt(tokenizer, messages) -> list[int]:
-    """Token ids of a dialogue followed by the assistant generation prompt."""
-    text = render(tokenizer, messages, add_generation_prompt=True)
+def encode_prompt(tokenizer, messages, prefill: str = "") -> list[int]:
+    """Token ids of a dialogue followed by the assistant generation prompt and ``prefill``
+    (the text is tokenised as one string, as a prompt string is by vLLM)."""
+    text = render(tokenizer, messages, add_generation_prompt=True, prefill=prefill)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 

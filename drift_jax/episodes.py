@@ -4,7 +4,9 @@ rollouts, evaluation and online RL, and the resumable rollout writer.
 Host side: render each live dialogue with the chat template, verify replies, append the
 feedback. Device side: one ``generate_batched`` call per turn for all live episodes.
 Turn 1 draws K samples of each prompt; later turns extend each live trajectory with one
-sample, exactly as in the reference release.
+sample, exactly as in the reference release. An environment's ``prefill`` (the release's
+``<think>``) ends every prompt, and the reply handed to ``Episode.step`` is the prefill
+plus the decoded continuation: what the model said (the environment may then rewrite it).
 
 ``append_rollouts`` is the resumable form used for Stage 1: it plays the prompts chunk
 by chunk and appends each finished prompt group to the rollout file, so a killed run
@@ -22,7 +24,7 @@ from tqdm.auto import tqdm
 
 from drift_jax import records
 from drift_jax.chat import encode_prompt
-from drift_jax.envs.base import Environment, Episode, Question
+from drift_jax.envs.base import Environment, Episode, Question, env_prefill
 from drift_jax.sampling import SamplingParams, generate_batched
 
 
@@ -85,20 +87,21 @@ def _play(model, tokenizer, env, questions, *, num_samples, sampling, seed, batc
     episodes = [Episode(env, q) for q in questions for _ in range(num_samples)]
     sample_idx = [j for _ in questions for j in range(num_samples)]
     turns: list[list] = [[] for _ in episodes]
+    prefill = env_prefill(env)
     bar = tqdm(total=len(episodes), desc=desc, unit="episode", disable=not progress, leave=False)
     for turn in range(1, env.max_turns + 1):
         live = [i for i, e in enumerate(episodes) if not e.done]
         if not live:
             break
         bar.set_postfix(turn=turn, live=len(live))
-        prompts = [encode_prompt(tokenizer, episodes[i].messages) for i in live]
+        prompts = [encode_prompt(tokenizer, episodes[i].messages, prefill) for i in live]
         keys = episode_keys(
             seed, [episodes[i].question.prompt_id for i in live], [sample_idx[i] for i in live], turn
         )
         outputs = generate_batched(model, prompts, keys, sampling, batch_size=batch_size, max_len=max_len)
         for i, prompt, (reply, _) in zip(live, prompts, outputs):
             turns[i].append((list(prompt), list(reply)) if keep_ids else len(reply))
-            episodes[i].step(decode_reply(tokenizer, reply, sampling.stop_ids))
+            episodes[i].step(prefill + decode_reply(tokenizer, reply, sampling.stop_ids))
             if episodes[i].done:
                 bar.update(1)
     bar.close()

@@ -2,8 +2,13 @@
 
 ``load_questions(source, layout=..., split=..., limit=..., on_bad_record=...)`` reads
 - a local ``.jsonl`` (one record a line), ``.json`` (a list of records) or ``.parquet``;
-- ``tfds:<name>`` or a tfds community name such as ``huggingface:<org>/<name>``
-  (needs tensorflow-datasets, imported only here).
+- ``tfds:<name>`` (a tfds catalog name, passed as is), or a Hugging Face Hub dataset
+  ``huggingface:<org>/<name>[/<config>]`` (``/*``: every config in ``HUB_CONFIGS``, read
+  one after the other, as the release loops over MATH's and MMLU-Redux-2.0's subjects).
+  Both need tensorflow-datasets, imported only here. A Hub id is handed to ``tfds.load`` as
+  ``huggingface:<tfds's own name for it>[/<config>]`` (``tfds_names``; the conversion is
+  tfds's ``to_tfds_name``); a failed load raises ``DatasetError`` naming the dataset,
+  config and split, and what to do (offline: a local .jsonl/.parquet file).
 
 A *layout* says which fields hold the question and the gold answer. It is detected from
 the first record's field names (matched ignoring case, spaces and punctuation, so
@@ -199,6 +204,19 @@ def _theoremqa(row: _Row):
     return row.ident("id"), row.text("Question"), gold
 
 
+def _gpqa_release(row: _Row):
+    """GPQA with the release's option order (src/benchmark.py ``build_gpqa_qa``): the
+    options [correct, incorrect 1-3] shuffled by ``random.Random`` seeded with the first 8
+    hex digits of the MD5 of the question text."""
+    correct = row.text("Correct Answer")
+    options = [correct] + [row.text(f"Incorrect Answer {i}") for i in (1, 2, 3)]
+    stem = row.text("Question")
+    order = list(range(len(options)))
+    random.Random(int(hashlib.md5(stem.encode("utf-8")).hexdigest()[:8], 16)).shuffle(order)
+    shuffled = [options[i] for i in order]
+    return row.ident("Record ID", "id"), render_choice_question(stem, shuffled), LETTERS[order.index(0)]
+
+
 def _gpqa(row: _Row):
     correct = row.text("Correct Answer")
     options = [correct] + [row.text(f"Incorrect Answer {i}") for i in (1, 2, 3)]
@@ -307,24 +325,187 @@ def _to_python(value: Any) -> Any:
 TFDS_PACKAGES = ("tensorflow-datasets>=4.9", "tensorflow>=2.15", "datasets>=2.14")
 
 
-def _read_tfds(source: str, split: str | None) -> Iterator[tuple[str, Any]]:
-    # tfds's community namespace keeps its prefix ("huggingface:<org>/<name>"); "tfds:" goes.
-    name = source[len("tfds:"):] if source.startswith("tfds:") else source
+# -- Hugging Face Hub datasets through tensorflow-datasets -----------------------------------
+
+HUB_PREFIX = "huggingface:"
+ALL_CONFIGS = "*"
+
+# The configs the release loops over for its multi-config benchmarks, in the order its
+# ``datasets.get_dataset_config_names`` returns them (src/benchmark.py): ``"*"`` loads them
+# all, one after the other. Hendrycks MATH: the release's own fallback list; MMLU-Redux-2.0:
+# its 57 MMLU subjects.
+HUB_CONFIGS: dict[str, tuple[str, ...]] = {
+    "EleutherAI/hendrycks_math": (
+        "algebra", "counting_and_probability", "geometry", "intermediate_algebra", "number_theory",
+        "prealgebra", "precalculus"),
+    "edinburgh-dawg/mmlu-redux-2.0": (
+        "abstract_algebra", "anatomy", "astronomy", "business_ethics", "clinical_knowledge",
+        "college_biology", "college_chemistry", "college_computer_science", "college_mathematics",
+        "college_medicine", "college_physics", "computer_security", "conceptual_physics", "econometrics",
+        "electrical_engineering", "elementary_mathematics", "formal_logic", "global_facts",
+        "high_school_biology", "high_school_chemistry", "high_school_computer_science",
+        "high_school_european_history", "high_school_geography", "high_school_government_and_politics",
+        "high_school_macroeconomics", "high_school_mathematics", "high_school_microeconomics",
+        "high_school_physics", "high_school_psychology", "high_school_statistics", "high_school_us_history",
+        "high_school_world_history", "human_aging", "human_sexuality", "international_law", "jurisprudence",
+        "logical_fallacies", "machine_learning", "management", "marketing", "medical_genetics",
+        "miscellaneous", "moral_disputes", "moral_scenarios", "nutrition", "philosophy", "prehistory",
+        "professional_accounting", "professional_law", "professional_medicine", "professional_psychology",
+        "public_relations", "security_studies", "sociology", "us_foreign_policy", "virology",
+        "world_religions"),
+}
+# A config as tfds's name parser accepts it (tensorflow_datasets/core/naming.py).
+_TFDS_CONFIG_RE = re.compile(r"[\w\-.]+")
+_INVALID_NAME_CHARACTER = re.compile(r"[^a-zA-Z0-9_]")
+
+
+def _vendored_to_tfds_name(name: str) -> str:
+    # tfds's rule (conversion_utils.to_tfds_name, tensorflow-datasets 4.9.4 and later; earlier
+    # huggingface_utils.convert_hf_name): lower-case, "/" -> "__", then every character
+    # outside [a-zA-Z0-9_] -> "_" (py_utils.make_valid_name).
+    return _INVALID_NAME_CHARACTER.sub("_", name.lower().replace("/", "__"))
+
+
+def _tfds_conversion() -> Callable[[str], str] | None:
+    """tfds's own Hub-name conversion, or None when tensorflow-datasets is not installed."""
+    try:
+        from tensorflow_datasets.core.utils.conversion_utils import to_tfds_name
+        return to_tfds_name
+    except ImportError:
+        pass
+    try:
+        from tensorflow_datasets.core.utils.huggingface_utils import convert_hf_name
+        return convert_hf_name
+    except ImportError:
+        return None
+
+
+def tfds_dataset_name(hub_id: str) -> str:
+    """The name tensorflow-datasets gives the Hugging Face dataset ``hub_id`` ("org/name"):
+    tfds's own ``to_tfds_name`` (``convert_hf_name`` before 4.9.4) when tfds is installed,
+    else the same rule vendored here (tests/test_questions.py checks both against a table).
+    E.g. "meta-math/MetaMathQA" -> "meta_math__metamathqa"."""
+    convert = _tfds_conversion()
+    return convert(hub_id) if convert is not None else _vendored_to_tfds_name(hub_id)
+
+
+def parse_hub_source(source: str, config: str | list | tuple | None = None) -> tuple[str, list[str | None]]:
+    """``(hub_id, configs)`` of ``huggingface:<org>/<name>[/<config>]``; ``config`` (a name,
+    a list of names or ``"*"``) may be given instead of the third part. ``"*"`` means every
+    config in ``HUB_CONFIGS``. ``[None]`` when no config is given."""
+    parts = source[len(HUB_PREFIX):].split("/")
+    if len(parts) > 3 or not all(parts):
+        raise DatasetError(f"{source}: expected 'huggingface:<org>/<name>' or 'huggingface:<org>/<name>/<config>' "
+                           "(the Hub id as on huggingface.co/datasets/<org>/<name>)")
+    hub_id = "/".join(parts[:2])
+    if len(parts) == 3:
+        if config is not None:
+            raise DatasetError(f"{source}: the config is given twice (in the source and as config={config!r})")
+        config = parts[2]
+    if config == ALL_CONFIGS:
+        if hub_id not in HUB_CONFIGS:
+            raise DatasetError(f"{source}: config '*' needs the list of configs, known only for "
+                               f"{sorted(HUB_CONFIGS)}; pass config=[...] with this dataset's configs")
+        return hub_id, list(HUB_CONFIGS[hub_id])
+    configs = [config] if config is None or isinstance(config, str) else list(config)
+    for c in configs:
+        if c is not None and not _TFDS_CONFIG_RE.fullmatch(c):
+            raise DatasetError(f"{source}: config {c!r} is not a name tfds accepts (letters, digits, '_', '-', '.')")
+    if not configs:
+        raise DatasetError(f"{source}: config=[] names no config")
+    return hub_id, configs
+
+
+def tfds_names(source: str, config: str | list | tuple | None = None) -> list[str]:
+    """The names ``load_questions`` hands to ``tfds.load`` for ``source``, one per config:
+    ``huggingface:<tfds's name of the Hub id>[/<config>]``. The config is passed verbatim:
+    tfds's Hugging Face builder hands it to the Hub as written. ``tfds:<name>`` sources
+    are passed as they are (``/<config>`` appended when ``config`` is given)."""
+    if source.startswith("tfds:"):
+        name = source[len("tfds:"):]
+        if config is None:
+            return [name]
+        return [f"{name}/{c}" for c in ([config] if isinstance(config, str) else config)]
+    hub_id, configs = parse_hub_source(source, config)
+    base = HUB_PREFIX + tfds_dataset_name(hub_id)
+    return [base if c is None else f"{base}/{c}" for c in configs]
+
+
+_OFFLINE_HINTS = ("connection", "connect", "timeout", "timed out", "offline", "network", "resolve",
+                  "name or service not known", "temporary failure", "unreachable", "max retries")
+_NOT_FOUND_HINTS = ("datasetnotfound", "not listed", "repositorynotfound", "doesn't exist", "does not exist",
+                    "not found", "404", "gated", "401", "403")
+_CONFIG_HINTS = ("config name is missing", "builderconfig", "unknown config", "config")
+
+
+def _failure_text(error: BaseException) -> str:
+    seen, parts = set(), []
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        parts += [cls.__name__ for cls in type(error).__mro__] + [str(error)]
+        error = error.__cause__ or error.__context__
+    return " ".join(parts).lower()
+
+
+def _tfds_failure(source: str, name: str, config: str | None, split: str, error: Exception) -> DatasetError:
+    """A ``DatasetError`` naming the dataset, config and split, with what to do."""
+    text = _failure_text(error)
+    what = f"{source!r}" + ("" if config is None else f", config {config!r}") + f", split {split!r}"
+    local = ("Offline, or to skip the Hub: export the data once to a local .jsonl or .parquet file "
+             "(e.g. datasets.load_dataset(...).to_json('data.jsonl')) and pass its path as the source.")
+    if any(h in text for h in _OFFLINE_HINTS):
+        hint = ("The Hugging Face Hub could not be reached: tfds's 'huggingface:' namespace needs it even for "
+                "data already downloaded (it lists the Hub's datasets to resolve the name).")
+    elif any(h in text for h in _NOT_FOUND_HINTS):
+        hint = ("No such dataset or config on the Hub, or no access: check the Hub id as spelled on "
+                "huggingface.co/datasets/<org>/<name> (source 'huggingface:<org>/<name>'), the config, and for "
+                "a gated dataset (GPQA) that its terms are accepted and you are logged in (huggingface-cli login).")
+    elif any(h in text for h in _CONFIG_HINTS):
+        hub_id = source[len(HUB_PREFIX):].split("/", 2)
+        known = HUB_CONFIGS.get("/".join(hub_id[:2]))
+        hint = ("The dataset needs a config: pass 'huggingface:<org>/<name>/<config>' or config=..."
+                + (f" (known: '*' for all, or one of {list(known)})" if known else ""))
+    else:
+        hint = "Check the source, config and split."
+    return DatasetError(f"{source}: tensorflow-datasets could not load {what} as {name!r}: "
+                        f"{type(error).__name__}: {error}. {hint} {local}")
+
+
+def _read_tfds(source: str, split: str | None, config=None) -> Iterator[tuple[str, Any]]:
+    """Checks the source, split and tfds's presence now; reads lazily."""
+    names = tfds_names(source, config)
     if split is None:
-        raise ValueError(f"a tfds source needs a split (e.g. split='test'), none given for {name!r}")
+        raise ValueError(f"a tfds source needs a split (e.g. split='test'), none given for {source!r}")
+    configs = [n.split("/", 1)[1] if "/" in n else None for n in names]
     try:
         import tensorflow_datasets as tfds
     except ImportError as e:
         raise ImportError(
-            f"loading {name!r} needs TensorFlow Datasets: pip install {' '.join(TFDS_PACKAGES)} (the "
+            f"loading {source!r} needs TensorFlow Datasets: pip install {' '.join(TFDS_PACKAGES)} (the "
             "'data' extra of drift-jax), or export the data to a local .jsonl/.json/.parquet file") from e
-    for i, record in enumerate(tfds.as_numpy(tfds.load(name, split=split)), 1):
-        yield f"{source}[{split}]:{i}", _to_python(record)
+    return _iter_tfds(tfds, source, split, names, configs)
 
 
-def _records(source: str, split: str | None, policy: BadLines) -> Iterator[tuple[str, Any]]:
-    if source.startswith(("tfds:", "huggingface:")):
-        return _read_tfds(source, split)
+def _iter_tfds(tfds, source, split, names, configs) -> Iterator[tuple[str, Any]]:
+    # Several configs are read one after the other, in order (the release's loop).
+    for name, cfg in zip(names, configs):
+        base = source[:-2] if source.endswith("/" + ALL_CONFIGS) else source
+        where = base if cfg is None or base.endswith("/" + cfg) else f"{base}/{cfg}"
+        try:
+            records = tfds.as_numpy(tfds.load(name, split=split))
+            for i, record in enumerate(records, 1):
+                yield f"{where}[{split}]:{i}", _to_python(record)
+        except DatasetError:
+            raise
+        except Exception as e:  # tfds, the Hub client and TensorFlow raise many kinds
+            raise _tfds_failure(source, name, cfg, split, e) from e
+
+
+def _records(source: str, split: str | None, policy: BadLines, config=None) -> Iterator[tuple[str, Any]]:
+    if source.startswith(("tfds:", HUB_PREFIX)):
+        return _read_tfds(source, split, config)
+    if config is not None:
+        raise ValueError(f"config={config!r} applies to tfds / Hugging Face sources only, not to the file {source}")
     path = Path(source)
     readers = {".jsonl": lambda p: json_lines(str(p), policy), ".json": _read_json, ".parquet": _read_parquet}
     if path.suffix not in readers:
@@ -337,8 +518,12 @@ def _records(source: str, split: str | None, policy: BadLines) -> Iterator[tuple
     return readers[path.suffix](path)
 
 
+PROTOCOLS = ("drift-jax", "release")
+
+
 def load_questions(source: str, *, layout: str | None = None, split: str | None = None,
-                   limit: int | None = None, on_bad_record: str = "error") -> LoadedQuestions:
+                   limit: int | None = None, on_bad_record: str = "error", config=None,
+                   duplicates: str = "drop", protocol: str = "drift-jax") -> LoadedQuestions:
     """Questions from ``source`` (see the module docstring), in the source's order.
 
     Args:
@@ -349,15 +534,30 @@ def load_questions(source: str, *, layout: str | None = None, split: str | None 
         is not read past them).
       on_bad_record: "error" raises ``DatasetError`` at the first bad record; "skip" drops
         it, logs it and counts it by reason in the result's ``skipped``.
+      config: the Hub config(s) of a ``huggingface:`` source (a name, a list read one after
+        the other, or "*" for every config in ``HUB_CONFIGS``), instead of a third part of
+        the source (``huggingface:<org>/<name>/<config>``).
+      duplicates: "drop" (a record repeating an earlier question is dropped, counted in
+        ``duplicates``) or "keep" (kept, as the release does, under the prompt id
+        ``<id>#<n>`` for its n-th repeat, n = 2, 3, ...).
+      protocol: "release" orders GPQA's options as the release does (``_gpqa_release``);
+        other layouts are the same under both.
     """
     policy = _Policy(on_bad_record)
     if layout is not None and layout not in _LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+    if duplicates not in ("drop", "keep"):
+        raise ValueError(f"duplicates must be 'drop' or 'keep', got {duplicates!r}")
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; expected one of {PROTOCOLS}")
+    layouts = {**_LAYOUTS, "gpqa": _gpqa_release} if protocol == "release" else _LAYOUTS
+    repeats: Counter = Counter()
+    duplicates_mode_keep = duplicates == "keep"
     questions: list[Question] = []
     filtered = duplicates = 0
     seen: dict[str, tuple[str, str]] = {}  # prompt_id -> (where, text)
 
-    records = _records(source, split, policy)  # checks the source before any limit applies
+    records = _records(source, split, policy, config)  # checks the source before any limit applies
     if limit is not None and limit <= 0:
         return LoadedQuestions([], layout=layout or "", skipped=policy.skipped, filtered=0, duplicates=0)
     for where, record in records:
@@ -371,7 +571,7 @@ def load_questions(source: str, *, layout: str | None = None, split: str | None 
                                    f"pass layout= one of {LAYOUTS}")
         row = _Row(record)
         try:
-            parsed = _LAYOUTS[layout](row)
+            parsed = layouts[layout](row)
         except _BadField as e:
             policy(DatasetError(f"{where}: field {e.field!r} ({layout} layout): {e.reason}"))
             continue
@@ -384,6 +584,11 @@ def load_questions(source: str, *, layout: str | None = None, split: str | None 
             first_where, first_text = seen[prompt_id]
             if first_text == text:
                 duplicates += 1
+                if duplicates_mode_keep:
+                    repeats[prompt_id] += 1
+                    questions.append(Question(f"{prompt_id}#{repeats[prompt_id] + 1}", text, gold))
+                    if limit is not None and len(questions) >= limit:
+                        break
             else:
                 reason = f"field {row.id_field!r} ({layout} layout): an id already used for another question"
                 policy(DatasetError(f"{where}: {reason}: {prompt_id!r}, first at {first_where}"), reason)
@@ -394,3 +599,20 @@ def load_questions(source: str, *, layout: str | None = None, split: str | None 
             break
     return LoadedQuestions(questions, layout=layout or "", skipped=policy.skipped, filtered=filtered,
                            duplicates=duplicates)
+
+
+def select_prompts(questions: list, n: int | None, selection: str = "first", seed: int = 42) -> list:
+    """The ``n`` prompts a run uses (all when ``n`` is None).
+
+    "first": the first ``n`` in source order. "release": the release's choice for its
+    rollouts (``load_metamathqa_dataset`` then ``--max_prompts``): the rows shuffled as
+    ``datasets.Dataset.shuffle(seed=seed)`` does, by ``np.random.default_rng(seed)
+    .permutation(len(questions))``, then the first ``n``. To match the release row for row,
+    ``questions`` must be every kept row in file order: load with ``duplicates="keep"``, no
+    ``limit``, and no skipped records."""
+    if selection == "first":
+        return list(questions if n is None else questions[:n])
+    if selection != "release":
+        raise ValueError(f"selection must be 'first' or 'release', got {selection!r}")
+    order = np.random.default_rng(seed).permutation(len(questions))
+    return [questions[i] for i in (order if n is None else order[:n])]

@@ -146,3 +146,21 @@ def test_encode_prompt_is_the_prefix_before_each_answer(tokenizer, messages):
 def test_end_of_turn_is_the_closing_token(tokenizer):
     eot = end_of_turn_id(tokenizer)
     assert tokenizer.convert_ids_to_tokens(eot) == "<|im_end|>"
+
+
+def test_a_prefill_ends_the_prompt_and_a_supervised_reply_starting_with_it_follows_it():
+    """The release's rollouts prompt with "<think>" and store replies starting with it: the
+    SFT span of such a reply starts where the prefilled prompt's text ends."""
+    tokenizer = chatml_tokenizer()
+    messages = [{"role": "user", "content": "guess the secret"}]
+    text = render(tokenizer, messages, add_generation_prompt=True)
+    assert render(tokenizer, messages, add_generation_prompt=True, prefill="<think>") == text + "<think>"
+    prompt = encode_prompt(tokenizer, messages, "<think>")
+    assert prompt == tokenizer(text + "<think>", add_special_tokens=False)["input_ids"]
+    assert prompt != encode_prompt(tokenizer, messages)
+    reply = "<think>maybe</think><answer>B</answer>"
+    example = encode_dialogue(tokenizer, messages + [{"role": "assistant", "content": reply}])
+    supervised = tokenizer.decode(example.tokens[example.loss_mask])
+    assert supervised == reply + "<|im_end|>"
+    with pytest.raises(ValueError, match="add_generation_prompt"):
+        render(tokenizer, messages, prefill="<think>")

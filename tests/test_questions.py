@@ -261,7 +261,7 @@ def test_tfds_sources_are_loaded_and_decoded(monkeypatch):
     assert choice_letter(questions[0].gold) == "B"
 
     load_questions("huggingface:TIGER-Lab/MMLU-Pro", split="validation[:2]", layout="mmlu_pro")
-    assert calls[-1] == ("huggingface:TIGER-Lab/MMLU-Pro", "validation[:2]")
+    assert calls[-1] == ("huggingface:tiger_lab__mmlu_pro", "validation[:2]")  # tfds's name of the Hub id
 
     records.append({"question": b"bad", "options": np.array([b"1"], dtype=object), "answer": b"A"})
     with pytest.raises(DatasetError, match=r"tfds:mmlu_pro/default\[test\]:3: field 'options' \(mmlu_pro layout\)"):
@@ -279,3 +279,205 @@ def test_a_missing_tfds_says_how_to_install_it(monkeypatch):
 def test_the_former_module_name_still_works():
     assert drift_jax.datasets.load_questions is drift_jax.questions.load_questions
     assert drift_jax.datasets.DatasetError is DatasetError
+
+
+# -- Hub names through tensorflow-datasets ----------------------------------------------------
+
+# Expectation table: tensorflow-datasets' name for each Hub id the paper configs read,
+# written by hand from tfds's rule (tensorflow_datasets/core/utils/conversion_utils.py
+# ``to_tfds_name``, 4.9.4 and later; ``huggingface_utils.convert_hf_name`` before):
+# lower-case, "/" -> "__", every other character outside [a-zA-Z0-9_] -> "_".
+TFDS_NAME_TABLE = {
+    "meta-math/MetaMathQA": "meta_math__metamathqa",
+    "HuggingFaceH4/MATH-500": "huggingfaceh4__math_500",
+    "EleutherAI/hendrycks_math": "eleutherai__hendrycks_math",
+    "TIGER-Lab/TheoremQA": "tiger_lab__theoremqa",
+    "Idavidrein/gpqa": "idavidrein__gpqa",
+    "edinburgh-dawg/mmlu-redux-2.0": "edinburgh_dawg__mmlu_redux_2_0",
+    "TIGER-Lab/MMLU-Pro": "tiger_lab__mmlu_pro",
+    "codeparrot/github-code": "codeparrot__github_code",  # tfds's own docstring example
+}
+HENDRYCKS = ["algebra", "counting_and_probability", "geometry", "intermediate_algebra", "number_theory",
+             "prealgebra", "precalculus"]
+# (source as the paper configs should write it, split) -> the names handed to tfds.load.
+PAPER_SOURCES = {
+    ("huggingface:meta-math/MetaMathQA", "train"): ["huggingface:meta_math__metamathqa"],
+    ("huggingface:HuggingFaceH4/MATH-500", "test"): ["huggingface:huggingfaceh4__math_500"],
+    ("huggingface:EleutherAI/hendrycks_math/*", "test"):
+        [f"huggingface:eleutherai__hendrycks_math/{c}" for c in HENDRYCKS],
+    ("huggingface:TIGER-Lab/TheoremQA", "test"): ["huggingface:tiger_lab__theoremqa"],
+    ("huggingface:Idavidrein/gpqa/gpqa_diamond", "train"): ["huggingface:idavidrein__gpqa/gpqa_diamond"],
+    ("huggingface:TIGER-Lab/MMLU-Pro", "test"): ["huggingface:tiger_lab__mmlu_pro"],
+}
+
+
+def vendored_rule(name):
+    import re
+    return re.sub(r"[^a-zA-Z0-9_]", "_", name.lower().replace("/", "__"))
+
+
+@pytest.mark.parametrize("hub_id,tfds_name", sorted(TFDS_NAME_TABLE.items()))
+def test_hub_ids_get_tfds_own_names(hub_id, tfds_name):
+    assert drift_jax.questions.tfds_dataset_name(hub_id) == tfds_name
+    assert vendored_rule(hub_id) == tfds_name  # the table is tfds's rule
+
+
+def test_tfds_own_conversion_matches_the_table_when_installed():
+    convert = drift_jax.questions._tfds_conversion()
+    if convert is None:
+        pytest.skip("tensorflow-datasets is not installed (the vendored rule is checked above)")
+    for hub_id, tfds_name in TFDS_NAME_TABLE.items():
+        assert convert(hub_id) == tfds_name
+
+
+def test_tfds_own_function_is_called_when_tfds_is_installed(monkeypatch):
+    calls = []
+    package = types.ModuleType("tensorflow_datasets")
+    package.__path__ = []
+    conversion = types.ModuleType("tensorflow_datasets.core.utils.conversion_utils")
+    conversion.to_tfds_name = lambda name: calls.append(name) or "from_tfds"
+    for name in ("tensorflow_datasets.core", "tensorflow_datasets.core.utils"):
+        sub = types.ModuleType(name)
+        sub.__path__ = []
+        monkeypatch.setitem(sys.modules, name, sub)
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", package)
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets.core.utils.conversion_utils", conversion)
+    assert drift_jax.questions.tfds_dataset_name("Idavidrein/gpqa") == "from_tfds"
+    assert calls == ["Idavidrein/gpqa"]
+
+
+@pytest.mark.parametrize("source,split", sorted(PAPER_SOURCES))
+def test_every_paper_source_hands_tfds_its_own_names_configs_included(source, split):
+    assert drift_jax.questions.tfds_names(source) == PAPER_SOURCES[source, split]
+
+
+def test_mmlu_redux_2_loads_its_57_subjects():
+    names = drift_jax.questions.tfds_names("huggingface:edinburgh-dawg/mmlu-redux-2.0/*")
+    assert len(names) == 57 == len(set(names))
+    assert names[0] == "huggingface:edinburgh_dawg__mmlu_redux_2_0/abstract_algebra"
+    assert names[-1] == "huggingface:edinburgh_dawg__mmlu_redux_2_0/world_religions"
+    # tfds passes a config to the Hub verbatim; every paper config is already a tfds name.
+    configs = [n.split("/", 1)[1] for n in names] + HENDRYCKS + ["gpqa_diamond"]
+    assert all(vendored_rule(c) == c for c in configs)
+    assert names == drift_jax.questions.tfds_names("huggingface:edinburgh-dawg/mmlu-redux-2.0", config="*")
+
+
+def test_multi_config_sources_are_concatenated_in_config_order(monkeypatch):
+    calls = []
+    module = types.ModuleType("tensorflow_datasets")
+
+    def load(name, split):
+        calls.append((name, split))
+        subject = name.rsplit("/", 1)[1]
+        return [{"question": f"{subject} question {i}?".encode(), "choices": np.array([b"x", b"y"], dtype=object),
+                 "answer": np.int64(i % 2)} for i in range(2)]
+
+    module.load = load
+    module.as_numpy = lambda ds: iter(ds)
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", module)
+    questions = load_questions("huggingface:edinburgh-dawg/mmlu-redux-2.0", config=["anatomy", "virology"],
+                               split="test")
+    assert calls == [("huggingface:edinburgh_dawg__mmlu_redux_2_0/anatomy", "test"),
+                     ("huggingface:edinburgh_dawg__mmlu_redux_2_0/virology", "test")]
+    assert [q.text.splitlines()[0] for q in questions] == [
+        "anatomy question 0?", "anatomy question 1?", "virology question 0?", "virology question 1?"]
+    assert [q.gold for q in questions] == ["A", "B", "A", "B"] and questions.layout == "mmlu_redux"
+
+    calls.clear()
+    assert len(load_questions("huggingface:EleutherAI/hendrycks_math/*", split="test", layout="mmlu_redux")) == 14
+    assert [c[0].rsplit("/", 1)[1] for c in calls] == HENDRYCKS
+    # a bad record names its config
+    module.load = lambda name, split: [{"question": b"q", "choices": np.array([b"x"], dtype=object),
+                                        "answer": np.int64(3)}]
+    with pytest.raises(DatasetError, match=r"mmlu-redux-2.0/anatomy\[test\]:1: field 'answer'"):
+        load_questions("huggingface:edinburgh-dawg/mmlu-redux-2.0", config=["anatomy"], split="test")
+
+
+class ConnectError(OSError):
+    pass
+
+
+class DatasetNotFoundError(ValueError):
+    pass
+
+
+def failing_tfds(monkeypatch, error):
+    module = types.ModuleType("tensorflow_datasets")
+
+    def load(name, split):
+        raise error
+
+    module.load = load
+    module.as_numpy = lambda ds: iter(ds)
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", module)
+
+
+def test_offline_error_names_dataset_config_split_and_the_local_route(monkeypatch):
+    failing_tfds(monkeypatch, ConnectError("Failed to resolve 'huggingface.co' (Name or service not known)"))
+    with pytest.raises(DatasetError) as info:
+        load_questions("huggingface:Idavidrein/gpqa/gpqa_diamond", split="train")
+    message = str(info.value)
+    for part in ("'huggingface:Idavidrein/gpqa/gpqa_diamond'", "config 'gpqa_diamond'", "split 'train'",
+                 "'huggingface:idavidrein__gpqa/gpqa_diamond'", "could not be reached", ".jsonl", ".parquet",
+                 "pass its path as the source"):
+        assert part in message, part
+
+
+def test_a_wrong_name_or_a_missing_config_says_what_to_pass(monkeypatch):
+    failing_tfds(monkeypatch, DatasetNotFoundError('"idavidrein__gpqb" is not listed in Huggingface datasets.'))
+    with pytest.raises(DatasetError, match=r"(?s)No such dataset.*huggingface.co/datasets/<org>/<name>.*\.jsonl"):
+        load_questions("huggingface:Idavidrein/gpqb", split="train")
+    try:
+        raise RuntimeError("Failed to load Huggingface dataset builder") from ValueError(
+            "Config name is missing. Please pick one among the available configs: ['algebra', ...]")
+    except RuntimeError as e:
+        failing_tfds(monkeypatch, e)
+    with pytest.raises(DatasetError, match=r"(?s)needs a config.*'\*' for all.*'algebra'"):
+        load_questions("huggingface:EleutherAI/hendrycks_math", split="test")
+    with pytest.raises(DatasetError, match="needs the list of configs"):
+        load_questions("huggingface:Idavidrein/gpqa/*", split="train")
+    with pytest.raises(DatasetError, match="given twice"):
+        load_questions("huggingface:Idavidrein/gpqa/gpqa_diamond", config="gpqa_main", split="train")
+    with pytest.raises(DatasetError, match="not a name tfds accepts"):
+        load_questions("huggingface:Idavidrein/gpqa", config="gpqa diamond", split="train")
+    with pytest.raises(DatasetError, match="expected 'huggingface:<org>/<name>'"):
+        load_questions("huggingface:a/b/c/d", split="train")
+    with pytest.raises(ValueError, match="config=.*applies to tfds"):
+        load_questions(str(FIXTURES / "gsm8k.jsonl"), config="main")
+
+
+def test_release_selection_keeps_duplicates_and_shuffles_as_datasets_does(tmp_path):
+    path = tmp_path / "mm.jsonl"
+    rows = [{"query": f"Q{i % 7}?", "response": f"... The answer is: {i}", "type": "MATH_AnsAug"}
+            for i in range(12)] + [{"query": "GSM?", "response": "The answer is: 1", "type": "GSM_AnsAug"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dropped = load_questions(str(path))
+    kept = load_questions(str(path), duplicates="keep")
+    assert len(dropped) == 7 and dropped.duplicates == 5
+    assert len(kept) == 12 and kept.filtered == 1 and len({q.prompt_id for q in kept}) == 12
+    assert kept[7].prompt_id == kept[0].prompt_id + "#2" and kept[7].gold == "7"
+    # datasets.Dataset.shuffle(seed=42) permutes by np.random.default_rng(42).permutation(n).
+    order = np.random.default_rng(42).permutation(12)
+    chosen = drift_jax.questions.select_prompts(kept, 5, "release")
+    assert chosen == [kept[i] for i in order[:5]] and chosen != kept[:5]
+    assert drift_jax.questions.select_prompts(kept, 5, "first") == kept[:5]
+    with pytest.raises(ValueError, match="selection"):
+        drift_jax.questions.select_prompts(kept, 5, "random")
+
+
+def test_release_gpqa_option_order(tmp_path):
+    import random
+    record = {"Question": "Which particle is its own antiparticle?", "Correct Answer": "photon",
+              "Incorrect Answer 1": "neutron", "Incorrect Answer 2": "electron", "Incorrect Answer 3": "proton",
+              "Record ID": "rec1"}
+    path = tmp_path / "gpqa.jsonl"
+    path.write_text(json.dumps(record) + "\n")
+    (question,) = load_questions(str(path), protocol="release")
+    # benchmark.build_gpqa_qa: random.Random(int(md5(question)[:8], 16)).shuffle of the indices.
+    order = list(range(4))
+    random.Random(int(hashlib.md5(record["Question"].encode()).hexdigest()[:8], 16)).shuffle(order)
+    options = ["photon", "neutron", "electron", "proton"]
+    assert question.text.splitlines()[1:] == [f"{'ABCD'[k]}. {options[i]}" for k, i in enumerate(order)]
+    assert option(question.text, question.gold) == "photon"
+    with pytest.raises(ValueError, match="protocol"):
+        load_questions(str(path), protocol="paper")

@@ -5,6 +5,15 @@ it is checked. ``Episode`` runs the protocol for one trajectory: answers inside
 ``<answer>...</answer>``, the fixed feedback after a wrong (or unparsable) reply, a
 format penalty for an unparsable reply (which consumes a turn but no answer attempt),
 and a stop at the first correct answer or when the turn / answer budget is spent.
+
+Optional environment hooks (``Environment`` lists them; ``Episode`` falls back when an
+environment lacks them, so the embedded secret task is unchanged):
+- ``prefill``: text the generation prompt ends with (the release's ``<think>`` / ``<answer>``);
+  the player prepends it to the sampled continuation before ``Episode.step``;
+- ``parse_reply(reply) -> (stored_reply, answer)``: the text stored in the dialogue (the
+  release rewrites each reply as ``<think>...</think><answer>...</answer>``) and the answer;
+- ``feedback_message(episode) -> str``: the user message after a wrong or unparsable reply
+  (the release's "full" prompt mode sends a reward line plus the next turn block).
 """
 
 from __future__ import annotations
@@ -38,8 +47,14 @@ def extract_tagged_answer(reply: str) -> str | None:
     return found[-1].strip()
 
 
+def env_prefill(env) -> str:
+    """The text an environment's generation prompt is prefilled with ("" if none)."""
+    return getattr(env, "prefill", "") or ""
+
+
 class Environment(Protocol):
-    """What an environment provides; ``Episode`` does the rest."""
+    """What an environment provides; ``Episode`` does the rest (the optional hooks
+    ``prefill``, ``parse_reply`` and ``feedback_message`` are in the module docstring)."""
 
     max_turns: int
     max_answers: int
@@ -76,14 +91,24 @@ class Episode:
         """Number of assistant turns taken so far."""
         return len(self.turn_rewards)
 
+    @property
+    def answers_left(self) -> int:
+        """Answer attempts left (the release's "actions left")."""
+        return max(self.env.max_answers - len(self.answer_norms), 0)
+
     def step(self, reply: str) -> None:
-        """Record the assistant's reply, verify it, and add feedback if the episode goes on."""
+        """Record the assistant's reply, verify it, and add feedback if the episode goes on.
+
+        ``reply`` is everything the assistant said this turn, the environment's prefill
+        included. The dialogue stores it as the environment's ``parse_reply`` returns it
+        (unchanged when the environment has no such hook)."""
         if self.done:
             raise RuntimeError("step() on a finished episode")
         env = self.env
         t = self.turn + 1
-        self.messages.append({"role": "assistant", "content": reply})
-        answer = env.extract_answer(reply)
+        parse = getattr(env, "parse_reply", None)
+        stored, answer = parse(reply) if parse is not None else (reply, env.extract_answer(reply))
+        self.messages.append({"role": "assistant", "content": stored})
         correct = answer is not None and env.is_correct(answer, self.question.gold)
         if answer is None:
             self.format_penalty -= env.format_penalty
@@ -96,7 +121,9 @@ class Episode:
             self.t_star = t
         self.done = correct or t >= env.max_turns or len(self.answer_norms) >= env.max_answers
         if not self.done:
-            self.messages.append({"role": "user", "content": env.feedback})
+            make = getattr(env, "feedback_message", None)
+            content = make(self) if make is not None else env.feedback
+            self.messages.append({"role": "user", "content": content})
 
     def to_record(self) -> dict:
         return {
@@ -131,3 +158,125 @@ class AnswerTagEnv:
 
     def is_correct(self, answer: str, gold: str) -> bool:
         return normalize_answer(answer) == normalize_answer(gold)
+
+
+# -- the reference release's prompt protocol (its prompting.py), as switches ---------------
+
+# Tokens the release deletes from the think and answer texts it parses out of a reply.
+RELEASE_SPECIAL_TOKENS = ("<think>", "</think>", "<answer>", "</answer>", "<|im_start|>", "<|im_end|>")
+# The release's answer separator; it keeps the first answer of a turn (1 action per turn).
+RELEASE_ACTION_SEP = "||"
+_RELEASE_THINK_RE = re.compile(r"<think>(.*?)</think>\s*<answer>(.*?)</answer>", re.DOTALL)
+_RELEASE_ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+PROMPT_MODES = ("simple", "full")
+PARSINGS = ("drift-jax", "release")
+
+
+def output_format(think: bool) -> str:
+    """The format the prompt asks for (the release's ``format_prompt``)."""
+    if think:
+        return "<think> [Your thoughts] </think> <answer> [your answer] </answer>"
+    return "<answer> [your answer] </answer>"
+
+
+def turn_block(turn: int, state: str, actions_left: int, max_tokens: int, think: bool) -> str:
+    """One turn of the release's "full" (RAGEN/UFO-style) prompt: the turn number, the state
+    (the question, later the feedback sentence), the actions left and the output format."""
+    return (f"Turn {turn}:\nState:\n{state}\nYou have {actions_left} actions left. "
+            f"Always output: {output_format(think)} with no extra text. Strictly follow this format. "
+            f"Max response length: {max_tokens} words (tokens).\n")
+
+
+def release_parse(reply: str, think: bool, action_sep: str = RELEASE_ACTION_SEP) -> tuple[str, str | None]:
+    """The release's reading of a reply (prefill included): ``(stored reply, answer)``.
+
+    With ``think`` the first ``<think>...</think>`` directly followed (whitespace aside)
+    by ``<answer>...</answer>`` is required, else the first ``<answer>...</answer>``. On a
+    match the stored reply is rewritten as ``<think>T</think><answer>A</answer>`` (or
+    ``<answer>A</answer>``), T and A with the special tokens deleted and stripped, A cut to
+    its first ``action_sep``-separated answer when it holds several; the answer is that
+    first non-empty piece, or None (a format error, the rewrite still stored) when there
+    is none. Without a match the reply is stored unchanged and is a format error.
+    """
+    match = (_RELEASE_THINK_RE if think else _RELEASE_ANSWER_RE).search(reply)
+    if match is None:
+        return reply, None
+    thought, action = (match.group(1), match.group(2)) if think else ("", match.group(1))
+    for token in RELEASE_SPECIAL_TOKENS:
+        thought = thought.replace(token, "").strip()
+        action = action.replace(token, "").strip()
+    actions = [a.strip() for a in action.split(action_sep) if a.strip()]
+    if len(actions) > 1:
+        action = actions[0]
+    stored = f"<think>{thought}</think><answer>{action}</answer>" if think else f"<answer>{action}</answer>"
+    return stored, (actions[0] if actions else None)
+
+
+@dataclasses.dataclass
+class ProtocolEnv(AnswerTagEnv):
+    """``AnswerTagEnv`` with the release's prompt switches (all off by default, which is
+    drift-jax's protocol; ``drift_jax.envs.protocol`` has the release's settings).
+
+    - ``prompt_mode``: "simple" (instruction, problem, output format; the fixed feedback
+      sentence after a miss) or "full" (instruction + the turn block; after a miss
+      ``Reward:\\n0.0\\n`` + the next turn block, whose state is the feedback sentence once
+      an answer was given, the question before);
+    - ``think``: the output format asks for ``<think> ... </think> <answer> ... </answer>``;
+    - ``use_prefill``: the generation prompt ends with ``<think>`` (think) or ``<answer>``;
+    - ``parsing``: "drift-jax" (the subclass's ``extract_answer``, reply stored as said) or
+      "release" (``release_parse``: first tag after the think block, reply rewritten);
+    - ``instruction_max_tokens``: the turn block's "Max response length" (full mode only).
+    Subclasses give ``instruction_for(question)`` and ``answer_from(action)``.
+    """
+
+    prompt_mode: str = "simple"
+    think: bool = False
+    use_prefill: bool = False
+    parsing: str = "drift-jax"
+    instruction_max_tokens: int = 400
+
+    def __post_init__(self):
+        if self.prompt_mode not in PROMPT_MODES:
+            raise ValueError(f"prompt_mode must be one of {PROMPT_MODES}, got {self.prompt_mode!r}")
+        if self.parsing not in PARSINGS:
+            raise ValueError(f"parsing must be one of {PARSINGS}, got {self.parsing!r}")
+
+    @property
+    def prefill(self) -> str:
+        if not self.use_prefill:
+            return ""
+        return "<think>" if self.think else "<answer>"
+
+    def instruction_for(self, question: Question) -> str:
+        raise NotImplementedError
+
+    def answer_from(self, action: str) -> str:
+        """The answer recorded for the release parser's answer text (default: as is)."""
+        return action
+
+    def user_prompt(self, question: Question) -> str:
+        instruction = self.instruction_for(question)
+        if self.prompt_mode == "simple":
+            return (f"{instruction}\n\nProblem:\n{question.text}\n\n"
+                    f"Always output: {output_format(self.think)} with no extra text. Strictly follow this format.")
+        return instruction + "\n" + turn_block(1, question.text, self.max_answers, self.instruction_max_tokens,
+                                               self.think)
+
+    def initial_messages(self, question: Question) -> list[dict]:
+        messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        return messages + [{"role": "user", "content": self.user_prompt(question)}]
+
+    def parse_reply(self, reply: str) -> tuple[str, str | None]:
+        if self.parsing == "drift-jax":
+            return reply, self.extract_answer(reply)
+        stored, action = release_parse(reply, self.think)
+        return stored, (None if action is None else self.answer_from(action))
+
+    def feedback_message(self, episode: Episode) -> str:
+        if self.prompt_mode == "simple":
+            return self.feedback
+        # The release's state: the question until an answer was given, then the feedback.
+        state = self.feedback if episode.answer_norms else episode.question.text
+        reward = episode.turn_rewards[f"t{episode.turn}"]
+        return f"Reward:\n{reward}\n" + turn_block(episode.turn + 1, state, episode.answers_left,
+                                                   self.instruction_max_tokens, self.think)

@@ -15,6 +15,12 @@ The letter rule (``choice_letter``), applied to the extracted answer:
    ambiguous, and anything else ("A or B", "A, B", "I think B") has no letter: both are
    wrong answers, never a guess.
 The gold goes through the same rule, so "B" and "(B)" golds work alike.
+
+Under the release's protocol (``grader="last-letter"``, set by ``drift_jax.envs.protocol``)
+an answer instead reads as its LAST standalone letter A-J, any case ("I think A or B" is
+B), else as its whitespace-free lower-cased text, and is right when that equals the gold's
+(the release's ``normalize_choice_answer``); its instruction names a fixed letter range
+(``letter_range``: "A-D" for GPQA and MMLU-Redux, "A-J" for MMLU-Pro).
 """
 
 from __future__ import annotations
@@ -22,8 +28,9 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from drift_jax.envs.base import AnswerTagEnv, Question
-from drift_jax.envs.math import SIMPLE_PROMPT, SYSTEM_PROMPT, extract_math_answer
+from drift_jax.envs.base import ProtocolEnv, Question
+from drift_jax.envs.math import SYSTEM_PROMPT, extract_math_answer
+from drift_jax.weights import normalize_answer
 
 LETTERS = "ABCDEFGHIJ"
 
@@ -72,34 +79,68 @@ def option_letters(text: str) -> str:
     return LETTERS[:n] if n >= 2 else LETTERS
 
 
-def choice_instruction(text: str) -> str:
-    """The release's multiple-choice instruction, with the letter range of this question."""
-    letters = option_letters(text)
+def choice_instruction(text: str, letter_range: str | None = None) -> str:
+    """The release's multiple-choice instruction, with the letter range of this question
+    (or ``letter_range``, e.g. "A-J", when given)."""
+    if letter_range is None:
+        letters = option_letters(text)
+        letter_range = f"{letters[0]}-{letters[-1]}"
     return (
         "You are solving multiple-choice questions. Only give the final answer letter "
-        f"({letters[0]}-{letters[-1]}) between <answer> and </answer>."
+        f"({letter_range}) between <answer> and </answer>."
     )
 
 
+_STANDALONE_LETTER_RE = re.compile(r"\b([A-J])\b", re.IGNORECASE)
+
+
+def release_choice_key(text: str) -> str:
+    """The release's multiple-choice normaliser: the last standalone letter A-J (any case),
+    lower-cased, else the lower-cased text without whitespace."""
+    found = _STANDALONE_LETTER_RE.findall(text.strip())
+    return found[-1].lower() if found else normalize_answer(text)
+
+
+CHOICE_GRADERS = ("letter", "last-letter")
+
+
 @dataclasses.dataclass
-class MultipleChoiceEnv(AnswerTagEnv):
-    """``AnswerTagEnv`` for lettered options: the answer is canonicalised to its letter."""
+class MultipleChoiceEnv(ProtocolEnv):
+    """``ProtocolEnv`` for lettered options: the answer is canonicalised to its letter.
+
+    ``grader``: "letter" (ours, ``choice_letter``) or "last-letter" (the release's
+    ``release_choice_key``); ``letter_range``: the instruction's fixed range, None to
+    derive it from the question's options."""
 
     system_prompt: str | None = SYSTEM_PROMPT
+    grader: str = "letter"
+    letter_range: str | None = None
 
-    def initial_messages(self, question: Question) -> list[dict]:
-        content = SIMPLE_PROMPT.format(instruction=choice_instruction(question.text), question=question.text)
-        messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-        return messages + [{"role": "user", "content": content}]
+    def __post_init__(self):
+        super().__post_init__()
+        if self.grader not in CHOICE_GRADERS:
+            raise ValueError(f"grader must be one of {CHOICE_GRADERS}, got {self.grader!r}")
+
+    def instruction_for(self, question: Question) -> str:
+        return choice_instruction(question.text, self.letter_range)
+
+    def _canonical(self, answer: str) -> str:
+        if self.grader == "last-letter":
+            key = release_choice_key(answer)
+            return key.upper() if len(key) == 1 and key.upper() in LETTERS else answer
+        return choice_letter(answer) or answer
 
     def extract_answer(self, reply: str) -> str | None:
         """The letter when the tagged (or boxed) answer names one, else the raw answer (a
         wrong answer, not a format error). Letters make "B" and "(B)" one repeated answer."""
         answer = extract_math_answer(reply)
-        if answer is None:
-            return None
-        return choice_letter(answer) or answer
+        return None if answer is None else self._canonical(answer)
+
+    def answer_from(self, action: str) -> str:
+        return self._canonical(action)
 
     def is_correct(self, answer: str, gold: str) -> bool:
+        if self.grader == "last-letter":
+            return release_choice_key(answer) == release_choice_key(gold)
         letter = choice_letter(answer)
         return letter is not None and letter == choice_letter(gold)

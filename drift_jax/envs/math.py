@@ -1,10 +1,18 @@
 """Math questions: the final answer in ``<answer>`` tags (else the last ``\\boxed{}``),
 checked for mathematical equivalence with math-verify.
 
-The prompt is the reference release's "simple" prompt (system message plus one user
-message that states the task, the problem and the required output format), so rollouts
-and evaluations here see the same text as the paper's. The multi-turn protocol, the
-feedback sentence and the format penalty are ``base.AnswerTagEnv``'s.
+By default (drift-jax's protocol) the prompt is the reference release's "simple" prompt
+(system message plus one user message that states the task, the problem and the required
+output format) for rollouts and evaluation alike. The release's own protocol (its "full"
+turn-block prompt for rollouts, think mode with a ``<think>`` prefill, rewritten replies,
+first-tag parsing, normalised string equality) is a set of switches (``base.ProtocolEnv``,
+``grader``, ``boxed_fallback``), set together by ``drift_jax.envs.protocol``. The
+multi-turn protocol, the feedback sentence and the format penalty are ``base.AnswerTagEnv``'s.
+
+Graders (``MathEnv.grader``): "math-verify" (ours, below), "string" (the release's
+MetaMathQA rollouts and MATH / MATH-500 eval: equal after lower-casing and removing all
+whitespace, ``string_equal``), "numeric" (the release's TheoremQA check,
+``release_numeric_equal``).
 
 Equivalence: two answers match when their normalised text is equal (lower-case, no
 whitespace: covers "True"/"true" and word answers) or when math-verify finds the parsed
@@ -21,9 +29,10 @@ import dataclasses
 import decimal
 import functools
 import re
+import string
 import threading
 
-from drift_jax.envs.base import AnswerTagEnv, Question, extract_tagged_answer
+from drift_jax.envs.base import ProtocolEnv, Question, extract_tagged_answer
 from drift_jax.weights import normalize_answer
 
 # The reference release's prompt (prompting.py, prompt_mode="simple"). The system message
@@ -142,21 +151,69 @@ def math_equal(answer: str, gold: str, timeout_seconds: int = 5) -> bool:
         return False
 
 
+def string_equal(answer: str, gold: str) -> bool:
+    """The release's default check: equal after lower-casing and removing all whitespace
+    (an empty gold matches nothing)."""
+    return bool(gold.strip()) and normalize_answer(answer) == normalize_answer(gold)
+
+
+_FIRST_NUMBER_RE = re.compile(r"(\d+(?:\.\d+)?)")
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+def _first_number(text: str) -> float | None:
+    match = _FIRST_NUMBER_RE.search(text)
+    return None if match is None else float(match.group(1))
+
+
+def _plain_text(text: str) -> str:
+    return re.sub(r"\s+", "", text.lower()).translate(_PUNCTUATION)
+
+
+def release_numeric_equal(answer: str, gold: str) -> bool:
+    """The release's TheoremQA check: the first unsigned decimal number of each is equal,
+    or the texts are equal once lower-cased and stripped of whitespace and punctuation.
+    (Signs and exponents are not read: "-3" and "3" are equal here, as in the release.)"""
+    a, g = _first_number(answer), _first_number(gold)
+    if a is not None and g is not None and a == g:
+        return True
+    return _plain_text(answer) == _plain_text(gold)
+
+
+GRADERS = ("math-verify", "string", "numeric")
+
+
 @dataclasses.dataclass
-class MathEnv(AnswerTagEnv):
-    """``AnswerTagEnv`` with the release's math prompt and a math-verify checker."""
+class MathEnv(ProtocolEnv):
+    """``ProtocolEnv`` with the release's math instruction and a choice of grader.
+
+    ``boxed_fallback`` (drift-jax parsing only): a reply without answer tags is read by its
+    last ``\\boxed{}``; the release's parsing has no fallback (such a reply is a format error).
+    """
 
     system_prompt: str | None = SYSTEM_PROMPT
     instruction: str = MATH_INSTRUCTION
     timeout_seconds: int = 5
+    grader: str = "math-verify"
+    boxed_fallback: bool = True
 
-    def initial_messages(self, question: Question) -> list[dict]:
-        content = SIMPLE_PROMPT.format(instruction=self.instruction, question=question.text)
-        messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-        return messages + [{"role": "user", "content": content}]
+    def __post_init__(self):
+        super().__post_init__()
+        if self.grader not in GRADERS:
+            raise ValueError(f"grader must be one of {GRADERS}, got {self.grader!r}")
+
+    def instruction_for(self, question: Question) -> str:
+        return self.instruction
 
     def extract_answer(self, reply: str) -> str | None:
-        return extract_math_answer(reply)
+        if self.boxed_fallback:
+            return extract_math_answer(reply)
+        answer = extract_tagged_answer(reply)
+        return None if answer is None else _unwrap(answer)
 
     def is_correct(self, answer: str, gold: str) -> bool:
+        if self.grader == "string":
+            return string_equal(answer, gold)
+        if self.grader == "numeric":
+            return release_numeric_equal(answer, gold)
         return math_equal(answer, gold, self.timeout_seconds)
