@@ -12,6 +12,13 @@ A batch is a dict of host or device arrays:
   loss_mask [B, T] bool   supervised tokens (the last assistant message)
   weights   [B]    float32 importance weights
 
+or a packed batch (``batching.collate_packed``: several examples per row), which has
+``segment_ids`` [B, T] int32 (0 = padding, 1..n = the example of the token) and
+``token_weights`` [B, T] float32 (each token's example weight) in place of ``weights``.
+The model then attends within segments only, no target is predicted across a segment
+boundary, and the SFT loss reduces per segment: a packed batch has the loss, gradient
+and metrics of the same examples one per row.
+
 LoRA: for a model with adapters (``drift_jax.models.lora``) only the ``nnx.LoRAParam``
 leaves train (``split_trainable``): gradients and optimizer state cover the adapters
 alone, the frozen base passes through the step bit for bit, and checkpoints hold the
@@ -28,7 +35,7 @@ import json
 import math
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import flax.struct
 import jax
@@ -38,7 +45,8 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
-from drift_jax.losses import chunked_token_cross_entropy, mean_loss, token_cross_entropy, weighted_token_loss
+from drift_jax.losses import (chunked_token_cross_entropy, mean_loss, reduce_masked_segments, token_cross_entropy,
+                              weighted_token_loss)
 
 Batch = dict[str, Any]
 
@@ -213,9 +221,15 @@ def resolve_loss_chunk_size(loss_chunk_size: int | str | None, vocab_size: int) 
 
 def target_mask(batch: Batch) -> jax.Array:
     """[B, T-1] bool: target t + 1 counts where loss_mask marks it, it is real, and its
-    input is real (a target predicted from padding is meaningless)."""
+    input is real (a target predicted from padding is meaningless); in a packed batch
+    also where its input is in the same segment (an example's first token is not
+    predicted from the previous example's last)."""
     valid_bt = batch["valid"].astype(bool)
-    return batch["loss_mask"][:, 1:].astype(bool) & valid_bt[:, 1:] & valid_bt[:, :-1]
+    mask_bt = batch["loss_mask"][:, 1:].astype(bool) & valid_bt[:, 1:] & valid_bt[:, :-1]
+    if "segment_ids" in batch:
+        segment_ids_bt = batch["segment_ids"]
+        mask_bt = mask_bt & (segment_ids_bt[:, 1:] == segment_ids_bt[:, :-1])
+    return mask_bt
 
 
 def next_token_ce(model, batch: Batch, loss_chunk_size: int | str | None = 0, dropout_rng=None) -> jax.Array:
@@ -223,14 +237,21 @@ def next_token_ce(model, batch: Batch, loss_chunk_size: int | str | None = 0, dr
     predicts tokens[:, t + 1]). With a chunk size > 0 (``resolve_loss_chunk_size``) the LM
     head and the cross-entropy run over sequence chunks (``chunked_token_cross_entropy``):
     no ``[B, T, V]`` logits, same values. ``dropout_rng``: a key for the dropout of LoRA
-    adapters (a micro-batch's ``dropout_rng`` in training); None runs them deterministically."""
+    adapters (a micro-batch's ``dropout_rng`` in training); None runs them deterministically.
+    A packed batch's ``segment_ids`` go to the model (attention within segments,
+    positions per segment)."""
     tokens_bt, valid_bt = batch["tokens"], batch["valid"].astype(bool)
+    segment_ids_bt = batch.get("segment_ids")
+    if segment_ids_bt is not None:
+        segment_ids_bt = segment_ids_bt[:, :-1]
     chunk = resolve_loss_chunk_size(loss_chunk_size, model.cfg.vocab_size)
     if chunk:
-        hidden_btd = model.hidden_states(tokens_bt[:, :-1], valid_bt[:, :-1], dropout_rng=dropout_rng)
+        hidden_btd = model.hidden_states(tokens_bt[:, :-1], valid_bt[:, :-1], dropout_rng=dropout_rng,
+                                         segment_ids_bt=segment_ids_bt)
         return chunked_token_cross_entropy(hidden_btd, model.lm_head_weight(), tokens_bt[:, 1:],
                                            chunk, model.cfg.dtype)
-    return token_cross_entropy(model(tokens_bt[:, :-1], valid_bt[:, :-1], dropout_rng=dropout_rng),
+    return token_cross_entropy(model(tokens_bt[:, :-1], valid_bt[:, :-1], dropout_rng=dropout_rng,
+                                     segment_ids_bt=segment_ids_bt),
                                tokens_bt[:, 1:])
 
 
@@ -242,20 +263,60 @@ LossFn = Callable[[nnx.GraphDef, nnx.State, Batch, Any], tuple[jax.Array, jax.Ar
 
 def sft_loss_fn(normalize: str = "batch", loss_chunk_size: int | str | None = "auto") -> LossFn:
     """The weighted SFT loss (``losses.weighted_token_loss``) as a ``make_train_step``
-    loss; stats: num_tokens (supervised) and num_weighted_tokens (sum of weight x tokens)."""
+    loss; stats: num_tokens (supervised) and num_weighted_tokens (sum of weight x tokens).
+
+    A packed batch (``segment_ids`` in it) reduces per segment
+    (``losses.reduce_masked_segments``): the same sums, denominator and stats as its
+    examples one per row."""
     resolve_loss_chunk_size(loss_chunk_size, 0)  # reject a bad value now, not at trace time
 
     def loss_fn(graphdef, params, mb, aux):
         del aux
         mask_bt = target_mask(mb)
-        weights_b = mb["weights"].astype(jnp.float32)
         ce_bt = next_token_ce(nnx.merge(graphdef, params), mb, loss_chunk_size, mb.get("dropout_rng"))
+        if "segment_ids" in mb:
+            return packed_sft_sums(ce_bt, mask_bt, mb, normalize)
+        weights_b = mb["weights"].astype(jnp.float32)
         loss_sum, denom = weighted_token_loss(ce_bt, mask_bt, weights_b, normalize)
         tokens_b = jnp.sum(mask_bt, axis=1).astype(jnp.float32)
         return loss_sum, denom, {"num_tokens": jnp.sum(tokens_b),
                                  "num_weighted_tokens": jnp.sum(weights_b * tokens_b)}
 
     return loss_fn
+
+
+def packed_sft_sums(ce_bt: jax.Array, mask_bt: jax.Array, batch: Batch,
+                    normalize: str = "batch") -> tuple[jax.Array, jax.Array, dict]:
+    """``sft_loss_fn``'s (loss_sum, denominator, stats) for a packed batch from the
+    per-target cross-entropies ``ce_bt`` and ``target_mask`` ``mask_bt`` [B, T-1]: each
+    target belongs to its token's segment (``target_mask`` already dropped targets
+    whose input is in another one) and carries its ``token_weights``."""
+    segment_ids_bt = batch["segment_ids"][:, 1:]
+    token_weights_bt = batch["token_weights"][:, 1:].astype(jnp.float32)
+    # Ids run 0..n with n <= T segments in a row of T tokens.
+    loss_sum, denom = reduce_masked_segments(ce_bt, mask_bt, segment_ids_bt, token_weights_bt, normalize,
+                                             num_segments=batch["tokens"].shape[1] + 1)
+    return loss_sum, denom, {"num_tokens": jnp.sum(mask_bt, dtype=jnp.float32),
+                             "num_weighted_tokens": jnp.sum(jnp.where(mask_bt, token_weights_bt, 0.0))}
+
+
+def make_eval_fn(graphdef: nnx.GraphDef, batches: Sequence[Batch], normalize: str = "batch",
+                 loss_chunk_size: int | str | None = "auto") -> Callable[[TrainState], dict[str, float]]:
+    """``eval_fn(state) -> {"loss", "num_tokens"}``: the weighted SFT loss of
+    ``state.params`` over ``batches`` (a held-out set), sums and denominators added over
+    all batches before the one division, as the train step adds micro-batches; LoRA
+    dropout is off."""
+    loss_fn = sft_loss_fn(normalize, loss_chunk_size)
+    sums = jax.jit(lambda params, batch: loss_fn(graphdef, params, batch, None))
+
+    def eval_fn(state: TrainState) -> dict[str, float]:
+        loss_sum = denom = tokens = 0.0
+        for batch in batches:
+            s, d, stats = jax.device_get(sums(state.params, batch))
+            loss_sum, denom, tokens = loss_sum + float(s), denom + float(d), tokens + float(stats["num_tokens"])
+        return {"loss": loss_sum / denom if denom else 0.0, "num_tokens": tokens}
+
+    return eval_fn
 
 
 def make_train_step(
@@ -383,6 +444,8 @@ def train_loop(
     desc: str = "train",
     log_every: int = 1,
     progress: bool = True,
+    eval_fn: Callable[[TrainState], dict[str, float]] | None = None,
+    eval_every: int = 0,
 ) -> TrainState:
     """Run updates until ``state.step == num_steps`` (a total, not an increment).
 
@@ -395,7 +458,9 @@ def train_loop(
     Every ``log_every`` updates, one JSON line goes to ``metrics_path``: step (updates
     done), the step's metrics and info, batch_s (making the batch), step_time_s (the
     update), tokens_per_s (real input tokens per step second) and wall_time (unix
-    seconds); lines past the step training starts from are dropped first. The
+    seconds); lines past the step training starts from are dropped first. Every
+    ``eval_every`` updates and after the last, ``eval_fn(state)``'s numbers join the line
+    as ``eval_<name>`` (a held-out loss, ``make_eval_fn``). The
     checkpointer saves on its own interval and once at the end. Raises
     FloatingPointError at the first non-finite loss or gradient norm, before that step
     is saved: the last checkpoint stays a good one.
@@ -432,6 +497,8 @@ def train_loop(
             if log_file is not None and (done % log_every == 0 or done == num_steps):
                 record = {"step": done, **metrics, **info, "batch_s": t1 - t0, "step_time_s": step_time,
                           "tokens_per_s": metrics["num_input_tokens"] / step_time, "wall_time": time.time()}
+                if eval_fn is not None and (done == num_steps or (eval_every and done % eval_every == 0)):
+                    record.update({f"eval_{k}": v for k, v in eval_fn(state).items()})
                 log_file.write(json.dumps(record) + "\n")
                 log_file.flush()
             if checkpointer is not None:

@@ -19,6 +19,7 @@ import os
 import numpy as np
 
 from drift_jax import methods, train
+from drift_jax.batching import held_out_count
 from drift_jax.records import BadRecord
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -28,8 +29,34 @@ class ConfigError(ValueError):
     """A config, path or data problem found before any work is done."""
 
 
+def resolve_protocol(cfg) -> None:
+    """Fill the settings left at None with ``task.protocol``'s values, in place, so every
+    stage (and the ledger) sees concrete ones; a value set explicitly is kept."""
+    from drift_jax.envs.protocol import PROTOCOLS, RELEASE_EVAL_MAX_NEW_TOKENS
+
+    protocol = cfg.task.protocol
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"invalid config: task.protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    release = protocol == "release"
+    if release and cfg.task.name == "secret":
+        raise ConfigError("invalid config: task.protocol='release' is the authors' math/multiple-choice "
+                          "protocol; the embedded secret task has only 'drift-jax'")
+    defaults = {
+        ("data", "selection"): "release" if release else "first",
+        ("train", "shuffle"): not release,
+        ("reference.train", "shuffle"): True,
+        ("train", "eval_fraction"): 0.05 if release else 0.0,
+        ("eval", "max_new_tokens"): RELEASE_EVAL_MAX_NEW_TOKENS if release else cfg.rollout.max_new_tokens,
+    }
+    for (section, key), value in defaults.items():
+        node = cfg.reference.train if section == "reference.train" else cfg[section]
+        if node[key] is None:
+            node[key] = value
+
+
 def check_values(cfg) -> None:
-    """Values that cannot work, whatever the data."""
+    """Values that cannot work, whatever the data (the protocol's settings resolved first)."""
+    resolve_protocol(cfg)
     try:
         run_methods = methods.parse(cfg.methods)
     except ValueError as e:
@@ -51,6 +78,11 @@ def check_values(cfg) -> None:
          f"{cfg.model.dtype!r} and {cfg.model.param_dtype!r}"),
         (cfg.model.save_dtype in ("", *DTYPES),
          f"model.save_dtype must be '' (the checkpoint's) or one of {DTYPES}, got {cfg.model.save_dtype!r}"),
+        (cfg.data.selection in ("first", "release"),
+         f"data.selection must be 'first' or 'release', got {cfg.data.selection!r}"),
+        (0.0 <= cfg.train.eval_fraction < 1.0,
+         f"train.eval_fraction must be in [0, 1), got {cfg.train.eval_fraction}"),
+        (cfg.train.eval_every >= 1, f"train.eval_every must be >= 1, got {cfg.train.eval_every}"),
         (cfg.task.name in ("secret", "math", "choice"),
          f"task.name must be 'secret', 'math' or 'choice', got {cfg.task.name!r}"),
     ]
@@ -63,8 +95,14 @@ def check_values(cfg) -> None:
     for section in ("train", "reference.train"):
         t = cfg.train if section == "train" else cfg.reference.train
         checks += [
+            (t.shuffle in (True, False), f"{section}.shuffle must be True or False, got {t.shuffle!r}"),
             (t.shuffle or not t.bucket_window, f"{section}.bucket_window > 0 reorders batches: it needs "
                                                f"{section}.shuffle=True"),
+            (not (t.pack and t.bucket_window), f"{section}.pack fills fixed-length rows; it replaces "
+                                               f"{section}.bucket_window (set it to 0)"),
+            (not t.pack or t.pack_length is None or t.max_len is None or t.pack_length >= t.max_len,
+             f"{section}.pack_length ({t.pack_length}) must be >= {section}.max_len ({t.max_len}): "
+             "a row must hold the longest example"),
             (t.schedule in ("constant", "cosine"), f"{section}.schedule must be 'constant' or 'cosine', got {t.schedule!r}"),
             (t.loss_normalize in ("batch", "weight_sum"),
              f"{section}.loss_normalize must be 'batch' or 'weight_sum', got {t.loss_normalize!r}"),
@@ -204,6 +242,7 @@ def check_sizes(exp) -> None:
             source = f"{len(exp.train_questions)} prompts x {cfg.rollout.num_samples} samples"
         t = cfg.train
         for name, n in counts.items():
+            n -= held_out_count(n, t.eval_fraction)
             steps = t.epochs * math.ceil(n / t.batch_size)
             fits.append((f"train ({name}: {n} examples from {source})", steps, t,
                          "lower train.batch_size or raise train.epochs"))

@@ -11,7 +11,7 @@ import numpy as np
 from flax import nnx
 
 from drift_jax import diagnostics, evaluate, methods, records, report, sharding, train
-from drift_jax.batching import make_batch_fn
+from drift_jax.batching import epoch_plan, make_batch_fn, padding_fraction, split_held_out
 from drift_jax.chat import encode_dialogue
 from drift_jax.envs.secret import scripted_episode
 from drift_jax.episodes import append_rollouts, play_episodes
@@ -21,8 +21,16 @@ from experiments.online_rl import stage_online_rl
 from experiments.workdir import Experiment, read_json, read_metrics, warn_if_unchanged, write_json
 
 
-def fit(exp: Experiment, name: str, examples, init_model: Transformer, tcfg, steps: int) -> dict:
-    """Train ``init_model`` on ``examples`` under ``<workdir>/<name>``; resumable."""
+def fit(exp: Experiment, name: str, examples, init_model: Transformer, tcfg, steps: int | None = None,
+        held_out=()) -> dict:
+    """Train ``init_model`` on ``examples`` under ``<workdir>/<name>``; resumable.
+    ``steps`` None: ``tcfg.epochs`` passes over the data. The weighted loss on
+    ``held_out`` examples is logged every ``tcfg.eval_every`` updates."""
+    pad_id, pack = exp.tokenizer.pad_token_id, tcfg.pack
+    layout = dict(bucket_window=tcfg.bucket_window, shuffle=tcfg.shuffle, pack=pack,
+                  pack_length=(tcfg.pack_length or tcfg.max_len) if pack else None)
+    batch_fn, per_epoch = make_batch_fn(examples, tcfg.batch_size, exp.cfg.seed, pad_id, **layout)
+    steps = tcfg.epochs * per_epoch if steps is None else steps
     tx, schedule = train.make_optimizer(
         tcfg.learning_rate, steps, warmup_ratio=tcfg.warmup_ratio, schedule=tcfg.schedule,
         weight_decay=tcfg.weight_decay, grad_clip=tcfg.grad_clip)
@@ -33,18 +41,31 @@ def fit(exp: Experiment, name: str, examples, init_model: Transformer, tcfg, ste
         state = sharding.shard_train_state(state, tx, mesh)
     step_fn = train.make_train_step(graphdef, tx, tcfg.num_micro_batches, tcfg.loss_normalize, schedule,
                                     loss_chunk_size=tcfg.loss_chunk_size)
-    batch_fn, _ = make_batch_fn(examples, tcfg.batch_size, exp.cfg.seed, exp.tokenizer.pad_token_id,
-                                bucket_window=tcfg.bucket_window, shuffle=tcfg.shuffle)
     if mesh is not None:
         batch_fn = (lambda make: lambda step, state=None: sharding.shard_batch(make(step), mesh))(batch_fn)
+    eval_fn = None
+    if held_out:  # file order, padded to whole batches with zero-weight rows
+        eval_batch, n = make_batch_fn(held_out, tcfg.batch_size, exp.cfg.seed, pad_id,
+                                      **{**layout, "bucket_window": 0, "shuffle": False})
+        batches = [eval_batch(i) for i in range(n)]
+        if mesh is not None:
+            batches = [sharding.shard_batch(b, mesh) for b in batches]
+        eval_fn = train.make_eval_fn(graphdef, batches, tcfg.loss_normalize, tcfg.loss_chunk_size)
     ckpt = exp.checkpointer(name, tcfg.checkpoint_every)
     metrics_path = exp.path(name, "metrics.jsonl")
     t0 = time.time()
-    state = train.train_loop(state, step_fn, batch_fn, steps, checkpointer=ckpt,
-                             metrics_path=metrics_path, desc=f"train {name}")
+    state = train.train_loop(state, step_fn, batch_fn, steps, checkpointer=ckpt, metrics_path=metrics_path,
+                             desc=f"train {name}", eval_fn=eval_fn, eval_every=getattr(tcfg, "eval_every", 0))
     ckpt.close()
     exp.save_policy(name, nnx.merge(graphdef, state.params))
     history = read_metrics(metrics_path)
+    lengths = [len(e.tokens) for e in examples]
+    padding = {"padding_fraction": padding_fraction(lengths, epoch_plan(lengths, tcfg.batch_size, exp.cfg.seed, 0,
+                                                                        **layout), tcfg.batch_size)}
+    if pack:  # what the same data would pad to one example per row
+        unpacked = {**layout, "pack": False, "pack_length": None}
+        padding["padding_fraction_unpacked"] = padding_fraction(
+            lengths, epoch_plan(lengths, tcfg.batch_size, exp.cfg.seed, 0, **unpacked), tcfg.batch_size)
     stats = {
         "steps": steps,
         "examples": len(examples),
@@ -54,6 +75,8 @@ def fit(exp: Experiment, name: str, examples, init_model: Transformer, tcfg, ste
         "trained_tokens": int(sum(r["num_input_tokens"] for r in history)),
         "supervised_tokens": int(sum(r["num_tokens"] for r in history)),
         "unchanged_policy": warn_if_unchanged(name, history),
+        **padding,
+        **({"held_out_examples": len(held_out), "eval_loss": history[-1]["eval_loss"]} if held_out else {}),
         "wall_s": time.time() - t0,
     }
     write_json(exp.path(name, "train_stats.json"), stats)
@@ -142,11 +165,11 @@ def stage_train(exp: Experiment, method: methods.Method) -> None:
     """Weighted SFT from the reference on the method's examples."""
     if exp.begin(f"train:{method.name}"):
         return
-    examples = method_examples(exp, method)
     tc = exp.cfg.train
-    steps = tc.epochs * -(-len(examples) // tc.batch_size)
+    # The last eval_fraction of the rows (file order) is not trained on (the release's 5%).
+    examples, held_out = split_held_out(method_examples(exp, method), tc.eval_fraction)
     # The reference trained from scratch is full training; methods train adapters under LoRA.
-    fit(exp, method.name, examples, exp.adapt(exp.load_policy("reference")), tc, steps)
+    fit(exp, method.name, examples, exp.adapt(exp.load_policy("reference")), tc, held_out=held_out)
     exp.finish(f"train:{method.name}")
 
 

@@ -28,17 +28,16 @@ from drift_jax.sampling import SamplingParams
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
-def make_env(name: str, task):
-    """The environment named by ``task.name`` with the turn/answer budgets of ``task``."""
+def make_env(name: str, task, stage: str = "rollout", benchmark: str | None = None):
+    """The environment named ``name`` with the turn/answer budgets of ``task`` under
+    ``task.protocol`` at ``stage`` ("rollout" or "eval"; ``benchmark`` picks the release's
+    per-benchmark grader, see ``drift_jax.envs.protocol``)."""
     budget = dict(max_turns=task.max_turns, max_answers=task.max_answers, format_penalty=task.format_penalty)
     if name == "secret":
         return SecretGuessEnv(**budget, num_candidates=task.num_candidates, num_values=task.num_values)
-    if name == "math":
-        from drift_jax.envs.math import MathEnv
-        return MathEnv(**budget)
-    if name == "choice":
-        from drift_jax.envs.choice import MultipleChoiceEnv
-        return MultipleChoiceEnv(**budget)
+    if name in ("math", "choice"):
+        from drift_jax.envs.protocol import make_env as protocol_env
+        return protocol_env(name, task.protocol, stage, benchmark=benchmark, **budget)
     raise ValueError(f"unknown task.name {name!r}; expected 'secret', 'math' or 'choice'")
 
 
@@ -214,8 +213,15 @@ class Experiment:
         cfg = self.cfg
         if cfg.task.name == "secret":
             return self.env.make_questions(cfg.rollout.num_prompts, seed=cfg.seed * 1000 + 2, prefix="train-")
+        n = cfg.rollout.num_prompts
+        if cfg.data.selection == "release":  # every row, repeats kept, then the seed-42 shuffle
+            from drift_jax.questions import select_prompts
+            loaded = load_questions(cfg.data.train, split=cfg.data.train_split, layout=cfg.data.layout,
+                                    on_bad_record=cfg.data.on_bad_record, duplicates="keep",
+                                    protocol=cfg.task.protocol)
+            return select_prompts(loaded, n, "release")
         return load_questions(cfg.data.train, split=cfg.data.train_split, layout=cfg.data.layout,
-                              limit=cfg.rollout.num_prompts, on_bad_record=cfg.data.on_bad_record)
+                              limit=n, on_bad_record=cfg.data.on_bad_record, protocol=cfg.task.protocol)
 
     @functools.cached_property
     def benchmarks(self) -> dict:
@@ -230,12 +236,12 @@ class Experiment:
         out = {}
         for name, b in cfg.eval.benchmarks.items():
             try:
-                questions = load_questions(b.source, split=b.split, layout=b.layout,
-                                           limit=cfg.eval.num_prompts, on_bad_record=cfg.data.on_bad_record)
+                questions = load_questions(b.source, split=b.split, layout=b.layout, limit=cfg.eval.num_prompts,
+                                           on_bad_record=cfg.data.on_bad_record, protocol=cfg.task.protocol)
             except (ValueError, ImportError) as e:  # DatasetError is a ValueError
                 raise type(e)(f"benchmark {name!r}: {e} (set --config.eval.benchmarks.{name}.layout, "
                               "or its .source / .split)") from e
-            out[name] = (make_env(b.task, cfg.task), questions)
+            out[name] = (make_env(b.task, cfg.task, "eval", benchmark=name), questions)
         return out
 
     @functools.cache

@@ -53,15 +53,11 @@ def chatml_tokenizer() -> PreTrainedTokenizerFast:
 
 @functools.lru_cache(maxsize=None)
 def run_module():
-    """experiments/run.py as a module, loaded once per session: it defines absl flags,
-    which a second load would define again."""
-    import importlib.util
+    """experiments/run.py as a module: ``experiments.run``, imported once (it defines absl
+    flags, which a second copy of the module would define again)."""
+    import importlib
 
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    spec = importlib.util.spec_from_file_location("drift_run", os.path.join(repo, "experiments", "run.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("experiments.run")
 
 
 def tiny_hf_checkpoint(path, param_dtype: str = "float32", generation_config: dict | None = None):

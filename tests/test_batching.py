@@ -198,3 +198,24 @@ def test_unshuffled_batches_are_file_order_and_hold_whole_groups():
     assert all(len({i // k for i in b}) * k == len(b) for b in batches)  # whole groups only
     with pytest.raises(ValueError, match="needs shuffle=True"):
         epoch_batches([3] * 8, 4, seed=0, epoch=0, bucket_window=2, shuffle=False)
+
+
+@settings(max_examples=50, deadline=None)
+@given(n=st.integers(0, 5000), fraction=st.sampled_from([0.0, 0.01, 0.05, 0.1, 0.5]))
+def test_held_out_rows_are_the_last_ceil_fraction_in_order(n, fraction):
+    """datasets' train_test_split(test_size=f, shuffle=False) holds out the last ceil(f x n)
+    rows (its n_test = ceil(test_size * n_samples)); the rest train, order kept."""
+    from drift_jax.batching import split_held_out
+
+    rows = list(range(n))
+    train_rows, held = split_held_out(rows, fraction)
+    assert train_rows + held == rows
+    assert len(held) == (math.ceil(fraction * n) if fraction else 0)
+
+
+def test_the_release_holds_out_its_last_90_prompt_groups():
+    from drift_jax.batching import held_out_count
+
+    assert held_out_count(1800 * 16, 0.05) == 90 * 16  # 5% of the 28,800 file-order rows
+    with pytest.raises(ValueError, match="fraction"):
+        held_out_count(10, 1.0)

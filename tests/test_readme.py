@@ -19,6 +19,7 @@ import sys
 
 import pytest
 
+from conftest import run_in_process
 from helpers import tiny_hf_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -85,8 +86,11 @@ def on_tiny(command: str, checkpoint: str) -> tuple[list[str], str]:
     if config == "experiments/configs/from_rollouts.py":
         out += SMALL_REAL_MODEL
     if config == "experiments/configs/eval.py":  # the hub benchmarks: offline fixtures instead
-        out += OFFLINE_BENCHMARKS + ["--config.model.dtype=float32", "--config.rollout.max_new_tokens=6", "--config.eval.max_new_tokens=6",
-                                     "--config.task.max_turns=2"]
+        # Rows per sampler call as tiny_math's: the paper's 256 pads each call of a few
+        # fixture questions to 256 rows (5x the test's time).
+        out += OFFLINE_BENCHMARKS + ["--config.model.dtype=float32", "--config.rollout.max_new_tokens=6",
+                                     "--config.eval.max_new_tokens=6", "--config.task.max_turns=2",
+                                     "--config.eval.batch_size=8"]
     workdir = next((a.split("=", 1)[1] for a in out if a.startswith("--workdir=")), None)
     return out, workdir or os.path.join("runs", os.path.splitext(os.path.basename(tiny))[0])
 
@@ -120,8 +124,7 @@ def test_readme_command_runs_on_the_tiny_configs(command, tmp_path, run_env, tin
                     line + "\n" for line in lines if json.loads(line)["prompt_id"] in mine))
         if settings[0].endswith("experiments/configs/tiny.py") and "--config.seed=" not in command:
             shutil.copytree(tiny_run[0], tmp_path / workdir)  # see the module docstring
-        out = subprocess.run([sys.executable, RUN, *args], cwd=tmp_path, capture_output=True, text=True,
-                             timeout=600, env=run_env)
+        out = run_in_process(args, cwd=tmp_path)
         assert out.returncode == 0, out.stderr[-3000:]
         results = tmp_path / workdir / "results.json"
     assert results.exists()

@@ -103,7 +103,8 @@ def test_from_rollouts_trains_a_checkpoint_on_the_authors_file(tmp_path):
     saved = json.loads((workdir / "weights.json").read_text())
     np.testing.assert_allclose(saved["drift"], trajectory_weights(records, GAMMA, BETA, LAM), rtol=1e-6)
     stats = json.loads((workdir / "drift" / "train_stats.json").read_text())
-    assert stats["steps"] == 4 and stats["examples"] == 8
+    # The paper config's release protocol holds out the last ceil(5% x 8) = 1 record.
+    assert stats["steps"] == 4 and stats["examples"] == 7 and stats["held_out_examples"] == 1
     assert stats["truncated_examples"] > 0  # the longest dialogues exceed 128 tokens
 
     trained = from_pretrained(str(workdir / "drift" / "hf"), dtype=np.float32)
@@ -121,26 +122,33 @@ def jax_leaves(tree):
     return jax.tree_util.tree_leaves(tree)
 
 
-def test_paper_pipeline_runs_on_a_tiny_checkpoint(tmp_path):
-    """qwen2_5_3b_metamath's every stage, shrunk (tests/configs/tiny_math.py): rollouts in the
-    release format from the math environment, and per-benchmark evaluation."""
-    import subprocess
-    import sys
-
-    tiny_hf_checkpoint(str(tmp_path / "init"))
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    workdir = tmp_path / "run"
-    cmd = [sys.executable, os.path.join(repo, "experiments", "run.py"),
-           "--config=" + os.path.join(repo, "tests", "configs", "tiny_math.py"),
-           f"--config.model.checkpoint={tmp_path / 'init'}", f"--workdir={workdir}"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-
+@pytest.mark.parametrize("protocol", ["drift-jax", "release"])
+def test_paper_pipeline_runs_on_a_tiny_checkpoint(protocol, tiny_math_run):
+    """qwen2_5_3b_metamath's every stage, shrunk (tests/configs/tiny_math.py), under both
+    protocols: rollouts in the release format from the math environment, training, and
+    per-benchmark evaluation; under "release", full-mode rollout prompts with the think
+    prefill, simple-mode eval prompts, and a held-out eval loss."""
+    workdir, _, _ = tiny_math_run(protocol)
     records, _ = read_jsonl(str(workdir / "rollouts.jsonl"))
     assert len(records) == 2 * 2  # the fixture's 2 MATH_ prompts (of 4 records) x K=2
-    for r in records:
+    evaluated, _ = read_jsonl(str(workdir / "eval" / "math500_reference.jsonl"))
+    for r in records + evaluated:
         assert r["messages"][0] == {"role": "system", "content": "You're a helpful assistant. "}
-        assert r["messages"][1]["content"].endswith("Strictly follow this format.")
+    stats = json.loads((workdir / "drift" / "train_stats.json").read_text())
+    if protocol == "drift-jax":
+        for r in records + evaluated:
+            assert r["messages"][1]["content"].endswith("Strictly follow this format.")
+        assert "eval_loss" not in stats
+    else:
+        for r in records:  # the release's turn block; each reply starts with the prefill or is rewritten
+            assert "\nTurn 1:\nState:\n" in r["messages"][1]["content"]
+            assert "Max response length: 400 words (tokens)." in r["messages"][1]["content"]
+            assert all(m["content"].startswith("<think>") for m in r["messages"] if m["role"] == "assistant")
+        for r in evaluated:  # eval in simple mode
+            assert "Turn 1:" not in r["messages"][1]["content"]
+        # 4 rows, the last ceil(0.05 x 4) = 1 held out; its loss logged at the last update.
+        assert stats["examples"] == 3 and stats["held_out_examples"] == 1
+        assert math.isfinite(stats["eval_loss"]) and stats["eval_loss"] > 0
     results = json.loads((workdir / "results.json").read_text())
     assert set(results["benchmarks"]) == {"math500", "mmlu_pro"}
     for method in ("reference", "drift"):

@@ -13,6 +13,7 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import run_in_process
 from helpers import chatml_tokenizer, run_module, tiny_hf_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,11 +25,11 @@ FIXTURES = os.path.join(REPO, "tests", "fixtures", "datasets")
 
 
 @pytest.fixture
-def cli(run_env):
-    """``cli(*args, ok=True) -> CompletedProcess`` of ``python experiments/run.py *args``."""
+def cli():
+    """``cli(*args, ok=True) -> CompletedProcess`` of ``python experiments/run.py *args``
+    (run in this process: ``conftest.run_in_process``)."""
     def run(*args, ok=True):
-        out = subprocess.run([sys.executable, RUN, *map(str, args)], capture_output=True, text=True,
-                             timeout=600, env=run_env)
+        out = run_in_process(args)
         assert (out.returncode == 0) == ok, (out.returncode, out.stderr[-3000:])
         return out
     return run
@@ -96,12 +97,14 @@ def test_a_failed_start_leaves_nothing_and_the_corrected_command_runs(cli, check
     results = json.loads((workdir / "results.json").read_text())
     assert any("drift: the trained policy equals its initial weights" in w for w in results["warnings"])
 
-    # One update over the 8 records: each example's real tokens once, not 128/8 = 16 times.
+    # One update over the 7 records trained on (the release protocol holds out the last
+    # ceil(5% x 8) = 1): each example's real tokens once, not 128/7 times.
     from drift_jax.chat import encode_dialogue
     from drift_jax.records import read_jsonl
     records, _ = read_jsonl(AUTHORS)
     tokenizer = chatml_tokenizer()
-    examples = [encode_dialogue(tokenizer, r["messages"], supervise="last", max_len=128) for r in records]
+    examples = [encode_dialogue(tokenizer, r["messages"], supervise="last", max_len=128) for r in records[:-1]]
+    assert stats["held_out_examples"] == 1 and stats["examples"] == 7
     assert stats["trained_tokens"] == sum(len(e.tokens) for e in examples)
     assert results["methods"]["drift"]["cost"]["trained_tokens"] == stats["trained_tokens"]
 
@@ -147,7 +150,7 @@ def test_online_rl_is_planned_from_the_embedded_configs(cli, tmp_path, config):
 
 def test_fewer_questions_than_asked_is_a_warning_with_the_numbers(cli, checkpoint, tmp_path):
     out = cli(f"--config={TINY_MATH}", f"--config.model.checkpoint={checkpoint}", "--dry_run",
-              "--config.rollout.num_prompts=4", f"--workdir={tmp_path / 'run'}")
+              "--config.rollout.num_prompts=4", "--config.task.protocol=drift-jax", f"--workdir={tmp_path / 'run'}")
     assert "gave 2 questions; rollout.num_prompts asks for 4: using 2" in out.stderr
 
 
@@ -283,3 +286,76 @@ def test_throughput_peaks_follow_the_device_kind():
     assert throughput.device_peaks("TPU v5 lite")[0] == 197e12
     assert throughput.device_peaks("TPU v5p")[0] == 459e12
     assert np.isfinite(throughput.device_peaks("NVIDIA H200")[1])
+
+
+def _config(path):
+    import runpy
+    return runpy.run_path(path)["get_config"]()
+
+
+def test_protocol_fills_the_settings_left_at_none_and_keeps_explicit_ones():
+    from experiments.preflight import ConfigError, check_values
+
+    ours = _config(os.path.join(CONFIGS, "tiny.py"))
+    check_values(ours)
+    assert (ours.data.selection, ours.train.shuffle, ours.train.eval_fraction, ours.eval.max_new_tokens) == (
+        "first", True, 0.0, ours.rollout.max_new_tokens)
+    paper = _config(os.path.join(CONFIGS, "qwen2_5_3b_metamath.py"))
+    paper.train.shuffle = True  # a deviation on one point
+    check_values(paper)
+    assert paper.task.protocol == "release"
+    assert (paper.data.selection, paper.train.shuffle, paper.train.eval_fraction, paper.eval.max_new_tokens) == (
+        "release", True, 0.05, 1024)
+    secret = _config(os.path.join(CONFIGS, "tiny.py"))
+    secret.task.protocol = "release"
+    with pytest.raises(ConfigError, match="secret task has only 'drift-jax'"):
+        check_values(secret)
+    secret.task.protocol = "authors"
+    with pytest.raises(ConfigError, match="task.protocol must be one of"):
+        check_values(secret)
+
+
+def test_release_selection_keeps_repeats_and_takes_the_seed_42_shuffle(tmp_path):
+    """data.selection="release": every row of the source, repeats kept, shuffled with seed
+    42, the first rollout.num_prompts; "first": the first rows, repeats dropped."""
+    from drift_jax.questions import load_questions, select_prompts
+    from experiments.preflight import check_values
+
+    src = tmp_path / "metamathqa.jsonl"
+    rows = [json.loads(line) for line in open(os.path.join(FIXTURES, "metamathqa.jsonl"))]
+    math_rows = [r for r in rows if r["type"].startswith("MATH_")]
+    src.write_text("".join(json.dumps(r) + "\n" for r in math_rows * 3))  # each question 3 times
+    run = run_module()
+    cfg = _config(TINY_MATH)
+    cfg.data.train, cfg.rollout.num_prompts = str(src), 4
+    check_values(cfg)
+    got = [q.prompt_id for q in run.Experiment(cfg, str(tmp_path / "w")).train_questions]
+    every = load_questions(str(src), duplicates="keep")
+    assert len(every) == 3 * len(math_rows)
+    assert got == [q.prompt_id for q in select_prompts(every, 4, "release", seed=42)]
+    cfg = _config(TINY_MATH)
+    cfg.task.protocol, cfg.data.train, cfg.rollout.num_prompts = "drift-jax", str(src), 4
+    check_values(cfg)
+    first = run.Experiment(cfg, str(tmp_path / "w2")).train_questions
+    assert len({q.prompt_id for q in first}) == len(first) < 4  # repeats dropped: fewer than asked
+    assert [q.prompt_id for q in first] == [q.prompt_id for q in load_questions(str(src))]
+
+
+def test_packed_training_reruns_training_only_and_records_the_padding(tiny_run, tmp_path, capsys):
+    """--config.train.pack=True on a finished run: the same rollouts and weights, training
+    (and its evaluation) again on packed rows; train_stats.json records the padding of
+    both layouts."""
+    run = run_module()
+    workdir = tmp_path / "run"
+    shutil.copytree(tiny_run[0], workdir)
+    cfg = _config(os.path.join(CONFIGS, "tiny.py"))
+    cfg.train.pack, cfg.train.pack_length = True, 256  # several of the toy's short dialogues per row
+    run.run(cfg, str(workdir))
+    assert stages_run(capsys.readouterr().out) == ["train:sft", "train:drift", "eval:sft:secret", "eval:drift:secret"]
+    before = json.loads((tiny_run[0] / "drift" / "train_stats.json").read_text())
+    after = json.loads((workdir / "drift" / "train_stats.json").read_text())
+    assert after["examples"] == before["examples"]
+    # The toy's 24 dialogues fill one batch either way, so only the bookkeeping is checked
+    # here (tests/test_packing.py checks the numbers, benchmarks/padding.py the savings).
+    assert after["padding_fraction_unpacked"] == pytest.approx(before["padding_fraction"])
+    assert 0 <= after["padding_fraction"] < 1

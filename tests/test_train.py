@@ -388,3 +388,32 @@ def test_loss_chunk_size_auto_chunks_only_large_vocabularies():
     graphdef, _ = fresh_state(TX)
     with pytest.raises(ValueError, match="loss_chunk_size"):
         make_train_step(graphdef, TX, loss_chunk_size=-1)
+
+
+def test_eval_fn_sums_over_batches_like_one_batch_and_equals_the_steps_loss():
+    """A held-out loss over several padded batches is the one-batch loss (sums and
+    denominators added before the division), and it is the loss the train step reports
+    for that batch before its update."""
+    _, state = fresh_state(TX)
+    graphdef, _ = fresh_state(TX)
+    batch = make_batch(7)  # 8 rows, the last 2 all padding
+    halves = [{k: v[:4] for k, v in batch.items()}, {k: v[4:] for k, v in batch.items()}]
+    whole = train.make_eval_fn(graphdef, [batch])(state)
+    split = train.make_eval_fn(graphdef, halves)(state)
+    np.testing.assert_allclose(split["loss"], whole["loss"], rtol=1e-6)
+    assert split["num_tokens"] == whole["num_tokens"] == train.target_mask(batch).sum()
+    _, metrics = shared_step_fn()(jax.tree.map(jnp.copy, state), batch)
+    np.testing.assert_allclose(whole["loss"], float(metrics["loss"]), rtol=1e-5)
+
+
+def test_train_loop_logs_the_held_out_loss_every_eval_every_and_at_the_end(tmp_path):
+    _, state, step_fn, _ = _loop_setup()
+    graphdef, _ = fresh_state(TX)
+    eval_fn = train.make_eval_fn(graphdef, [make_batch(99)])
+    path = tmp_path / "metrics.jsonl"
+    final = train_loop(state, step_fn, batch_fn, 5, metrics_path=str(path), progress=False,
+                       eval_fn=eval_fn, eval_every=2)
+    records = read_metrics(path)
+    assert [r["step"] for r in records if "eval_loss" in r] == [2, 4, 5]
+    assert records[-1]["eval_loss"] == pytest.approx(eval_fn(final)["loss"])
+    assert records[1]["eval_loss"] != records[-1]["eval_loss"]  # measured on the state of its step

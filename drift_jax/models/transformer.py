@@ -17,6 +17,11 @@ Speed switches live in the config: ``remat`` (activation checkpointing per layer
 
 Any ``Linear`` of a layer may carry a LoRA adapter (``drift_jax.models.lora``); the full
 forward takes an optional ``dropout_rng`` for the adapters' dropout in training.
+
+Packed rows (``drift_jax.batching.collate_packed``): the full forward takes optional
+``segment_ids_bt`` (0 = padding, 1..n = the example a token belongs to). Attention is then
+causal and within a segment, and RoPE positions restart at 0 in each segment, so every
+example's logits are those it has alone in a row (up to float rounding).
 """
 
 from __future__ import annotations
@@ -230,6 +235,39 @@ def default_positions(valid_bt: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(valid_bt.astype(jnp.int32), axis=1) - 1, 0)
 
 
+def segment_positions(segment_ids_bt: jax.Array) -> jax.Array:
+    """``[B, T]`` int32 RoPE positions of packed rows: 0 at the first token of each
+    segment (a run of equal ids), counting up within it; 0 on padding (id 0).
+
+    An example packed after others then gets the positions it has alone, so its
+    attention scores (which depend on relative positions only within it) are unchanged."""
+    segment_ids_bt = jnp.asarray(segment_ids_bt, jnp.int32)
+    t = segment_ids_bt.shape[1]
+    idx_t = jnp.arange(t, dtype=jnp.int32)
+    starts_bt = jnp.concatenate(
+        [jnp.ones_like(segment_ids_bt[:, :1], bool), segment_ids_bt[:, 1:] != segment_ids_bt[:, :-1]], axis=1)
+    # Index of the current segment's first token: a running max of the start indices.
+    first_bt = jax.lax.cummax(jnp.where(starts_bt, idx_t, 0), axis=1)
+    return jnp.where(segment_ids_bt > 0, idx_t - first_bt, 0)
+
+
+def attention_mask(valid_bt: jax.Array, segment_ids_bt: jax.Array | None = None) -> jax.Array:
+    """``[B, T, T]`` bool mask of the uncached forward: query t sees key s <= t that is
+    real and, with ``segment_ids_bt``, in the same segment (packed examples never see
+    each other). A padding query may see only itself, so no softmax row is ever empty.
+
+    It is a plain boolean mask, which both attention implementations take: XLA applies
+    it, and cuDNN folds it into an additive bias (as it does the padding mask), so
+    packed rows need no fallback from the fused kernel."""
+    t = valid_bt.shape[1]
+    idx = jnp.arange(t)
+    causal_ts = idx[:, None] >= idx[None, :]
+    if segment_ids_bt is None:
+        return (causal_ts & valid_bt[:, None, :]) | jnp.eye(t, dtype=bool)
+    same_bts = segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :]
+    return (causal_ts & valid_bt[:, None, :] & same_bts) | jnp.eye(t, dtype=bool)
+
+
 class Transformer(nnx.Module):
     """Decoder-only LM. ``model(tokens_bt)`` -> logits ``[B, T, V]``."""
 
@@ -259,23 +297,31 @@ class Transformer(nnx.Module):
             return hidden_btd @ self.embed_tokens[...].astype(self.cfg.dtype).T
         return self.lm_head(hidden_btd)
 
-    def hidden_states(self, tokens_bt, valid_bt=None, positions_bt=None, dropout_rng=None):
+    def hidden_states(self, tokens_bt, valid_bt=None, positions_bt=None, dropout_rng=None,
+                      segment_ids_bt=None):
         """Full (uncached) forward up to the final norm: ``[B, T]`` -> ``[B, T, D]``.
 
         ``valid_bt`` marks real tokens (False = padding, left or right); padding keys are
         never attended to by real tokens, so padding changes no real token's output.
         ``dropout_rng``: a PRNG key for the dropout of LoRA adapters (training); None
         (evaluation, sampling) runs them deterministically. Without adapters it is unused.
+        ``segment_ids_bt``: ``[B, T]`` int, for packed rows (0 = padding, 1..n = the
+        example of the token): attention stays within a segment and, when
+        ``positions_bt`` is None, positions restart per segment (``segment_positions``);
+        ``valid_bt`` defaults to ``segment_ids_bt > 0``. None: one sequence per row.
         """
         b, t = tokens_bt.shape
+        if segment_ids_bt is not None:
+            segment_ids_bt = jnp.asarray(segment_ids_bt, jnp.int32)
+            if valid_bt is None:
+                valid_bt = segment_ids_bt > 0
+            if positions_bt is None:
+                positions_bt = segment_positions(segment_ids_bt)
         if valid_bt is None:
             valid_bt = jnp.ones((b, t), bool)
         if positions_bt is None:
             positions_bt = default_positions(valid_bt)
-        idx = jnp.arange(t)
-        causal_ts = idx[:, None] >= idx[None, :]
-        # A padding query may see only itself, so no softmax row is ever empty.
-        mask_bts = (causal_ts & valid_bt[:, None, :]) | jnp.eye(t, dtype=bool)
+        mask_bts = attention_mask(valid_bt, segment_ids_bt)
         inv_freq = rope_inverse_frequencies(self.cfg)
         layer_forward = _LAYER_FORWARD[self.cfg.remat]
         x = self.embed(tokens_bt)
@@ -283,8 +329,9 @@ class Transformer(nnx.Module):
             x = layer_forward(layer, x, positions_bt, inv_freq, mask_bts, dropout_rng)
         return self.norm(x)
 
-    def __call__(self, tokens_bt, valid_bt=None, positions_bt=None, dropout_rng=None):
-        return self.logits(self.hidden_states(tokens_bt, valid_bt, positions_bt, dropout_rng))
+    def __call__(self, tokens_bt, valid_bt=None, positions_bt=None, dropout_rng=None, segment_ids_bt=None):
+        """Logits ``[B, T, V]``; arguments as ``hidden_states``."""
+        return self.logits(self.hidden_states(tokens_bt, valid_bt, positions_bt, dropout_rng, segment_ids_bt))
 
     def decode(self, tokens_bt, cache: KVCache, index, positions_bt, valid_bt=None):
         """Run ``T`` new tokens through the model, writing their keys/values into the

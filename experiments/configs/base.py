@@ -24,7 +24,14 @@ def train_section(**overrides) -> ml_collections.ConfigDict:
     t.loss_normalize = "batch"  # or "weight_sum" (docs/method.md)
     t.loss_chunk_size = "auto"  # LM head + loss over sequence chunks for large vocabularies
     t.bucket_window = 0  # > 0: batches of similar length, each padded to its own bucket
-    t.shuffle = True  # False: batches in file order (the release's --disable_shuffle)
+    # None: the protocol's (task.protocol): True for "drift-jax", False (file order, the
+    # release's --disable_shuffle) for "release".
+    t.shuffle = config_dict.placeholder(bool)
+    # True: examples packed into rows of pack_length tokens (None: max_len, else the longest
+    # example), attention kept within each; batch_size then counts ROWS. Same per-example
+    # loss, far less padding (docs/scaling.md#packed-batches).
+    t.pack = False
+    t.pack_length = config_dict.placeholder(int)
     t.max_len = config_dict.placeholder(int)  # left-truncate longer dialogues (None: never)
     t.checkpoint_every = 100  # one train-state checkpoint is kept, plus the final policy
     t.update(overrides)
@@ -67,6 +74,11 @@ def get_config():
     c.task.max_turns = 5
     c.task.max_answers = 5
     c.task.format_penalty = 0.1
+    # "drift-jax" (ours) or "release" (the authors' scripts point by point; the paper
+    # configs): prompts, parsing, grading, and every setting below left at None
+    # (data.selection, train.shuffle, train.eval_fraction, eval.max_new_tokens).
+    # docs/reproducing.md lists each point.
+    c.task.protocol = "drift-jax"
 
     # The policy. checkpoint: a Hugging Face folder or hub id, the reference of the run;
     # empty: a random-init model of the sizes below, trained into a reference first.
@@ -93,6 +105,9 @@ def get_config():
     c.data.train_split = config_dict.placeholder(str)
     c.data.layout = config_dict.placeholder(str)
     c.data.on_bad_record = "error"  # or "skip": bad records dropped, counted in results.json
+    # Which rollout.num_prompts questions: "first" (source order, repeats dropped) or
+    # "release" (repeats kept, shuffled with seed 42, then the first n); None: the protocol's.
+    c.data.selection = config_dict.placeholder(str)
 
     # Stage "reference" (embedded task only): SFT from scratch on synthetic transcripts
     # of the base habit.
@@ -127,6 +142,10 @@ def get_config():
 
     # Stage "train": weighted SFT on the last assistant turn, from the reference.
     c.train = train_section(epochs=4, checkpoint_every=50)
+    # The last fraction of the rollout rows (file order) held out of training, its weighted
+    # loss logged every eval_every updates (the release: 0.05, every 20); None: the protocol's.
+    c.train.eval_fraction = config_dict.placeholder(float)
+    c.train.eval_every = 20
 
     # LoRA (docs/lora.md): rank > 0 trains adapters on lora.targets instead of every weight,
     # for every trained method; the release's optional LoRA is rank 16, alpha 32, dropout
@@ -163,7 +182,8 @@ def get_config():
     c.eval = ml_collections.ConfigDict()
     c.eval.num_prompts = 400
     c.eval.batch_size = 512
-    c.eval.max_new_tokens = config_dict.placeholder(int)  # per turn; None: rollout.max_new_tokens
+    # Per turn; None: the protocol's (rollout.max_new_tokens; "release": 1,024).
+    c.eval.max_new_tokens = config_dict.placeholder(int)
     # {name: {"task": "math" | "choice", "source": ..., "split": ..., "layout": ...}}
     c.eval.benchmarks = ml_collections.ConfigDict()
     return c

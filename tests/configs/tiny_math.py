@@ -1,8 +1,9 @@
 """The paper's pipeline (qwen2_5_3b_metamath) shrunk to seconds, on the test fixtures.
 
-tests/test_records_interop.py fills in ``model.checkpoint`` (a random-init HF folder it writes) and runs every
-stage: rollouts with the math environment, weights, training, evaluation on a math and a
-multiple-choice benchmark, HF checkpoints out.
+Its protocol is the paper config's ("release"); tests set ``task.protocol`` for ours.
+tests/test_records_interop.py fills in ``model.checkpoint`` (a random-init HF folder it
+writes) and runs every stage under both protocols: rollouts with the math environment,
+weights, training, evaluation on a math and a multiple-choice benchmark, HF checkpoints out.
 """
 
 import os
@@ -33,6 +34,7 @@ def get_config():
     c.train.max_len = 256
     c.train.checkpoint_every = 2
     c.eval.batch_size = 8
+    c.eval.max_new_tokens = 6  # the release's 1,024 would be minutes of random tokens here
     c.eval.benchmarks = ml_collections.ConfigDict({
         "math500": base.benchmark("math", os.path.join(FIXTURES, "math500.jsonl")),
         "mmlu_pro": base.benchmark("choice", os.path.join(FIXTURES, "mmlu_pro.jsonl")),
