@@ -187,6 +187,51 @@ def run(cfg, workdir: str, dry: bool = False) -> dict | None:
     return results
 
 
+def parse_seeds(seeds: str) -> list[int]:
+    """"0,1,2" -> [0, 1, 2]; ConfigError on anything else."""
+    try:
+        out = [int(s) for s in str(seeds).split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"invalid config: seeds must be comma-separated integers, got {seeds!r}") from None
+    if len(set(out)) != len(out):
+        raise ConfigError(f"invalid config: seeds {seeds!r} repeats a seed")
+    return out
+
+
+def run_sweep(cfg, workdir: str, dry: bool = False) -> dict | None:
+    """``cfg.seeds``: ``run`` once per seed in ``<workdir>/seed<N>`` (each resumable on
+    its own), then the sweep's summary per benchmark (``drift_jax.sweep``) in
+    ``<workdir>/sweep.json``, ``sweep.md`` and ``sweep_<benchmark>.png``."""
+    from drift_jax import sweep
+    from drift_jax.records import read_jsonl
+
+    dirs = {}
+    for s in parse_seeds(cfg.seeds):
+        one = cfg.copy_and_resolve_references()
+        one.seed, one.seeds = s, ""
+        print(f"\n=== seed {s} ===")
+        dirs[s] = os.path.join(workdir, f"seed{s}")
+        results = run(one, dirs[s], dry)
+    if dry:
+        return None
+    num_turns = cfg.task.max_turns
+    names = ["reference", *(m.name for m in methods.parse(cfg.methods))]
+    summary = {}
+    for bench in results["benchmarks"]:  # per-prompt solve turns from each seed's eval records
+        t_stars = {s: {m: [r["t_star"] for r in read_jsonl(os.path.join(d, "eval", f"{bench}_{m}.jsonl"))[0]]
+                       for m in names} for s, d in dirs.items()}
+        summary[bench] = sweep.aggregate(t_stars, num_turns, seed=0)
+        sweep.plot_sweep(summary[bench], num_turns, os.path.join(workdir, f"sweep_{bench}.png"))
+    write_json(os.path.join(workdir, "sweep.json"), summary)
+    with open(os.path.join(workdir, "sweep.md"), "w") as f:
+        for bench, s in summary.items():
+            f.write(f"## {bench}\n\n{sweep.sweep_table(s, num_turns)}\n")
+    for bench, s in summary.items():
+        print(f"\n{bench}\n{sweep.sweep_table(s, num_turns)}")
+    print(f"wrote {os.path.join(workdir, 'sweep.json')}, sweep.md and the sweep plots")
+    return summary
+
+
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save/restore at INFO
@@ -195,7 +240,11 @@ def main(argv):
     apply_nones(cfg, _NONES)
     name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
     try:
-        run(cfg, _WORKDIR.value or os.path.join("runs", name), dry=_DRY_RUN.value)
+        workdir = _WORKDIR.value or os.path.join("runs", name)
+        if cfg.seeds:
+            run_sweep(cfg, workdir, dry=_DRY_RUN.value)
+        else:
+            run(cfg, workdir, dry=_DRY_RUN.value)
     except (ConfigError, BadRecord) as e:  # the user's config or data: the message says what to fix
         if _DEBUG.value:
             raise

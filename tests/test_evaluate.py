@@ -76,3 +76,22 @@ def test_correction_rate_consistent_with_multi_at_k(run):
         assert unsolved == pytest.approx(1.0 - multi[f"multi@{k}"], abs=1e-12)
         assert rates[k - 1] is None or 0.0 <= rates[k - 1] <= 1.0
         assert (rates[k - 1] is None) == (k > 1 and multi[f"multi@{k - 1}"] == 1.0)
+
+
+def test_sweep_aggregate_means_sds_and_bootstrap_intervals():
+    from drift_jax.sweep import aggregate
+
+    rng = np.random.default_rng(0)
+    t_stars = {s: {"always": [1] * 50, "coin": [1 if rng.random() < 0.5 else None for _ in range(400)]}
+               for s in (0, 1, 2)}
+    out = aggregate(t_stars, num_turns=3)
+    always = out["methods"]["always"]["multi@1"]
+    assert always == {"mean": 1.0, "sd": 0.0, "low": 1.0, "high": 1.0, "per_seed": [1.0, 1.0, 1.0]}
+    coin = out["methods"]["coin"]["multi@3"]
+    per_seed = [np.mean([t is not None for t in t_stars[s]["coin"]]) for s in (0, 1, 2)]
+    assert coin["per_seed"] == pytest.approx(per_seed)
+    assert coin["sd"] == pytest.approx(np.std(per_seed, ddof=1))
+    # 1,200 fair coins: the 95% interval of the mean is about +- 1.96 x 0.5 / sqrt(1200) = 0.028.
+    assert coin["low"] < coin["mean"] < coin["high"] and 0.04 < coin["high"] - coin["low"] < 0.08
+    with pytest.raises(ValueError, match="has methods"):
+        aggregate({0: {"a": [1]}, 1: {"b": [1]}}, num_turns=1)

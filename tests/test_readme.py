@@ -122,9 +122,11 @@ def test_readme_command_runs_on_the_tiny_configs(command, tmp_path, run_env, tin
                 mine = set(prompts[i::len(names)])
                 (tmp_path / name).write_text("".join(
                     line + "\n" for line in lines if json.loads(line)["prompt_id"] in mine))
-        if settings[0].endswith("experiments/configs/tiny.py") and "--config.seed=" not in command:
+        if "--config.seeds=" in command:  # a sweep: its seed 0 is the shared tiny run
+            shutil.copytree(tiny_run[0], tmp_path / workdir / "seed0")
+        elif settings[0].endswith("experiments/configs/tiny.py") and "--config.seed=" not in command:
             shutil.copytree(tiny_run[0], tmp_path / workdir)  # see the module docstring
         out = run_in_process(args, cwd=tmp_path)
         assert out.returncode == 0, out.stderr[-3000:]
-        results = tmp_path / workdir / "results.json"
+        results = tmp_path / workdir / ("sweep.json" if "--config.seeds=" in command else "results.json")
     assert results.exists()

@@ -359,3 +359,26 @@ def test_packed_training_reruns_training_only_and_records_the_padding(tiny_run, 
     # here (tests/test_packing.py checks the numbers, benchmarks/padding.py the savings).
     assert after["padding_fraction_unpacked"] == pytest.approx(before["padding_fraction"])
     assert 0 <= after["padding_fraction"] < 1
+
+
+def test_seeds_run_each_seed_and_summarise_them(cli, tiny_run, tmp_path):
+    """--config.seeds=0,1: the run per seed in <workdir>/seed<N> (seed 0 here is a copy of
+    the session's tiny run, so only seed 1 runs), then sweep.json whose per-seed values are
+    the seeds' own results, with mean, sd and an interval around the mean."""
+    workdir = tmp_path / "sweep"
+    shutil.copytree(tiny_run[0], workdir / "seed0")
+    out = cli(f"--config={CONFIGS}/tiny.py", "--config.seeds=0,1", f"--workdir={workdir}")
+    assert "=== seed 1 ===" in out.stdout
+    summary = json.loads((workdir / "sweep.json").read_text())["secret"]
+    assert summary["seeds"] == [0, 1]
+    for method in ("reference", "sft", "drift"):
+        stats = summary["methods"][method]["multi@5"]
+        want = [json.loads((workdir / f"seed{s}" / "results.json").read_text())["methods"][method]["multi@5"]
+                for s in (0, 1)]
+        assert stats["per_seed"] == pytest.approx(want)
+        assert stats["mean"] == pytest.approx(np.mean(want)) and stats["sd"] == pytest.approx(np.std(want, ddof=1))
+        assert stats["low"] <= stats["mean"] <= stats["high"]
+    assert (workdir / "sweep.md").read_text().count("+-") >= 3 * 5
+    assert (workdir / "sweep_secret.png").stat().st_size > 0
+    message = error_of(cli(f"--config={CONFIGS}/tiny.py", "--config.seeds=0,x", f"--workdir={workdir}", ok=False))
+    assert "seeds must be comma-separated integers" in message

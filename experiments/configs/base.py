@@ -52,6 +52,9 @@ def get_config():
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.methods = ("sft", "drift")  # drift_jax/methods.py lists them all
+    # Comma-separated seeds (e.g. "0,1,2"): the whole run once per seed, in
+    # <workdir>/seed<N>, then mean, sd and bootstrap intervals in <workdir>/sweep.{json,md,png}.
+    c.seeds = ""
     # Comma-separated rollout JSONL files (e.g. from the authors' vLLM scripts) to train
     # on instead of running the rollout stage.
     c.rollouts = ""
