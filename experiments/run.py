@@ -198,6 +198,19 @@ def parse_seeds(seeds: str) -> list[int]:
     return out
 
 
+def environment(walls: dict) -> dict:
+    """What a sweep ran on: versions, machine, and each seed's wall time (this call's:
+    a seed found finished costs ~0 s)."""
+    import platform
+
+    import flax
+
+    return {"python": platform.python_version(), "jax": jax.__version__, "flax": flax.__version__,
+            "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs",
+            "devices": sorted({d.device_kind for d in jax.devices()}),
+            "wall_s": {str(s): round(w, 1) for s, w in walls.items()}}
+
+
 def run_sweep(cfg, workdir: str, dry: bool = False) -> dict | None:
     """``cfg.seeds``: ``run`` once per seed in ``<workdir>/seed<N>`` (each resumable on
     its own), then the sweep's summary per benchmark (``drift_jax.sweep``) in
@@ -205,13 +218,15 @@ def run_sweep(cfg, workdir: str, dry: bool = False) -> dict | None:
     from drift_jax import sweep
     from drift_jax.records import read_jsonl
 
-    dirs = {}
+    dirs, walls = {}, {}
     for s in parse_seeds(cfg.seeds):
         one = cfg.copy_and_resolve_references()
         one.seed, one.seeds = s, ""
         print(f"\n=== seed {s} ===")
         dirs[s] = os.path.join(workdir, f"seed{s}")
+        t0 = time.time()
         results = run(one, dirs[s], dry)
+        walls[s] = time.time() - t0
     if dry:
         return None
     num_turns = cfg.task.max_turns
@@ -222,7 +237,8 @@ def run_sweep(cfg, workdir: str, dry: bool = False) -> dict | None:
                        for m in names} for s, d in dirs.items()}
         summary[bench] = sweep.aggregate(t_stars, num_turns, seed=0)
         sweep.plot_sweep(summary[bench], num_turns, os.path.join(workdir, f"sweep_{bench}.png"))
-    write_json(os.path.join(workdir, "sweep.json"), summary)
+    write_json(os.path.join(workdir, "sweep.json"), {"benchmarks": summary, "environment": environment(walls),
+                                                      "command": " ".join(sys.argv)})
     with open(os.path.join(workdir, "sweep.md"), "w") as f:
         for bench, s in summary.items():
             f.write(f"## {bench}\n\n{sweep.sweep_table(s, num_turns)}\n")

@@ -369,7 +369,9 @@ def test_seeds_run_each_seed_and_summarise_them(cli, tiny_run, tmp_path):
     shutil.copytree(tiny_run[0], workdir / "seed0")
     out = cli(f"--config={CONFIGS}/tiny.py", "--config.seeds=0,1", f"--workdir={workdir}")
     assert "=== seed 1 ===" in out.stdout
-    summary = json.loads((workdir / "sweep.json").read_text())["secret"]
+    written = json.loads((workdir / "sweep.json").read_text())
+    assert set(written["environment"]["wall_s"]) == {"0", "1"} and written["environment"]["jax"]
+    summary = written["benchmarks"]["secret"]
     assert summary["seeds"] == [0, 1]
     for method in ("reference", "sft", "drift"):
         stats = summary["methods"][method]["multi@5"]
