@@ -238,7 +238,7 @@ def run_sweep(cfg, workdir: str, dry: bool = False) -> dict | None:
         summary[bench] = sweep.aggregate(t_stars, num_turns, seed=0)
         sweep.plot_sweep(summary[bench], num_turns, os.path.join(workdir, f"sweep_{bench}.png"))
     write_json(os.path.join(workdir, "sweep.json"), {"benchmarks": summary, "environment": environment(walls),
-                                                      "command": " ".join(sys.argv)})
+                                                      "command": " ".join(["python", *sys.argv])})
     with open(os.path.join(workdir, "sweep.md"), "w") as f:
         for bench, s in summary.items():
             f.write(f"## {bench}\n\n{sweep.sweep_table(s, num_turns)}\n")

@@ -384,3 +384,15 @@ def test_seeds_run_each_seed_and_summarise_them(cli, tiny_run, tmp_path):
     assert (workdir / "sweep_secret.png").stat().st_size > 0
     message = error_of(cli(f"--config={CONFIGS}/tiny.py", "--config.seeds=0,x", f"--workdir={workdir}", ok=False))
     assert "seeds must be comma-separated integers" in message
+    # README's results block is rendered from such a sweep (experiments/readme_results.py).
+    from experiments import readme_results
+
+    block = readme_results.render(str(workdir))
+    per_seed = summary["methods"]["drift"]["multi@5"]["per_seed"]
+    assert all(f"{v:.3f}" in block for v in per_seed) and "wall time per seed" in block
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{readme_results.START}\nstale\n{readme_results.END}\nrest\n")
+    assert readme_results.main([str(workdir), "--readme", str(readme), "--check"]) == 1
+    assert readme_results.main([str(workdir), "--readme", str(readme)]) == 0
+    assert readme_results.main([str(workdir), "--readme", str(readme), "--check"]) == 0
+    assert readme.read_text().startswith("intro\n") and readme.read_text().endswith("rest\n")

@@ -1,0 +1,122 @@
+"""README's result tables, rendered from seed sweeps (``--config.seeds``), never typed.
+
+    python experiments/run.py --config.seeds=0,1,2 --workdir=runs/seeds
+    cp -r runs/seeds runs/seeds_released   # same rollouts: only weights, drift and eval rerun
+    python experiments/run.py --config.seeds=0,1,2 --config.drift.gamma=0.9 --config.drift.beta=0.1 \\
+        --workdir=runs/seeds_released
+    python experiments/readme_results.py runs/seeds runs/seeds_released   # rewrites README.md
+    python experiments/readme_results.py runs/seeds runs/seeds_released --check   # exit 1 if stale
+
+The block between ``<!-- results:start -->`` and ``<!-- results:end -->`` in README.md is
+replaced by the tables below, with the commands, versions, machine and wall times that
+made them (from each ``sweep.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def _read(sweep_dir: str) -> tuple[dict, dict]:
+    with open(os.path.join(sweep_dir, "sweep.json")) as f:
+        sweep = json.load(f)
+    (bench, summary), = sweep["benchmarks"].items()  # the embedded task has one benchmark
+    return sweep, summary
+
+
+def _command(sweep: dict) -> str:
+    """The command that made a sweep (recorded as argv; older sweeps lack the "python")."""
+    command = sweep["command"].replace(REPO + os.sep, "")
+    return command if command.startswith("python") else f"python {command}"
+
+
+def _cell(stats: dict) -> str:
+    return f"{stats['mean']:.3f} +- {stats['sd']:.3f} [{stats['low']:.3f}, {stats['high']:.3f}]"
+
+
+def render(default_dir: str, released_dir: str | None = None) -> str:
+    """The README block (markdown) for a default sweep and, optionally, the same sweep
+    at the paper's released gamma and beta."""
+    sweep, summary = _read(default_dir)
+    env, seeds = sweep["environment"], summary["seeds"]
+    methods = list(summary["methods"])
+    with open(os.path.join(default_dir, f"seed{seeds[0]}", "results.json")) as f:
+        num_prompts = json.load(f)["config"]["eval"]["num_prompts"]
+    last = max(int(k.split("@")[1]) for k in summary["methods"][methods[0]] if k.startswith("multi@"))
+    lines = [
+        f"Seeds {', '.join(map(str, seeds))} of `python experiments/run.py`, each on its own",
+        f"rollouts, {num_prompts} held-out prompts, greedy decoding. Made by `{_command(sweep)}` then",
+        "`python experiments/readme_results.py " + " ".join(filter(None, [default_dir, released_dir])) + "`",
+        f"on {env['machine']} ({', '.join(env['devices'])}), Python {env['python']}, jax {env['jax']}, "
+        f"flax {env['flax']}; wall time per seed (s): "
+        + ", ".join(f"{s}: {w:.0f}" for s, w in env["wall_s"].items()) + ".",
+        "",
+        f"Mean +- sd over seeds [{round(100 * summary['level'])}% bootstrap interval over prompts]:",
+        "",
+        "| method | multi@1 | " + f"multi@{last} | correction rate t2..t{last} (mean) |",
+        "| --- | --- | --- | --- |",
+    ]
+    for m in methods:
+        s = summary["methods"][m]
+        rates = " / ".join(f"{r:.3f}" for r in s["correction_rate"]["mean"][1:])
+        lines.append(f"| {m} | {_cell(s['multi@1'])} | {_cell(s[f'multi@{last}'])} | {rates} |")
+    key = f"multi@{last}"
+    lines += ["", f"{key} per seed:", "",
+              "| seed | " + " | ".join(methods) + (" | drift - sft |" if {"drift", "sft"} <= set(methods) else " |"),
+              "| --- |" + " --- |" * (len(methods) + ({"drift", "sft"} <= set(methods)))]
+    for i, seed in enumerate(seeds):
+        values = [summary["methods"][m][key]["per_seed"][i] for m in methods]
+        row = f"| {seed} | " + " | ".join(f"{v:.3f}" for v in values)
+        if {"drift", "sft"} <= set(methods):
+            row += f" | {values[methods.index('drift')] - values[methods.index('sft')]:+.3f}"
+        lines.append(row + " |")
+    if released_dir:
+        rsweep, released = _read(released_dir)
+        lines += ["", f"DRIFT's {key} at the paper's released values against the default's, on the same",
+                  f"rollouts (`{_command(rsweep)}` in a copy of the default sweep):", "",
+                  "| drift.gamma, drift.beta | " + " | ".join(f"seed {s}" for s in seeds) + " | mean +- sd |",
+                  "| --- |" + " --- |" * (len(seeds) + 1)]
+        for label, src, m in (("0.9, 0.1 (released)", released, "drift"), ("1.0, 0.5 (default)", summary, "drift"),
+                              ("sft (uniform weights)", summary, "sft")):
+            st = src["methods"][m][key]
+            lines.append(f"| {label} | " + " | ".join(f"{v:.3f}" for v in st["per_seed"])
+                         + f" | {st['mean']:.3f} +- {st['sd']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def rewrite(readme: str, block: str) -> str:
+    """``readme`` with the text between the markers replaced by ``block``."""
+    pattern = re.compile(re.escape(START) + r".*?" + re.escape(END), flags=re.S)
+    if not pattern.search(readme):
+        raise SystemExit(f"README.md has no {START} ... {END} block")
+    return pattern.sub(lambda _: f"{START}\n{block}{END}", readme, count=1)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("default", help="workdir of the default config's seed sweep")
+    parser.add_argument("released", nargs="?", help="workdir of the same sweep at gamma 0.9, beta 0.1")
+    parser.add_argument("--readme", default=os.path.join(REPO, "README.md"))
+    parser.add_argument("--check", action="store_true", help="exit 1 if README.md is not what the sweeps give")
+    args = parser.parse_args(argv)
+    with open(args.readme) as f:
+        before = f.read()
+    after = rewrite(before, render(args.default, args.released))
+    if args.check:
+        print("README.md is current" if after == before else "README.md differs from the sweeps")
+        return int(after != before)
+    with open(args.readme, "w") as f:
+        f.write(after)
+    print(f"rewrote the results block of {args.readme}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
