@@ -86,11 +86,16 @@ def plot_cost(results: dict, num_turns: int, path: str) -> None:
     """multi@T against tokens generated for training, one point per method (methods
     trained on rollouts made elsewhere have no generation cost and are left out)."""
     plt = _pyplot()
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for name, m in results["methods"].items():
         tokens = m["cost"]["generated_tokens"]
         if tokens is not None:
             ax.scatter([tokens], [m[f"multi@{num_turns}"]], label=name)
+    # Token counts run to six digits or more: few ticks, in thousands, so labels never touch.
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=4, min_n_ticks=2))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x / 1e3:,.0f}k" if x else "0"))
     ax.set_xlabel("tokens generated (rollouts)")
     ax.set_ylabel(f"multi@{num_turns}")
     ax.set_ylim(0, 1)

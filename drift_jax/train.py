@@ -446,6 +446,7 @@ def train_loop(
     progress: bool = True,
     eval_fn: Callable[[TrainState], dict[str, float]] | None = None,
     eval_every: int = 0,
+    tensorboard_dir: str | None = None,
 ) -> TrainState:
     """Run updates until ``state.step == num_steps`` (a total, not an increment).
 
@@ -460,7 +461,9 @@ def train_loop(
     update), tokens_per_s (real input tokens per step second) and wall_time (unix
     seconds); lines past the step training starts from are dropped first. Every
     ``eval_every`` updates and after the last, ``eval_fn(state)``'s numbers join the line
-    as ``eval_<name>`` (a held-out loss, ``make_eval_fn``). The
+    as ``eval_<name>`` (a held-out loss, ``make_eval_fn``). With ``tensorboard_dir``,
+    every number of each line also goes to TensorBoard event files there (tag = key,
+    step = updates done); a resumed run discards the events past its start step. The
     checkpointer saves on its own interval and once at the end. Raises
     FloatingPointError at the first non-finite loss or gradient norm, before that step
     is saved: the last checkpoint stays a good one.
@@ -473,6 +476,11 @@ def train_loop(
     if metrics_path:
         _keep_metrics_upto(metrics_path, start)
     log_cm = open(metrics_path, "a") if metrics_path else contextlib.nullcontext()
+    board = None
+    if tensorboard_dir:
+        from tensorboardX import SummaryWriter  # lazy: only training that asks for it
+
+        board = SummaryWriter(tensorboard_dir, purge_step=start or None)
     bar_cm = tqdm(total=num_steps, initial=start, desc=desc, dynamic_ncols=True, disable=not progress)
     with log_cm as log_file, bar_cm as bar:
         for step in range(start, num_steps):
@@ -499,12 +507,18 @@ def train_loop(
                           "tokens_per_s": metrics["num_input_tokens"] / step_time, "wall_time": time.time()}
                 if eval_fn is not None and (done == num_steps or (eval_every and done % eval_every == 0)):
                     record.update({f"eval_{k}": v for k, v in eval_fn(state).items()})
+                if board is not None:
+                    for key, value in record.items():
+                        if key not in ("step", "wall_time") and isinstance(value, (int, float)):
+                            board.add_scalar(key, value, done, walltime=record["wall_time"])
                 log_file.write(json.dumps(record) + "\n")
                 log_file.flush()
             if checkpointer is not None:
                 checkpointer.save(done, checkpoint_view(state))
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics.get('lr', math.nan):.2e}")
+    if board is not None:
+        board.close()
     if checkpointer is not None:
         checkpointer.save(int(state.step), checkpoint_view(state), force=True)
     return state

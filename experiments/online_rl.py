@@ -39,7 +39,8 @@ def stage_online_rl(exp: Experiment) -> None:
     metrics_path = exp.path("online_rl", "metrics.jsonl")
     ckpt = exp.checkpointer("online_rl", oc.checkpoint_every)
     state = train.train_loop(state, step_fn, batch_fn, oc.steps, aux=ref_params, checkpointer=ckpt,
-                             metrics_path=metrics_path, desc="online RL")
+                             metrics_path=metrics_path, desc="online RL",
+                             tensorboard_dir=exp.path("online_rl", "tensorboard"))
     ckpt.close()
     exp.save_policy("online_rl", nnx.merge(graphdef, state.params))
     history = read_metrics(metrics_path)

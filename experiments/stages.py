@@ -55,7 +55,8 @@ def fit(exp: Experiment, name: str, examples, init_model: Transformer, tcfg, ste
     metrics_path = exp.path(name, "metrics.jsonl")
     t0 = time.time()
     state = train.train_loop(state, step_fn, batch_fn, steps, checkpointer=ckpt, metrics_path=metrics_path,
-                             desc=f"train {name}", eval_fn=eval_fn, eval_every=getattr(tcfg, "eval_every", 0))
+                             desc=f"train {name}", eval_fn=eval_fn, eval_every=getattr(tcfg, "eval_every", 0),
+                             tensorboard_dir=exp.path(name, "tensorboard"))
     ckpt.close()
     exp.save_policy(name, nnx.merge(graphdef, state.params))
     history = read_metrics(metrics_path)

@@ -417,3 +417,34 @@ def test_train_loop_logs_the_held_out_loss_every_eval_every_and_at_the_end(tmp_p
     assert [r["step"] for r in records if "eval_loss" in r] == [2, 4, 5]
     assert records[-1]["eval_loss"] == pytest.approx(eval_fn(final)["loss"])
     assert records[1]["eval_loss"] != records[-1]["eval_loss"]  # measured on the state of its step
+
+
+def _tensorboard_scalars(logdir) -> dict[str, dict[int, float]]:
+    """{tag: {step: value}} of every event file under ``logdir`` (TFRecord framing:
+    length, its CRC, the Event proto, its CRC), later files overriding earlier ones."""
+    import os
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    scalars: dict = {}
+    for name in sorted(os.listdir(logdir)):
+        data = open(os.path.join(logdir, name), "rb").read()
+        pos = 0
+        while pos < len(data):
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+            pos += 12 + length + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, {})[event.step] = value.simple_value
+    return scalars
+
+
+def test_train_loop_writes_every_logged_metric_to_tensorboard(tmp_path):
+    _, state, step_fn, _ = _loop_setup()
+    path, board = tmp_path / "metrics.jsonl", tmp_path / "tb"
+    train_loop(state, step_fn, batch_fn, 4, metrics_path=str(path), progress=False, tensorboard_dir=str(board))
+    scalars = _tensorboard_scalars(board)
+    for record in read_metrics(path):
+        for key in ("loss", "grad_norm", "lr", "tokens_per_s"):
+            assert scalars[key][record["step"]] == pytest.approx(record[key], rel=1e-6)  # float32 in the event
