@@ -116,7 +116,13 @@ class Experiment:
         self.skipped_records = collections.Counter()
         self.ledger = ledger.Ledger(workdir, ran=parent.ledger.ran if parent else None,
                                     label=f"{os.path.basename(workdir)}/" if parent else "")
-        self._flat_cfg = ledger.flatten(json.loads(json.dumps(cfg.to_dict())))  # tuples -> lists
+
+    @functools.cached_property
+    def _flat_cfg(self) -> dict:
+        """The config as flat keys (tuples as lists), read at the first ``settings`` call:
+        after preflight has filled in the protocol's settings, so the ledger records the
+        values the stages use."""
+        return ledger.flatten(json.loads(json.dumps(self.cfg.to_dict())))
 
     @functools.cached_property
     def tokenizer(self):

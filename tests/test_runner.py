@@ -396,3 +396,37 @@ def test_seeds_run_each_seed_and_summarise_them(cli, tiny_run, tmp_path):
     assert readme_results.main([str(workdir), "--readme", str(readme)]) == 0
     assert readme_results.main([str(workdir), "--readme", str(readme), "--check"]) == 0
     assert readme.read_text().startswith("intro\n") and readme.read_text().endswith("rest\n")
+
+
+def test_beta_spectrum_trains_drift_per_beta_on_the_same_rollouts(tiny_run, tmp_path, capsys):
+    """experiments/beta_spectrum.py on a finished run: per (gamma, beta) point the run's
+    rollouts are reused (only weights, drift and its eval rerun), the point's beta is the
+    one its weights used, and the endpoints are the run's SFT and a once-trained RFT."""
+    from experiments import beta_spectrum
+
+    workdir = tmp_path / "run"
+    shutil.copytree(tiny_run[0], workdir)
+    assert beta_spectrum.main([f"--workdir={workdir}", "--betas=0.1,10", "--gammas=1.0"]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads((workdir / "beta_spectrum.json").read_text())
+    assert [(p["gamma"], p["beta"]) for p in summary["points"]] == [(1.0, 0.1), (1.0, 10.0)]
+    for p in summary["points"]:
+        point = workdir / "beta_spectrum" / f"g1_b{p['beta']:g}"
+        assert json.loads((point / "weights.json").read_text())["beta"] == p["beta"]
+        assert (point / "rollouts.jsonl").read_bytes() == (tiny_run[0] / "rollouts.jsonl").read_bytes()
+    # Flatter weights at a larger beta: ESS/K grows towards 1 (SFT's uniform weights).
+    assert summary["points"][0]["mean_ess_fraction"] < summary["points"][1]["mean_ess_fraction"] <= 1.0
+    sft = json.loads((tiny_run[0] / "results.json").read_text())["methods"]["sft"]["multi@5"]
+    assert summary["endpoints"]["sft"]["multi@5"] == sft and "rft" in summary["endpoints"]
+    assert "stages run: weights, train:drift, eval:drift:secret" in out
+    assert (workdir / "beta_spectrum.png").stat().st_size > 0
+
+
+def test_the_ledger_records_the_settings_the_protocol_filled_in(tiny_run):
+    """stages.json holds the values the stages used (train.shuffle True, eval's token
+    budget), not the None the config left for the protocol to fill."""
+    stages = json.loads((tiny_run[0] / "stages.json").read_text())
+    train = stages["train:drift"]["settings"]
+    assert train["train.shuffle"] is True and train["reference.train.shuffle"] is True
+    assert train["train.eval_fraction"] == 0.0 and train["data.selection"] == "first"
+    assert stages["eval:drift:secret"]["settings"]["eval.max_new_tokens"] == 4  # rollout.max_new_tokens
