@@ -4,12 +4,15 @@
     cp -r runs/seeds runs/seeds_released   # same rollouts: only weights, drift and eval rerun
     python experiments/run.py --config.seeds=0,1,2 --config.drift.gamma=0.9 --config.drift.beta=0.1 \\
         --workdir=runs/seeds_released
-    python experiments/readme_results.py runs/seeds runs/seeds_released   # rewrites README.md
-    python experiments/readme_results.py runs/seeds runs/seeds_released --check   # exit 1 if stale
+    python experiments/run.py --workdir=runs/default
+    python experiments/beta_spectrum.py --workdir=runs/default --gammas=0.9,1.0 --betas=0.1,0.5,2,10
+    python experiments/readme_results.py runs/seeds runs/seeds_released --spectrum=runs/default
+    python experiments/readme_results.py ... --check   # exit 1 if README.md is stale
 
 The block between ``<!-- results:start -->`` and ``<!-- results:end -->`` in README.md is
 replaced by the tables below, with the commands, versions, machine and wall times that
-made them (from each ``sweep.json``).
+made them (from each ``sweep.json``); with ``--spectrum``, the block between
+``<!-- spectrum:start -->`` and ``<!-- spectrum:end -->`` by the beta spectrum's table.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import re
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # experiments.beta_spectrum
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 
@@ -91,24 +95,41 @@ def render(default_dir: str, released_dir: str | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def rewrite(readme: str, block: str) -> str:
+def render_spectrum(workdir: str) -> str:
+    """The beta spectrum's table (``experiments/beta_spectrum.py``) of a run."""
+    from experiments import beta_spectrum
+
+    with open(os.path.join(workdir, "beta_spectrum.json")) as f:
+        summary = json.load(f)
+    gammas = ",".join(f"{g:g}" for g in sorted({p["gamma"] for p in summary["points"]}))
+    betas = ",".join(f"{b:g}" for b in sorted({p["beta"] for p in summary["points"]}))
+    return (f"Made by `python experiments/beta_spectrum.py --workdir={workdir} --gammas={gammas} "
+            f"--betas={betas}` on a finished "
+            f"`python experiments/run.py --workdir={workdir}`.\n\n"
+            + beta_spectrum.table(summary, int(summary["metric"].split("@")[1])))
+
+
+def rewrite(readme: str, block: str, start: str = START, end: str = END) -> str:
     """``readme`` with the text between the markers replaced by ``block``."""
-    pattern = re.compile(re.escape(START) + r".*?" + re.escape(END), flags=re.S)
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), flags=re.S)
     if not pattern.search(readme):
-        raise SystemExit(f"README.md has no {START} ... {END} block")
-    return pattern.sub(lambda _: f"{START}\n{block}{END}", readme, count=1)
+        raise SystemExit(f"README.md has no {start} ... {end} block")
+    return pattern.sub(lambda _: f"{start}\n{block}{end}", readme, count=1)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("default", help="workdir of the default config's seed sweep")
     parser.add_argument("released", nargs="?", help="workdir of the same sweep at gamma 0.9, beta 0.1")
+    parser.add_argument("--spectrum", help="a run with a beta_spectrum.json (experiments/beta_spectrum.py)")
     parser.add_argument("--readme", default=os.path.join(REPO, "README.md"))
     parser.add_argument("--check", action="store_true", help="exit 1 if README.md is not what the sweeps give")
     args = parser.parse_args(argv)
     with open(args.readme) as f:
         before = f.read()
     after = rewrite(before, render(args.default, args.released))
+    if args.spectrum:
+        after = rewrite(after, render_spectrum(args.spectrum), "<!-- spectrum:start -->", "<!-- spectrum:end -->")
     if args.check:
         print("README.md is current" if after == before else "README.md differs from the sweeps")
         return int(after != before)

@@ -420,6 +420,9 @@ def test_beta_spectrum_trains_drift_per_beta_on_the_same_rollouts(tiny_run, tmp_
     assert summary["endpoints"]["sft"]["multi@5"] == sft and "rft" in summary["endpoints"]
     assert "stages run: weights, train:drift, eval:drift:secret" in out
     assert (workdir / "beta_spectrum.png").stat().st_size > 0
+    from experiments import readme_results
+    block = readme_results.render_spectrum(str(workdir))
+    assert block.count("\n| 1 | ") == 2 and "| rft | - |" in block and "| sft | - |" in block
 
 
 def test_the_ledger_records_the_settings_the_protocol_filled_in(tiny_run):
