@@ -6,13 +6,17 @@
         --workdir=runs/seeds_released
     python experiments/run.py --workdir=runs/default
     python experiments/beta_spectrum.py --workdir=runs/default --gammas=0.9,1.0 --betas=0.1,0.5,2,10
-    python experiments/readme_results.py runs/seeds runs/seeds_released --spectrum=runs/default
+    python experiments/run.py --config=experiments/configs/comparison.py --config.seeds=0 \\
+        --workdir=runs/comparison_seeds
+    python experiments/readme_results.py runs/seeds runs/seeds_released --spectrum=runs/default \\
+        --comparison=runs/comparison_seeds
     python experiments/readme_results.py ... --check   # exit 1 if README.md is stale
 
 The block between ``<!-- results:start -->`` and ``<!-- results:end -->`` in README.md is
 replaced by the tables below, with the commands, versions, machine and wall times that
 made them (from each ``sweep.json``); with ``--spectrum``, the block between
-``<!-- spectrum:start -->`` and ``<!-- spectrum:end -->`` by the beta spectrum's table.
+``<!-- spectrum:start -->`` and ``<!-- spectrum:end -->`` by the beta spectrum's table, and
+with ``--comparison`` the ``comparison`` block by every method of a comparison sweep.
 """
 
 from __future__ import annotations
@@ -95,6 +99,44 @@ def render(default_dir: str, released_dir: str | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_comparison(sweep_dir: str) -> str:
+    """Every method of a comparison sweep: multi@1 and multi@T over seeds, the turn-T
+    correction rate, and each method's cost (means over seeds, from each results.json)."""
+    sweep, summary = _read(sweep_dir)
+    env, seeds = sweep["environment"], summary["seeds"]
+    methods = list(summary["methods"])
+    last = max(int(k.split("@")[1]) for k in summary["methods"][methods[0]] if k.startswith("multi@"))
+    costs = {m: [] for m in methods}
+    for seed in seeds:
+        with open(os.path.join(sweep_dir, f"seed{seed}", "results.json")) as f:
+            results = json.load(f)
+        for m in methods:
+            costs[m].append(results["methods"][m]["cost"])
+
+    def mean_cost(m: str, key: str) -> str:
+        values = [c[key] for c in costs[m] if c.get(key) is not None]
+        return f"{sum(values) / len(values):,.0f}" if values else "-"
+
+    lines = [f"Seeds {', '.join(map(str, seeds))}. Made by `{_command(sweep)}` then "
+             f"`python experiments/readme_results.py ... --comparison={sweep_dir}` on {env['machine']}, "
+             f"Python {env['python']}, jax {env['jax']}; wall time per seed (s): "
+             + ", ".join(f"{s}: {w:.0f}" for s, w in env["wall_s"].items()) + ".", "",
+             f"| method | multi@1 | multi@{last} | correction rate t{last} | generated tokens | trained tokens | wall s |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for m in methods:
+        st = summary["methods"][m]
+        lines.append(f"| {m} | {_cell(st['multi@1'])} | {_cell(st[f'multi@{last}'])} | "
+                     f"{st['correction_rate']['mean'][-1]:.3f} | {mean_cost(m, 'generated_tokens')} | "
+                     f"{mean_cost(m, 'trained_tokens')} | {mean_cost(m, 'wall_s')} |")
+    if {"drift", "online_rl"} <= set(methods):
+        ratio = [d["generated_tokens"] / o["generated_tokens"] for d, o in zip(costs["drift"], costs["online_rl"])]
+        gap = [summary["methods"]["drift"][f"multi@{last}"]["per_seed"][i]
+               - summary["methods"]["online_rl"][f"multi@{last}"]["per_seed"][i] for i in range(len(seeds))]
+        lines += ["", f"DRIFT minus online RL, multi@{last}, per seed: " + ", ".join(f"{g:+.3f}" for g in gap)
+                  + "; DRIFT's generated tokens / online RL's: " + ", ".join(f"{r:.2f}" for r in ratio) + "."]
+    return "\n".join(lines) + "\n"
+
+
 def render_spectrum(workdir: str) -> str:
     """The beta spectrum's table (``experiments/beta_spectrum.py``) of a run."""
     from experiments import beta_spectrum
@@ -122,6 +164,7 @@ def main(argv=None) -> int:
     parser.add_argument("default", help="workdir of the default config's seed sweep")
     parser.add_argument("released", nargs="?", help="workdir of the same sweep at gamma 0.9, beta 0.1")
     parser.add_argument("--spectrum", help="a run with a beta_spectrum.json (experiments/beta_spectrum.py)")
+    parser.add_argument("--comparison", help="workdir of a comparison.py seed sweep")
     parser.add_argument("--readme", default=os.path.join(REPO, "README.md"))
     parser.add_argument("--check", action="store_true", help="exit 1 if README.md is not what the sweeps give")
     args = parser.parse_args(argv)
@@ -130,6 +173,9 @@ def main(argv=None) -> int:
     after = rewrite(before, render(args.default, args.released))
     if args.spectrum:
         after = rewrite(after, render_spectrum(args.spectrum), "<!-- spectrum:start -->", "<!-- spectrum:end -->")
+    if args.comparison:
+        after = rewrite(after, render_comparison(args.comparison), "<!-- comparison:start -->",
+                        "<!-- comparison:end -->")
     if args.check:
         print("README.md is current" if after == before else "README.md differs from the sweeps")
         return int(after != before)

@@ -396,6 +396,11 @@ def test_seeds_run_each_seed_and_summarise_them(cli, tiny_run, tmp_path):
     assert readme_results.main([str(workdir), "--readme", str(readme)]) == 0
     assert readme_results.main([str(workdir), "--readme", str(readme), "--check"]) == 0
     assert readme.read_text().startswith("intro\n") and readme.read_text().endswith("rest\n")
+    comparison = readme_results.render_comparison(str(workdir))
+    cost = json.loads((workdir / "seed1" / "results.json").read_text())["methods"]["drift"]["cost"]
+    mean_tokens = (cost["generated_tokens"] + json.loads((workdir / "seed0" / "results.json").read_text())[
+        "methods"]["drift"]["cost"]["generated_tokens"]) / 2
+    assert f"| {mean_tokens:,.0f} |" in comparison.split("| drift |")[1].splitlines()[0] + " |"
 
 
 def test_beta_spectrum_trains_drift_per_beta_on_the_same_rollouts(tiny_run, tmp_path, capsys):
