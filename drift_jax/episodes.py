@@ -24,20 +24,26 @@ from tqdm.auto import tqdm
 
 from drift_jax import records
 from drift_jax.chat import encode_prompt
+from drift_jax.engine import Engine, EngineOptions, Request, engine_options
 from drift_jax.envs.base import Environment, Episode, Question, env_prefill
-from drift_jax.sampling import SamplingParams, generate_batched
+from drift_jax.sampling import SamplingParams, add_work, generate_batched
+
+
+def prompt_hash(prompt_id: str) -> int:
+    """The prompt's part of its sampling keys (31 bits of its crc32)."""
+    return zlib.crc32(prompt_id.encode()) & 0x7FFFFFFF
 
 
 def episode_keys(seed: int, prompt_ids: Sequence[str], sample_idx: Sequence[int], turn: int):
     """``[N]`` PRNG keys from (seed, prompt id, sample index, turn): a trajectory's samples
     do not depend on which other prompts share its batch or its run."""
-    prompt_hash = np.asarray([zlib.crc32(p.encode()) & 0x7FFFFFFF for p in prompt_ids], np.uint32)
+    prompt_hash_n = np.asarray([prompt_hash(p) for p in prompt_ids], np.uint32)
     base = jax.random.fold_in(jax.random.key(seed), turn)
 
     def one(h, j):
         return jax.random.fold_in(jax.random.fold_in(base, h), j)
 
-    return jax.vmap(one)(prompt_hash, np.asarray(sample_idx, np.uint32))
+    return jax.vmap(one)(prompt_hash_n, np.asarray(sample_idx, np.uint32))
 
 
 def decode_reply(tokenizer, reply_ids: Sequence[int], stop_ids: Sequence[int]) -> str:
@@ -64,6 +70,8 @@ def play_episodes(
     desc: str = "episodes",
     progress: bool = True,
     return_ids: bool = False,
+    engine: "str | EngineOptions" = "continuous",
+    stats: dict | None = None,
 ):
     """Play ``num_samples`` episodes of every question.
 
@@ -81,9 +89,9 @@ def play_episodes(
 
 
 def _play(model, tokenizer, env, questions, *, num_samples, sampling, seed, batch_size, max_len,
-          desc, progress, keep_ids):
-    """``play_episodes``; per episode and turn, (prompt ids, reply ids) with ``keep_ids``,
-    else the number of tokens generated."""
+          desc, progress, keep_ids, engine=None, stats=None):
+    """``play_episodes`` on the static sampler; per episode and turn, (prompt ids, reply
+    ids) with ``keep_ids``, else the number of tokens generated."""
     episodes = [Episode(env, q) for q in questions for _ in range(num_samples)]
     sample_idx = [j for _ in questions for j in range(num_samples)]
     turns: list[list] = [[] for _ in episodes]
@@ -98,13 +106,61 @@ def _play(model, tokenizer, env, questions, *, num_samples, sampling, seed, batc
         keys = episode_keys(
             seed, [episodes[i].question.prompt_id for i in live], [sample_idx[i] for i in live], turn
         )
-        outputs = generate_batched(model, prompts, keys, sampling, batch_size=batch_size, max_len=max_len)
+        turn_stats = {} if stats is not None else None
+        outputs = generate_batched(model, prompts, keys, sampling, batch_size=batch_size, max_len=max_len,
+                                   stats=turn_stats)
+        if stats is not None:
+            by_turn = stats.setdefault("prefill_tokens_by_turn", {})
+            by_turn[turn] = by_turn.get(turn, 0) + turn_stats["prefill_tokens"]
+            add_work(stats, **{k: v for k, v in turn_stats.items() if k != "slot_utilization"})
         for i, prompt, (reply, _) in zip(live, prompts, outputs):
             turns[i].append((list(prompt), list(reply)) if keep_ids else len(reply))
             episodes[i].step(prefill + decode_reply(tokenizer, reply, sampling.stop_ids))
             if episodes[i].done:
                 bar.update(1)
     bar.close()
+    return episodes, turns
+
+
+def _play_continuous(model, tokenizer, env, questions, *, num_samples, sampling, seed, batch_size, max_len,
+                     desc, progress, keep_ids, engine, on_group=None, stats=None):
+    """``_play`` on the continuous engine. ``on_group(q, episodes, turns)`` is called as
+    soon as question q's K episodes have all ended (in any order of q); ``stats``, a
+    dict, receives the engine's work-done figures."""
+    opts = engine_options(engine, batch_size)
+    k = num_samples
+    episodes = [Episode(env, q) for q in questions for _ in range(k)]
+    turns: list[list] = [[] for _ in episodes]
+    hashes = [prompt_hash(q.prompt_id) for q in questions]
+    unfinished = [k] * len(questions)
+    prefill = env_prefill(env)
+    budget = sampling.max_new_tokens
+    bar = tqdm(total=len(episodes), desc=desc, unit="episode", disable=not progress, leave=False)
+
+    def source():
+        for q in range(len(questions)):
+            tokens = encode_prompt(tokenizer, episodes[q * k].messages, prefill)
+            yield [Request(q * k + j, tokens, (1, hashes[q], j), budget, share=q, share_count=k) for j in range(k)]
+
+    def on_finish(req: Request, reply: list, _logps) -> list:
+        i, q = req.episode, req.episode // k
+        turns[i].append((list(req.tokens), list(reply)) if keep_ids else len(reply))
+        episodes[i].step(prefill + decode_reply(tokenizer, reply, sampling.stop_ids))
+        if not episodes[i].done:
+            tokens = encode_prompt(tokenizer, episodes[i].messages, prefill)
+            return [Request(i, tokens, (len(turns[i]) + 1, hashes[q], i % k), budget)]
+        bar.update(1)
+        unfinished[q] -= 1
+        if unfinished[q] == 0 and on_group is not None:
+            on_group(q, episodes[q * k:(q + 1) * k], turns[q * k:(q + 1) * k])
+        return []
+
+    eng = Engine(model, sampling, seed=seed, num_slots=opts.num_slots, page_size=opts.page_size,
+                 num_pages=opts.num_pages, steps_per_visit=opts.steps_per_visit, max_len=max_len)
+    eng_stats = eng.run(source(), on_finish)
+    bar.close()
+    if stats is not None:
+        stats.update(eng_stats.as_dict())
     return episodes, turns
 
 
@@ -119,25 +175,29 @@ def generated_tokens(record: dict) -> int:
 
 def append_rollouts(path: str, model, tokenizer, env: Environment, questions: Sequence[Question], *,
                     num_samples: int, sampling: SamplingParams, seed: int, batch_size: int = 64,
-                    max_len: int | None = None, desc: str = "rollout", progress: bool = True) -> dict:
+                    max_len: int | None = None, desc: str = "rollout", progress: bool = True,
+                    engine: "str | EngineOptions" = "continuous") -> dict:
     """Play ``num_samples`` episodes of every question into the JSONL file ``path``,
     resuming whatever an interrupted call with the same arguments left there.
 
-    Prompts are played in fixed chunks of ``G = max(1, batch_size // num_samples)``
-    (chunk c = questions[c*G:(c+1)*G], by index only), and every finished prompt group
-    (its K records) is appended with one write + fsync. On entry the file is cut back to
-    its last complete group (``records.resume_point``); the first chunk with unfinished
-    groups is replayed IN FULL, so its batches and numerics are those of the
-    uninterrupted run, and only its unfinished groups are appended. Sampling keys come
-    from (seed, prompt id, sample, turn) alone, so the file ends up byte-identical to an
-    uninterrupted run's.
+    On entry the file is cut back to its last complete group (``records.resume_point``).
+    Every finished prompt group (its K records) is appended with one write + fsync, in
+    prompt order. Sampling keys come from (seed, prompt id, sample, turn) alone.
+
+    - "continuous" engine: the remaining prompts stream through the engine's slots; a
+      group is written once it and every group before it have ended.
+    - "static": prompts are played in fixed chunks of ``G = max(1, batch_size //
+      num_samples)`` (chunk c = questions[c*G:(c+1)*G], by index only); the first chunk
+      with unfinished groups is replayed IN FULL, so its batches and numerics are those
+      of the uninterrupted run and the file ends byte-identical to it.
 
     Each record's per-turn ``reward_details`` carry ``generated_tokens``, so the total
     below is the same however often the run was interrupted.
 
     Returns:
       {"trajectories", "generated_tokens" (total in the file), "resumed_groups" (groups
-      already in the file on entry), "t_star" (per record, file order)}.
+      already in the file on entry), "t_star" (per record, file order), "work" (the
+      sampler's work-done figures for this call)}.
     """
     if not questions:
         raise ValueError("append_rollouts needs at least one question")
@@ -147,24 +207,38 @@ def append_rollouts(path: str, model, tokenizer, env: Environment, questions: Se
     if len(set(prompt_ids)) != len(prompt_ids):
         raise ValueError("questions have duplicate prompt ids; a prompt id must name one prompt group")
     done = records.resume_point(path, prompt_ids, num_samples)
-    chunk = max(1, batch_size // num_samples)
     bar = tqdm(total=len(questions), initial=done, desc=desc, unit="prompt", disable=not progress)
-    first = done - done % chunk if done < len(questions) else len(questions)  # chunk of group `done`
-    for start in range(first, len(questions), chunk):
-        episodes, tokens_per_turn = _play(
-            model, tokenizer, env, questions[start:start + chunk], num_samples=num_samples,
-            sampling=sampling, seed=seed, batch_size=batch_size, max_len=max_len, desc=desc,
-            progress=False, keep_ids=False)
-        for g in range(len(episodes) // num_samples):
-            if start + g < done:
-                continue  # already in the file
-            group = range(g * num_samples, (g + 1) * num_samples)
-            records.append_group(path, [_record(episodes[i], tokens_per_turn[i]) for i in group])
-            bar.update(1)
+    work: dict = {}
+    kwargs = dict(num_samples=num_samples, sampling=sampling, seed=seed, batch_size=batch_size,
+                  max_len=max_len, desc=desc, progress=False, keep_ids=False, engine=engine, stats=work)
+    if engine_options(engine, batch_size).kind == "continuous":
+        ended: dict = {}
+        next_group = [0]
+
+        def on_group(q, group_episodes, group_turns):
+            ended[q] = [_record(e, t) for e, t in zip(group_episodes, group_turns)]
+            while next_group[0] in ended:  # write in prompt order
+                records.append_group(path, ended.pop(next_group[0]))
+                next_group[0] += 1
+                bar.update(1)
+
+        if done < len(questions):
+            _play_continuous(model, tokenizer, env, questions[done:], on_group=on_group, **kwargs)
+    else:
+        chunk = max(1, batch_size // num_samples)
+        first = done - done % chunk if done < len(questions) else len(questions)  # chunk of group `done`
+        for start in range(first, len(questions), chunk):
+            episodes, tokens_per_turn = _play(model, tokenizer, env, questions[start:start + chunk], **kwargs)
+            for g in range(len(episodes) // num_samples):
+                if start + g < done:
+                    continue  # already in the file
+                group = range(g * num_samples, (g + 1) * num_samples)
+                records.append_group(path, [_record(episodes[i], tokens_per_turn[i]) for i in group])
+                bar.update(1)
     bar.close()
     written, _ = records.read_jsonl(path)
     return {"trajectories": len(written), "generated_tokens": sum(map(generated_tokens, written)),
-            "resumed_groups": done, "t_star": [r["t_star"] for r in written]}
+            "resumed_groups": done, "t_star": [r["t_star"] for r in written], "work": work}
 
 
 def _record(episode: Episode, tokens_per_turn: list[int]) -> dict:

@@ -167,6 +167,7 @@ def generate_batched(
     max_len: int | None = None,
     min_bucket: int = 16,
     mesh=None,
+    stats: dict | None = None,
 ):
     """Generate for any number of tokenised prompts of any lengths.
 
@@ -181,6 +182,7 @@ def generate_batched(
       max_len: context limit; a prompt that cannot fit with its budget is an error.
       mesh: optional ``(data, fsdp, tensor)`` mesh (single process): each chunk's rows
         are split over data x fsdp, so ``batch_size`` must be a multiple of their size.
+      stats: optional dict; work-done counters are added to it (``add_work``).
     Returns:
       list of N (tokens: list[int], log-probs: np.ndarray) pairs, tokens up to and
       including the stop token.
@@ -231,4 +233,15 @@ def generate_batched(
         for r, i in enumerate(rows):
             length = int(lengths_b[r])
             results[i] = (tokens_bn[r, :length].tolist(), logp_bn[r, :length])
+        if stats is not None:  # the loop runs until the chunk's longest row stops
+            add_work(stats, useful_tokens=int(lengths_b.sum()), slot_steps=batch_size * int(lengths_b.max()),
+                     prefill_tokens=sum(len(prompts[i]) for i in rows), prefill_padded_tokens=batch_size * p)
     return results
+
+
+def add_work(stats: dict, **counts: int) -> None:
+    """Add work counters to ``stats`` and refresh its ``slot_utilization`` (useful
+    decoded tokens / (rows x decode steps))."""
+    for name, n in counts.items():
+        stats[name] = stats.get(name, 0) + n
+    stats["slot_utilization"] = stats.get("useful_tokens", 0) / max(1, stats.get("slot_steps", 0))

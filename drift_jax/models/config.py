@@ -39,6 +39,9 @@ class ModelConfig:
         multi-token calls (training, prefill). None picks "cudnn" on GPU for bf16/fp16
         with a head_dim cuDNN takes, else "xla". Single-token decode steps always use
         "xla" (memory-bound; cuDNN's flash kernel gains nothing there).
+      paged_attention_impl: decode steps over a paged cache (the continuous engine):
+        "auto" takes JAX's Pallas paged-attention kernel on GPU and gather + XLA
+        elsewhere; "xla", "pallas" or "pallas_interpret" (the kernel on CPU, for tests).
     """
 
     vocab_size: int
@@ -59,6 +62,7 @@ class ModelConfig:
     param_dtype: Any = jnp.float32
     remat: str = "none"
     attention_impl: str | None = None
+    paged_attention_impl: str = "auto"
 
     def __post_init__(self):
         if self.remat not in REMAT_POLICIES:

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from drift_jax import paged as paged_kv
 from drift_jax.models.config import ModelConfig
 
 _EMBED_STD = 0.02
@@ -159,9 +160,13 @@ class Attention(nnx.Module):
         self.cfg = cfg
 
     def __call__(self, x_btd, positions_bt, inv_freq, mask_bts, kv=None, index=None, is_causal=False,
-                 dropout_rng=None):
+                 dropout_rng=None, paged=None):
         """Attention over the new tokens' own keys, or over a cache ``kv=(k, v)`` into
         which the new keys are first written at slot ``index``. Returns (out, (k, v)).
+
+        ``paged``: a ``drift_jax.paged.PageRefs``; ``kv`` is then one layer's
+        ``(k_pages, v_pages)``, the new keys are written where ``paged`` says and the
+        queries attend causally over their rows' pages (``mask_bts`` is unused).
 
         ``is_causal`` (only valid when T == S, query t at key slot t) tells the kernel
         the mask is causal, so cuDNN can skip the upper triangle; ``mask_bts`` must then
@@ -176,6 +181,10 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q, positions_bt, inv_freq)
         k = apply_rope(k, positions_bt, inv_freq)
+        if paged is not None:
+            k_pages, v_pages = paged_kv.write(kv[0], k, paged), paged_kv.write(kv[1], v, paged)
+            out = paged_kv.attend(q, k_pages, v_pages, paged, cfg.paged_attention_impl)
+            return self.o_proj(out.reshape(b, t, -1), dropout_rng), (k_pages, v_pages)
         if kv is not None:
             k_cache, v_cache = kv
             k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, axis=1)
@@ -208,9 +217,9 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(cfg, rngs)
 
     def __call__(self, x, positions_bt, inv_freq, mask_bts, kv=None, index=None, is_causal=False,
-                 dropout_rng=None):
+                 dropout_rng=None, paged=None):
         h, kv = self.self_attn(self.input_layernorm(x), positions_bt, inv_freq, mask_bts, kv, index,
-                               is_causal, dropout_rng)
+                               is_causal, dropout_rng, paged)
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x), dropout_rng), kv
 
@@ -362,3 +371,22 @@ class Transformer(nnx.Module):
             ks.append(k_c)
             vs.append(v_c)
         return self.norm(x), KVCache(tuple(ks), tuple(vs), valid_bs)
+
+    def paged_hidden(self, tokens_bt, cache, block_tables_bm, positions_bt, valid_bt):
+        """Run new tokens over a paged cache (``drift_jax.paged``), writing their keys
+        and values into their rows' pages: (hidden ``[B, T, D]``, updated ``PagedKV``).
+
+        block_tables_bm: ``[B, M]`` each row's pages; positions_bt: ``[B, T]`` each
+        token's position, which is also its cache index (a paged sequence has no
+        padding inside); valid_bt: False on padding, whose keys go to the trash page.
+        Each query attends to positions 0..its own of its row.
+        """
+        refs = paged_kv.page_refs(block_tables_bm, positions_bt, valid_bt, cache.page_size)
+        inv_freq = rope_inverse_frequencies(self.cfg)
+        x = self.embed(tokens_bt)
+        ks, vs = [], []
+        for layer, k_p, v_p in zip(self.layers, cache.k, cache.v):
+            x, (k_p, v_p) = layer(x, positions_bt, inv_freq, None, (k_p, v_p), paged=refs)
+            ks.append(k_p)
+            vs.append(v_p)
+        return self.norm(x), type(cache)(tuple(ks), tuple(vs))

@@ -1,0 +1,157 @@
+"""A paged KV cache: keys and values live in fixed-size pages of one shared pool, and each
+sequence reads its own through a block table (the layout of vLLM and of JAX's Pallas
+paged-attention kernels).
+
+Device side (pure functions): ``PagedKV`` holds, per layer, ``[K, P, page, H]`` pages
+(kv heads first, as the Pallas kernels want them); ``write`` scatters new keys to
+(page, offset) pairs; ``attend`` is attention of new queries over a sequence's pages:
+the Pallas GPU kernel for one-token decode steps where it runs, else gather + masked
+``jax.nn.dot_product_attention`` (CPU, prefill). Page 0 is never handed out: writes of
+padding tokens go there, so a program needs no branch for them.
+
+Host side: ``PagePool`` hands out page ids with reference counts, so the K samples of a
+prompt can share its pages and an episode can keep its pages between turns.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+TRASH_PAGE = 0  # written by padding tokens, read by nothing
+
+
+class PagedKV(NamedTuple):
+    """Per-layer key and value pages, each ``[K, P, page_size, H]``."""
+
+    k: tuple
+    v: tuple
+
+    @classmethod
+    def zeros(cls, cfg, num_pages: int, page_size: int) -> "PagedKV":
+        shape = (cfg.num_kv_heads, num_pages, page_size, cfg.head_dim)
+        layers = range(cfg.num_layers)
+        return cls(k=tuple(jnp.zeros(shape, cfg.dtype) for _ in layers),
+                   v=tuple(jnp.zeros(shape, cfg.dtype) for _ in layers))
+
+    @property
+    def page_size(self) -> int:
+        return self.k[0].shape[2]
+
+
+class PageRefs(NamedTuple):
+    """Where one call's tokens go and what they read, shared by every layer.
+
+    block_tables_bm: ``[B, M]`` page ids of each row's sequence, in position order
+      (position p lives in page ``block_tables_bm[b, p // page]``); unused entries 0.
+    write_page_bt, write_offset_bt: ``[B, T]`` where each new token's key is written
+      (TRASH_PAGE for padding).
+    positions_bt: ``[B, T]`` each new token's position (= its cache index).
+    """
+
+    block_tables_bm: jax.Array
+    write_page_bt: jax.Array
+    write_offset_bt: jax.Array
+    positions_bt: jax.Array
+
+
+def page_refs(block_tables_bm, positions_bt, valid_bt, page_size: int) -> PageRefs:
+    """``PageRefs`` for new tokens at ``positions_bt`` (False in ``valid_bt`` = padding)."""
+    m = block_tables_bm.shape[1]
+    page_index_bt = jnp.clip(positions_bt // page_size, 0, m - 1)
+    page_bt = jnp.take_along_axis(block_tables_bm, page_index_bt, axis=1)
+    return PageRefs(block_tables_bm, jnp.where(valid_bt, page_bt, TRASH_PAGE),
+                    positions_bt % page_size, positions_bt)
+
+
+def write(pages_kpsh, new_btkh, refs: PageRefs):
+    """Scatter new keys (or values) ``[B, T, K, H]`` into the pages."""
+    new_kbth = jnp.transpose(new_btkh, (2, 0, 1, 3)).astype(pages_kpsh.dtype)
+    return pages_kpsh.at[:, refs.write_page_bt, refs.write_offset_bt].set(new_kbth)
+
+
+def gather(pages_kpsh, block_tables_bm):
+    """A row's pages in position order: ``[B, M * page_size, K, H]``."""
+    k, _, page, h = pages_kpsh.shape
+    b, m = block_tables_bm.shape
+    gathered_kbmsh = pages_kpsh[:, block_tables_bm]
+    return jnp.transpose(gathered_kbmsh, (1, 2, 3, 0, 4)).reshape(b, m * page, k, h)
+
+
+def _pallas_decode(q_bnh, k_pages, v_pages, block_tables_bm, lengths_b, interpret=False):
+    from jax.experimental.pallas.ops.gpu import paged_attention as pallas_paged
+
+    scale = q_bnh.shape[-1] ** -0.5  # the kernel does not scale the logits itself
+    m = block_tables_bm.shape[1]
+    return pallas_paged.paged_attention(
+        (q_bnh * scale).astype(q_bnh.dtype), k_pages, v_pages, block_tables_bm, lengths_b,
+        pages_per_compute_block=math.gcd(m, 8), k_splits=1, interpret=interpret)
+
+
+def attention_backend(num_queries: int, impl: str = "auto") -> str:
+    """"pallas" (the Pallas GPU paged kernel, one-token decode on GPU) or "xla"."""
+    if impl not in ("auto", "xla", "pallas", "pallas_interpret"):
+        raise ValueError(f"paged attention impl {impl!r}: expected auto, xla, pallas or pallas_interpret")
+    if impl == "auto":
+        return "pallas" if num_queries == 1 and jax.default_backend() == "gpu" else "xla"
+    return impl if num_queries == 1 else "xla"
+
+
+def attend(q_btnh, k_pages, v_pages, refs: PageRefs, impl: str = "auto"):
+    """Causal attention of new queries ``[B, T, N, H]`` over their rows' pages (which
+    already hold the new keys): query at position p sees positions 0..p. -> ``[B, T, N, H]``."""
+    b, t, _, _ = q_btnh.shape
+    backend = attention_backend(t, impl)
+    if backend.startswith("pallas"):
+        lengths_b = (refs.positions_bt[:, 0] + 1).astype(jnp.int32)
+        out_bnh = _pallas_decode(q_btnh[:, 0], k_pages, v_pages, refs.block_tables_bm, lengths_b,
+                                 interpret=backend == "pallas_interpret")
+        return out_bnh[:, None]
+    k_bskh = gather(k_pages, refs.block_tables_bm)
+    v_bskh = gather(v_pages, refs.block_tables_bm)
+    slot_s = jnp.arange(k_bskh.shape[1])
+    mask_bts = slot_s[None, None, :] <= refs.positions_bt[:, :, None]
+    return jax.nn.dot_product_attention(q_btnh, k_bskh.astype(q_btnh.dtype), v_bskh.astype(q_btnh.dtype),
+                                        mask=mask_bts[:, None], implementation="xla")
+
+
+class PoolExhausted(RuntimeError):
+    """No free pages left; the caller may free (evict) some and retry."""
+
+
+class PagePool:
+    """Host-side allocator of page ids 1..num_pages-1 with reference counts."""
+
+    def __init__(self, num_pages: int):
+        if num_pages < 2:
+            raise ValueError(f"a page pool needs >= 2 pages (page 0 is reserved), got {num_pages}")
+        self.num_pages = num_pages
+        self.refs = np.zeros(num_pages, np.int32)
+        self._free = list(range(num_pages - 1, 0, -1))  # pop() hands out low ids first
+
+    @property
+    def free(self) -> int:
+        return len(self._free)
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise PoolExhausted(f"{n} pages wanted, {len(self._free)} free")
+        pages = [self._free.pop() for _ in range(n)]
+        self.refs[pages] = 1
+        return pages
+
+    def share(self, pages) -> None:
+        for p in pages:
+            self.refs[p] += 1
+
+    def release(self, pages) -> None:
+        for p in pages:
+            self.refs[p] -= 1
+            if self.refs[p] == 0:
+                self._free.append(p)
+            elif self.refs[p] < 0:
+                raise RuntimeError(f"page {p} released more often than taken")
