@@ -250,10 +250,15 @@ class Engine:
     def _pages_for(self, n_tokens: int) -> int:
         return math.ceil(n_tokens / self.page_size)
 
-    def _allocate(self, n: int, waiting: collections.OrderedDict) -> list:
-        """``n`` pages, dropping the caches of waiting episodes (oldest first) if needed."""
+    def _allocate(self, n: int, waiting: collections.OrderedDict, shared: dict) -> list:
+        """``n`` pages, dropping if needed the caches of waiting episodes (oldest first),
+        then shared prompts (their samples still to come prefill the prompt themselves)."""
         while self.pool.free < n and waiting:
             _, victim = waiting.popitem(last=False)
+            self.pool.release(victim.pages)
+            self.stats.evictions += 1
+        while self.pool.free < n and shared:
+            _, victim = shared.popitem()
             self.pool.release(victim.pages)
             self.stats.evictions += 1
         return self.pool.allocate(n)
@@ -313,11 +318,11 @@ class Engine:
                 kept = cache.pages[:self._pages_for(keep)]
                 self.pool.release(cache.pages[len(kept):])
                 try:
-                    new = self._allocate(self._pages_for(need) - len(kept), waiting)
+                    new = self._allocate(self._pages_for(need) - len(kept), waiting, shared)
                 except paged.PoolExhausted:
                     # Keep the still-valid prefix for when running slots have freed pages.
                     waiting[req.episode] = _Cache(kept, list(req.tokens[:keep]))
-                    if not any(r is not None for r in slot_req) and not rows:
+                    if not any(r is not None for r in slot_req) and not rows and not finished:
                         raise RuntimeError(f"page pool of {self.pool.num_pages} pages is too small "
                                            f"for one request of {need} tokens") from None
                     break
@@ -394,7 +399,7 @@ class Engine:
         entry = shared.get(req.share)
         n_shared = (len(req.tokens) - 1) // self.page_size * self.page_size
         if entry is None and n_shared:
-            pages = self._allocate(self._pages_for(n_shared), waiting)
+            pages = self._allocate(self._pages_for(n_shared), waiting, shared)
             entry = shared[req.share] = _Cache(pages, list(req.tokens[:n_shared]))
             entry.remaining = req.share_count
             prefix_rows.append((pages, req.tokens[:n_shared], 0, self.num_slots))

@@ -162,6 +162,35 @@ def _play_continuous(model, tokenizer, env, questions, *, num_samples, sampling,
     if stats is not None:
         stats.update(eng_stats.as_dict())
     return episodes, turns
+def chunk_size(batch_size: int, num_samples: int) -> int:
+    """Prompts per chunk, ``G = max(1, batch_size // num_samples)``: the unit a player
+    plays at once (``append_rollouts``, ``play_chunked``) and the unit a multi-process job
+    shards by (``distributed.shard_range(..., align=G)``). Chunk c is always
+    questions[c*G:(c+1)*G], whoever plays it, so its batches and numbers never depend
+    on how many processes share the work."""
+    return max(1, batch_size // num_samples)
+
+
+def play_chunked(model, tokenizer, env: Environment, questions: Sequence[Question], *, num_samples: int,
+                 sampling: SamplingParams, seed: int, batch_size: int = 64, max_len: int | None = None,
+                 desc: str = "episodes", progress: bool = True, engine="continuous", stats: dict | None = None):
+    """``play_episodes`` over ``questions`` one chunk (``chunk_size``) at a time:
+    (episodes, generated tokens), question-major. A slice of the questions that starts
+    at a chunk boundary gets the same episodes as the whole list (a process playing its
+    shard of an evaluation writes what a single process would)."""
+    chunk = chunk_size(batch_size, num_samples)
+    episodes, generated = [], 0
+    bar = tqdm(total=len(questions), desc=desc, unit="prompt", disable=not progress, leave=False)
+    for start in range(0, len(questions), chunk):
+        played, tokens = play_episodes(model, tokenizer, env, questions[start:start + chunk],
+                                       num_samples=num_samples, sampling=sampling, seed=seed,
+                                       batch_size=batch_size, max_len=max_len, desc=desc, progress=False,
+                                       engine=engine, stats=stats)
+        episodes += played
+        generated += tokens
+        bar.update(len(questions[start:start + chunk]))
+    bar.close()
+    return episodes, generated
 
 
 def generated_tokens(record: dict) -> int:
@@ -176,7 +205,7 @@ def generated_tokens(record: dict) -> int:
 def append_rollouts(path: str, model, tokenizer, env: Environment, questions: Sequence[Question], *,
                     num_samples: int, sampling: SamplingParams, seed: int, batch_size: int = 64,
                     max_len: int | None = None, desc: str = "rollout", progress: bool = True,
-                    engine: "str | EngineOptions" = "continuous") -> dict:
+                    engine: "str | EngineOptions" = "continuous", stats: dict | None = None) -> dict:
     """Play ``num_samples`` episodes of every question into the JSONL file ``path``,
     resuming whatever an interrupted call with the same arguments left there.
 
@@ -208,7 +237,7 @@ def append_rollouts(path: str, model, tokenizer, env: Environment, questions: Se
         raise ValueError("questions have duplicate prompt ids; a prompt id must name one prompt group")
     done = records.resume_point(path, prompt_ids, num_samples)
     bar = tqdm(total=len(questions), initial=done, desc=desc, unit="prompt", disable=not progress)
-    work: dict = {}
+    work: dict = {} if stats is None else stats
     kwargs = dict(num_samples=num_samples, sampling=sampling, seed=seed, batch_size=batch_size,
                   max_len=max_len, desc=desc, progress=False, keep_ids=False, engine=engine, stats=work)
     if engine_options(engine, batch_size).kind == "continuous":
@@ -225,7 +254,7 @@ def append_rollouts(path: str, model, tokenizer, env: Environment, questions: Se
         if done < len(questions):
             _play_continuous(model, tokenizer, env, questions[done:], on_group=on_group, **kwargs)
     else:
-        chunk = max(1, batch_size // num_samples)
+        chunk = chunk_size(batch_size, num_samples)
         first = done - done % chunk if done < len(questions) else len(questions)  # chunk of group `done`
         for start in range(first, len(questions), chunk):
             episodes, tokens_per_turn = _play(model, tokenizer, env, questions[start:start + chunk], **kwargs)

@@ -203,7 +203,7 @@ def episode_example(turns: Sequence[tuple[list[int], list[int]]], advantage: flo
 def make_batch_fn(graphdef: nnx.GraphDef, tokenizer, env, questions: Sequence, *,
                   prompts_per_step: int, num_samples: int, sampling: SamplingParams,
                   gamma: float, lam: float, adv_eps: float = 1e-6, seq_len: int | None = None,
-                  batch_size: int = 64, max_len: int | None = None, seed: int = 0):
+                  batch_size: int = 64, max_len: int | None = None, seed: int = 0, engine="continuous"):
     """``batch_fn(step, state) -> (batch, info)`` for ``train.train_loop``: update
     ``step``'s episodes played by the policy in ``state``.
 
@@ -225,7 +225,7 @@ def make_batch_fn(graphdef: nnx.GraphDef, tokenizer, env, questions: Sequence, *
         episodes, generated, turns = play_episodes(
             nnx.merge(graphdef, state.params), tokenizer, env, qs, num_samples=num_samples,
             sampling=sampling, seed=step_seed(seed, step), batch_size=batch_size, max_len=max_len,
-            progress=False, return_ids=True)
+            progress=False, return_ids=True, engine=engine)
         returns_n = np.asarray([trajectory_returns(e.to_record(), gamma, lam) for e in episodes])
         adv_n = np.asarray(group_advantages(returns_n, group_ids_n, prompts_per_step, adv_eps))
         examples, left_out = zip(*(episode_example(t, a) for t, a in zip(turns, adv_n)))

@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import re
+import shutil
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -312,6 +313,20 @@ def write_jsonl(path: str, records: Iterable[dict]) -> None:
     tmp = f"{path}.tmp"
     with open(tmp, "wb") as f:
         f.write(data)
+    os.replace(tmp, path)
+
+
+def concat_files(path: str, parts: Sequence[str]) -> None:
+    """Write the bytes of ``parts``, in order, to ``path`` atomically (temporary file,
+    then rename): a multi-process job's shards, each a whole JSONL file, make the file
+    a single process writes, byte for byte."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as out:
+        for part in parts:
+            with open(part, "rb") as f:
+                shutil.copyfileobj(f, out)
+        out.flush()
+        os.fsync(out.fileno())
     os.replace(tmp, path)
 
 

@@ -6,7 +6,8 @@ Parallelism is then a config change: the same jitted train step and sampler run 
 mesh, with XLA inserting the collectives.
 
 Two ways to a sharded ``TrainState``: ``shard_train_state`` moves a state built on one
-device onto the mesh (one process, a model that fits one device);
+device onto the mesh (a model that fits one device; with several processes each copies
+in its own devices' slices, ``to_mesh``);
 ``create_sharded_train_state`` builds it inside one jitted program whose outputs are
 already sharded, so no device (and no host) ever holds the whole model: the way for
 multi-host runs (see ``drift_jax.distributed``) and big models.
@@ -67,25 +68,41 @@ def batch_sharding(mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
 
 
+def to_mesh(value, sharding: NamedSharding):
+    """``jax.device_put(value, sharding)``, also when ``sharding`` spans other processes'
+    devices: there a device_put of a local array would be a cross-host transfer, which
+    most backends lack. Every process holds the same value (same seed, same program), so
+    each copies in just the slices of its own devices from a host copy. Typed PRNG keys
+    travel as their key data."""
+    if jax.process_count() == 1 or sharding.is_fully_addressable:
+        return jax.device_put(value, sharding)
+    if jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
+        data = to_mesh(jax.random.key_data(value), NamedSharding(sharding.mesh, PartitionSpec()))
+        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(value))
+    host = np.asarray(jax.device_get(value))
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
 def shard_train_state(state, tx, mesh, rules=LOGICAL_RULES):
     """Place a ``TrainState`` on ``mesh``: params by their logical axes, the optimizer
     state re-initialised from them (so its moments inherit the same shardings), scalars
-    replicated."""
-    params = jax.device_put(state.params, param_shardings(state.params, mesh, rules))
+    replicated. Multi-process, every process calls it with the same ``state``
+    (``to_mesh``)."""
+    params = jax.tree.map(to_mesh, state.params, param_shardings(state.params, mesh, rules))
     replicated = NamedSharding(mesh, PartitionSpec())
 
     def like(value, fresh):
         # Moments shaped like a param got its sharding from tx.init; counters and other
         # scalars are replicated.
         target = fresh.sharding if isinstance(fresh.sharding, NamedSharding) else replicated
-        return jax.device_put(value, target)
+        return to_mesh(value, target)
 
     return state.replace(
         params=params,
         # The optimizer covers the trained params only (the adapters, under LoRA).
         opt_state=jax.tree.map(like, state.opt_state, tx.init(split_trainable(params)[0])),
-        step=jax.device_put(state.step, replicated),
-        rng=jax.device_put(state.rng, replicated),
+        step=to_mesh(state.step, replicated),
+        rng=to_mesh(state.rng, replicated),
     )
 
 

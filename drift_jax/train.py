@@ -45,6 +45,7 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
+from drift_jax import distributed
 from drift_jax.losses import (chunked_token_cross_entropy, mean_loss, reduce_masked_segments, token_cross_entropy,
                               weighted_token_loss)
 
@@ -464,7 +465,9 @@ def train_loop(
     as ``eval_<name>`` (a held-out loss, ``make_eval_fn``). With ``tensorboard_dir``,
     every number of each line also goes to TensorBoard event files there (tag = key,
     step = updates done); a resumed run discards the events past its start step. The
-    checkpointer saves on its own interval and once at the end. Raises
+    checkpointer saves on its own interval and once at the end (every process calls it:
+    Orbax saves collectively); in a multi-process job only process 0 writes the metrics
+    and TensorBoard files. Raises
     FloatingPointError at the first non-finite loss or gradient norm, before that step
     is saved: the last checkpoint stays a good one.
     """
@@ -473,11 +476,14 @@ def train_loop(
         if latest is not None and latest > int(state.step):
             state = restore_checkpoint(checkpointer, state, latest)
     start = int(state.step)
-    if metrics_path:
+    # Multi-process: every process computes each line (the held-out eval is a collective
+    # on the mesh) and process 0 alone writes it.
+    writer = distributed.is_main()
+    if metrics_path and writer:
         _keep_metrics_upto(metrics_path, start)
-    log_cm = open(metrics_path, "a") if metrics_path else contextlib.nullcontext()
+    log_cm = open(metrics_path, "a") if metrics_path and writer else contextlib.nullcontext()
     board = None
-    if tensorboard_dir:
+    if tensorboard_dir and writer:
         from tensorboardX import SummaryWriter  # lazy: only training that asks for it
 
         board = SummaryWriter(tensorboard_dir, purge_step=start or None)
@@ -502,7 +508,7 @@ def train_loop(
                     f"at step {done} (batch_fn({step})); last checkpoint: step {last}. "
                     "Check that batch's weights and tokens, or lower the learning rate."
                 )
-            if log_file is not None and (done % log_every == 0 or done == num_steps):
+            if metrics_path and (done % log_every == 0 or done == num_steps):
                 record = {"step": done, **metrics, **info, "batch_s": t1 - t0, "step_time_s": step_time,
                           "tokens_per_s": metrics["num_input_tokens"] / step_time, "wall_time": time.time()}
                 if eval_fn is not None and (done == num_steps or (eval_every and done % eval_every == 0)):
@@ -511,8 +517,9 @@ def train_loop(
                     for key, value in record.items():
                         if key not in ("step", "wall_time") and isinstance(value, (int, float)):
                             board.add_scalar(key, value, done, walltime=record["wall_time"])
-                log_file.write(json.dumps(record) + "\n")
-                log_file.flush()
+                if log_file is not None:
+                    log_file.write(json.dumps(record) + "\n")
+                    log_file.flush()
             if checkpointer is not None:
                 checkpointer.save(done, checkpoint_view(state))
             bar.update(1)

@@ -19,6 +19,8 @@ import os
 import shutil
 import time
 
+from drift_jax import distributed
+
 # Keys that change memory, speed or bookkeeping, not the numbers a stage writes.
 HOW_NOT_WHAT = ("mesh", "model.remat", "model.attention_impl", "allow_tiny", "compilation_cache",
                 "train.checkpoint_every", "reference.train.checkpoint_every", "online_rl.checkpoint_every",
@@ -69,7 +71,8 @@ class Ledger:
     ``begin(stage, settings, outputs)`` is True when the stage's output is current (skip
     the stage); otherwise stale outputs move aside, the stage is recorded as started
     under ``settings`` (a killed stage then resumes only under the same settings) and
-    it is False. ``finish(stage)`` marks it done. ``ran`` lists the stages begun, each
+    it is False. ``finish(stage)`` marks it done. In a multi-process job process 0 alone
+    reads and writes the ledger; every process gets the same answers. ``ran`` lists the stages begun, each
     prefixed by ``label`` (a round's ledger shares its parent's list).
     """
 
@@ -106,6 +109,15 @@ class Ledger:
         return "stale: " + describe_change(entry["settings"], settings)
 
     def begin(self, stage: str, settings: dict, outputs: list[str]) -> bool:
+        # Multi-process: process 0 alone reads the ledger, moves stale outputs and records
+        # the start; every process gets its answer (``distributed.agree``), so they all skip
+        # or all run the stage, and none starts before the stale outputs are gone.
+        skip = distributed.agree(f"begin:{self.label}{stage}", lambda: self._begin(stage, settings, outputs))
+        if not skip:
+            self.ran.append(self.label + stage)
+        return skip
+
+    def _begin(self, stage: str, settings: dict, outputs: list[str]) -> bool:
         status = self.status(stage, settings, outputs)
         if status == "done":
             return True
@@ -119,10 +131,13 @@ class Ledger:
         entries = self._read()
         entries[stage] = {"settings": settings, "done": False}
         self._write(entries)
-        self.ran.append(self.label + stage)
         return False
 
     def finish(self, stage: str) -> None:
-        entries = self._read()
-        entries[stage]["done"] = True
-        self._write(entries)
+        """Mark ``stage`` done (process 0), then wait for every process: a stage's
+        outputs, written by process 0, are complete for every process once it returns."""
+        if distributed.is_main():
+            entries = self._read()
+            entries[stage]["done"] = True
+            self._write(entries)
+        distributed.barrier(f"finish:{self.label}{stage}")

@@ -262,6 +262,18 @@ def _parse(record: dict):
     return parse_record(record, messages=False)
 
 
+def check_mesh(exp) -> None:
+    """The training mesh fits the job's devices (``Experiment.mesh``): refused here, before
+    anything runs, rather than when the first training starts. A run that trains nothing
+    (a checkpoint's evaluation alone) needs no mesh."""
+    if exp.checkpoint is not None and not methods.parse(exp.cfg.methods):
+        return
+    try:
+        _ = exp.mesh  # builds (or refuses) the mesh
+    except ValueError as e:
+        raise ConfigError(f"invalid config: {e}") from None
+
+
 def preflight(exp) -> list[str]:
     """Run every check on ``exp`` (an ``experiments.workdir.Experiment``); nothing is
     written. Returns the warnings (also logged); raises ``ConfigError``."""
@@ -277,6 +289,7 @@ def preflight(exp) -> list[str]:
             raise ConfigError(str(e)) from None
     warnings = check_questions(exp)
     check_sizes(exp)
+    check_mesh(exp)
     for w in warnings:
         logging.warning(w)
     return warnings

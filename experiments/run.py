@@ -236,12 +236,14 @@ def run_sweep(cfg, workdir: str, dry: bool = False) -> dict | None:
         t_stars = {s: {m: [r["t_star"] for r in read_jsonl(os.path.join(d, "eval", f"{bench}_{m}.jsonl"))[0]]
                        for m in names} for s, d in dirs.items()}
         summary[bench] = sweep.aggregate(t_stars, num_turns, seed=0)
-        sweep.plot_sweep(summary[bench], num_turns, os.path.join(workdir, f"sweep_{bench}.png"))
+        if distributed.is_main():
+            sweep.plot_sweep(summary[bench], num_turns, os.path.join(workdir, f"sweep_{bench}.png"))
     write_json(os.path.join(workdir, "sweep.json"), {"benchmarks": summary, "environment": environment(walls),
                                                       "command": " ".join(["python", *sys.argv])})
-    with open(os.path.join(workdir, "sweep.md"), "w") as f:
-        for bench, s in summary.items():
-            f.write(f"## {bench}\n\n{sweep.sweep_table(s, num_turns)}\n")
+    if distributed.is_main():
+        with open(os.path.join(workdir, "sweep.md"), "w") as f:
+            for bench, s in summary.items():
+                f.write(f"## {bench}\n\n{sweep.sweep_table(s, num_turns)}\n")
     for bench, s in summary.items():
         print(f"\n{bench}\n{sweep.sweep_table(s, num_turns)}")
     print(f"wrote {os.path.join(workdir, 'sweep.json')}, sweep.md and the sweep plots")

@@ -5,16 +5,17 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import time
 
 import numpy as np
 from flax import nnx
 
-from drift_jax import diagnostics, evaluate, methods, records, report, sharding, train
+from drift_jax import diagnostics, distributed, evaluate, methods, records, report, sharding, train
 from drift_jax.batching import epoch_plan, make_batch_fn, padding_fraction, split_held_out
 from drift_jax.chat import encode_dialogue
 from drift_jax.envs.secret import scripted_episode
-from drift_jax.episodes import append_rollouts, play_episodes
+from drift_jax.episodes import append_rollouts, chunk_size, generated_tokens, play_chunked
 from drift_jax.models import Transformer
 from drift_jax.weights import trajectory_returns, trajectory_weights
 from experiments.online_rl import stage_online_rl
@@ -59,6 +60,7 @@ def fit(exp: Experiment, name: str, examples, init_model: Transformer, tcfg, ste
                              tensorboard_dir=exp.path(name, "tensorboard"))
     ckpt.close()
     exp.save_policy(name, nnx.merge(graphdef, state.params))
+    distributed.barrier(f"trained:{name}")  # the metrics process 0 wrote are complete
     history = read_metrics(metrics_path)
     lengths = [len(e.tokens) for e in examples]
     padding = {"padding_fraction": padding_fraction(lengths, epoch_plan(lengths, tcfg.batch_size, exp.cfg.seed, 0,
@@ -106,22 +108,67 @@ def stage_rollout(exp: Experiment) -> None:
     """K trajectories per training prompt from the frozen reference, as JSONL records.
 
     Appended one prompt group at a time: a killed run resumes where it stopped and ends
-    with the same file (``episodes.append_rollouts``)."""
+    with the same file (``episodes.append_rollouts``). In a multi-process job each
+    process plays its shard of the prompts (whole rollout chunks) on its own devices into
+    its own part file, resumable the same way, and process 0 concatenates the parts, in
+    prompt order, into the file a single process writes (``play_shards``)."""
     if exp.begin("rollout"):
         return
     rc = exp.cfg.rollout
     t0 = time.time()
-    stats = append_rollouts(
-        exp.path("rollouts.jsonl"), exp.load_policy("reference", for_sampling=True), exp.tokenizer, exp.env,
-        exp.train_questions, num_samples=rc.num_samples, seed=exp.cfg.seed,
-        sampling=exp.sampling(temperature=rc.temperature, top_p=rc.top_p),
-        batch_size=rc.batch_size, desc="rollout")
-    summary = evaluate.summarize(stats["t_star"], exp.env.max_turns)
+    path = exp.path("rollouts.jsonl")
+    policy = exp.load_policy("reference", for_sampling=True)
+    work: dict = {}  # this process's sampler figures (slot utilisation, prefill tokens)
+
+    def play(target: str, questions) -> int:
+        return append_rollouts(
+            target, policy, exp.tokenizer, exp.env, questions, num_samples=rc.num_samples, seed=exp.cfg.seed,
+            sampling=exp.sampling(temperature=rc.temperature, top_p=rc.top_p),
+            batch_size=rc.batch_size, desc="rollout", engine=exp.engine(), stats=work)["resumed_groups"]
+
+    resumed = play_shards("rollout", path, exp.train_questions, chunk_size(rc.batch_size, rc.num_samples), play)
+    written, _ = records.read_jsonl(path)
+    summary = evaluate.summarize([r["t_star"] for r in written], exp.env.max_turns)
     write_json(exp.path("rollout_stats.json"), {
-        "trajectories": stats["trajectories"], "generated_tokens": stats["generated_tokens"],
-        "resumed_groups": stats["resumed_groups"],  # > 0: this run finished an interrupted one
-        "wall_s": time.time() - t0, "sampled_reference": summary})
+        "trajectories": len(written), "generated_tokens": sum(map(generated_tokens, written)),
+        "resumed_groups": sum(resumed),  # > 0: this run finished an interrupted one
+        "wall_s": time.time() - t0, "sampled_reference": summary, "engine": exp.cfg.rollout.engine,
+        "work": work})
     exp.finish("rollout")
+    remove_parts(path)
+
+
+def play_shards(name: str, path: str, questions, chunk: int, play) -> list:
+    """Play ``questions`` into the file ``path``, split over the job's processes.
+
+    One process: ``play(path, questions)``. Several: process i calls ``play(part, shard)``
+    on its shard (``distributed.shard_range``, whole chunks of ``chunk`` questions) and
+    part file (``distributed.part_path``); once every process is done, process 0
+    concatenates the parts in shard order into ``path``, and every process returns once
+    ``path`` is complete. ``play`` writes a whole file (or resumes one) and returns a
+    JSON-serialisable value; returns every process's value, in process order (a process
+    with an empty shard plays nothing: None)."""
+    count = distributed.process_count()
+    if count == 1:
+        return [play(path, questions)]
+    start, stop = distributed.shard_range(len(questions), count, distributed.process_index(), align=chunk)
+    part = distributed.part_path(path)
+    os.makedirs(os.path.dirname(part), exist_ok=True)
+    value = play(part, questions[start:stop]) if stop > start else None
+    values = distributed.gather(f"{name}:played", value)  # every part is complete past this point
+    if distributed.is_main():
+        shards = [distributed.shard_range(len(questions), count, i, align=chunk) for i in range(count)]
+        records.concat_files(path, [distributed.part_path(path, i, count)
+                                    for i, (a, b) in enumerate(shards) if b > a])
+    distributed.barrier(f"{name}:merged")
+    return values
+
+
+def remove_parts(path: str) -> None:
+    """Delete ``path``'s part files (process 0, after the stage is recorded as done: a
+    kill before that leaves the parts to resume from)."""
+    if distributed.is_main():
+        shutil.rmtree(f"{path}.parts", ignore_errors=True)
 
 
 def stage_weights(exp: Experiment) -> None:
@@ -188,7 +235,12 @@ def stage_method(exp: Experiment, method: methods.Method) -> None:
 
 
 def stage_eval(exp: Experiment, method: str) -> None:
-    """Greedy multi@k and correction rates on every benchmark's held-out prompts."""
+    """Greedy multi@k and correction rates on every benchmark's held-out prompts.
+
+    Played in chunks of ``eval.batch_size`` prompts (``episodes.play_chunked``); in a
+    multi-process job each process plays its shard of whole chunks into a part file
+    and process 0 merges them in question order (``play_shards``), so the records, and
+    the metrics computed from them, are a single process's."""
     ec = exp.cfg.eval
     policy = None
     for bench, (env, questions) in exp.benchmarks.items():
@@ -196,15 +248,31 @@ def stage_eval(exp: Experiment, method: str) -> None:
         if exp.begin(f"eval:{method}:{bench}"):
             continue
         policy = policy or exp.load_policy(method, for_sampling=True)
-        episodes, generated = play_episodes(
+        os.makedirs(exp.path("eval"), exist_ok=True)
+        path = exp.path("eval", f"{bench}_{method}.jsonl")
+        generated = play_shards(f"eval:{method}:{bench}", path, questions, chunk_size(ec.batch_size, 1),
+                                eval_player(exp, policy, env, f"eval {method} {bench}"))
+        written, _ = records.read_jsonl(path)
+        write_json(out, {**evaluate.summarize([r["t_star"] for r in written], env.max_turns),
+                         "questions": len(questions), "generated_tokens": sum(g or 0 for g in generated)})
+        exp.finish(f"eval:{method}:{bench}")
+        remove_parts(path)
+
+
+def eval_player(exp: Experiment, policy, env, desc: str):
+    """``play(path, questions) -> generated tokens`` for ``play_shards``: greedy episodes
+    of ``questions`` in chunks of ``eval.batch_size``, their records written to ``path``."""
+    ec = exp.cfg.eval
+
+    def play(path: str, questions) -> int:
+        episodes, generated = play_chunked(
             policy, exp.tokenizer, env, questions, num_samples=1, seed=exp.cfg.seed,
             sampling=exp.sampling(temperature=0.0, max_new_tokens=ec.max_new_tokens),
-            batch_size=ec.batch_size, desc=f"eval {method} {bench}")
-        os.makedirs(exp.path("eval"), exist_ok=True)
-        records.write_jsonl(exp.path("eval", f"{bench}_{method}.jsonl"), (e.to_record() for e in episodes))
-        write_json(out, {**evaluate.summarize([e.t_star for e in episodes], env.max_turns),
-                         "questions": len(questions), "generated_tokens": generated})
-        exp.finish(f"eval:{method}:{bench}")
+            batch_size=ec.batch_size, desc=desc, engine=exp.engine())
+        records.write_jsonl(path, (e.to_record() for e in episodes))
+        return generated
+
+    return play
 
 
 def eval_summary(exp: Experiment, method: str) -> tuple[dict, dict]:
@@ -275,7 +343,7 @@ def stage_report(exp: Experiment, run_methods: list[methods.Method]) -> dict:
         for bench, s in per_bench.items():
             results["benchmarks"].setdefault(bench, {})[method] = s
     write_json(exp.path("results.json"), results)
-    if not exp.benchmarks:
+    if not exp.benchmarks or not distributed.is_main():  # the report and plots: process 0's
         return results
     with open(exp.path("report.md"), "w") as f:
         f.write(report.markdown(results, exp.env.max_turns, title=f"DRIFT: {', '.join(exp.benchmarks)} ({exp.workdir})"))

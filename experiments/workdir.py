@@ -14,10 +14,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from drift_jax import checkpoint, methods, sharding
+from drift_jax import checkpoint, distributed, methods, sharding
 from experiments import ledger
 from drift_jax import records as records_io
 from drift_jax.chat import encode_dialogue, end_of_turn_id
+from drift_jax.engine import EngineOptions
 from drift_jax.envs.secret import SecretGuessEnv, build_tokenizer
 from drift_jax.models import ModelConfig, Transformer, from_pretrained, load_tokenizer, save_pretrained
 from drift_jax.models.hf import resolve, token_ids
@@ -47,6 +48,11 @@ def load_questions(source: str, **kwargs) -> list:
 
 
 def write_json(path: str, obj) -> None:
+    """Write ``obj`` atomically; in a multi-process job on process 0 only (the others
+    computed the same value: every process runs every stage), so no two processes ever
+    write one file."""
+    if not distributed.is_main():
+        return
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2)
@@ -85,6 +91,16 @@ def cast_params(model: Transformer, dtype) -> Transformer:
         return model
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     return nnx.merge(graphdef, jax.tree.map(lambda x: x.astype(dtype), params), rest)
+
+
+def on_this_host(model: Transformer) -> Transformer:
+    """A copy of ``model`` whose weights are whole numpy arrays on every process
+    (collective: every process calls it). A policy trained on a mesh across hosts has
+    shards on other hosts; an HF folder needs every tensor whole in one process."""
+    from jax.experimental import multihost_utils
+
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    return nnx.merge(graphdef, multihost_utils.process_allgather(params, tiled=True), rest)
 
 
 class Experiment:
@@ -181,15 +197,18 @@ class Experiment:
         raise ValueError(f"unknown stage {stage!r}")
 
     def outputs(self, stage: str) -> list[str]:
-        """The files and folders ``stage`` writes."""
+        """The files and folders ``stage`` writes (a multi-process job's part files too:
+        stale parts must move aside with the rest, not be resumed under new settings)."""
         kind, *rest = stage.split(":")
         if kind == "eval":
             name, bench = rest
-            return [self.path("eval", f"{bench}_{name}.json"), self.path("eval", f"{bench}_{name}.jsonl")]
+            records = self.path("eval", f"{bench}_{name}.jsonl")
+            return [self.path("eval", f"{bench}_{name}.json"), records, f"{records}.parts"]
         if kind == "train":
             return [self.policy_dir(rest[0])]
         return {"reference": [self.path("reference")],
-                "rollout": [self.path("rollouts.jsonl"), self.path("rollout_stats.json")],
+                "rollout": [self.path("rollouts.jsonl"), self.path("rollout_stats.json"),
+                            self.path("rollouts.jsonl.parts")],
                 "weights": [self.path("weights.json")]}[kind]
 
     def begin(self, stage: str) -> bool:
@@ -283,12 +302,27 @@ class Experiment:
     def mesh(self):
         """The (data, fsdp, tensor) training mesh of ``cfg.mesh``; None for one device."""
         m = self.cfg.mesh
-        if m.data * m.fsdp * m.tensor == 1:
+        size = m.data * m.fsdp * m.tensor
+        if distributed.process_count() > 1 and size != jax.device_count():
+            # A mesh of some processes' devices only would leave the others training alone,
+            # and their checkpoints colliding in one folder.
+            raise ValueError(
+                f"mesh {m.data}x{m.fsdp}x{m.tensor} covers {size} devices, but this job of "
+                f"{distributed.process_count()} processes has {jax.device_count()}: multi-process "
+                f"training needs a mesh over every device (e.g. --config.mesh.data={jax.device_count()})")
+        if size == 1:
             return None
         return sharding.make_mesh(m.data, m.fsdp, m.tensor)
 
     def path(self, *parts) -> str:
         return os.path.join(self.workdir, *parts)
+
+    def engine(self) -> EngineOptions:
+        """The sampler every stage plays episodes with (``rollout.engine`` and its knobs;
+        the slots are each stage's batch size)."""
+        rc = self.cfg.rollout
+        return EngineOptions(kind=rc.engine, page_size=rc.page_size, num_pages=rc.num_pages,
+                             steps_per_visit=rc.steps_per_visit)
 
     def sampling(self, temperature: float, top_p: float = 1.0, max_new_tokens: int | None = None) -> SamplingParams:
         """Sampling with the run's stop ids; ``max_new_tokens`` per turn defaults to
@@ -356,6 +390,10 @@ class Experiment:
             checkpoint.save_params(os.path.join(where, "params"), nnx.state(merge_lora(model), nnx.Param),
                                    force=True)
             return
+        if distributed.process_count() > 1:  # HF files hold whole tensors: gather them, then one writer
+            model = on_this_host(model)
+            if not distributed.is_main():
+                return
         if has_lora(model):
             save_pretrained(model, os.path.join(where, "adapter"), lora="adapter",
                             base_model_name_or_path=self.reference_source)

@@ -130,6 +130,13 @@ def get_config():
     c.rollout.top_p = 1.0
     c.rollout.max_new_tokens = 4
     c.rollout.batch_size = 512
+    # The sampler of rollouts, evaluation and online RL: "continuous" (drift_jax/engine.py:
+    # batch_size decode slots refilled as rows stop, KV pages kept across turns and shared
+    # by a prompt's samples) or "static" (one padded batch per turn: the reference).
+    c.rollout.engine = "continuous"
+    c.rollout.page_size = 16
+    c.rollout.num_pages = config_dict.placeholder(int)  # None: each slot can hold 2,048 tokens
+    c.rollout.steps_per_visit = 8  # decode steps per compiled call between host visits
 
     # Stage "weights". The paper released gamma=0.9, beta=0.1. On this task the skill is
     # a late correction (turn 3, 4 or 5), which gamma<1 discounts and beta=0.1 then
