@@ -1,0 +1,235 @@
+"""Multi-turn rollout throughput: the continuous engine against the static sampler and HF
+transformers ``generate()``, in one process, on the same workload.
+
+The workload is DRIFT's stage 1 in miniature: prompts of mixed lengths, K samples each,
+up to 5 turns; turn t+1's context is turn t's + the reply + a feedback message. A random
+model never samples a stop token, so each (episode, turn) draws its reply length from a
+long-tailed distribution between 20 tokens and the budget, and each episode the turn it
+ends after (a share at each turn). Every system generates exactly those lengths:
+
+- static: today's player (``episodes._play``): chunks of batch_size // K prompts, one
+  ``generate_batched`` call per turn on the live episodes' whole contexts;
+- engine: ``drift_jax.engine.Engine`` with batch_size slots over all prompts;
+- hf: the same chunks and turns through ``model.generate()`` (PyTorch, KV cache), each
+  call run to the longest reply it holds (only the drawn lengths count as useful).
+
+Useful tokens/s = drawn reply tokens / wall seconds (compiles included: each system is
+warmed up on a one-prompt workload first). Slot utilisation = useful tokens / (rows x
+decode steps). Prefill tokens are those run through prefill, without padding.
+
+  python benchmarks/rollout.py --cpu --out r.json   # Qwen2.5 architecture, tiny width, real vocabulary
+  python benchmarks/rollout.py                      # the Qwen2.5-0.5B shape (accelerator)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from drift_jax.engine import Engine, Request  # noqa: E402
+from drift_jax.episodes import episode_keys, prompt_hash  # noqa: E402
+from drift_jax.models import Transformer, preset  # noqa: E402
+from drift_jax.sampling import SamplingParams, add_work, generate_batched  # noqa: E402
+
+END_SHARES = (0.3, 0.2, 0.2, 0.15, 0.15)  # share of episodes ending after turn 1..5
+
+
+def workload(n_prompts: int, k: int, budget: int, vocab: int, seed: int = 0) -> dict:
+    """Prompts, per-(episode, turn) reply lengths, feedback tokens and end turns."""
+    rng = np.random.default_rng(seed)
+    turns = len(END_SHARES)
+    lengths = 20 + rng.lognormal(3.0, 1.0, size=(n_prompts * k, turns + 1)).astype(int)
+    return {
+        "k": k,
+        "prompts": [rng.integers(1, vocab, size=n).tolist() for n in rng.integers(30, 120, size=n_prompts)],
+        "lengths": np.minimum(lengths, budget),
+        "feedback": rng.integers(1, vocab, size=(n_prompts * k, turns + 1, 24)).tolist(),
+        "ends": rng.choice(np.arange(1, turns + 1), size=n_prompts * k, p=END_SHARES),
+    }
+
+
+def chunks(w: dict, batch_size: int):
+    """Episode ids of each static chunk (batch_size // K prompts, as ``episodes._play``)."""
+    g = max(1, batch_size // w["k"])
+    n = len(w["prompts"])
+    return [list(range(s * w["k"], min(s + g, n) * w["k"])) for s in range(0, n, g)]
+
+
+def turn_calls(w: dict, batch_size: int):
+    """(turn, live episode ids) per generate call of a chunked, turn-by-turn player."""
+    for chunk in chunks(w, batch_size):
+        for turn in range(1, len(END_SHARES) + 1):
+            live = [e for e in chunk if turn <= w["ends"][e]]
+            if live:
+                yield turn, live
+
+
+def run_static(model, params, w: dict, batch_size: int) -> dict:
+    k = w["k"]
+    contexts = [list(w["prompts"][e // k]) for e in range(len(w["ends"]))]
+    stats: dict = {"prefill_tokens_by_turn": {}}
+    for turn, live in turn_calls(w, batch_size):
+        keys = episode_keys(0, [f"p{e // k}" for e in live], [e % k for e in live], turn)
+        call: dict = {}
+        out = generate_batched(model, [contexts[e] for e in live], keys, params, batch_size=batch_size,
+                               max_new=[int(w["lengths"][e, turn]) for e in live], stats=call)
+        by_turn = stats["prefill_tokens_by_turn"]
+        by_turn[turn] = by_turn.get(turn, 0) + call["prefill_tokens"]
+        add_work(stats, **{n: v for n, v in call.items() if n != "slot_utilization"})
+        for e, (reply, _) in zip(live, out):
+            contexts[e] += reply + w["feedback"][e][turn]
+    return stats
+
+
+def run_engine(model, params, w: dict, batch_size: int, steps_per_visit: int) -> dict:
+    k = w["k"]
+
+    def request(e, turn, tokens, share=None):
+        return Request(e, tokens, (turn, prompt_hash(f"p{e // k}"), e % k), int(w["lengths"][e, turn]),
+                       share=share, share_count=k)
+
+    def source():
+        for p, prompt in enumerate(w["prompts"]):
+            yield [request(p * k + j, 1, list(prompt), share=p) for j in range(k)]
+
+    def on_finish(req, reply, _):
+        e, turn = req.episode, req.key_ids[0]
+        if turn < w["ends"][e]:
+            return [request(e, turn + 1, list(req.tokens) + list(reply) + w["feedback"][e][turn])]
+        return []
+
+    eng = Engine(model, params, seed=0, num_slots=batch_size, steps_per_visit=steps_per_visit,
+                 max_len=max(map(len, w["prompts"])) + 6 * (params.max_new_tokens + 24) + 16)
+    return eng.run(source(), on_finish).as_dict()
+
+
+def run_hf(cfg, w: dict, batch_size: int, torch_dtype: str) -> dict:
+    import torch
+    import transformers
+
+    from drift_jax.models.hf import config_to_hf
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    hf = config_to_hf(cfg)
+    hf.pop("architectures")
+    hf_config = transformers.AutoConfig.for_model(hf.pop("model_type"), **hf)
+    model = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=getattr(torch, torch_dtype),
+                                                          attn_implementation="sdpa")
+    model = model.to(device).eval()
+    k = w["k"]
+    contexts = [list(w["prompts"][e // k]) for e in range(len(w["ends"]))]
+    useful = steps = 0
+    for turn, live in turn_calls(w, batch_size):
+        for s in range(0, len(live), batch_size):
+            rows = live[s:s + batch_size]
+            want = [int(w["lengths"][e, turn]) for e in rows]
+            p = max(len(contexts[e]) for e in rows)
+            ids = torch.zeros((len(rows), p), dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for r, e in enumerate(rows):  # left padding, as generate() expects
+                ids[r, p - len(contexts[e]):] = torch.tensor(contexts[e])
+                mask[r, p - len(contexts[e]):] = 1
+            with torch.no_grad():
+                out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=True,
+                                     max_new_tokens=max(want), min_new_tokens=max(want), pad_token_id=0)
+            for r, e in enumerate(rows):
+                contexts[e] += out[r, p:p + want[r]].tolist() + w["feedback"][e][turn]
+            useful += sum(want)
+            steps += len(rows) * max(want)
+    return {"useful_tokens": useful, "slot_steps": steps, "slot_utilization": useful / steps}
+
+
+def timed(fn, *args):
+    t0 = time.perf_counter()
+    out = fn(*args)
+    jax.effects_barrier()
+    return out, time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cpu", action="store_true", help="a Qwen2.5-architecture model small enough for 2 CPU cores")
+    ap.add_argument("--prompts", type=int, default=None)
+    ap.add_argument("--samples", type=int, default=16)
+    ap.add_argument("--budget", type=int, default=None, help="max new tokens per turn")
+    ap.add_argument("--batch-size", type=int, default=None, help="static rows per call = engine slots")
+    ap.add_argument("--steps-per-visit", type=int, default=8)
+    ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--out", default=None, help="write the figures as JSON here")
+    args = ap.parse_args()
+    if args.cpu:
+        cfg = preset("qwen2.5-0.5b", hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                     num_kv_heads=2, head_dim=16)
+        n_prompts, budget, batch = args.prompts or 8, args.budget or 96, args.batch_size or 64
+        torch_dtype = "float32"
+    else:
+        import jax.numpy as jnp
+
+        cfg = preset("qwen2.5-0.5b", dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+        n_prompts, budget, batch = args.prompts or 64, args.budget or 512, args.batch_size or 256
+        torch_dtype = "bfloat16"
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    params = SamplingParams(temperature=1.0, max_new_tokens=budget)
+    w = workload(n_prompts, args.samples, budget, cfg.vocab_size)
+    warm = workload(1, args.samples, budget, cfg.vocab_size, seed=1)
+    print(f"workload: {n_prompts} prompts x K={args.samples}, <= 5 turns, budget {budget}, "
+          f"{int(sum(w['lengths'][e, t] for e in range(len(w['ends'])) for t in range(1, w['ends'][e] + 1)))} "
+          f"reply tokens; vocab {cfg.vocab_size}, {jax.devices()[0].device_kind}")
+
+    results: dict = {}
+    systems = [("static", lambda: run_static(model, params, w, batch), lambda: run_static(model, params, warm, batch)),
+               ("engine", lambda: run_engine(model, params, w, batch, args.steps_per_visit),
+                lambda: run_engine(model, params, warm, batch, args.steps_per_visit))]
+    if not args.no_hf:
+        try:
+            import torch  # noqa: F401
+
+            systems.append(("hf", lambda: run_hf(cfg, w, batch, torch_dtype), lambda: None))
+        except ImportError:
+            print("hf: torch is not installed; skipped (pip install torch)")
+    for name, run, warmup in systems:
+        warmup()
+        stats, wall = timed(run)
+        stats["wall_s"] = wall
+        stats["tokens_per_s"] = stats["useful_tokens"] / wall
+        results[name] = stats
+        print(f"{name}: {stats['useful_tokens']} tokens in {wall:.1f} s = {stats['tokens_per_s']:.0f} tok/s, "
+              f"slot utilisation {stats['slot_utilization']:.3f}")
+
+    flat = {f"{n}_{key}": v for n, s in results.items() for key, v in s.items()
+            if key in ("tokens_per_s", "slot_utilization", "prefill_tokens", "wall_s", "useful_tokens")}
+    flat.setdefault("hf_tokens_per_s", None)
+    later = {n: sum(v for t, v in results[n]["prefill_tokens_by_turn"].items() if int(t) > 1)
+             for n in ("static", "engine")}
+    flat.update(static_prefill_tokens_turns_2_5=later["static"], engine_prefill_tokens_turns_2_5=later["engine"],
+                engine_over_static_tokens_per_s=flat["engine_tokens_per_s"] / flat["static_tokens_per_s"],
+                static_over_engine_prefill_turns_2_5=later["static"] / max(1, later["engine"]))
+    if flat["hf_tokens_per_s"]:
+        flat["engine_over_hf_tokens_per_s"] = flat["engine_tokens_per_s"] / flat["hf_tokens_per_s"]
+    print("\n| system | useful tok/s | slot utilisation | prefill tokens (turns 2-5) | wall s |")
+    print("| --- | --- | --- | --- | --- |")
+    for n, s in results.items():
+        pre = later.get(n, "-")
+        print(f"| {n} | {s['tokens_per_s']:.0f} | {s['slot_utilization']:.3f} | {pre} | {s['wall_s']:.1f} |")
+    print(f"\nengine / static tokens/s: {flat['engine_over_static_tokens_per_s']:.2f}x")
+    print(f"static / engine prefill tokens, turns 2-5: {flat['static_over_engine_prefill_turns_2_5']:.2f}x")
+    if flat["hf_tokens_per_s"]:
+        print(f"engine / hf generate() tokens/s: {flat['engine_over_hf_tokens_per_s']:.2f}x")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({**flat, "systems": results}, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()
