@@ -2,15 +2,16 @@
 rollouts, evaluation and online RL, and the resumable rollout writer.
 
 Host side: render each live dialogue with the chat template, verify replies, append the
-feedback. Device side: one ``generate_batched`` call per turn for all live episodes.
+feedback. Device side: the continuous engine (``drift_jax.engine``, the default), or
+with ``engine="static"`` one ``generate_batched`` call per turn for all live episodes.
 Turn 1 draws K samples of each prompt; later turns extend each live trajectory with one
 sample, exactly as in the reference release. An environment's ``prefill`` (the release's
 ``<think>``) ends every prompt, and the reply handed to ``Episode.step`` is the prefill
 plus the decoded continuation: what the model said (the environment may then rewrite it).
 
-``append_rollouts`` is the resumable form used for Stage 1: it plays the prompts chunk
-by chunk and appends each finished prompt group to the rollout file, so a killed run
-rerun with the same arguments writes the same file, byte for byte.
+``append_rollouts`` is the resumable form used for Stage 1: it appends each finished
+prompt group to the rollout file in prompt order, so a killed run rerun with the same
+arguments writes the same file.
 """
 
 from __future__ import annotations

@@ -296,3 +296,11 @@ def test_generated_tokens_of_a_record_from_elsewhere_is_zero():
     assert generated_tokens({"prompt_id": "p"}) == 0
     assert generated_tokens({"reward_details": {"t1": {"correct": True}}}) == 0  # the release's form
     assert generated_tokens({"reward_details": [{"generated_tokens": 3}, "junk", {"turn": 2}]}) == 3
+
+
+def test_both_engines_write_the_same_rollout_file(policy, toy, tmp_path):
+    questions = toy[1].make_questions(5, seed=1, prefix="a")
+    _append(policy, toy, tmp_path / "static.jsonl", questions, "static")
+    stats = _append(policy, toy, tmp_path / "continuous.jsonl", questions, "continuous")
+    assert (tmp_path / "static.jsonl").read_bytes() == (tmp_path / "continuous.jsonl").read_bytes()
+    assert stats["work"]["useful_tokens"] == stats["generated_tokens"]
