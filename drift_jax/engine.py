@@ -24,8 +24,8 @@ those integers and folded with the reply position, so samples do not depend on s
 placement. Logits match the static sampler's to float rounding (attention over the same
 keys in another order), so greedy tokens agree except at near-ties.
 
-Compiled programs: one decode program per power-of-two bucket of pages read, one
-prefill program per (rows, length, pages) bucket; a run of any size compiles a bounded
+Compiled programs: one decode program per power-of-two bucket of (active slots, pages
+read), one prefill program per (rows, length, pages) bucket; a run of any size compiles a bounded
 set (``Engine.compiled_programs``).
 """
 
@@ -98,13 +98,14 @@ def engine_options(engine, batch_size: int) -> EngineOptions:
 
 @dataclasses.dataclass
 class EngineStats:
-    """Work done, device-independent. slot_utilization = useful decoded tokens / (slots x
-    decode steps); prefill_tokens counts the tokens run through prefill (padded_: with
+    """Work done, device-independent. slot_utilization = useful decoded tokens / (rows
+    decoded x decode steps); prefill_tokens counts the tokens run through prefill (padded_: with
     the padding of the compiled shapes), prompt_tokens the contexts of all requests
     (what a sampler without reuse prefills)."""
 
     num_slots: int
     decode_steps: int = 0
+    slot_steps: int = 0  # rows decoded x steps (the rows of each visit's bucket)
     useful_tokens: int = 0
     prefill_tokens: int = 0
     prefill_padded_tokens: int = 0
@@ -115,16 +116,12 @@ class EngineStats:
     prompt_tokens_by_turn: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
     @property
-    def slot_steps(self) -> int:
-        return self.num_slots * self.decode_steps
-
-    @property
     def slot_utilization(self) -> float:
         return self.useful_tokens / max(1, self.slot_steps)
 
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        d.update(slot_steps=self.slot_steps, slot_utilization=self.slot_utilization,
+        d.update(slot_utilization=self.slot_utilization,
                  prefill_tokens_by_turn=dict(sorted(self.prefill_tokens_by_turn.items())),
                  prompt_tokens_by_turn=dict(sorted(self.prompt_tokens_by_turn.items())))
         return d
@@ -162,13 +159,16 @@ def _prefill(graphdef, state, cache, logits_sv, tokens_nt, start_n, len_n, block
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "params", "n_steps"),
                    donate_argnames=("cache", "logits_sv"))
-def _decode(graphdef, state, cache, logits_sv, keydata_s2, block_tables_sm, length_s, step_s, budget_s,
+def _decode(graphdef, state, cache, logits_sv, rows_s, keydata_s2, block_tables_sm, length_s, step_s, budget_s,
             active_s, *, params: SamplingParams, n_steps: int):
-    """``n_steps`` decode steps of every active slot. A slot samples from its logits,
-    writes the token's keys at position ``length`` and gets the next logits; it stops at a
-    stop token or its budget. Returns (cache, logits, tokens ``[S, n]``, log-probs
-    ``[S, n]``, tokens taken per slot ``[S]``, stopped ``[S]``)."""
+    """``n_steps`` decode steps of the slots ``rows_s`` (a power-of-two bucket of the
+    active ones, so a draining queue decodes fewer rows; the other arguments are those
+    rows'). A slot samples from its logits, writes the token's keys at position
+    ``length`` and gets the next logits; it stops at a stop token or its budget. Returns
+    (cache, logits, tokens ``[R, n]``, log-probs ``[R, n]``, tokens taken ``[R]``,
+    stopped ``[R]``)."""
     model = nnx.merge(graphdef, state)
+    all_logits_sv, logits_sv = logits_sv, logits_sv[rows_s]
     keys_s = jax.random.wrap_key_data(keydata_s2)
     stop_ids = jnp.asarray(params.stop_ids or (-1,), jnp.int32)
 
@@ -188,11 +188,14 @@ def _decode(graphdef, state, cache, logits_sv, keydata_s2, block_tables_sm, leng
     live_s = active_s & (step_s < budget_s)
     (cache, logits_sv, _, step_end_s, live_s), (tok_ns, lp_ns, taken_ns) = jax.lax.scan(
         body, (cache, logits_sv, length_s, step_s, live_s), length=n_steps)
-    return cache, logits_sv, tok_ns.T, lp_ns.T, step_end_s - step_s, active_s & ~live_s
+    return (cache, all_logits_sv.at[rows_s].set(logits_sv), tok_ns.T, lp_ns.T, step_end_s - step_s,
+            active_s & ~live_s)
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
+def _pow2(n: int, floor: int = 4) -> int:
+    """The power-of-two bucket of ``n``, at least ``floor``: few distinct shapes, so few
+    compiles (each costs seconds), for little padding."""
+    return max(floor, 1 << max(0, n - 1).bit_length())
 
 
 @dataclasses.dataclass
@@ -351,12 +354,19 @@ class Engine:
             admit()
             outputs = None
             if active_s.any():
+                live = np.flatnonzero(active_s)
+                # Rows: a bucket of at least a quarter of the slots (at most 3 row shapes).
+                n_rows = min(s_count, _pow2(len(live), max(1, s_count // 4)))
+                idle = np.flatnonzero(~active_s)[:n_rows - len(live)]
+                rows = np.concatenate([live, idle])  # idle rows are inactive: they change nothing
                 m = _pow2(self._pages_for(int((length_s + np.minimum(budget_s - step_s, self.steps_per_visit))
-                                               [active_s].max())))
+                                               [live].max())))
                 self.cache, self.logits_sv, *outputs = _decode(
-                    self.graphdef, self.state, self.cache, self.logits_sv, keydata_s2, block_tables_sm[:, :m],
-                    length_s, step_s, budget_s, active_s, params=self.params, n_steps=self.steps_per_visit)
+                    self.graphdef, self.state, self.cache, self.logits_sv, rows, keydata_s2[rows],
+                    block_tables_sm[rows, :m], length_s[rows], step_s[rows], budget_s[rows], active_s[rows],
+                    params=self.params, n_steps=self.steps_per_visit)
                 self.stats.decode_steps += self.steps_per_visit
+                self.stats.slot_steps += len(rows) * self.steps_per_visit
             # Host work on the last visit's finished turns while the device decodes.
             for s_req, s_cache, reply, lp in finished:
                 follow = on_finish(s_req, reply, lp)
@@ -370,15 +380,15 @@ class Engine:
                 if exhausted and not queue:
                     break
                 continue
-            tok_sn, lp_sn, taken_s, stopped_s = jax.device_get(outputs)
-            self.stats.useful_tokens += int(taken_s.sum())
-            for s in np.flatnonzero(active_s):
-                n = int(taken_s[s])
-                replies[s].extend(tok_sn[s, :n].tolist())
-                logps[s].append(lp_sn[s, :n])
+            tok_rn, lp_rn, taken_r, stopped_r = jax.device_get(outputs)
+            self.stats.useful_tokens += int(taken_r.sum())
+            for r, s in enumerate(live):
+                n = int(taken_r[r])
+                replies[s].extend(tok_rn[r, :n].tolist())
+                logps[s].append(lp_rn[r, :n])
                 length_s[s] += n
                 step_s[s] += n
-                if stopped_s[s]:
+                if stopped_r[r]:
                     cache = slot_cache[s]
                     cache.tokens = cache.tokens + replies[s]
                     keep_pages = self._pages_for(len(cache.tokens))
@@ -422,7 +432,7 @@ class Engine:
     def _run_prefill(self, rows) -> None:
         """One prefill call for rows of (pages, tokens, keep, slot): tokens[keep:] at
         positions keep.. into the pages; logits to the slot (num_slots: none)."""
-        n = _pow2(len(rows))
+        n = min(_pow2(len(rows)), max(len(rows), self.num_slots))
         t = bucket_length(max(len(toks) - keep for _, toks, keep, _ in rows))
         m = _pow2(max(len(pages) for pages, _, _, _ in rows))
         tokens_nt = np.zeros((n, t), np.int32)

@@ -175,11 +175,14 @@ def chunk_size(batch_size: int, num_samples: int) -> int:
 def play_chunked(model, tokenizer, env: Environment, questions: Sequence[Question], *, num_samples: int,
                  sampling: SamplingParams, seed: int, batch_size: int = 64, max_len: int | None = None,
                  desc: str = "episodes", progress: bool = True, engine="continuous", stats: dict | None = None):
-    """``play_episodes`` over ``questions`` one chunk (``chunk_size``) at a time:
+    """``play_episodes`` over ``questions`` one chunk (``chunk_size``; with the
+    continuous engine, all of them at once) at a time:
     (episodes, generated tokens), question-major. A slice of the questions that starts
     at a chunk boundary gets the same episodes as the whole list (a process playing its
     shard of an evaluation writes what a single process would)."""
     chunk = chunk_size(batch_size, num_samples)
+    if engine_options(engine, batch_size).kind == "continuous":
+        chunk = max(1, len(questions))  # its episodes do not depend on slot placement: no chunk tails
     episodes, generated = [], 0
     bar = tqdm(total=len(questions), desc=desc, unit="prompt", disable=not progress, leave=False)
     for start in range(0, len(questions), chunk):

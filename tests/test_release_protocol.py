@@ -193,14 +193,14 @@ def test_drift_jax_settings_are_the_defaults_and_bad_names_are_refused():
 
 
 def test_the_player_prepends_the_prefill_and_stores_the_rewritten_reply(monkeypatch):
-    """episodes._play: prompts end with the prefill's tokens; the reply given to the
+    """The static player: prompts end with the prefill's tokens; the reply given to the
     episode is prefill + decoded continuation, stored rewritten."""
     tokenizer = chatml_tokenizer()
     stop = tokenizer.convert_tokens_to_ids("<|im_end|>")
     seen_prompts = []
     script = iter(CONTINUATIONS)
 
-    def fake_generate(model, prompts, keys, sampling, batch_size, max_len):
+    def fake_generate(model, prompts, keys, sampling, batch_size, max_len, stats=None):
         seen_prompts.extend(prompts)
         text = next(script)
         return [(tokenizer(text, add_special_tokens=False)["input_ids"] + [stop], None) for _ in prompts]
@@ -209,7 +209,7 @@ def test_the_player_prepends_the_prefill_and_stores_the_rewritten_reply(monkeypa
     env = make_env("math", "release", "rollout", max_turns=3)
     episodes, _ = drift_jax.episodes.play_episodes(
         None, tokenizer, env, [QUESTION], num_samples=1, sampling=SamplingParams(stop_ids=(stop,)),
-        seed=0, progress=False)
+        seed=0, progress=False, engine="static")  # the static player calls generate_batched
     (episode,) = episodes
     prefill_ids = tokenizer("<|im_start|>assistant\n<think>", add_special_tokens=False)["input_ids"]
     assert len(seen_prompts) == 3
