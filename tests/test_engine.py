@@ -100,7 +100,7 @@ def test_engine_gives_the_static_samplers_tokens(model, temperature):
 
 def test_eviction_under_a_small_pool_changes_no_token(model):
     params = SamplingParams(temperature=1.0, max_new_tokens=MAX_NEW)
-    workload = _workload(model.cfg.vocab_size, seed=1)
+    workload = _workload(model.cfg.vocab_size)  # the workload above: its programs are compiled
     roomy, _ = play_engine(model, params, workload, num_slots=4, page_size=8)
     tight, stats = play_engine(model, params, workload, num_slots=4, page_size=8, num_pages=20)  # 19 usable; one request needs <= 15
     assert stats.evictions > 0
