@@ -129,8 +129,12 @@ class EngineStats:
 
 def request_key_data(seed: int, key_ids_n3: np.ndarray) -> jax.Array:
     """``[N, 2]`` uint32 key data for (turn, prompt hash, sample) rows: the same bits as
-    ``episodes.episode_keys`` (fold_in of turn, then hash, then sample)."""
-    return _key_data(jnp.asarray(seed, jnp.uint32), jnp.asarray(key_ids_n3, jnp.uint32))
+    ``episodes.episode_keys`` (fold_in of turn, then hash, then sample). Rows are padded
+    to a power of two so that admitting any number of requests compiles few programs."""
+    n = len(key_ids_n3)
+    padded_n3 = np.zeros((_pow2(n), 3), np.uint32)
+    padded_n3[:n] = key_ids_n3
+    return _key_data(jnp.asarray(seed, jnp.uint32), padded_n3)[:n]
 
 
 @jax.jit
