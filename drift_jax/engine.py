@@ -76,7 +76,7 @@ class EngineOptions:
     kind: "continuous" (this module) or "static" (``sampling.generate_batched``, one call
       per turn: the reference).
     num_slots: decode slots (None: the caller's batch size).
-    page_size, num_pages, steps_per_visit: as ``Engine``.
+    page_size, num_pages, steps_per_visit, refill_after: as ``Engine``.
     """
 
     kind: str = "continuous"
@@ -84,6 +84,7 @@ class EngineOptions:
     page_size: int = 16
     num_pages: int | None = None
     steps_per_visit: int = 8
+    refill_after: int = 1
 
     def __post_init__(self):
         if self.kind not in ENGINES:
@@ -164,36 +165,55 @@ def _prefill(graphdef, state, cache, logits_sv, tokens_nt, start_n, len_n, block
 @functools.partial(jax.jit, static_argnames=("graphdef", "params", "n_steps"),
                    donate_argnames=("cache", "logits_sv"))
 def _decode(graphdef, state, cache, logits_sv, rows_s, keydata_s2, block_tables_sm, length_s, step_s, budget_s,
-            active_s, *, params: SamplingParams, n_steps: int):
-    """``n_steps`` decode steps of the slots ``rows_s`` (a power-of-two bucket of the
-    active ones, so a draining queue decodes fewer rows; the other arguments are those
-    rows'). A slot samples from its logits, writes the token's keys at position
-    ``length`` and gets the next logits; it stops at a stop token or its budget. Returns
-    (cache, logits, tokens ``[R, n]``, log-probs ``[R, n]``, tokens taken ``[R]``,
-    stopped ``[R]``)."""
+            active_s, exit_after, *, params: SamplingParams, n_steps: int):
+    """Up to ``n_steps`` decode steps of the slots ``rows_s`` (a bucket of the active
+    ones, so a draining queue decodes fewer rows; the other arguments are those rows').
+    A slot samples from its logits, writes the token's keys at position ``length`` and
+    gets the next logits; it stops at a stop token or its budget. The visit ends early
+    once ``exit_after`` rows have stopped (a traced scalar: the host asks for it when it
+    has requests waiting for a slot), so a stopped row does not idle to the visit's end.
+    Returns (cache, logits, tokens ``[R, n]``, log-probs ``[R, n]``, tokens taken
+    ``[R]``, stopped ``[R]``, steps run)."""
     model = nnx.merge(graphdef, state)
     all_logits_sv, logits_sv = logits_sv, logits_sv[rows_s]
     keys_s = jax.random.wrap_key_data(keydata_s2)
     stop_ids = jnp.asarray(params.stop_ids or (-1,), jnp.int32)
+    r = rows_s.shape[0]
 
-    def body(carry, _):
-        cache, logits_sv, length_s, step_s, live_s = carry
+    def cond(carry):
+        i, live_s = carry[0], carry[-3]
+        return (i < n_steps) & jnp.any(live_s) & (jnp.sum(active_s & ~live_s) < exit_after)
+
+    def body(carry):
+        i, cache, logits_sv, length_s, step_s, live_s, tok_sn, lp_sn = carry
         tok_s, lp_s = sample_token(logits_sv, jax.vmap(jax.random.fold_in)(keys_s, step_s), params)
         hidden_s1d, cache = model.paged_hidden(tok_s[:, None], cache, block_tables_sm, length_s[:, None],
                                                live_s[:, None])
         new_logits_sv = model.logits(hidden_s1d[:, 0]).astype(logits_sv.dtype)
         logits_sv = jnp.where(live_s[:, None], new_logits_sv, logits_sv)
-        taken_s = live_s
+        tok_sn = jax.lax.dynamic_update_slice(tok_sn, tok_s[:, None], (0, i))
+        lp_sn = jax.lax.dynamic_update_slice(lp_sn, lp_s[:, None], (0, i))
         step_s = step_s + live_s
         length_s = length_s + live_s
         live_s = live_s & ~jnp.isin(tok_s, stop_ids) & (step_s < budget_s)
-        return (cache, logits_sv, length_s, step_s, live_s), (tok_s, lp_s, taken_s)
+        return i + 1, cache, logits_sv, length_s, step_s, live_s, tok_sn, lp_sn
 
     live_s = active_s & (step_s < budget_s)
-    (cache, logits_sv, _, step_end_s, live_s), (tok_ns, lp_ns, taken_ns) = jax.lax.scan(
-        body, (cache, logits_sv, length_s, step_s, live_s), length=n_steps)
-    return (cache, all_logits_sv.at[rows_s].set(logits_sv), tok_ns.T, lp_ns.T, step_end_s - step_s,
-            active_s & ~live_s)
+    init = (jnp.zeros((), jnp.int32), cache, logits_sv, length_s, step_s, live_s,
+            jnp.zeros((r, n_steps), jnp.int32), jnp.zeros((r, n_steps), jnp.float32))
+    n_run, cache, logits_sv, _, step_end_s, live_s, tok_sn, lp_sn = jax.lax.while_loop(cond, body, init)
+    return (cache, all_logits_sv.at[rows_s].set(logits_sv), tok_sn, lp_sn, step_end_s - step_s,
+            active_s & ~live_s, n_run)
+
+
+def _row_bucket(n_live: int, num_slots: int) -> int:
+    """Rows decoded for ``n_live`` active slots: the next multiple of an eighth of the
+    slots, or below that the next power of two. A draining queue computes few idle rows
+    (at most an eighth of the slots) for at most ~8 + log2(slots / 8) row shapes."""
+    eighth = max(1, num_slots // 8)
+    if n_live <= eighth:
+        return min(num_slots, _pow2(n_live, 1))
+    return min(num_slots, -(-n_live // eighth) * eighth)
 
 
 def _pow2(n: int, floor: int = 4) -> int:
@@ -222,15 +242,20 @@ class Engine:
       page_size: tokens per page.
       num_pages: size of the pool (None: every slot can hold min(max_len, 2,048)
         tokens); caches of episodes between turns are dropped when it runs short.
-      steps_per_visit: decode steps per compiled call (the host looks in between).
+      steps_per_visit: decode steps per compiled call at most (the host looks in between).
+      refill_after: a visit ends early once this many of its rows have stopped while
+        requests wait for a slot (1: a slot is refilled at the next step; larger: fewer
+        host round trips, for accelerators where a visit's launch is costly).
       max_len: context limit (None: the model's): a request whose context + budget
         exceeds it is an error.
     """
 
     def __init__(self, model, params: SamplingParams, *, seed: int, num_slots: int = 64, page_size: int = 16,
-                 num_pages: int | None = None, steps_per_visit: int = 8, max_len: int | None = None):
-        if num_slots < 1 or page_size < 1 or steps_per_visit < 1:
-            raise ValueError("num_slots, page_size and steps_per_visit must be >= 1")
+                 num_pages: int | None = None, steps_per_visit: int = 8, refill_after: int = 1,
+                 max_len: int | None = None):
+        if min(num_slots, page_size, steps_per_visit, refill_after) < 1:
+            raise ValueError("num_slots, page_size, steps_per_visit and refill_after must be >= 1")
+        self.refill_after = refill_after
         self.graphdef, self.state = nnx.split(model)
         self.cfg = model.cfg
         self.params = params
@@ -359,18 +384,18 @@ class Engine:
             outputs = None
             if active_s.any():
                 live = np.flatnonzero(active_s)
-                # Rows: a bucket of at least a quarter of the slots (at most 3 row shapes).
-                n_rows = min(s_count, _pow2(len(live), max(1, s_count // 4)))
+                n_rows = _row_bucket(len(live), s_count)
                 idle = np.flatnonzero(~active_s)[:n_rows - len(live)]
                 rows = np.concatenate([live, idle])  # idle rows are inactive: they change nothing
                 m = _pow2(self._pages_for(int((length_s + np.minimum(budget_s - step_s, self.steps_per_visit))
                                                [live].max())))
+                # End the visit at the first stopped rows only when a request could take their slots.
+                refill = bool(queue) or bool(finished) or not exhausted
+                exit_after = np.int32(self.refill_after if refill else n_rows + 1)
                 self.cache, self.logits_sv, *outputs = _decode(
                     self.graphdef, self.state, self.cache, self.logits_sv, rows, keydata_s2[rows],
                     block_tables_sm[rows, :m], length_s[rows], step_s[rows], budget_s[rows], active_s[rows],
-                    params=self.params, n_steps=self.steps_per_visit)
-                self.stats.decode_steps += self.steps_per_visit
-                self.stats.slot_steps += len(rows) * self.steps_per_visit
+                    exit_after, params=self.params, n_steps=self.steps_per_visit)
             # Host work on the last visit's finished turns while the device decodes.
             for s_req, s_cache, reply, lp in finished:
                 follow = on_finish(s_req, reply, lp)
@@ -384,7 +409,9 @@ class Engine:
                 if exhausted and not queue:
                     break
                 continue
-            tok_rn, lp_rn, taken_r, stopped_r = jax.device_get(outputs)
+            tok_rn, lp_rn, taken_r, stopped_r, n_run = jax.device_get(outputs)
+            self.stats.decode_steps += int(n_run)
+            self.stats.slot_steps += len(rows) * int(n_run)
             self.stats.useful_tokens += int(taken_r.sum())
             for r, s in enumerate(live):
                 n = int(taken_r[r])

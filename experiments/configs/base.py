@@ -136,7 +136,8 @@ def get_config():
     c.rollout.engine = "continuous"
     c.rollout.page_size = 16
     c.rollout.num_pages = config_dict.placeholder(int)  # None: each slot can hold 2,048 tokens
-    c.rollout.steps_per_visit = 8  # decode steps per compiled call between host visits
+    c.rollout.steps_per_visit = 8  # decode steps per compiled call between host visits, at most
+    c.rollout.refill_after = 1  # a visit ends once this many rows stopped while requests wait
 
     # Stage "weights". The paper released gamma=0.9, beta=0.1. On this task the skill is
     # a late correction (turn 3, 4 or 5), which gamma<1 discounts and beta=0.1 then
