@@ -57,18 +57,31 @@ def _filter_logits(logits_bv, top_p: float, top_k: int):
 def sample_token(logits_bv, keys_b, params: SamplingParams):
     """Pick one token per row. Returns (tokens ``[B]`` int32, log-probs ``[B]``).
 
+    Sampling inverts the CDF with one uniform draw per row, rather than adding a Gumbel
+    draw to every vocabulary entry: V times fewer random bits and no per-entry logs, which
+    is most of a decode step's cost on CPU at a 152k vocabulary.
     The log-probs are under the model's own distribution (temperature 1, unfiltered):
     the quantity importance ratios and RL baselines need.
     """
     logits_bv = logits_bv.astype(jnp.float32)
+    max_b1 = jnp.max(logits_bv, axis=-1, keepdims=True)
     if params.temperature == 0:
         tokens_b = jnp.argmax(logits_bv, axis=-1)
+        mass_bv = jnp.exp(logits_bv - max_b1)
     else:
         scaled_bv = _filter_logits(logits_bv / params.temperature, params.top_p, params.top_k)
-        # One key per row: a row's sample depends only on its own key and logits.
-        tokens_b = jax.vmap(jax.random.categorical)(keys_b, scaled_bv)
-    logp_bv = jax.nn.log_softmax(logits_bv, axis=-1)
-    logp_b = jnp.take_along_axis(logp_bv, tokens_b[:, None], axis=-1)[:, 0]
+        weight_bv = jnp.exp(scaled_bv - max_b1 / params.temperature)  # 0 where filtered
+        cdf_bv = jnp.cumsum(weight_bv, axis=-1)
+        # One key per row: a row's sample depends only on its own key and logits. The draw
+        # is in (0, 1], so the threshold is positive and never lands on a zero-weight token.
+        u_b = 1.0 - jax.vmap(lambda key: jax.random.uniform(key, ()))(keys_b)
+        above_bv = (cdf_bv >= (u_b * cdf_bv[:, -1])[:, None]) & (weight_bv > 0)
+        tokens_b = jnp.argmax(above_bv, axis=-1)
+        unscaled = params.temperature == 1.0 and params.top_p >= 1.0 and params.top_k == 0
+        mass_bv = weight_bv if unscaled else jnp.exp(logits_bv - max_b1)
+    # log p = logit - logsumexp(logits): no [B, V] log-softmax is materialised.
+    lse_b = jnp.log(jnp.sum(mass_bv, axis=-1)) + max_b1[:, 0]
+    logp_b = jnp.take_along_axis(logits_bv, tokens_b[:, None], axis=-1)[:, 0] - lse_b
     return tokens_b.astype(jnp.int32), logp_b
 
 
