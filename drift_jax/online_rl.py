@@ -200,10 +200,18 @@ def episode_example(turns: Sequence[tuple[list[int], list[int]]], advantage: flo
     return SFTExample(tokens, mask, float(advantage)), left_out
 
 
+def compute_copy(params, dtype):
+    """``params`` with their floating leaves in ``dtype`` (None: unchanged)."""
+    if dtype is None:
+        return params
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+
+
 def make_batch_fn(graphdef: nnx.GraphDef, tokenizer, env, questions: Sequence, *,
                   prompts_per_step: int, num_samples: int, sampling: SamplingParams,
                   gamma: float, lam: float, adv_eps: float = 1e-6, seq_len: int | None = None,
-                  batch_size: int = 64, max_len: int | None = None, seed: int = 0, engine="continuous"):
+                  batch_size: int = 64, max_len: int | None = None, seed: int = 0, engine="continuous",
+                  sample_dtype=None):
     """``batch_fn(step, state) -> (batch, info)`` for ``train.train_loop``: update
     ``step``'s episodes played by the policy in ``state``.
 
@@ -214,6 +222,8 @@ def make_batch_fn(graphdef: nnx.GraphDef, tokenizer, env, questions: Sequence, *
     the bucket of the update's longest episode. info: mean_return, success_rate,
     mean_turns, generated_tokens, trained_tokens (real tokens through the policy's
     forward+backward), supervised_tokens (sampled ids in the loss), left_out_turns.
+    ``sample_dtype`` (e.g. bf16): the episodes are played by a copy of the policy in this
+    dtype, made once per update, rather than by float32 master weights cast at every token.
     """
     check_on_policy(sampling)
     step_prompts(len(questions), prompts_per_step, seed, 0)  # validates the sizes
@@ -223,7 +233,7 @@ def make_batch_fn(graphdef: nnx.GraphDef, tokenizer, env, questions: Sequence, *
     def batch_fn(step: int, state):
         qs = [questions[i] for i in step_prompts(len(questions), prompts_per_step, seed, step)]
         episodes, generated, turns = play_episodes(
-            nnx.merge(graphdef, state.params), tokenizer, env, qs, num_samples=num_samples,
+            nnx.merge(graphdef, compute_copy(state.params, sample_dtype)), tokenizer, env, qs, num_samples=num_samples,
             sampling=sampling, seed=step_seed(seed, step), batch_size=batch_size, max_len=max_len,
             progress=False, return_ids=True, engine=engine)
         returns_n = np.asarray([trajectory_returns(e.to_record(), gamma, lam) for e in episodes])

@@ -36,7 +36,7 @@ def stage_online_rl(exp: Experiment) -> None:
         graphdef, exp.tokenizer, exp.env, exp.train_questions, prompts_per_step=oc.prompts_per_step,
         num_samples=num_samples, sampling=exp.sampling(temperature=1.0), gamma=d.gamma, lam=d.lam,
         seq_len=oc.seq_len, batch_size=oc.prompts_per_step * num_samples, seed=exp.cfg.seed,
-        engine=exp.engine())
+        engine=exp.engine(), sample_dtype=exp.model_cfg.dtype)
     metrics_path = exp.path("online_rl", "metrics.jsonl")
     ckpt = exp.checkpointer("online_rl", oc.checkpoint_every)
     state = train.train_loop(state, step_fn, batch_fn, oc.steps, aux=ref_params, checkpointer=ckpt,

@@ -142,14 +142,20 @@ def dry_run(exp: Experiment, run_methods: list) -> None:
         print(f"{owner.ledger.label}{stage}: {status}")
 
 
+def compilation_cache_dir(setting: str, real_model: bool, already: str | None) -> str:
+    """The persistent compilation cache to turn on ("": none). "auto": ~/.cache/drift-jax/xla
+    for real (checkpoint) models, whose programs take minutes to compile, unless one is
+    already set (JAX_COMPILATION_CACHE_DIR); the embedded toy compiles in seconds."""
+    if setting != "auto":
+        return setting
+    return os.path.expanduser("~/.cache/drift-jax/xla") if real_model and not already else ""
+
+
 def run(cfg, workdir: str, dry: bool = False) -> dict | None:
     """Preflight, then every stage not already done in ``workdir``; returns results
     (``dry``: print the plan instead, and write nothing)."""
     exp = Experiment(cfg, workdir)
-    cache = cfg.compilation_cache
-    if cache == "auto":  # a cache set through JAX_COMPILATION_CACHE_DIR is kept
-        cache = "" if jax.config.jax_compilation_cache_dir or not exp.checkpoint else (
-            os.path.expanduser("~/.cache/drift-jax/xla"))
+    cache = compilation_cache_dir(cfg.compilation_cache, bool(exp.checkpoint), jax.config.jax_compilation_cache_dir)
     if cache:  # later runs (and stages) load compiled programs instead of compiling again
         jax.config.update("jax_compilation_cache_dir", cache)
     for warning in preflight(exp):

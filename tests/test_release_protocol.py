@@ -108,6 +108,15 @@ def test_the_rendered_prompt_ends_with_the_think_prefill():
         render(tokenizer, episode.messages, prefill=prefill)
 
 
+def test_think_implies_the_think_prefill_unless_told_otherwise():
+    # The constructor, MathEnv(prompt_mode="full", think=True), starts the reply
+    # inside the think block, as the release's render_prompt does.
+    assert env_prefill(MathEnv(prompt_mode="full", think=True)) == "<think>"
+    assert env_prefill(MathEnv(think=True, use_prefill=False)) == ""
+    assert env_prefill(MathEnv(think=False, use_prefill=True)) == "<answer>"
+    assert env_prefill(MathEnv()) == ""
+
+
 def test_think_off_prefills_answer_and_parses_the_first_answer_tag():
     env = MathEnv(**{**env_kwargs("release", "rollout"), "think": False})
     assert env.prefill == "<answer>"

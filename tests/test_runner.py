@@ -12,6 +12,7 @@ import sys
 
 import numpy as np
 import pytest
+from flax import nnx
 
 from conftest import run_in_process
 from helpers import chatml_tokenizer, run_module, tiny_hf_checkpoint
@@ -438,3 +439,28 @@ def test_the_ledger_records_the_settings_the_protocol_filled_in(tiny_run):
     assert train["train.shuffle"] is True and train["reference.train.shuffle"] is True
     assert train["train.eval_fraction"] == 0.0 and train["data.selection"] == "first"
     assert stages["eval:drift:secret"]["settings"]["eval.max_new_tokens"] == 4  # rollout.max_new_tokens
+
+
+def test_the_compilation_cache_is_on_for_real_models_and_a_set_one_is_kept():
+    cache_dir = run_module().compilation_cache_dir
+    assert cache_dir("auto", True, None) == os.path.expanduser("~/.cache/drift-jax/xla")
+    assert cache_dir("auto", True, "/set/by/env") == ""  # JAX keeps using the one already set
+    assert cache_dir("auto", False, None) == ""  # the embedded toy compiles in seconds
+    assert cache_dir("/my/cache", False, None) == "/my/cache"
+    assert cache_dir("", True, None) == ""
+
+
+def test_samplers_get_a_compute_dtype_copy_with_the_master_weights_logits(checkpoint, tmp_path):
+    """load_policy(for_sampling=True) stores the weights in model.dtype (bf16), once; its
+    logits are exactly those of the float32 master weights cast at every use."""
+    import jax
+    import jax.numpy as jnp
+
+    cfg = _config(TINY_MATH)
+    cfg.model.checkpoint, cfg.model.dtype, cfg.model.param_dtype = str(checkpoint), "bfloat16", "float32"
+    exp = run_module().Experiment(cfg, str(tmp_path / "w"))
+    master, copy = exp.load_policy("reference"), exp.load_policy("reference", for_sampling=True)
+    dtypes = lambda m: {x.dtype for x in jax.tree.leaves(nnx.state(m, nnx.Param))}  # noqa: E731
+    assert dtypes(master) == {jnp.dtype("float32")} and dtypes(copy) == {jnp.dtype("bfloat16")}
+    tokens_bt = jnp.arange(1, 13, dtype=jnp.int32).reshape(2, 6)
+    np.testing.assert_array_equal(np.asarray(master(tokens_bt), np.float32), np.asarray(copy(tokens_bt), np.float32))

@@ -223,6 +223,8 @@ class ProtocolEnv(AnswerTagEnv):
       an answer was given, the question before);
     - ``think``: the output format asks for ``<think> ... </think> <answer> ... </answer>``;
     - ``use_prefill``: the generation prompt ends with ``<think>`` (think) or ``<answer>``;
+      None (the default) prefills exactly when ``think`` is on, as the release does, so
+      ``MathEnv(think=True)`` starts the reply inside the think block;
     - ``parsing``: "drift-jax" (the subclass's ``extract_answer``, reply stored as said) or
       "release" (``release_parse``: first tag after the think block, reply rewritten);
     - ``instruction_max_tokens``: the turn block's "Max response length" (full mode only).
@@ -231,7 +233,7 @@ class ProtocolEnv(AnswerTagEnv):
 
     prompt_mode: str = "simple"
     think: bool = False
-    use_prefill: bool = False
+    use_prefill: bool | None = None
     parsing: str = "drift-jax"
     instruction_max_tokens: int = 400
 
@@ -243,7 +245,7 @@ class ProtocolEnv(AnswerTagEnv):
 
     @property
     def prefill(self) -> str:
-        if not self.use_prefill:
+        if not (self.think if self.use_prefill is None else self.use_prefill):
             return ""
         return "<think>" if self.think else "<answer>"
 
