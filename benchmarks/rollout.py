@@ -43,6 +43,7 @@ from drift_jax.models import Transformer, preset  # noqa: E402
 from drift_jax.sampling import SamplingParams, add_work, generate_batched  # noqa: E402
 
 END_SHARES = (0.3, 0.2, 0.2, 0.15, 0.15)  # share of episodes ending after turn 1..5
+MAX_PROMPT, FEEDBACK = 120, 24  # prompt lengths are drawn below MAX_PROMPT; feedback tokens per turn
 
 
 def workload(n_prompts: int, k: int, budget: int, vocab: int, seed: int = 0) -> dict:
@@ -52,9 +53,9 @@ def workload(n_prompts: int, k: int, budget: int, vocab: int, seed: int = 0) -> 
     lengths = 20 + rng.lognormal(3.0, 1.0, size=(n_prompts * k, turns + 1)).astype(int)
     return {
         "k": k,
-        "prompts": [rng.integers(1, vocab, size=n).tolist() for n in rng.integers(30, 120, size=n_prompts)],
+        "prompts": [rng.integers(1, vocab, size=n).tolist() for n in rng.integers(30, MAX_PROMPT, size=n_prompts)],
         "lengths": np.minimum(lengths, budget),
-        "feedback": rng.integers(1, vocab, size=(n_prompts * k, turns + 1, 24)).tolist(),
+        "feedback": rng.integers(1, vocab, size=(n_prompts * k, turns + 1, FEEDBACK)).tolist(),
         "ends": rng.choice(np.arange(1, turns + 1), size=n_prompts * k, p=END_SHARES),
     }
 
@@ -111,7 +112,7 @@ def run_engine(model, params, w: dict, batch_size: int, steps_per_visit: int, re
 
     eng = Engine(model, params, seed=0, num_slots=batch_size, steps_per_visit=steps_per_visit,
                  refill_after=refill_after,
-                 max_len=max(map(len, w["prompts"])) + 6 * (params.max_new_tokens + 24) + 16)
+                 max_len=MAX_PROMPT + len(END_SHARES) * (params.max_new_tokens + FEEDBACK) + params.max_new_tokens)
     return {**eng.run(source(), on_finish).as_dict(), "compiled_programs": eng.compiled_programs}
 
 

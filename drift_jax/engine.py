@@ -24,9 +24,10 @@ those integers and folded with the reply position, so samples do not depend on s
 placement. Logits match the static sampler's to float rounding (attention over the same
 keys in another order), so greedy tokens agree except at near-ties.
 
-Compiled programs: one decode program per power-of-two bucket of (active slots, pages
-read), one prefill program per (rows, length, pages) bucket; a run of any size compiles a bounded
-set (``Engine.compiled_programs``).
+Compiled programs: one decode program per row bucket (``_row_bucket``: the active slots
+rounded up), one prefill program per (rows, length) bucket; block tables have one width
+and attention stops at each call's last live page inside the program, so context length
+adds no program. A run of any size compiles a bounded set (``Engine.compiled_programs``).
 """
 
 from __future__ import annotations
@@ -266,6 +267,9 @@ class Engine:
         # A visit cannot run past a reply's end, so a short budget shortens the visit.
         self.steps_per_visit = min(steps_per_visit, max(1, params.max_new_tokens))
         self.max_pages = math.ceil(self.max_len / page_size)
+        # Block tables have one width for every program (attention stops at a row's last
+        # live page in the program itself), a multiple of the Pallas kernel's 8-page block.
+        self.table_width = -(-self.max_pages // paged.CHUNK_PAGES) * paged.CHUNK_PAGES
         if num_pages is None:
             num_pages = num_slots * min(self.max_pages, math.ceil(2048 / page_size)) + 1
         self.pool = paged.PagePool(num_pages)
@@ -312,7 +316,7 @@ class Engine:
         # Caches of episodes between turns (evictable, LRU order) and of shared prompts.
         waiting: collections.OrderedDict = collections.OrderedDict()
         shared: dict = {}
-        block_tables_sm = np.zeros((s_count, self.max_pages), np.int32)
+        block_tables_sm = np.zeros((s_count, self.table_width), np.int32)
         length_s = np.zeros(s_count, np.int32)
         step_s = np.zeros(s_count, np.int32)
         budget_s = np.zeros(s_count, np.int32)
@@ -387,14 +391,12 @@ class Engine:
                 n_rows = _row_bucket(len(live), s_count)
                 idle = np.flatnonzero(~active_s)[:n_rows - len(live)]
                 rows = np.concatenate([live, idle])  # idle rows are inactive: they change nothing
-                m = _pow2(self._pages_for(int((length_s + np.minimum(budget_s - step_s, self.steps_per_visit))
-                                               [live].max())))
                 # End the visit at the first stopped rows only when a request could take their slots.
                 refill = bool(queue) or bool(finished) or not exhausted
                 exit_after = np.int32(self.refill_after if refill else n_rows + 1)
                 self.cache, self.logits_sv, *outputs = _decode(
                     self.graphdef, self.state, self.cache, self.logits_sv, rows, keydata_s2[rows],
-                    block_tables_sm[rows, :m], length_s[rows], step_s[rows], budget_s[rows], active_s[rows],
+                    block_tables_sm[rows], length_s[rows], step_s[rows], budget_s[rows], active_s[rows],
                     exit_after, params=self.params, n_steps=self.steps_per_visit)
             # Host work on the last visit's finished turns while the device decodes.
             for s_req, s_cache, reply, lp in finished:
@@ -427,6 +429,7 @@ class Engine:
                     cache.pages = cache.pages[:keep_pages]
                     finished.append((slot_req[s], cache, replies[s], np.concatenate(logps[s])))
                     slot_req[s], slot_cache[s], active_s[s] = None, None, False
+                    length_s[s] = 0  # an idle row's position: attention reads its first page only
         self._release_shared(shared)
         return self.stats
 
@@ -465,11 +468,10 @@ class Engine:
         positions keep.. into the pages; logits to the slot (num_slots: none)."""
         n = min(_pow2(len(rows)), max(len(rows), self.num_slots))
         t = bucket_length(max(len(toks) - keep for _, toks, keep, _ in rows))
-        m = _pow2(max(len(pages) for pages, _, _, _ in rows))
         tokens_nt = np.zeros((n, t), np.int32)
         start_n = np.zeros(n, np.int32)
         len_n = np.zeros(n, np.int32)
-        tables_nm = np.zeros((n, m), np.int32)
+        tables_nm = np.zeros((n, self.table_width), np.int32)
         slot_n = np.full(n, self.num_slots, np.int32)
         for i, (pages, toks, keep, slot) in enumerate(rows):
             new = toks[keep:]

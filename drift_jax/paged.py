@@ -5,8 +5,9 @@ paged-attention kernels).
 Device side (pure functions): ``PagedKV`` holds, per layer, ``[K, P, page, H]`` pages
 (kv heads first, as the Pallas kernels want them); ``write`` scatters new keys to
 (page, offset) pairs; ``attend`` is attention of new queries over a sequence's pages:
-the Pallas GPU kernel for one-token decode steps where it runs, else gather + masked
-``jax.nn.dot_product_attention`` (CPU, prefill). Page 0 is never handed out: writes of
+the Pallas GPU kernel for one-token decode steps where it runs, else a plain-JAX loop
+over chunks of pages with an online softmax that stops at the last live page (CPU,
+prefill). Page 0 is never handed out: writes of
 padding tokens go there, so a program needs no branch for them.
 
 Host side: ``PagePool`` hands out page ids with reference counts, so the K samples of a
@@ -101,7 +102,10 @@ def attention_backend(num_queries: int, impl: str = "auto") -> str:
     return impl if num_queries == 1 else "xla"
 
 
-def attend(q_btnh, k_pages, v_pages, refs: PageRefs, impl: str = "auto"):
+CHUNK_PAGES = 8  # pages per step of the plain-JAX attention loop
+
+
+def attend(q_btnh, k_pages, v_pages, refs: PageRefs, impl: str = "auto", chunk_pages: int = CHUNK_PAGES):
     """Causal attention of new queries ``[B, T, N, H]`` over their rows' pages (which
     already hold the new keys): query at position p sees positions 0..p. -> ``[B, T, N, H]``."""
     b, t, _, _ = q_btnh.shape
@@ -111,12 +115,47 @@ def attend(q_btnh, k_pages, v_pages, refs: PageRefs, impl: str = "auto"):
         out_bnh = _pallas_decode(q_btnh[:, 0], k_pages, v_pages, refs.block_tables_bm, lengths_b,
                                  interpret=backend == "pallas_interpret")
         return out_bnh[:, None]
-    k_bskh = gather(k_pages, refs.block_tables_bm)
-    v_bskh = gather(v_pages, refs.block_tables_bm)
-    slot_s = jnp.arange(k_bskh.shape[1])
-    mask_bts = slot_s[None, None, :] <= refs.positions_bt[:, :, None]
-    return jax.nn.dot_product_attention(q_btnh, k_bskh.astype(q_btnh.dtype), v_bskh.astype(q_btnh.dtype),
-                                        mask=mask_bts[:, None], implementation="xla")
+    return _attend_chunked(q_btnh, k_pages, v_pages, refs, chunk_pages)
+
+
+def _attend_chunked(q_btnh, k_pages, v_pages, refs: PageRefs, chunk_pages: int):
+    """The plain-JAX path: a loop over chunks of ``chunk_pages`` pages with an online
+    softmax, whose trip count is traced: it stops after the chunk holding the furthest
+    position, so a program reads only live pages whatever the block tables' width, and
+    one program serves every context length (no compile per pages-read bucket)."""
+    b, t, n, h = q_btnh.shape
+    kv_heads, _, page, _ = k_pages.shape
+    g = n // kv_heads
+    c = min(chunk_pages, refs.block_tables_bm.shape[1])
+    span = c * page
+    tables_bm = refs.block_tables_bm
+    tables_bm = jnp.pad(tables_bm, ((0, 0), (0, -tables_bm.shape[1] % c)))  # pads read TRASH_PAGE, masked
+    q_btkgh = (q_btnh * h ** -0.5).reshape(b, t, kv_heads, g, h)
+    pos_bt = refs.positions_bt
+    n_chunks = jnp.minimum(jnp.max(pos_bt) // span + 1, tables_bm.shape[1] // c)
+
+    def body(i, carry):
+        max_bkgt, sum_bkgt, acc_bkgth = carry
+        pages_bc = jax.lax.dynamic_slice_in_dim(tables_bm, i * c, c, axis=1)
+        k_bskh, v_bskh = gather(k_pages, pages_bc), gather(v_pages, pages_bc)
+        s_bkgts = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k_bskh.astype(q_btnh.dtype),
+                             preferred_element_type=jnp.float32)
+        visible_bts = (i * span + jnp.arange(span))[None, None, :] <= pos_bt[:, :, None]
+        s_bkgts = jnp.where(visible_bts[:, None, None], s_bkgts, -jnp.inf)
+        # Chunk 0 holds position 0, which every query sees: the running max is finite from then on.
+        new_max_bkgt = jnp.maximum(max_bkgt, jnp.max(s_bkgts, axis=-1))
+        p_bkgts = jnp.exp(s_bkgts - new_max_bkgt[..., None])
+        rescale_bkgt = jnp.exp(max_bkgt - new_max_bkgt)
+        acc_bkgth = acc_bkgth * rescale_bkgt[..., None] + jnp.einsum(
+            "bkgts,bskh->bkgth", p_bkgts.astype(q_btnh.dtype), v_bskh.astype(q_btnh.dtype),
+            preferred_element_type=jnp.float32)
+        return new_max_bkgt, sum_bkgt * rescale_bkgt + jnp.sum(p_bkgts, axis=-1), acc_bkgth
+
+    init = (jnp.full((b, kv_heads, g, t), -jnp.inf, jnp.float32), jnp.zeros((b, kv_heads, g, t), jnp.float32),
+            jnp.zeros((b, kv_heads, g, t, h), jnp.float32))
+    _, sum_bkgt, acc_bkgth = jax.lax.fori_loop(0, n_chunks, body, init)
+    out_bkgth = acc_bkgth / sum_bkgt[..., None]
+    return jnp.transpose(out_bkgth, (0, 3, 1, 2, 4)).reshape(b, t, n, h).astype(q_btnh.dtype)
 
 
 class PoolExhausted(RuntimeError):

@@ -120,21 +120,45 @@ def test_prefix_reuse_gives_the_full_prefills_logits(model):
     np.testing.assert_allclose(np.asarray(eng.logits_sv[0]), np.asarray(full), atol=1e-5)
 
 
-@pytest.mark.parametrize("impl", ["xla", "pallas_interpret"])
-def test_paged_attention_equals_dense_attention(impl):
+@pytest.mark.parametrize("impl,chunk_pages", [("xla", 1), ("xla", 3), ("xla", 8), ("pallas_interpret", 8)])
+def test_paged_attention_equals_dense_attention(impl, chunk_pages):
+    """Decode rows of mixed lengths: the chunked loop (a chunk of 1 or 3 pages: several
+    trips, a ragged last chunk, trips stopped at the longest row) and the Pallas kernel
+    give dense attention over the gathered pages."""
     rng = np.random.default_rng(0)
-    b, n, k, h, page, m, num_pages = 3, 4, 2, 16, 4, 4, 20
+    b, n, k, h, page, m, num_pages = 3, 4, 2, 16, 4, 8, 30
     lengths = np.array([1, 7, 16])
     tables = np.stack([rng.permutation(np.arange(1, num_pages))[:m] for _ in range(b)]).astype(np.int32)
     k_pages = jnp.asarray(rng.normal(size=(k, num_pages, page, h)), jnp.float32)
     v_pages = jnp.asarray(rng.normal(size=(k, num_pages, page, h)), jnp.float32)
     q = jnp.asarray(rng.normal(size=(b, 1, n, h)), jnp.float32)
     refs = paged.PageRefs(jnp.asarray(tables), None, None, jnp.asarray(lengths - 1)[:, None])
-    out = paged.attend(q, k_pages, v_pages, refs, impl)
+    out = paged.attend(q, k_pages, v_pages, refs, impl, chunk_pages=chunk_pages)
     dense_k = paged.gather(k_pages, jnp.asarray(tables))
     dense_v = paged.gather(v_pages, jnp.asarray(tables))
     mask = np.arange(m * page)[None, :] < lengths[:, None]
     want = jax.nn.dot_product_attention(q, dense_k, dense_v, mask=jnp.asarray(mask)[:, None, None, :])
+    np.testing.assert_allclose(np.asarray(out), np.asarray(want), atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk_pages", [1, 3, 8])
+def test_chunked_prefill_attention_is_causal_dense_attention(chunk_pages):
+    """Several new queries per row at positions start.. (a prefill on top of cached
+    pages): each sees positions 0..its own, as dense causal attention does."""
+    rng = np.random.default_rng(1)
+    b, t, n, k, h, page, m, num_pages = 2, 5, 4, 2, 8, 4, 6, 20
+    start = np.array([0, 13])
+    tables = np.stack([rng.permutation(np.arange(1, num_pages))[:m] for _ in range(b)]).astype(np.int32)
+    k_pages = jnp.asarray(rng.normal(size=(k, num_pages, page, h)), jnp.float32)
+    v_pages = jnp.asarray(rng.normal(size=(k, num_pages, page, h)), jnp.float32)
+    q = jnp.asarray(rng.normal(size=(b, t, n, h)), jnp.float32)
+    positions = jnp.asarray(start[:, None] + np.arange(t))
+    out = paged.attend(q, k_pages, v_pages, paged.PageRefs(jnp.asarray(tables), None, None, positions), "xla",
+                       chunk_pages=chunk_pages)
+    dense_k = paged.gather(k_pages, jnp.asarray(tables))
+    dense_v = paged.gather(v_pages, jnp.asarray(tables))
+    mask = np.arange(m * page)[None, None, :] <= np.asarray(positions)[:, :, None]
+    want = jax.nn.dot_product_attention(q, dense_k, dense_v, mask=jnp.asarray(mask)[:, None])
     np.testing.assert_allclose(np.asarray(out), np.asarray(want), atol=1e-5)
 
 
