@@ -148,10 +148,13 @@ def _key_data(seed, key_ids_n3):
     return jax.vmap(one)(key_ids_n3)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache", "logits_sv"))
-def _prefill(graphdef, state, cache, logits_sv, tokens_nt, start_n, len_n, block_tables_nm, slot_n):
-    """Prefill ``len_n`` new tokens per row at positions ``start_n..``; the logits after
-    each row's last one go to ``logits_sv[slot_n]`` (slot = num_slots: dropped)."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "params"), donate_argnames=("cache", "next_s"))
+def _prefill(graphdef, state, cache, next_s, tokens_nt, start_n, len_n, block_tables_nm, slot_n, keydata_n2, *,
+             params: SamplingParams):
+    """Prefill ``len_n`` new tokens per row at positions ``start_n..`` and sample each
+    row's first reply token (its step-0 key) from the logits after its last one, into
+    ``next_s = (tokens [S], log-probs [S])`` at ``slot_n`` (slot = num_slots: dropped).
+    Returns (cache, next_s, those logits ``[N, V]``)."""
     model = nnx.merge(graphdef, state)
     t = tokens_nt.shape[1]
     offsets_t = jnp.arange(t)
@@ -159,24 +162,28 @@ def _prefill(graphdef, state, cache, logits_sv, tokens_nt, start_n, len_n, block
     valid_nt = offsets_t[None, :] < len_n[:, None]
     hidden_ntd, cache = model.paged_hidden(tokens_nt, cache, block_tables_nm, positions_nt, valid_nt)
     last_nd = jnp.take_along_axis(hidden_ntd, jnp.maximum(len_n - 1, 0)[:, None, None], axis=1)[:, 0]
-    logits_nv = model.logits(last_nd).astype(logits_sv.dtype)
-    return cache, logits_sv.at[slot_n].set(logits_nv, mode="drop")
+    logits_nv = model.logits(last_nd).astype(jnp.float32)
+    keys_n = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(keydata_n2), jnp.zeros_like(len_n))
+    tok_n, lp_n = sample_token(logits_nv, keys_n, params)
+    next_tok_s, next_lp_s = next_s
+    next_s = (next_tok_s.at[slot_n].set(tok_n, mode="drop"), next_lp_s.at[slot_n].set(lp_n, mode="drop"))
+    return cache, next_s, logits_nv
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "params", "n_steps"),
-                   donate_argnames=("cache", "logits_sv"))
-def _decode(graphdef, state, cache, logits_sv, rows_s, keydata_s2, block_tables_sm, length_s, step_s, budget_s,
+@functools.partial(jax.jit, static_argnames=("graphdef", "params", "n_steps"), donate_argnames=("cache", "next_s"))
+def _decode(graphdef, state, cache, next_s, rows_s, keydata_s2, block_tables_sm, length_s, step_s, budget_s,
             active_s, exit_after, *, params: SamplingParams, n_steps: int):
     """Up to ``n_steps`` decode steps of the slots ``rows_s`` (a bucket of the active
     ones, so a draining queue decodes fewer rows; the other arguments are those rows').
-    A slot samples from its logits, writes the token's keys at position ``length`` and
-    gets the next logits; it stops at a stop token or its budget. The visit ends early
-    once ``exit_after`` rows have stopped (a traced scalar: the host asks for it when it
-    has requests waiting for a slot), so a stopped row does not idle to the visit's end.
-    Returns (cache, logits, tokens ``[R, n]``, log-probs ``[R, n]``, tokens taken
-    ``[R]``, stopped ``[R]``, steps run)."""
+    A slot takes its already sampled token (``next_s``), writes its keys at position
+    ``length``, and samples the next one from the new logits; it stops at a stop token
+    or its budget. What crosses visits is one token per slot, never a [S, V] logits
+    array. The visit ends early once ``exit_after`` rows have stopped (a traced scalar:
+    the host asks for it when it has requests waiting for a slot), so a stopped row does
+    not idle to the visit's end. Returns (cache, next_s, tokens ``[R, n]``, log-probs
+    ``[R, n]``, tokens taken ``[R]``, stopped ``[R]``, steps run)."""
     model = nnx.merge(graphdef, state)
-    all_logits_sv, logits_sv = logits_sv, logits_sv[rows_s]
+    all_tok_s, all_lp_s = next_s
     keys_s = jax.random.wrap_key_data(keydata_s2)
     stop_ids = jnp.asarray(params.stop_ids or (-1,), jnp.int32)
     r = rows_s.shape[0]
@@ -186,25 +193,25 @@ def _decode(graphdef, state, cache, logits_sv, rows_s, keydata_s2, block_tables_
         return (i < n_steps) & jnp.any(live_s) & (jnp.sum(active_s & ~live_s) < exit_after)
 
     def body(carry):
-        i, cache, logits_sv, length_s, step_s, live_s, tok_sn, lp_sn = carry
-        tok_s, lp_s = sample_token(logits_sv, jax.vmap(jax.random.fold_in)(keys_s, step_s), params)
+        i, cache, tok_s, lp_s, length_s, step_s, live_s, tok_sn, lp_sn = carry
         hidden_s1d, cache = model.paged_hidden(tok_s[:, None], cache, block_tables_sm, length_s[:, None],
                                                live_s[:, None])
-        new_logits_sv = model.logits(hidden_s1d[:, 0]).astype(logits_sv.dtype)
-        logits_sv = jnp.where(live_s[:, None], new_logits_sv, logits_sv)
         tok_sn = jax.lax.dynamic_update_slice(tok_sn, tok_s[:, None], (0, i))
         lp_sn = jax.lax.dynamic_update_slice(lp_sn, lp_s[:, None], (0, i))
         step_s = step_s + live_s
         length_s = length_s + live_s
         live_s = live_s & ~jnp.isin(tok_s, stop_ids) & (step_s < budget_s)
-        return i + 1, cache, logits_sv, length_s, step_s, live_s, tok_sn, lp_sn
+        new_tok_s, new_lp_s = sample_token(model.logits(hidden_s1d[:, 0]).astype(jnp.float32),
+                                           jax.vmap(jax.random.fold_in)(keys_s, step_s), params)
+        tok_s, lp_s = jnp.where(live_s, new_tok_s, tok_s), jnp.where(live_s, new_lp_s, lp_s)
+        return i + 1, cache, tok_s, lp_s, length_s, step_s, live_s, tok_sn, lp_sn
 
     live_s = active_s & (step_s < budget_s)
-    init = (jnp.zeros((), jnp.int32), cache, logits_sv, length_s, step_s, live_s,
+    init = (jnp.zeros((), jnp.int32), cache, all_tok_s[rows_s], all_lp_s[rows_s], length_s, step_s, live_s,
             jnp.zeros((r, n_steps), jnp.int32), jnp.zeros((r, n_steps), jnp.float32))
-    n_run, cache, logits_sv, _, step_end_s, live_s, tok_sn, lp_sn = jax.lax.while_loop(cond, body, init)
-    return (cache, all_logits_sv.at[rows_s].set(logits_sv), tok_sn, lp_sn, step_end_s - step_s,
-            active_s & ~live_s, n_run)
+    n_run, cache, tok_s, lp_s, _, step_end_s, live_s, tok_sn, lp_sn = jax.lax.while_loop(cond, body, init)
+    next_s = (all_tok_s.at[rows_s].set(tok_s), all_lp_s.at[rows_s].set(lp_s))
+    return cache, next_s, tok_sn, lp_sn, step_end_s - step_s, active_s & ~live_s, n_run
 
 
 def _row_bucket(n_live: int, num_slots: int) -> int:
@@ -274,7 +281,8 @@ class Engine:
             num_pages = num_slots * min(self.max_pages, math.ceil(2048 / page_size)) + 1
         self.pool = paged.PagePool(num_pages)
         self.cache = paged.PagedKV.zeros(self.cfg, num_pages, page_size)
-        self.logits_sv = jnp.zeros((num_slots, self.cfg.vocab_size), jnp.float32)
+        # Each slot's next token, already sampled (by prefill, then by each decode step), and its log-prob.
+        self.next_s = (jnp.zeros(num_slots, jnp.int32), jnp.zeros(num_slots, jnp.float32))
         self.stats = EngineStats(num_slots)
 
     @property
@@ -369,7 +377,10 @@ class Engine:
             if prefix_rows:
                 self._run_prefill(prefix_rows)
             if rows:
-                self._run_prefill([(slot_cache[s].pages, req.tokens, keep, s) for s, req, keep in rows])
+                keydata_s2[taken] = np.asarray(request_key_data(
+                    self.seed, np.asarray([slot_req[s].key_ids for s in taken], np.int64)))
+                self._run_prefill([(slot_cache[s].pages, req.tokens, keep, s) for s, req, keep in rows],
+                                  keydata_s2[taken])
                 for s, req, keep in rows:
                     turn = req.key_ids[0]
                     self.stats.requests += 1
@@ -380,8 +391,6 @@ class Engine:
                     block_tables_sm[s, :len(slot_cache[s].pages)] = slot_cache[s].pages
                     length_s[s], step_s[s], budget_s[s], active_s[s] = len(req.tokens), 0, req.budget, True
                     replies[s], logps[s] = [], []
-                keydata_s2[taken] = np.asarray(request_key_data(
-                    self.seed, np.asarray([slot_req[s].key_ids for s in taken], np.int64)))
 
         while True:
             admit()
@@ -394,8 +403,8 @@ class Engine:
                 # End the visit at the first stopped rows only when a request could take their slots.
                 refill = bool(queue) or bool(finished) or not exhausted
                 exit_after = np.int32(self.refill_after if refill else n_rows + 1)
-                self.cache, self.logits_sv, *outputs = _decode(
-                    self.graphdef, self.state, self.cache, self.logits_sv, rows, keydata_s2[rows],
+                self.cache, self.next_s, *outputs = _decode(
+                    self.graphdef, self.state, self.cache, self.next_s, rows, keydata_s2[rows],
                     block_tables_sm[rows], length_s[rows], step_s[rows], budget_s[rows], active_s[rows],
                     exit_after, params=self.params, n_steps=self.steps_per_visit)
             # Host work on the last visit's finished turns while the device decodes.
@@ -463,9 +472,11 @@ class Engine:
             self.pool.release(entry.pages)
         shared.clear()
 
-    def _run_prefill(self, rows) -> None:
+    def _run_prefill(self, rows, keydata_r2=None) -> jax.Array:
         """One prefill call for rows of (pages, tokens, keep, slot): tokens[keep:] at
-        positions keep.. into the pages; logits to the slot (num_slots: none)."""
+        positions keep.. into the pages; the first reply token, sampled with the row's
+        key data (``keydata_r2``), to the slot (num_slots: none). Returns the logits
+        after each row's last token ``[N, V]`` (N: the rows padded)."""
         n = min(_pow2(len(rows)), max(len(rows), self.num_slots))
         t = bucket_length(max(len(toks) - keep for _, toks, keep, _ in rows))
         tokens_nt = np.zeros((n, t), np.int32)
@@ -473,6 +484,9 @@ class Engine:
         len_n = np.zeros(n, np.int32)
         tables_nm = np.zeros((n, self.table_width), np.int32)
         slot_n = np.full(n, self.num_slots, np.int32)
+        keydata_n2 = np.zeros((n, 2), np.uint32)
+        if keydata_r2 is not None:
+            keydata_n2[:len(rows)] = keydata_r2
         for i, (pages, toks, keep, slot) in enumerate(rows):
             new = toks[keep:]
             tokens_nt[i, :len(new)] = new
@@ -480,8 +494,10 @@ class Engine:
             tables_nm[i, :len(pages)] = pages
             self.stats.prefill_tokens += len(new)
         self.stats.prefill_padded_tokens += n * t
-        self.cache, self.logits_sv = _prefill(self.graphdef, self.state, self.cache, self.logits_sv, tokens_nt,
-                                              start_n, len_n, tables_nm, slot_n)
+        self.cache, self.next_s, logits_nv = _prefill(self.graphdef, self.state, self.cache, self.next_s, tokens_nt,
+                                                      start_n, len_n, tables_nm, slot_n, keydata_n2,
+                                                      params=self.params)
+        return logits_nv
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:

@@ -54,34 +54,87 @@ def _filter_logits(logits_bv, top_p: float, top_k: int):
     return logits_bv
 
 
+def _block_size(v: int) -> int:
+    """Entries per vocabulary block: a divisor of ``v`` in [256, 4096] where there is one
+    (151,936 = 128 x 1,187: blocks of 1,187), so that blocking is a free reshape; else 1,024
+    with padding."""
+    return next((c for c in range(min(v, 4096), 255, -1) if v % c == 0), min(v, 1024))
+
+
+def _blocks(x_bv, fill):
+    """``[B, V]`` -> ``[B, V / c, c]`` (padded with ``fill`` when c does not divide V)."""
+    b, v = x_bv.shape
+    c = _block_size(v)
+    if v % c:
+        x_bv = jnp.pad(x_bv, ((0, 0), (0, -v % c)), constant_values=fill)
+    return x_bv.reshape(b, -1, c)
+
+
+def _take_block(x_bnc, block_b):
+    return jnp.take_along_axis(x_bnc, block_b[:, None, None], axis=1)[:, 0]
+
+
+def _blocked_argmax(logits_bv):
+    """``argmax`` (first of ties) as the best block, then the best entry in it: XLA's CPU
+    argmax over 152k entries costs more than the LM head; two small ones do not."""
+    x_bnc = _blocks(logits_bv, -jnp.inf)
+    block_b = jnp.argmax(jnp.max(x_bnc, axis=-1), axis=-1)
+    return block_b * x_bnc.shape[-1] + jnp.argmax(_take_block(x_bnc, block_b), axis=-1)
+
+
+def _inverse_cdf(values_bnc, weight_fn, u_b):
+    """The first index whose cumulative weight reaches ``u_b`` x the row's total, among
+    entries of positive weight, with weights ``weight_fn(values)`` (elementwise, leading
+    axis the row). Two levels, block sums then one block's prefix sums, and the weights
+    never stored for the whole vocabulary: a [B, 152k] prefix sum (or any stored [B, V]
+    array) costs more on CPU than the LM head. -> (index ``[B]``, total weight ``[B]``)."""
+    block_sum_bn = jnp.sum(weight_fn(values_bnc), axis=-1)
+    block_cdf_bn = jnp.cumsum(block_sum_bn, axis=-1)
+    total_b = block_cdf_bn[:, -1]
+    threshold_b = u_b * total_b  # > 0: u is in (0, 1]
+    block_b = jnp.argmax((block_cdf_bn >= threshold_b[:, None]) & (block_sum_bn > 0), axis=-1)
+    before_b = jnp.take_along_axis(block_cdf_bn - block_sum_bn, block_b[:, None], axis=-1)[:, 0]
+    inner_bc = weight_fn(_take_block(values_bnc, block_b))
+    inner_cdf_bc = jnp.cumsum(inner_bc, axis=-1)
+    # The two sums round differently: a residue past the block's own sum takes its last entry.
+    residue_b = jnp.minimum(threshold_b - before_b, inner_cdf_bc[:, -1])
+    index_b = jnp.argmax((inner_cdf_bc >= residue_b[:, None]) & (inner_bc > 0), axis=-1)
+    return block_b * values_bnc.shape[-1] + index_b, total_b
+
+
+def _rows(x_b, like):
+    """``[B]`` broadcast against an array whose leading axis is the row."""
+    return x_b.reshape((-1,) + (1,) * (like.ndim - 1))
+
+
 def sample_token(logits_bv, keys_b, params: SamplingParams):
     """Pick one token per row. Returns (tokens ``[B]`` int32, log-probs ``[B]``).
 
-    Sampling inverts the CDF with one uniform draw per row, rather than adding a Gumbel
-    draw to every vocabulary entry: V times fewer random bits and no per-entry logs, which
-    is most of a decode step's cost on CPU at a 152k vocabulary.
+    Sampling inverts the CDF with one uniform draw per row (``_inverse_cdf``), rather than
+    adding a Gumbel draw to every vocabulary entry: V times fewer random bits and no
+    per-entry logs, which is most of a decode step's cost on CPU at a 152k vocabulary.
     The log-probs are under the model's own distribution (temperature 1, unfiltered):
     the quantity importance ratios and RL baselines need.
     """
     logits_bv = logits_bv.astype(jnp.float32)
-    max_b1 = jnp.max(logits_bv, axis=-1, keepdims=True)
+    max_b = jnp.max(logits_bv, axis=-1)
+    mass_fn = lambda x: jnp.exp(x - _rows(max_b, x))  # noqa: E731  (the unnormalised softmax)
+    unscaled = params.temperature == 1.0 and params.top_p >= 1.0 and params.top_k == 0
     if params.temperature == 0:
-        tokens_b = jnp.argmax(logits_bv, axis=-1)
-        mass_bv = jnp.exp(logits_bv - max_b1)
+        tokens_b = _blocked_argmax(logits_bv)
+    elif unscaled:
+        u_b = 1.0 - jax.vmap(lambda key: jax.random.uniform(key, ()))(keys_b)
+        tokens_b, total_b = _inverse_cdf(_blocks(logits_bv, -jnp.inf), mass_fn, u_b)
     else:
         scaled_bv = _filter_logits(logits_bv / params.temperature, params.top_p, params.top_k)
-        weight_bv = jnp.exp(scaled_bv - max_b1 / params.temperature)  # 0 where filtered
-        cdf_bv = jnp.cumsum(weight_bv, axis=-1)
-        # One key per row: a row's sample depends only on its own key and logits. The draw
-        # is in (0, 1], so the threshold is positive and never lands on a zero-weight token.
+        t_max_b = max_b / params.temperature
+        # One key per row: a row's sample depends only on its own key and logits.
         u_b = 1.0 - jax.vmap(lambda key: jax.random.uniform(key, ()))(keys_b)
-        above_bv = (cdf_bv >= (u_b * cdf_bv[:, -1])[:, None]) & (weight_bv > 0)
-        tokens_b = jnp.argmax(above_bv, axis=-1)
-        unscaled = params.temperature == 1.0 and params.top_p >= 1.0 and params.top_k == 0
-        mass_bv = weight_bv if unscaled else jnp.exp(logits_bv - max_b1)
+        tokens_b, _ = _inverse_cdf(_blocks(scaled_bv, -jnp.inf), lambda x: jnp.exp(x - _rows(t_max_b, x)), u_b)
+    if not unscaled:  # greedy and filtered draws: the softmax's total, over the logits
+        total_b = jnp.sum(mass_fn(logits_bv), axis=-1)
     # log p = logit - logsumexp(logits): no [B, V] log-softmax is materialised.
-    lse_b = jnp.log(jnp.sum(mass_bv, axis=-1)) + max_b1[:, 0]
-    logp_b = jnp.take_along_axis(logits_bv, tokens_b[:, None], axis=-1)[:, 0] - lse_b
+    logp_b = jnp.take_along_axis(logits_bv, tokens_b[:, None], axis=-1)[:, 0] - (jnp.log(total_b) + max_b)
     return tokens_b.astype(jnp.int32), logp_b
 
 

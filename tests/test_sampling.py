@@ -285,3 +285,22 @@ def test_empty_prompt_raises(model):
     keys = jax.random.split(jax.random.key(0), 2)
     with pytest.raises(ValueError, match="prompt 1 is empty"):
         generate_batched(model, [[1, 2], []], keys, SAMPLE)
+
+
+@settings(max_examples=30, deadline=None)
+@given(v=st.sampled_from([7, 300, 1187 * 2, 1030, 5000]), seed=st.integers(0, 2**31 - 1))
+def test_two_level_draws_are_the_one_level_definitions(v, seed):
+    """Blocked argmax == argmax (first of ties), and the blocked inverse CDF == the first
+    index whose prefix sum reaches u x total, on sizes with and without padding. Weights
+    are small integers (many zeros), so every sum is exact and the two must agree."""
+    rng = np.random.default_rng(seed)
+    logits = rng.integers(-3, 3, size=(4, v)).astype(np.float32)  # ties everywhere
+    np.testing.assert_array_equal(sampling._blocked_argmax(jnp.asarray(logits)), np.argmax(logits, axis=-1))
+    weights = np.maximum(rng.integers(-4, 4, size=(4, v)), 0).astype(np.float32)
+    weights[:, 0] = 1.0  # every row has mass
+    u = rng.uniform(1e-6, 1.0, size=4).astype(np.float32)
+    index, total = sampling._inverse_cdf(sampling._blocks(jnp.asarray(weights), 0.0), lambda x: x, jnp.asarray(u))
+    cdf = np.cumsum(weights, axis=-1)
+    want = [int(np.flatnonzero((cdf[b] >= np.float32(u[b] * cdf[b, -1])) & (weights[b] > 0))[0]) for b in range(4)]
+    np.testing.assert_array_equal(index, want)
+    np.testing.assert_array_equal(total, cdf[:, -1])
