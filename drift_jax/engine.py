@@ -44,7 +44,7 @@ import numpy as np
 from flax import nnx
 
 from drift_jax import paged
-from drift_jax.sampling import SamplingParams, bucket_length, sample_token
+from drift_jax.sampling import SamplingParams, sample_token
 
 
 @dataclasses.dataclass
@@ -129,12 +129,13 @@ class EngineStats:
         return d
 
 
-def request_key_data(seed: int, key_ids_n3: np.ndarray) -> jax.Array:
+def request_key_data(seed: int, key_ids_n3: np.ndarray, rows: int | None = None) -> jax.Array:
     """``[N, 2]`` uint32 key data for (turn, prompt hash, sample) rows: the same bits as
     ``episodes.episode_keys`` (fold_in of turn, then hash, then sample). Rows are padded
-    to a power of two so that admitting any number of requests compiles few programs."""
+    to ``rows`` (None: a power of two), so that admitting any number of requests
+    compiles one program (or few)."""
     n = len(key_ids_n3)
-    padded_n3 = np.zeros((_pow2(n), 3), np.uint32)
+    padded_n3 = np.zeros((rows or _pow2(n), 3), np.uint32)
     padded_n3[:n] = key_ids_n3
     return _key_data(jnp.asarray(seed, jnp.uint32), padded_n3)[:n]
 
@@ -254,15 +255,19 @@ class Engine:
       refill_after: a visit ends early once this many of its rows have stopped while
         requests wait for a slot (1: a slot is refilled at the next step; larger: fewer
         host round trips, for accelerators where a visit's launch is costly).
+      prefill_chunk: tokens per prefill call (longer prefills run in chunks): with a
+        quarter of it for short prefills, the only two prefill widths compiled.
       max_len: context limit (None: the model's): a request whose context + budget
         exceeds it is an error.
     """
 
     def __init__(self, model, params: SamplingParams, *, seed: int, num_slots: int = 64, page_size: int = 16,
                  num_pages: int | None = None, steps_per_visit: int = 8, refill_after: int = 1,
-                 max_len: int | None = None):
-        if min(num_slots, page_size, steps_per_visit, refill_after) < 1:
-            raise ValueError("num_slots, page_size, steps_per_visit and refill_after must be >= 1")
+                 prefill_chunk: int = 128, max_len: int | None = None):
+        if min(num_slots, page_size, steps_per_visit, refill_after) < 1 or prefill_chunk < 4:
+            raise ValueError("num_slots, page_size, steps_per_visit and refill_after must be >= 1, "
+                             "prefill_chunk >= 4")
+        self.prefill_chunk = prefill_chunk
         self.refill_after = refill_after
         self.graphdef, self.state = nnx.split(model)
         self.cfg = model.cfg
@@ -378,7 +383,7 @@ class Engine:
                 self._run_prefill(prefix_rows)
             if rows:
                 keydata_s2[taken] = np.asarray(request_key_data(
-                    self.seed, np.asarray([slot_req[s].key_ids for s in taken], np.int64)))
+                    self.seed, np.asarray([slot_req[s].key_ids for s in taken], np.int64), rows=s_count))
                 self._run_prefill([(slot_cache[s].pages, req.tokens, keep, s) for s, req, keep in rows],
                                   keydata_s2[taken])
                 for s, req, keep in rows:
@@ -473,30 +478,42 @@ class Engine:
         shared.clear()
 
     def _run_prefill(self, rows, keydata_r2=None) -> jax.Array:
-        """One prefill call for rows of (pages, tokens, keep, slot): tokens[keep:] at
-        positions keep.. into the pages; the first reply token, sampled with the row's
-        key data (``keydata_r2``), to the slot (num_slots: none). Returns the logits
-        after each row's last token ``[N, V]`` (N: the rows padded)."""
+        """Prefill rows of (pages, tokens, keep, slot): tokens[keep:] at positions keep..
+        into the pages; the first reply token, sampled with the row's key data
+        (``keydata_r2``), to the slot (num_slots: none). Calls have two widths only
+        (``prefill_chunk`` and a quarter of it, for the short prefills of later turns):
+        a longer prefill runs chunk by chunk, so prefill compiles one program per row
+        bucket and width, whatever the prompt lengths. Returns the logits after each
+        row's last token ``[N, V]`` (N: the rows padded)."""
         n = min(_pow2(len(rows)), max(len(rows), self.num_slots))
-        t = bucket_length(max(len(toks) - keep for _, toks, keep, _ in rows))
-        tokens_nt = np.zeros((n, t), np.int32)
-        start_n = np.zeros(n, np.int32)
-        len_n = np.zeros(n, np.int32)
+        longest = max(len(toks) - keep for _, toks, keep, _ in rows)
+        t = self.prefill_chunk // 4 if longest <= self.prefill_chunk // 4 else self.prefill_chunk
         tables_nm = np.zeros((n, self.table_width), np.int32)
-        slot_n = np.full(n, self.num_slots, np.int32)
         keydata_n2 = np.zeros((n, 2), np.uint32)
         if keydata_r2 is not None:
             keydata_n2[:len(rows)] = keydata_r2
-        for i, (pages, toks, keep, slot) in enumerate(rows):
-            new = toks[keep:]
-            tokens_nt[i, :len(new)] = new
-            start_n[i], len_n[i], slot_n[i] = keep, len(new), slot
+        new_n = [toks[keep:] for _, toks, keep, _ in rows]
+        for i, (pages, _, _, _) in enumerate(rows):
             tables_nm[i, :len(pages)] = pages
-            self.stats.prefill_tokens += len(new)
-        self.stats.prefill_padded_tokens += n * t
-        self.cache, self.next_s, logits_nv = _prefill(self.graphdef, self.state, self.cache, self.next_s, tokens_nt,
-                                                      start_n, len_n, tables_nm, slot_n, keydata_n2,
-                                                      params=self.params)
+        self.stats.prefill_tokens += sum(map(len, new_n))
+        logits_nv = None
+        for c0 in range(0, longest, t):
+            tokens_nt = np.zeros((n, t), np.int32)
+            start_n = np.zeros(n, np.int32)
+            len_n = np.zeros(n, np.int32)
+            slot_n = np.full(n, self.num_slots, np.int32)  # rows that do not end in this chunk sample nothing
+            for i, ((_, _, keep, slot), new) in enumerate(zip(rows, new_n)):
+                piece = new[c0:c0 + t]
+                tokens_nt[i, :len(piece)] = piece
+                start_n[i], len_n[i] = keep + c0, len(piece)
+                if c0 < len(new) <= c0 + t:
+                    slot_n[i] = slot
+            self.stats.prefill_padded_tokens += n * t
+            self.cache, self.next_s, chunk_nv = _prefill(self.graphdef, self.state, self.cache, self.next_s,
+                                                         tokens_nt, start_n, len_n, tables_nm, slot_n, keydata_n2,
+                                                         params=self.params)
+            ends_n = np.asarray([c0 < len(new) <= c0 + t for new in new_n] + [False] * (n - len(rows)))
+            logits_nv = chunk_nv if logits_nv is None else jnp.where(ends_n[:, None], chunk_nv, logits_nv)
         return logits_nv
 
 
