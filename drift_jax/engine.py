@@ -11,8 +11,9 @@ most rows are filler. Here:
   the cached tokens (last turn's context + reply) and the new context is kept, so turn
   t+1 prefills the feedback message and the generation prompt only. The K samples of a
   prompt share the prompt's full pages (prefilled once); each prefills the remainder;
-- decode runs ``steps_per_visit`` tokens per host visit in one compiled program, and
-  the host's work on finished turns (detokenise, verify, render) runs while the device
+- decode runs up to ``steps_per_visit`` tokens per host visit in one compiled program
+  (ending early once ``refill_after`` rows stopped while requests wait), and the
+  host's work on finished turns (detokenise, verify, render) runs while the device
   decodes the next visit (JAX's asynchronous dispatch);
 - when pages run out, the caches of episodes waiting between turns are dropped (least
   recently used first) and rebuilt by prefill when they come back: a cache is only ever
@@ -25,7 +26,8 @@ placement. Logits match the static sampler's to float rounding (attention over t
 keys in another order), so greedy tokens agree except at near-ties.
 
 Compiled programs: one decode program per row bucket (``_row_bucket``: the active slots
-rounded up), one prefill program per (rows, length) bucket; block tables have one width
+rounded up), one prefill program per (rows, width) with two widths (``prefill_chunk``
+and a quarter of it); block tables have one width
 and attention stops at each call's last live page inside the program, so context length
 adds no program. A run of any size compiles a bounded set (``Engine.compiled_programs``).
 """
