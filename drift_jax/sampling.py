@@ -122,15 +122,15 @@ def sample_token(logits_bv, keys_b, params: SamplingParams):
     unscaled = params.temperature == 1.0 and params.top_p >= 1.0 and params.top_k == 0
     if params.temperature == 0:
         tokens_b = _blocked_argmax(logits_bv)
-    elif unscaled:
-        u_b = 1.0 - jax.vmap(lambda key: jax.random.uniform(key, ()))(keys_b)
-        tokens_b, total_b = _inverse_cdf(_blocks(logits_bv, -jnp.inf), mass_fn, u_b)
     else:
-        scaled_bv = _filter_logits(logits_bv / params.temperature, params.top_p, params.top_k)
-        t_max_b = max_b / params.temperature
         # One key per row: a row's sample depends only on its own key and logits.
         u_b = 1.0 - jax.vmap(lambda key: jax.random.uniform(key, ()))(keys_b)
-        tokens_b, _ = _inverse_cdf(_blocks(scaled_bv, -jnp.inf), lambda x: jnp.exp(x - _rows(t_max_b, x)), u_b)
+        if unscaled:
+            tokens_b, total_b = _inverse_cdf(_blocks(logits_bv, -jnp.inf), mass_fn, u_b)
+        else:
+            scaled_bv = _filter_logits(logits_bv / params.temperature, params.top_p, params.top_k)
+            t_max_b = max_b / params.temperature
+            tokens_b, _ = _inverse_cdf(_blocks(scaled_bv, -jnp.inf), lambda x: jnp.exp(x - _rows(t_max_b, x)), u_b)
     if not unscaled:  # greedy and filtered draws: the softmax's total, over the logits
         total_b = jnp.sum(mass_fn(logits_bv), axis=-1)
     # log p = logit - logsumexp(logits): no [B, V] log-softmax is materialised.
