@@ -504,17 +504,18 @@ class Engine:
             start_n = np.zeros(n, np.int32)
             len_n = np.zeros(n, np.int32)
             slot_n = np.full(n, self.num_slots, np.int32)  # rows that do not end in this chunk sample nothing
+            ends_n = np.zeros(n, bool)
             for i, ((_, _, keep, slot), new) in enumerate(zip(rows, new_n)):
                 piece = new[c0:c0 + t]
                 tokens_nt[i, :len(piece)] = piece
                 start_n[i], len_n[i] = keep + c0, len(piece)
-                if c0 < len(new) <= c0 + t:
+                ends_n[i] = c0 < len(new) <= c0 + t
+                if ends_n[i]:
                     slot_n[i] = slot
             self.stats.prefill_padded_tokens += n * t
             self.cache, self.next_s, chunk_nv = _prefill(self.graphdef, self.state, self.cache, self.next_s,
                                                          tokens_nt, start_n, len_n, tables_nm, slot_n, keydata_n2,
                                                          params=self.params)
-            ends_n = np.asarray([c0 < len(new) <= c0 + t for new in new_n] + [False] * (n - len(rows)))
             logits_nv = chunk_nv if logits_nv is None else jnp.where(ends_n[:, None], chunk_nv, logits_nv)
         return logits_nv
 
