@@ -13,10 +13,12 @@ ends after (a share at each turn). Every system generates exactly those lengths:
 - hf: the same chunks and turns through ``model.generate()`` (PyTorch, KV cache), each
   call run to the longest reply it holds (only the drawn lengths count as useful).
 
-Useful tokens/s = drawn reply tokens / wall seconds. Each system is first warmed up on
-one static chunk's worth of prompts drawn with another seed, so most compiles fall
-outside the clock; those still met during the run count in its time. Slot utilisation =
-useful tokens / (rows computed x decode steps). Prefill tokens are those run through prefill, without padding.
+Useful tokens/s = drawn reply tokens / wall seconds, at steady state: each system first
+plays a warm-up workload of the same size drawn with another seed (``--warmup-prompts``),
+so its compiles fall outside the clock; any still met during the timed run count in its
+time. The warm-up's wall (compiles included) is reported too, as ``first_wall_s``.
+Slot utilisation = useful tokens / (rows computed x decode steps). Prefill tokens are
+those run through prefill, without padding.
 
   python benchmarks/rollout.py --cpu --out r.json   # Qwen2.5 architecture, tiny width, real vocabulary
   python benchmarks/rollout.py                      # the Qwen2.5-0.5B shape (accelerator)
@@ -93,7 +95,8 @@ def run_static(model, params, w: dict, batch_size: int) -> dict:
     return stats
 
 
-def run_engine(model, params, w: dict, batch_size: int, steps_per_visit: int, refill_after: int) -> dict:
+def run_engine(model, params, w: dict, batch_size: int, steps_per_visit: int, refill_after: int,
+               row_buckets: int) -> dict:
     k = w["k"]
 
     def request(e, turn, tokens, share=None):
@@ -111,7 +114,7 @@ def run_engine(model, params, w: dict, batch_size: int, steps_per_visit: int, re
         return []
 
     eng = Engine(model, params, seed=0, num_slots=batch_size, steps_per_visit=steps_per_visit,
-                 refill_after=refill_after,
+                 refill_after=refill_after, row_buckets=row_buckets,
                  max_len=MAX_PROMPT + len(END_SHARES) * (params.max_new_tokens + FEEDBACK) + params.max_new_tokens)
     return {**eng.run(source(), on_finish).as_dict(), "compiled_programs": eng.compiled_programs}
 
@@ -153,11 +156,26 @@ def run_hf(cfg, w: dict, batch_size: int, torch_dtype: str) -> dict:
     return {"useful_tokens": useful, "slot_steps": steps, "slot_utilization": useful / steps}
 
 
+_COMPILES = {"programs": 0, "seconds": 0.0}
+
+
+def _on_compile_event(name: str, seconds: float, **_) -> None:
+    if name.startswith("/jax/core/compile/"):  # tracing, lowering and XLA compile
+        _COMPILES["seconds"] += seconds
+        _COMPILES["programs"] += name.endswith("backend_compile_duration")
+
+
+jax.monitoring.register_event_duration_secs_listener(_on_compile_event)
+
+
 def timed(fn, *args):
+    """(fn's output, wall seconds, {"programs", "seconds"} compiled inside that wall)."""
+    before = dict(_COMPILES)
     t0 = time.perf_counter()
     out = fn(*args)
     jax.effects_barrier()
-    return out, time.perf_counter() - t0
+    wall = time.perf_counter() - t0
+    return out, wall, {k: _COMPILES[k] - before[k] for k in before}
 
 
 def main() -> None:
@@ -169,6 +187,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=None, help="static rows per call = engine slots")
     ap.add_argument("--steps-per-visit", type=int, default=8)
     ap.add_argument("--refill-after", type=int, default=1)
+    ap.add_argument("--row-buckets", type=int, default=8, help="the engine's row shapes per program")
+    ap.add_argument("--warmup-prompts", type=int, default=None,
+                    help="prompts in the warm-up workload (default: as many as the timed one)")
     ap.add_argument("--systems", default="static,engine,hf", help="comma-separated subset of static,engine,hf")
     ap.add_argument("--no-hf", action="store_true", help="same as leaving hf out of --systems")
     ap.add_argument("--out", default=None, help="write the figures as JSON here")
@@ -187,16 +208,16 @@ def main() -> None:
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     params = SamplingParams(temperature=1.0, max_new_tokens=budget)
     w = workload(n_prompts, args.samples, budget, cfg.vocab_size)
-    # Warm-up: one static chunk's worth of prompts (another seed), so that both samplers
-    # meet most of their compiled shapes before the clock starts.
-    warm = workload(max(1, batch // args.samples), args.samples, budget, cfg.vocab_size, seed=1)
+    # Warm-up on a workload of the same size (another seed): both systems meet the shapes
+    # they compile before the clock starts, so the ratio compares steady-state throughput.
+    warm = workload(args.warmup_prompts or n_prompts, args.samples, budget, cfg.vocab_size, seed=1)
     print(f"workload: {n_prompts} prompts x K={args.samples}, <= 5 turns, budget {budget}, "
           f"{int(sum(w['lengths'][e, t] for e in range(len(w['ends'])) for t in range(1, w['ends'][e] + 1)))} "
           f"reply tokens; vocab {cfg.vocab_size}, {jax.devices()[0].device_kind}")
 
     results: dict = {}
     wanted = set(args.systems.split(",")) - ({"hf"} if args.no_hf else set())
-    engine_args = (batch, args.steps_per_visit, args.refill_after)
+    engine_args = (batch, args.steps_per_visit, args.refill_after, args.row_buckets)
     systems = [("static", lambda: run_static(model, params, w, batch), lambda: run_static(model, params, warm, batch)),
                ("engine", lambda: run_engine(model, params, w, *engine_args),
                 lambda: run_engine(model, params, warm, *engine_args))]
@@ -205,21 +226,25 @@ def main() -> None:
         try:
             import torch  # noqa: F401
 
-            systems.append(("hf", lambda: run_hf(cfg, w, batch, torch_dtype), lambda: None))
+            systems.append(("hf", lambda: run_hf(cfg, w, batch, torch_dtype), lambda: None))  # eager: no compiles
         except ImportError:
             print("hf: torch is not installed; skipped (pip install torch)")
     for name, run, warmup in systems:
-        warmup()
-        stats, wall = timed(run)
+        _, first_wall, _ = timed(warmup)
+        stats, wall, compiled = timed(run)
+        stats["first_wall_s"] = first_wall
+        stats["timed_compiles"], stats["timed_compile_s"] = compiled["programs"], compiled["seconds"]
         stats["wall_s"] = wall
         stats["tokens_per_s"] = stats["useful_tokens"] / wall
         results[name] = stats
         print(f"{name}: {stats['useful_tokens']} tokens in {wall:.1f} s = {stats['tokens_per_s']:.0f} tok/s, "
-              f"slot utilisation {stats['slot_utilization']:.3f}"
+              f"slot utilisation {stats['slot_utilization']:.3f}, warm-up {first_wall:.1f} s, "
+              f"{compiled['programs']} compiles ({compiled['seconds']:.1f} s) inside the timed run"
               + (f", {stats['compiled_programs']} programs compiled" if "compiled_programs" in stats else ""))
 
     flat = {f"{n}_{key}": v for n, s in results.items() for key, v in s.items()
-            if key in ("tokens_per_s", "slot_utilization", "prefill_tokens", "wall_s", "useful_tokens")}
+            if key in ("tokens_per_s", "slot_utilization", "prefill_tokens", "wall_s", "first_wall_s", "useful_tokens",
+                       "timed_compile_s")}
     for n in ("static", "engine", "hf"):
         flat.setdefault(f"{n}_tokens_per_s", None)
     later = {n: sum(v for t, v in s["prefill_tokens_by_turn"].items() if int(t) > 1)

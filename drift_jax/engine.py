@@ -25,10 +25,10 @@ those integers and folded with the reply position, so samples do not depend on s
 placement. Logits match the static sampler's to float rounding (attention over the same
 keys in another order), so greedy tokens agree except at near-ties.
 
-Compiled programs: one decode program per row bucket (``_row_bucket``: the active slots
-rounded up), one prefill program per (rows, width) with two widths (``prefill_chunk``
-and a quarter of it); block tables have one width
-and attention stops at each call's last live page inside the program, so context length
+Compiled programs: one decode program per row bucket (``_row_bucket``: rows rounded up
+to a multiple of ``num_slots // row_buckets``) and one prefill program per (row bucket, width) with two
+widths (``prefill_chunk`` and a quarter of it); block tables have one width and
+attention stops at each call's last live page inside the program, so context length
 adds no program. A run of any size compiles a bounded set (``Engine.compiled_programs``).
 """
 
@@ -79,7 +79,7 @@ class EngineOptions:
     kind: "continuous" (this module) or "static" (``sampling.generate_batched``, one call
       per turn: the reference).
     num_slots: decode slots (None: the caller's batch size).
-    page_size, num_pages, steps_per_visit, refill_after: as ``Engine``.
+    page_size, num_pages, steps_per_visit, refill_after, row_buckets: as ``Engine``.
     """
 
     kind: str = "continuous"
@@ -88,6 +88,7 @@ class EngineOptions:
     num_pages: int | None = None
     steps_per_visit: int = 8
     refill_after: int = 1
+    row_buckets: int = 8
 
     def __post_init__(self):
         if self.kind not in ENGINES:
@@ -131,7 +132,7 @@ class EngineStats:
         return d
 
 
-def request_key_data(seed: int, key_ids_n3: np.ndarray, rows: int | None = None) -> jax.Array:
+def request_key_data(seed: int, key_ids_n3: np.ndarray, rows: int | None = None) -> np.ndarray:
     """``[N, 2]`` uint32 key data for (turn, prompt hash, sample) rows: the same bits as
     ``episodes.episode_keys`` (fold_in of turn, then hash, then sample). Rows are padded
     to ``rows`` (None: a power of two), so that admitting any number of requests
@@ -139,7 +140,8 @@ def request_key_data(seed: int, key_ids_n3: np.ndarray, rows: int | None = None)
     n = len(key_ids_n3)
     padded_n3 = np.zeros((rows or _pow2(n), 3), np.uint32)
     padded_n3[:n] = key_ids_n3
-    return _key_data(jnp.asarray(seed, jnp.uint32), padded_n3)[:n]
+    # Sliced on the host: slicing the device array would compile a program per ``n``.
+    return np.asarray(_key_data(jnp.asarray(seed, jnp.uint32), padded_n3))[:n]
 
 
 @jax.jit
@@ -217,14 +219,14 @@ def _decode(graphdef, state, cache, next_s, rows_s, keydata_s2, block_tables_sm,
     return cache, next_s, tok_sn, lp_sn, step_end_s - step_s, active_s & ~live_s, n_run
 
 
-def _row_bucket(n_live: int, num_slots: int) -> int:
-    """Rows decoded for ``n_live`` active slots: the next multiple of an eighth of the
-    slots, or below that the next power of two. A draining queue computes few idle rows
-    (at most an eighth of the slots) for at most ~8 + log2(slots / 8) row shapes."""
-    eighth = max(1, num_slots // 8)
-    if n_live <= eighth:
-        return min(num_slots, _pow2(n_live, 1))
-    return min(num_slots, -(-n_live // eighth) * eighth)
+def _row_bucket(n: int, num_slots: int, row_buckets: int) -> int:
+    """Rows computed for ``n`` rows of work (decode: the active slots; prefill: the
+    requests admitted): the next multiple of ``num_slots // row_buckets``. Each row
+    shape is a compile (on CPU about as long as a hundred decode steps of a small model;
+    on an accelerator tens of seconds at 3B); at most that many rows compute idle, which
+    happens while the queue drains and when few requests are admitted at once."""
+    unit = max(1, num_slots // row_buckets)
+    return min(num_slots, -(-max(1, n) // unit) * unit)
 
 
 def _pow2(n: int, floor: int = 4) -> int:
@@ -257,6 +259,9 @@ class Engine:
       refill_after: a visit ends early once this many of its rows have stopped while
         requests wait for a slot (1: a slot is refilled at the next step; larger: fewer
         host round trips, for accelerators where a visit's launch is costly).
+      row_buckets: row shapes per program: decode and prefill compute a multiple of
+        ``num_slots // row_buckets`` rows (fewer shapes: fewer compiles, more idle rows
+        while the queue drains).
       prefill_chunk: tokens per prefill call (longer prefills run in chunks): with a
         quarter of it for short prefills, the only two prefill widths compiled.
       max_len: context limit (None: the model's): a request whose context + budget
@@ -265,10 +270,11 @@ class Engine:
 
     def __init__(self, model, params: SamplingParams, *, seed: int, num_slots: int = 64, page_size: int = 16,
                  num_pages: int | None = None, steps_per_visit: int = 8, refill_after: int = 1,
-                 prefill_chunk: int = 128, max_len: int | None = None):
-        if min(num_slots, page_size, steps_per_visit, refill_after) < 1 or prefill_chunk < 4:
-            raise ValueError("num_slots, page_size, steps_per_visit and refill_after must be >= 1, "
-                             "prefill_chunk >= 4")
+                 row_buckets: int = 8, prefill_chunk: int = 128, max_len: int | None = None):
+        if min(num_slots, page_size, steps_per_visit, refill_after, row_buckets) < 1 or prefill_chunk < 4:
+            raise ValueError("num_slots, page_size, steps_per_visit, refill_after and row_buckets must be "
+                             ">= 1, prefill_chunk >= 4")
+        self.row_buckets = row_buckets
         self.prefill_chunk = prefill_chunk
         self.refill_after = refill_after
         self.graphdef, self.state = nnx.split(model)
@@ -404,7 +410,7 @@ class Engine:
             outputs = None
             if active_s.any():
                 live = np.flatnonzero(active_s)
-                n_rows = _row_bucket(len(live), s_count)
+                n_rows = _row_bucket(len(live), s_count, self.row_buckets)
                 idle = np.flatnonzero(~active_s)[:n_rows - len(live)]
                 rows = np.concatenate([live, idle])  # idle rows are inactive: they change nothing
                 # End the visit at the first stopped rows only when a request could take their slots.
@@ -487,7 +493,7 @@ class Engine:
         a longer prefill runs chunk by chunk, so prefill compiles one program per row
         bucket and width, whatever the prompt lengths. Returns the logits after each
         row's last token ``[N, V]`` (N: the rows padded)."""
-        n = min(_pow2(len(rows)), max(len(rows), self.num_slots))
+        n = _row_bucket(len(rows), self.num_slots, self.row_buckets)
         longest = max(len(toks) - keep for _, toks, keep, _ in rows)
         t = self.prefill_chunk // 4 if longest <= self.prefill_chunk // 4 else self.prefill_chunk
         tables_nm = np.zeros((n, self.table_width), np.int32)

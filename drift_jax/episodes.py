@@ -158,7 +158,7 @@ def _play_continuous(model, tokenizer, env, questions, *, num_samples, sampling,
 
     eng = Engine(model, sampling, seed=seed, num_slots=opts.num_slots, page_size=opts.page_size,
                  num_pages=opts.num_pages, steps_per_visit=opts.steps_per_visit,
-                 refill_after=opts.refill_after, max_len=max_len)
+                 refill_after=opts.refill_after, row_buckets=opts.row_buckets, max_len=max_len)
     eng_stats = eng.run(source(), on_finish)
     bar.close()
     if stats is not None:

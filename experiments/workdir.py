@@ -322,7 +322,8 @@ class Experiment:
         the slots are each stage's batch size)."""
         rc = self.cfg.rollout
         return EngineOptions(kind=rc.engine, page_size=rc.page_size, num_pages=rc.num_pages,
-                             steps_per_visit=rc.steps_per_visit, refill_after=rc.refill_after)
+                             steps_per_visit=rc.steps_per_visit, refill_after=rc.refill_after,
+                             row_buckets=rc.row_buckets)
 
     def sampling(self, temperature: float, top_p: float = 1.0, max_new_tokens: int | None = None) -> SamplingParams:
         """Sampling with the run's stop ids; ``max_new_tokens`` per turn defaults to

@@ -138,6 +138,10 @@ def get_config():
     c.rollout.num_pages = config_dict.placeholder(int)  # None: each slot can hold 2,048 tokens
     c.rollout.steps_per_visit = 8  # decode steps per compiled call between host visits, at most
     c.rollout.refill_after = 1  # a visit ends once this many rows stopped while requests wait
+    # Row shapes per program (each a compile): rows computed are a multiple of
+    # batch_size // row_buckets. A stage of many prompts drains its queue once, so few
+    # shapes cost fewer compiles than the idle rows they add (engine's own default: 8).
+    c.rollout.row_buckets = 4
 
     # Stage "weights". The paper released gamma=0.9, beta=0.1. On this task the skill is
     # a late correction (turn 3, 4 or 5), which gamma<1 discounts and beta=0.1 then
