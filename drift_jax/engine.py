@@ -10,7 +10,9 @@ most rows are filler. Here:
 - a request prefills only what its episode's cache lacks: the longest common prefix of
   the cached tokens (last turn's context + reply) and the new context is kept, so turn
   t+1 prefills the feedback message and the generation prompt only. The K samples of a
-  prompt share the prompt's full pages (prefilled once); each prefills the remainder;
+  prompt share the prompt's full pages (prefilled once); each prefills the remainder.
+  Prefill computes no logits: a request's last context token is its first decode step,
+  which samples the first reply token among the rows being decoded anyway;
 - decode runs up to ``steps_per_visit`` tokens per host visit in one compiled program
   (ending early once ``refill_after`` rows stopped while requests wait), and the
   host's work on finished turns (detokenise, verify, render) runs while the device
@@ -104,9 +106,11 @@ def engine_options(engine, batch_size: int) -> EngineOptions:
 @dataclasses.dataclass
 class EngineStats:
     """Work done, device-independent. slot_utilization = useful decoded tokens / (rows
-    decoded x decode steps); prefill_tokens counts the tokens run through prefill (padded_: with
-    the padding of the compiled shapes), prompt_tokens the contexts of all requests
-    (what a sampler without reuse prefills)."""
+    decoded x decode steps, a request's first step included); prefill_tokens counts the
+    context tokens computed (by prefill, and each request's last one by its first
+    decode step), prefill_padded_tokens those of the prefill calls with the padding of
+    their compiled shapes, prompt_tokens the contexts of all requests (what a sampler
+    without reuse prefills)."""
 
     num_slots: int
     decode_steps: int = 0
@@ -153,70 +157,68 @@ def _key_data(seed, key_ids_n3):
     return jax.vmap(one)(key_ids_n3)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "params"), donate_argnames=("cache", "next_s"))
-def _prefill(graphdef, state, cache, next_s, tokens_nt, start_n, len_n, block_tables_nm, slot_n, keydata_n2, *,
-             params: SamplingParams):
-    """Prefill ``len_n`` new tokens per row at positions ``start_n..`` and sample each
-    row's first reply token (its step-0 key) from the logits after its last one, into
-    ``next_s = (tokens [S], log-probs [S])`` at ``slot_n`` (slot = num_slots: dropped).
-    Returns (cache, next_s, those logits ``[N, V]``)."""
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
+def _prefill(graphdef, state, cache, tokens_nt, start_n, len_n, block_tables_nm):
+    """Write the keys and values of ``len_n`` tokens per row, at positions ``start_n..``,
+    into the rows' pages. Computes no logits: a request's last context token is its
+    first decode step (``_decode``), which samples the first reply token, so a prefill
+    costs no ``[N, V]`` head and no sampling, and a row whose cache lacks only that last
+    token needs no prefill at all."""
     model = nnx.merge(graphdef, state)
-    t = tokens_nt.shape[1]
-    offsets_t = jnp.arange(t)
+    offsets_t = jnp.arange(tokens_nt.shape[1])
     positions_nt = start_n[:, None] + offsets_t
     valid_nt = offsets_t[None, :] < len_n[:, None]
-    hidden_ntd, cache = model.paged_hidden(tokens_nt, cache, block_tables_nm, positions_nt, valid_nt)
-    last_nd = jnp.take_along_axis(hidden_ntd, jnp.maximum(len_n - 1, 0)[:, None, None], axis=1)[:, 0]
-    logits_nv = model.logits(last_nd).astype(jnp.float32)
-    keys_n = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(keydata_n2), jnp.zeros_like(len_n))
-    tok_n, lp_n = sample_token(logits_nv, keys_n, params)
-    next_tok_s, next_lp_s = next_s
-    next_s = (next_tok_s.at[slot_n].set(tok_n, mode="drop"), next_lp_s.at[slot_n].set(lp_n, mode="drop"))
-    return cache, next_s, logits_nv
+    _, cache = model.paged_hidden(tokens_nt, cache, block_tables_nm, positions_nt, valid_nt)
+    return cache
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "params", "n_steps"), donate_argnames=("cache", "next_s"))
-def _decode(graphdef, state, cache, next_s, rows_s, keydata_s2, block_tables_sm, length_s, step_s, budget_s,
-            active_s, exit_after, *, params: SamplingParams, n_steps: int):
-    """Up to ``n_steps`` decode steps of the slots ``rows_s`` (a bucket of the active
-    ones, so a draining queue decodes fewer rows; the other arguments are those rows').
-    A slot takes its already sampled token (``next_s``), writes its keys at position
-    ``length``, and samples the next one from the new logits; it stops at a stop token
-    or its budget. What crosses visits is one token per slot, never a [S, V] logits
-    array. The visit ends early once ``exit_after`` rows have stopped (a traced scalar:
-    the host asks for it when it has requests waiting for a slot), so a stopped row does
-    not idle to the visit's end. Returns (cache, next_s, tokens ``[R, n]``, log-probs
-    ``[R, n]``, tokens taken ``[R]``, stopped ``[R]``, steps run)."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "params", "n_steps"), donate_argnames=("cache",))
+def _decode(graphdef, state, cache, tok_r, lp_r, keydata_r2, block_tables_rm, length_r, step_r, budget_r,
+            active_r, exit_after, *, params: SamplingParams, n_steps: int):
+    """Up to ``n_steps`` decode steps of ``R`` rows (a bucket of the active slots, so a
+    draining queue decodes fewer rows). A row feeds its next token ``tok_r``, writes its
+    keys at position ``length_r`` and samples the following token from the new logits
+    with the key of its reply position; it stops at a stop token or its budget. A new
+    request enters with ``step_r = -1`` and its context's last token, so its first step
+    finishes the prefill and samples reply token 0. What crosses visits is each row's
+    next token (sampled, not yet fed) and its log-prob, never a ``[R, V]`` logits array.
+    The visit ends early once ``exit_after`` rows have stopped (a traced scalar: the host
+    asks for it when requests wait for a slot), so a stopped row does not idle to the
+    visit's end. Returns (cache, reply tokens ``[R, n]`` and log-probs ``[R, n]`` taken
+    this visit (row r's in its first columns), next tokens ``[R]``, their log-probs
+    ``[R]``, steps ``[R]`` after the visit, stopped ``[R]``, steps run)."""
     model = nnx.merge(graphdef, state)
-    all_tok_s, all_lp_s = next_s
-    keys_s = jax.random.wrap_key_data(keydata_s2)
+    keys_r = jax.random.wrap_key_data(keydata_r2)
     stop_ids = jnp.asarray(params.stop_ids or (-1,), jnp.int32)
-    r = rows_s.shape[0]
+    r = tok_r.shape[0]
+    rows_r = jnp.arange(r)
+    first_r = jnp.maximum(step_r, 0)  # reply position of this visit's first column
 
     def cond(carry):
-        i, live_s = carry[0], carry[-3]
-        return (i < n_steps) & jnp.any(live_s) & (jnp.sum(active_s & ~live_s) < exit_after)
+        i, live_r = carry[0], carry[-3]
+        return (i < n_steps) & jnp.any(live_r) & (jnp.sum(active_r & ~live_r) < exit_after)
 
     def body(carry):
-        i, cache, tok_s, lp_s, length_s, step_s, live_s, tok_sn, lp_sn = carry
-        hidden_s1d, cache = model.paged_hidden(tok_s[:, None], cache, block_tables_sm, length_s[:, None],
-                                               live_s[:, None])
-        tok_sn = jax.lax.dynamic_update_slice(tok_sn, tok_s[:, None], (0, i))
-        lp_sn = jax.lax.dynamic_update_slice(lp_sn, lp_s[:, None], (0, i))
-        step_s = step_s + live_s
-        length_s = length_s + live_s
-        live_s = live_s & ~jnp.isin(tok_s, stop_ids) & (step_s < budget_s)
-        new_tok_s, new_lp_s = sample_token(model.logits(hidden_s1d[:, 0]).astype(jnp.float32),
-                                           jax.vmap(jax.random.fold_in)(keys_s, step_s), params)
-        tok_s, lp_s = jnp.where(live_s, new_tok_s, tok_s), jnp.where(live_s, new_lp_s, lp_s)
-        return i + 1, cache, tok_s, lp_s, length_s, step_s, live_s, tok_sn, lp_sn
+        i, cache, tok_r, lp_r, length_r, step_r, live_r, tok_rn, lp_rn = carry
+        hidden_r1d, cache = model.paged_hidden(tok_r[:, None], cache, block_tables_rm, length_r[:, None],
+                                               live_r[:, None])
+        reply_r = step_r >= 0  # else tok_r is the context's last token: not a reply token
+        col_r = jnp.where(live_r & reply_r, step_r - first_r, n_steps)  # n_steps: dropped
+        tok_rn = tok_rn.at[rows_r, col_r].set(tok_r, mode="drop")
+        lp_rn = lp_rn.at[rows_r, col_r].set(lp_r, mode="drop")
+        step_r = step_r + live_r
+        length_r = length_r + live_r
+        live_r = live_r & ~(reply_r & jnp.isin(tok_r, stop_ids)) & (step_r < budget_r)
+        new_tok_r, new_lp_r = sample_token(model.logits(hidden_r1d[:, 0]).astype(jnp.float32),
+                                           jax.vmap(jax.random.fold_in)(keys_r, step_r), params)
+        tok_r, lp_r = jnp.where(live_r, new_tok_r, tok_r), jnp.where(live_r, new_lp_r, lp_r)
+        return i + 1, cache, tok_r, lp_r, length_r, step_r, live_r, tok_rn, lp_rn
 
-    live_s = active_s & (step_s < budget_s)
-    init = (jnp.zeros((), jnp.int32), cache, all_tok_s[rows_s], all_lp_s[rows_s], length_s, step_s, live_s,
+    live_r = active_r & (step_r < budget_r)
+    init = (jnp.zeros((), jnp.int32), cache, tok_r, lp_r, length_r, step_r, live_r,
             jnp.zeros((r, n_steps), jnp.int32), jnp.zeros((r, n_steps), jnp.float32))
-    n_run, cache, tok_s, lp_s, _, step_end_s, live_s, tok_sn, lp_sn = jax.lax.while_loop(cond, body, init)
-    next_s = (all_tok_s.at[rows_s].set(tok_s), all_lp_s.at[rows_s].set(lp_s))
-    return cache, next_s, tok_sn, lp_sn, step_end_s - step_s, active_s & ~live_s, n_run
+    n_run, cache, tok_r, lp_r, _, step_end_r, live_r, tok_rn, lp_rn = jax.lax.while_loop(cond, body, init)
+    return cache, tok_rn, lp_rn, tok_r, lp_r, step_end_r, active_r & ~live_r, n_run
 
 
 def _row_bucket(n: int, num_slots: int, row_buckets: int) -> int:
@@ -294,8 +296,6 @@ class Engine:
             num_pages = num_slots * min(self.max_pages, math.ceil(2048 / page_size)) + 1
         self.pool = paged.PagePool(num_pages)
         self.cache = paged.PagedKV.zeros(self.cfg, num_pages, page_size)
-        # Each slot's next token, already sampled (by prefill, then by each decode step), and its log-prob.
-        self.next_s = (jnp.zeros(num_slots, jnp.int32), jnp.zeros(num_slots, jnp.float32))
         self.stats = EngineStats(num_slots)
 
     @property
@@ -338,6 +338,9 @@ class Engine:
         waiting: collections.OrderedDict = collections.OrderedDict()
         shared: dict = {}
         block_tables_sm = np.zeros((s_count, self.table_width), np.int32)
+        # Each slot's next token to feed (a new request's: its context's last one) and its log-prob.
+        tok_s = np.zeros(s_count, np.int32)
+        lp_s = np.zeros(s_count, np.float32)
         length_s = np.zeros(s_count, np.int32)
         step_s = np.zeros(s_count, np.int32)
         budget_s = np.zeros(s_count, np.int32)
@@ -392,17 +395,21 @@ class Engine:
             if rows:
                 keydata_s2[taken] = np.asarray(request_key_data(
                     self.seed, np.asarray([slot_req[s].key_ids for s in taken], np.int64), rows=s_count))
-                self._run_prefill([(slot_cache[s].pages, req.tokens, keep, s) for s, req, keep in rows],
-                                  keydata_s2[taken])
+                # All but the last context token: that one is the slot's first decode step.
+                to_fill = [(slot_cache[s].pages, req.tokens[:-1], keep) for s, req, keep in rows
+                           if keep < len(req.tokens) - 1]
+                if to_fill:
+                    self._run_prefill(to_fill)
                 for s, req, keep in rows:
                     turn = req.key_ids[0]
                     self.stats.requests += 1
                     self.stats.prompt_tokens += len(req.tokens)
                     self.stats.prompt_tokens_by_turn[turn] += len(req.tokens)
-                    self.stats.prefill_tokens_by_turn[turn] += len(req.tokens) - keep
+                    self._count_prefill(turn, len(req.tokens) - keep)
                     block_tables_sm[s] = 0
                     block_tables_sm[s, :len(slot_cache[s].pages)] = slot_cache[s].pages
-                    length_s[s], step_s[s], budget_s[s], active_s[s] = len(req.tokens), 0, req.budget, True
+                    tok_s[s], lp_s[s] = req.tokens[-1], 0.0
+                    length_s[s], step_s[s], budget_s[s], active_s[s] = len(req.tokens) - 1, -1, req.budget, True
                     replies[s], logps[s] = [], []
 
         while True:
@@ -416,8 +423,8 @@ class Engine:
                 # End the visit at the first stopped rows only when a request could take their slots.
                 refill = bool(queue) or bool(finished) or not exhausted
                 exit_after = np.int32(self.refill_after if refill else n_rows + 1)
-                self.cache, self.next_s, *outputs = _decode(
-                    self.graphdef, self.state, self.cache, self.next_s, rows, keydata_s2[rows],
+                self.cache, *outputs = _decode(
+                    self.graphdef, self.state, self.cache, tok_s[rows], lp_s[rows], keydata_s2[rows],
                     block_tables_sm[rows], length_s[rows], step_s[rows], budget_s[rows], active_s[rows],
                     exit_after, params=self.params, n_steps=self.steps_per_visit)
             # Host work on the last visit's finished turns while the device decodes.
@@ -433,16 +440,17 @@ class Engine:
                 if exhausted and not queue:
                     break
                 continue
-            tok_rn, lp_rn, taken_r, stopped_r, n_run = jax.device_get(outputs)
+            tok_rn, lp_rn, next_tok_r, next_lp_r, step_end_r, stopped_r, n_run = jax.device_get(outputs)
             self.stats.decode_steps += int(n_run)
             self.stats.slot_steps += len(rows) * int(n_run)
-            self.stats.useful_tokens += int(taken_r.sum())
             for r, s in enumerate(live):
-                n = int(taken_r[r])
+                n = int(step_end_r[r] - max(step_s[s], 0))  # reply tokens taken (not the context's last)
+                self.stats.useful_tokens += n
                 replies[s].extend(tok_rn[r, :n].tolist())
                 logps[s].append(lp_rn[r, :n])
-                length_s[s] += n
-                step_s[s] += n
+                length_s[s] += step_end_r[r] - step_s[s]
+                step_s[s] = step_end_r[r]
+                tok_s[s], lp_s[s] = next_tok_r[r], next_lp_r[r]
                 if stopped_r[r]:
                     cache = slot_cache[s]
                     cache.tokens = cache.tokens + replies[s]
@@ -468,8 +476,8 @@ class Engine:
             pages = self._allocate(self._pages_for(n_shared), waiting, shared)
             entry = shared[req.share] = _Cache(pages, list(req.tokens[:n_shared]))
             entry.remaining = req.share_count
-            prefix_rows.append((pages, req.tokens[:n_shared], 0, self.num_slots))
-            self.stats.prefill_tokens_by_turn[req.key_ids[0]] += n_shared
+            prefix_rows.append((pages, req.tokens[:n_shared], 0))
+            self._count_prefill(req.key_ids[0], n_shared)
         if entry is None:
             return _Cache([], [])
         self.pool.share(entry.pages)
@@ -485,45 +493,33 @@ class Engine:
             self.pool.release(entry.pages)
         shared.clear()
 
-    def _run_prefill(self, rows, keydata_r2=None) -> jax.Array:
-        """Prefill rows of (pages, tokens, keep, slot): tokens[keep:] at positions keep..
-        into the pages; the first reply token, sampled with the row's key data
-        (``keydata_r2``), to the slot (num_slots: none). Calls have two widths only
-        (``prefill_chunk`` and a quarter of it, for the short prefills of later turns):
-        a longer prefill runs chunk by chunk, so prefill compiles one program per row
-        bucket and width, whatever the prompt lengths. Returns the logits after each
-        row's last token ``[N, V]`` (N: the rows padded)."""
+    def _count_prefill(self, turn: int, n_tokens: int) -> None:
+        """Context tokens computed for a request of ``turn`` (by prefill, or its last one
+        by the first decode step)."""
+        self.stats.prefill_tokens += n_tokens
+        self.stats.prefill_tokens_by_turn[turn] += n_tokens
+
+    def _run_prefill(self, rows) -> None:
+        """Prefill rows of (pages, tokens, keep): tokens[keep:] at positions keep.. into
+        the pages. Calls have two widths only (``prefill_chunk`` and a quarter of it, for
+        the short prefills of later turns): a longer prefill runs chunk by chunk, so
+        prefill compiles one program per row bucket and width, whatever the lengths."""
         n = _row_bucket(len(rows), self.num_slots, self.row_buckets)
-        longest = max(len(toks) - keep for _, toks, keep, _ in rows)
+        longest = max(len(toks) - keep for _, toks, keep in rows)
         t = self.prefill_chunk // 4 if longest <= self.prefill_chunk // 4 else self.prefill_chunk
         tables_nm = np.zeros((n, self.table_width), np.int32)
-        keydata_n2 = np.zeros((n, 2), np.uint32)
-        if keydata_r2 is not None:
-            keydata_n2[:len(rows)] = keydata_r2
-        new_n = [toks[keep:] for _, toks, keep, _ in rows]
-        for i, (pages, _, _, _) in enumerate(rows):
+        for i, (pages, _, _) in enumerate(rows):
             tables_nm[i, :len(pages)] = pages
-        self.stats.prefill_tokens += sum(map(len, new_n))
-        logits_nv = None
         for c0 in range(0, longest, t):
             tokens_nt = np.zeros((n, t), np.int32)
             start_n = np.zeros(n, np.int32)
             len_n = np.zeros(n, np.int32)
-            slot_n = np.full(n, self.num_slots, np.int32)  # rows that do not end in this chunk sample nothing
-            ends_n = np.zeros(n, bool)
-            for i, ((_, _, keep, slot), new) in enumerate(zip(rows, new_n)):
-                piece = new[c0:c0 + t]
+            for i, (_, toks, keep) in enumerate(rows):
+                piece = toks[keep + c0:keep + c0 + t]
                 tokens_nt[i, :len(piece)] = piece
                 start_n[i], len_n[i] = keep + c0, len(piece)
-                ends_n[i] = c0 < len(new) <= c0 + t
-                if ends_n[i]:
-                    slot_n[i] = slot
             self.stats.prefill_padded_tokens += n * t
-            self.cache, self.next_s, chunk_nv = _prefill(self.graphdef, self.state, self.cache, self.next_s,
-                                                         tokens_nt, start_n, len_n, tables_nm, slot_n, keydata_n2,
-                                                         params=self.params)
-            logits_nv = chunk_nv if logits_nv is None else jnp.where(ends_n[:, None], chunk_nv, logits_nv)
-        return logits_nv
+            self.cache = _prefill(self.graphdef, self.state, self.cache, tokens_nt, start_n, len_n, tables_nm)
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:

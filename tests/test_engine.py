@@ -108,16 +108,21 @@ def test_eviction_under_a_small_pool_changes_no_token(model):
 
 
 def test_prefix_reuse_gives_the_full_prefills_logits(model):
-    """Prefill 13 tokens, then 9 more on top of the cached pages: the last logits equal
-    the uncached forward's over all 22 (fp32, atol 1e-5)."""
+    """Prefill 13 tokens, then 8 more on top of the cached pages, then run the last one
+    as a request's first decode step does: its logits equal the uncached forward's over
+    all 22 (fp32, atol 1e-5)."""
     rng = np.random.default_rng(3)
     tokens = rng.integers(1, model.cfg.vocab_size, size=22).tolist()
     eng = Engine(model, SamplingParams(max_new_tokens=4), seed=0, num_slots=2, page_size=4, max_len=64)
     pages = eng.pool.allocate(6)
-    eng._run_prefill([(pages, tokens[:13], 0, eng.num_slots)])
-    logits_nv = eng._run_prefill([(pages, tokens, 13, 0)])
+    eng._run_prefill([(pages, tokens[:13], 0)])
+    eng._run_prefill([(pages, tokens[:21], 13)])
+    tables_1m = np.zeros((1, eng.table_width), np.int32)
+    tables_1m[0, :len(pages)] = pages
+    hidden_11d, _ = model.paged_hidden(jnp.asarray([[tokens[21]]]), eng.cache, jnp.asarray(tables_1m),
+                                       jnp.asarray([[21]]), jnp.ones((1, 1), bool))
     full = model(jnp.asarray([tokens]))[0, -1]
-    np.testing.assert_allclose(np.asarray(logits_nv[0]), np.asarray(full), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(model.logits(hidden_11d[:, 0])[0]), np.asarray(full), atol=1e-5)
 
 
 @pytest.mark.parametrize("impl,chunk_pages", [("xla", 1), ("xla", 3), ("xla", 8), ("pallas_interpret", 8)])
