@@ -106,7 +106,8 @@ def engine_options(engine, batch_size: int) -> EngineOptions:
 @dataclasses.dataclass
 class EngineStats:
     """Work done, device-independent. slot_utilization = useful decoded tokens / (rows
-    decoded x decode steps, a request's first step included); prefill_tokens counts the
+    decoded x decode steps, a request's first step included: ``context_steps`` of them
+    feed a request's last context token, not a reply token); prefill_tokens counts the
     context tokens computed (by prefill, and each request's last one by its first
     decode step), prefill_padded_tokens those of the prefill calls with the padding of
     their compiled shapes, prompt_tokens the contexts of all requests (what a sampler
@@ -116,6 +117,7 @@ class EngineStats:
     decode_steps: int = 0
     slot_steps: int = 0  # rows decoded x steps (the rows of each visit's bucket)
     useful_tokens: int = 0
+    context_steps: int = 0  # row steps feeding a request's last context token (one per request)
     prefill_tokens: int = 0
     prefill_padded_tokens: int = 0
     prompt_tokens: int = 0
@@ -446,6 +448,7 @@ class Engine:
             for r, s in enumerate(live):
                 n = int(step_end_r[r] - max(step_s[s], 0))  # reply tokens taken (not the context's last)
                 self.stats.useful_tokens += n
+                self.stats.context_steps += int(step_s[s] < 0 < step_end_r[r] - step_s[s])
                 replies[s].extend(tok_rn[r, :n].tolist())
                 logps[s].append(lp_rn[r, :n])
                 length_s[s] += step_end_r[r] - step_s[s]
