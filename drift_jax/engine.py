@@ -159,14 +159,30 @@ def _key_data(seed, key_ids_n3):
     return jax.vmap(one)(key_ids_n3)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
-def _prefill(graphdef, state, cache, tokens_nt, start_n, len_n, block_tables_nm):
+class _Graph:
+    """A graphdef as a static jit argument whose hash is computed once: jit hashes its
+    static arguments on every call, and hashing a model's graphdef walks every node
+    (about half a millisecond a call on CPU, paid by each of a run's many visits)."""
+
+    def __init__(self, graphdef):
+        self.graphdef = graphdef
+        self._hash = hash(graphdef)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other) -> bool:
+        return other is self or (isinstance(other, _Graph) and self.graphdef == other.graphdef)
+
+
+@functools.partial(jax.jit, static_argnames=("graph",), donate_argnames=("cache",))
+def _prefill(graph: _Graph, state, cache, tokens_nt, start_n, len_n, block_tables_nm):
     """Write the keys and values of ``len_n`` tokens per row, at positions ``start_n..``,
     into the rows' pages. Computes no logits: a request's last context token is its
     first decode step (``_decode``), which samples the first reply token, so a prefill
     costs no ``[N, V]`` head and no sampling, and a row whose cache lacks only that last
     token needs no prefill at all."""
-    model = nnx.merge(graphdef, state)
+    model = nnx.merge(graph.graphdef, state)
     offsets_t = jnp.arange(tokens_nt.shape[1])
     positions_nt = start_n[:, None] + offsets_t
     valid_nt = offsets_t[None, :] < len_n[:, None]
@@ -174,8 +190,8 @@ def _prefill(graphdef, state, cache, tokens_nt, start_n, len_n, block_tables_nm)
     return cache
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "params", "n_steps"), donate_argnames=("cache",))
-def _decode(graphdef, state, cache, tok_r, lp_r, keydata_r2, block_tables_rm, length_r, step_r, budget_r,
+@functools.partial(jax.jit, static_argnames=("graph", "params", "n_steps"), donate_argnames=("cache",))
+def _decode(graph: _Graph, state, cache, tok_r, lp_r, keydata_r2, block_tables_rm, length_r, step_r, budget_r,
             active_r, exit_after, *, params: SamplingParams, n_steps: int):
     """Up to ``n_steps`` decode steps of ``R`` rows (a bucket of the active slots, so a
     draining queue decodes fewer rows). A row feeds its next token ``tok_r``, writes its
@@ -189,7 +205,7 @@ def _decode(graphdef, state, cache, tok_r, lp_r, keydata_r2, block_tables_rm, le
     visit's end. Returns (cache, reply tokens ``[R, n]`` and log-probs ``[R, n]`` taken
     this visit (row r's in its first columns), next tokens ``[R]``, their log-probs
     ``[R]``, steps ``[R]`` after the visit, stopped ``[R]``, steps run)."""
-    model = nnx.merge(graphdef, state)
+    model = nnx.merge(graph.graphdef, state)
     keys_r = jax.random.wrap_key_data(keydata_r2)
     stop_ids = jnp.asarray(params.stop_ids or (-1,), jnp.int32)
     r = tok_r.shape[0]
@@ -281,7 +297,8 @@ class Engine:
         self.row_buckets = row_buckets
         self.prefill_chunk = prefill_chunk
         self.refill_after = refill_after
-        self.graphdef, self.state = nnx.split(model)
+        graphdef, self.state = nnx.split(model)
+        self.graph = _Graph(graphdef)
         self.cfg = model.cfg
         self.params = params
         self.seed = seed
@@ -426,7 +443,7 @@ class Engine:
                 refill = bool(queue) or bool(finished) or not exhausted
                 exit_after = np.int32(self.refill_after if refill else n_rows + 1)
                 self.cache, *outputs = _decode(
-                    self.graphdef, self.state, self.cache, tok_s[rows], lp_s[rows], keydata_s2[rows],
+                    self.graph, self.state, self.cache, tok_s[rows], lp_s[rows], keydata_s2[rows],
                     block_tables_sm[rows], length_s[rows], step_s[rows], budget_s[rows], active_s[rows],
                     exit_after, params=self.params, n_steps=self.steps_per_visit)
             # Host work on the last visit's finished turns while the device decodes.
@@ -522,7 +539,7 @@ class Engine:
                 tokens_nt[i, :len(piece)] = piece
                 start_n[i], len_n[i] = keep + c0, len(piece)
             self.stats.prefill_padded_tokens += n * t
-            self.cache = _prefill(self.graphdef, self.state, self.cache, tokens_nt, start_n, len_n, tables_nm)
+            self.cache = _prefill(self.graph, self.state, self.cache, tokens_nt, start_n, len_n, tables_nm)
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
