@@ -35,7 +35,8 @@ def make_env(name: str, task, stage: str = "rollout", benchmark: str | None = No
     per-benchmark grader, see ``drift_jax.envs.protocol``)."""
     budget = dict(max_turns=task.max_turns, max_answers=task.max_answers, format_penalty=task.format_penalty)
     if name == "secret":
-        return SecretGuessEnv(**budget, num_candidates=task.num_candidates, num_values=task.num_values)
+        return SecretGuessEnv(**budget, num_candidates=task.num_candidates,
+                              num_values=task.num_values, id_length=task.id_length)
     if name in ("math", "choice"):
         from drift_jax.envs.protocol import make_env as protocol_env
         return protocol_env(name, task.protocol, stage, benchmark=benchmark, **budget)

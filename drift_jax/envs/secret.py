@@ -69,15 +69,17 @@ class SecretGuessEnv(AnswerTagEnv):
         return list(LETTERS[: self.num_candidates])
 
     def make_questions(self, n: int, seed: int, prefix: str, exclude=frozenset()) -> list[Question]:
-        """``n`` questions with distinct puzzle ids, none of whose text is in ``exclude``."""
+        """``n`` questions with distinct puzzle ids, none of whose text is in ``exclude``
+        (with ``id_length`` 0 every question has the same text and only its secret differs)."""
         rng = np.random.default_rng(seed)
-        questions, seen = [], set(exclude)
+        questions, seen = [], set(exclude) if self.id_length else set()
         while len(questions) < n:
             puzzle = rng.integers(self.num_values, size=self.id_length)
-            text = "guess the secret puzzle " + " ".join(str(v) for v in puzzle)
+            text = " ".join(["guess the secret puzzle", *map(str, puzzle)])
             if text in seen:
                 continue
-            seen.add(text)
+            if self.id_length:
+                seen.add(text)
             gold = self.candidates[rng.integers(self.num_candidates)]
             questions.append(Question(f"{prefix}{len(questions)}", text, gold))
         return questions

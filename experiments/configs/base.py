@@ -74,6 +74,7 @@ def get_config():
     c.task.name = "secret"  # or "math", "choice"
     c.task.num_candidates = 5  # secret only
     c.task.num_values = 100  # secret only: puzzle-id tokens (they carry no information)
+    c.task.id_length = 3  # secret only: puzzle-id tokens per prompt (0: one prompt text for all)
     c.task.max_turns = 5
     c.task.max_answers = 5
     c.task.format_penalty = 0.1
