@@ -74,7 +74,9 @@ def get_config():
     c.task.name = "secret"  # or "math", "choice"
     c.task.num_candidates = 5  # secret only
     c.task.num_values = 100  # secret only: puzzle-id tokens (they carry no information)
-    c.task.id_length = 3  # secret only: puzzle-id tokens per prompt (0: one prompt text for all)
+    # secret only: puzzle-id tokens per prompt. 0: every question has the same text, so a
+    # policy cannot memorise a rollout prompt's secret (docs/embedded-task.md, pitfall 4).
+    c.task.id_length = 0
     c.task.max_turns = 5
     c.task.max_answers = 5
     c.task.format_penalty = 0.1
@@ -117,7 +119,7 @@ def get_config():
     # of the base habit.
     c.reference = ml_collections.ConfigDict()
     c.reference.num_transcripts = 8000
-    c.reference.p_repeat = 0.65
+    c.reference.p_repeat = 0.5  # after "Incorrect": repeat the last answer (else an untried letter)
     c.reference.p_format_error = 0.05
     c.reference.preference_decay = 0.7  # prior over letters: A, then B (x0.7), C (x0.49)...
     c.reference.train = train_section(steps=400, learning_rate=3e-3, warmup_ratio=0.05,
