@@ -51,3 +51,30 @@ def summarize(t_stars: Iterable[int | None], num_turns: int) -> dict:
     """multi@1..multi@T plus "correction_rate" (list over turns) in one dict."""
     t_stars = list(t_stars)
     return {**multi_at_k(t_stars, num_turns), "correction_rate": correction_rate(t_stars, num_turns)}
+
+
+def distinct_paths(answers: Iterable[list[str | None]], t_stars: Iterable[int | None],
+                   num_turns: int) -> list[dict[str, int]]:
+    """How well a set of trajectories covers "every attempt so far distinct, then one more".
+
+    Per turn t = 1..num_turns: ``entered``, the trajectories that reach turn t having
+    given t - 1 parsed answers, all different (so all wrong), and ``solved``, those of
+    them solved at turn t. An offline method can only learn turn t's correction from the
+    ``solved`` ones; ``entered - solved`` of them repeat or miss there.
+
+    Args:
+      answers: per trajectory, its parsed answer per turn (None for a reply without one).
+      t_stars: per trajectory, the turn of its first correct answer or None.
+    """
+    t_stars = _check(t_stars, num_turns)
+    out = [{"entered": 0, "solved": 0} for _ in range(num_turns)]
+    for given, t_star in zip(answers, t_stars, strict=True):
+        for t in range(1, num_turns + 1):
+            before = given[: t - 1]
+            if len(before) < t - 1 or None in before or len(set(before)) < t - 1:
+                break
+            out[t - 1]["entered"] += 1
+            out[t - 1]["solved"] += t_star == t
+            if t_star == t:
+                break
+    return out

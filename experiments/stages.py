@@ -128,7 +128,10 @@ def stage_rollout(exp: Experiment) -> None:
 
     resumed = play_shards("rollout", path, exp.train_questions, chunk_size(rc.batch_size, rc.num_samples), play)
     written, _ = records.read_jsonl(path)
-    summary = evaluate.summarize([r["t_star"] for r in written], exp.env.max_turns)
+    t_stars = [r["t_star"] for r in written]
+    summary = evaluate.summarize(t_stars, exp.env.max_turns)
+    answers = [[d["answer"] if d["parsed"] else None for d in r["reward_details"]] for r in written]
+    summary["distinct_paths"] = evaluate.distinct_paths(answers, t_stars, exp.env.max_turns)
     write_json(exp.path("rollout_stats.json"), {
         "trajectories": len(written), "generated_tokens": sum(map(generated_tokens, written)),
         "resumed_groups": sum(resumed),  # > 0: this run finished an interrupted one

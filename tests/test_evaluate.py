@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from drift_jax.evaluate import correction_rate, multi_at_k, summarize
+from drift_jax.evaluate import correction_rate, distinct_paths, multi_at_k, summarize
 
 
 @st.composite
@@ -95,3 +95,28 @@ def test_sweep_aggregate_means_sds_and_bootstrap_intervals():
     assert coin["low"] < coin["mean"] < coin["high"] and 0.04 < coin["high"] - coin["low"] < 0.08
     with pytest.raises(ValueError, match="has methods"):
         aggregate({0: {"a": [1]}, 1: {"b": [1]}}, num_turns=1)
+
+
+def test_distinct_paths_hand_case():
+    answers = [["A", "B", "C"],   # all distinct, solved at turn 3
+               ["A", "A", "B"],   # a repeat at turn 2: leaves the distinct paths after turn 2
+               ["A", None, "B"],  # no answer at turn 2: the same
+               ["B"],             # solved at turn 1
+               ["C", "D", "E"]]   # all distinct, never solved
+    t_stars = [3, None, None, 1, None]
+    assert distinct_paths(answers, t_stars, 3) == [{"entered": 5, "solved": 1}, {"entered": 4, "solved": 0},
+                                                   {"entered": 2, "solved": 1}]
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.data())
+def test_distinct_paths_solved_at_turn_one_is_multi_at_one_and_entries_never_grow(data):
+    num_turns = data.draw(st.integers(1, 5))
+    letters = st.none() | st.sampled_from("ABCDE")
+    answers = data.draw(st.lists(st.lists(letters, min_size=num_turns, max_size=num_turns), min_size=1, max_size=30))
+    t_stars = [data.draw(st.none() | st.integers(1, num_turns)) for _ in answers]
+    paths = distinct_paths(answers, t_stars, num_turns)
+    assert paths[0] == {"entered": len(answers), "solved": sum(t == 1 for t in t_stars)}
+    for t in range(1, num_turns):
+        assert paths[t]["entered"] <= paths[t - 1]["entered"] - paths[t - 1]["solved"]
+    assert all(0 <= p["solved"] <= p["entered"] for p in paths)
