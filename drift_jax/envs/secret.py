@@ -1,7 +1,8 @@
 """The embedded toy task: find a secret letter, with "try again" feedback.
 
 The secret is one of ``num_candidates`` letters (A, B, C, ...), drawn uniformly per
-question; the prompt is a puzzle id that gives no clue. So no policy can beat
+question; the prompt gives no clue (by default every question has the same text; with
+``id_length`` > 0 it carries a puzzle id of random numbers). So no policy can beat
 1/num_candidates on the first try, and everything above that must come from *using the
 feedback*: never repeating a rejected answer and moving to an untried letter. That is
 exactly the skill DRIFT is meant to teach (``docs/embedded-task.md``: a task whose
