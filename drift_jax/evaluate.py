@@ -71,7 +71,7 @@ def distinct_paths(answers: Iterable[list[str | None]], t_stars: Iterable[int | 
     for given, t_star in zip(answers, t_stars, strict=True):
         for t in range(1, num_turns + 1):
             before = given[: t - 1]
-            if len(before) < t - 1 or None in before or len(set(before)) < t - 1:
+            if None in before or len(set(before)) < t - 1:
                 break
             out[t - 1]["entered"] += 1
             out[t - 1]["solved"] += t_star == t

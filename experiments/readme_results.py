@@ -1,14 +1,13 @@
 """README's result tables, rendered from seed sweeps (``--config.seeds``), never typed.
 
-    python experiments/run.py --config.seeds=0,1,2 --workdir=runs/seeds
+    python experiments/run.py --config.seeds=0,1,2,3,4 --workdir=runs/seeds
     cp -r runs/seeds runs/seeds_released   # same rollouts: only weights, drift and eval rerun
-    python experiments/run.py --config.seeds=0,1,2 --config.drift.gamma=0.9 --config.drift.beta=0.1 \\
+    python experiments/run.py --config.seeds=0,1,2,3,4 --config.drift.gamma=0.9 --config.drift.beta=0.1 \\
         --workdir=runs/seeds_released
-    python experiments/run.py --workdir=runs/default
-    python experiments/beta_spectrum.py --workdir=runs/default --gammas=0.9,1.0 --betas=0.1,0.5,2,10
+    python experiments/beta_spectrum.py --workdir=runs/seeds/seed0 --gammas=0.9,1.0 --betas=0.1,0.5,2,10
     python experiments/run.py --config=experiments/configs/comparison.py --config.seeds=0 \\
         --workdir=runs/comparison_seeds
-    python experiments/readme_results.py runs/seeds runs/seeds_released --spectrum=runs/default \\
+    python experiments/readme_results.py runs/seeds runs/seeds_released --spectrum=runs/seeds/seed0 \\
         --comparison=runs/comparison_seeds
     python experiments/readme_results.py ... --check   # exit 1 if README.md is stale
 
@@ -60,7 +59,7 @@ def render(default_dir: str, released_dir: str | None = None) -> str:
     last = max(int(k.split("@")[1]) for k in summary["methods"][methods[0]] if k.startswith("multi@"))
     lines = [
         f"Seeds {', '.join(map(str, seeds))} of `python experiments/run.py`, each on its own",
-        f"rollouts, {num_prompts} held-out prompts, greedy decoding. Made by `{_command(sweep)}` then",
+        f"rollouts, {num_prompts} held-out questions, greedy decoding. Made by `{_command(sweep)}` then",
         "`python experiments/readme_results.py " + " ".join(filter(None, [default_dir, released_dir])) + "`",
         f"on {env['machine']} ({', '.join(env['devices'])}), Python {env['python']}, jax {env['jax']}, "
         f"flax {env['flax']}; wall time per seed (s): "
@@ -146,8 +145,7 @@ def render_spectrum(workdir: str) -> str:
     gammas = ",".join(f"{g:g}" for g in sorted({p["gamma"] for p in summary["points"]}))
     betas = ",".join(f"{b:g}" for b in sorted({p["beta"] for p in summary["points"]}))
     return (f"Made by `python experiments/beta_spectrum.py --workdir={workdir} --gammas={gammas} "
-            f"--betas={betas}` on a finished "
-            f"`python experiments/run.py --workdir={workdir}`.\n\n"
+            f"--betas={betas}` on the finished run in `{workdir}`.\n\n"
             + beta_spectrum.table(summary, int(summary["metric"].split("@")[1])))
 
 

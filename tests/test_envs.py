@@ -139,6 +139,16 @@ def test_make_questions_respects_exclude():
     assert not {q.text for q in train} & {q.text for q in test}
 
 
+def test_without_a_puzzle_id_every_question_has_one_text_and_only_the_secret_differs():
+    env = SecretGuessEnv(id_length=0)
+    train = env.make_questions(300, seed=0, prefix="train")
+    test = env.make_questions(300, seed=1, prefix="test", exclude={q.text for q in train})
+    assert {q.text for q in train + test} == {"guess the secret puzzle"}
+    assert len({q.prompt_id for q in train}) == 300
+    assert {q.gold for q in test} == set(env.candidates)
+    assert [q.gold for q in test] != [q.gold for q in train]
+
+
 def test_golds_are_roughly_uniform():
     env = SecretGuessEnv(num_candidates=5)
     counts = collections.Counter(q.gold for q in env.make_questions(2000, seed=3, prefix="q"))

@@ -73,13 +73,13 @@ class SecretGuessEnv(AnswerTagEnv):
         """``n`` questions with distinct puzzle ids, none of whose text is in ``exclude``
         (with ``id_length`` 0 every question has the same text and only its secret differs)."""
         rng = np.random.default_rng(seed)
-        questions, seen = [], set(exclude) if self.id_length else set()
+        questions, seen = [], set(exclude)
         while len(questions) < n:
             puzzle = rng.integers(self.num_values, size=self.id_length)
             text = " ".join(["guess the secret puzzle", *map(str, puzzle)])
-            if text in seen:
-                continue
-            if self.id_length:
+            if self.id_length:  # ids distinct (and unseen); without one, one text for all
+                if text in seen:
+                    continue
                 seen.add(text)
             gold = self.candidates[rng.integers(self.num_candidates)]
             questions.append(Question(f"{prefix}{len(questions)}", text, gold))
