@@ -46,6 +46,23 @@ def markdown(results: dict, num_turns: int, title: str) -> str:
             parts.append(f"| {name} | {d['beta']:.3g} | {d['mean_ess_fraction']:.3f} | {d['min_ess_fraction']:.3f} | "
                          f"{d['all_fail_share']:.1%} | {d['max_weight']:.2f} | {d['top_decile_weight_share']:.1%} |")
         parts.append("")
+    checks = {m: s["answer_check"] for per_method in results.get("benchmarks", {}).values()
+              for m, s in per_method.items() if "answer_check" in s}
+    if checks:
+        turns = [c["turn"] for c in next(iter(checks.values()))["turns"]]
+        parts.append("## Greedy answers after every history of distinct wrong letters\n")
+        parts.append("Per turn t, over every order of t-1 rejected letters: after how many the most likely "
+                     "token is an untried letter, and the smallest margin (log-probability of the best "
+                     "untried letter minus the best other token). Last column: the greedy dialogue while "
+                     "it names untried letters, with the margin of each answer. A margin near 0 is a "
+                     "near-tie that float rounding can flip.\n")
+        parts.append("| method | " + " | ".join(f"t{t}" for t in turns) + " | greedy dialogue (margins) |\n|"
+                     + " --- |" * (len(turns) + 2))
+        for name, check in checks.items():
+            cells = [f"{c['greedy_untried']}/{c['histories']} ({c['min_margin']:+.2f})" for c in check["turns"]]
+            dialogue = " ".join(f"{g['answer']} ({g['margin']:+.1f})" for g in check["greedy"])
+            parts.append(f"| {name} | " + " | ".join(cells) + f" | {dialogue} |")
+        parts.append("")
     parts.append("![multi@k](multi_at_k.png) ![cost](cost.png) ![correction rate](correction_rate.png)\n")
     return "\n".join(parts)
 

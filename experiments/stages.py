@@ -14,7 +14,7 @@ from flax import nnx
 from drift_jax import diagnostics, distributed, evaluate, methods, records, report, sharding, train
 from drift_jax.batching import epoch_plan, make_batch_fn, padding_fraction, split_held_out
 from drift_jax.chat import encode_dialogue
-from drift_jax.envs.secret import scripted_episode
+from drift_jax.envs.secret import SecretGuessEnv, answer_check, scripted_episode
 from drift_jax.episodes import append_rollouts, chunk_size, generated_tokens, play_chunked
 from drift_jax.models import Transformer
 from drift_jax.weights import trajectory_returns, trajectory_weights
@@ -256,8 +256,11 @@ def stage_eval(exp: Experiment, method: str) -> None:
         generated = play_shards(f"eval:{method}:{bench}", path, questions, chunk_size(ec.batch_size, 1),
                                 eval_player(exp, policy, env, f"eval {method} {bench}"))
         written, _ = records.read_jsonl(path)
-        write_json(out, {**evaluate.summarize([r["t_star"] for r in written], env.max_turns),
-                         "questions": len(questions), "generated_tokens": sum(g or 0 for g in generated)})
+        summary = {**evaluate.summarize([r["t_star"] for r in written], env.max_turns),
+                   "questions": len(questions), "generated_tokens": sum(g or 0 for g in generated)}
+        if isinstance(env, SecretGuessEnv):  # how close greedy decoding's choices are to ties
+            summary["answer_check"] = answer_check(policy, exp.tokenizer, env, questions[0])
+        write_json(out, summary)
         exp.finish(f"eval:{method}:{bench}")
         remove_parts(path)
 

@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from drift_jax.envs.base import FEEDBACK, AnswerTagEnv, Episode, Question, extract_tagged_answer
-from drift_jax.envs.secret import LETTERS, SecretGuessEnv, scripted_episode
+from drift_jax.envs.secret import LETTERS, SecretGuessEnv, answer_check, build_tokenizer, scripted_episode
 
 RECORD_KEYS = {"prompt_id", "gold", "messages", "turn_rewards", "verifier", "t_star",
                "answer_norms", "format_penalty", "reward_details"}
@@ -207,3 +207,46 @@ def test_unclosed_earlier_tag_does_not_swallow_the_answer():
     from drift_jax.envs.base import extract_tagged_answer
 
     assert extract_tagged_answer("I think <answer>maybe... actually <answer>B</answer>") == "B"
+
+
+# -- answer_check -------------------------------------------------------------------------
+
+def _letter_policy(tokenizer, env, score):
+    """A stand-in model: the logit of each letter's tagged answer is ``score(tried, letter)``
+    for the letters already answered in the row; every other token gets -10."""
+    ids = {tokenizer.convert_tokens_to_ids(f"<answer>{c}</answer>"): c for c in env.candidates}
+
+    def model(tokens_bt):
+        tokens_bt = np.asarray(tokens_bt)
+        logits_btv = np.full((*tokens_bt.shape, len(tokenizer)), -10.0, np.float32)
+        for b, row in enumerate(tokens_bt):
+            tried = [ids[t] for t in row.tolist() if t in ids]
+            for token, letter in ids.items():
+                logits_btv[b, -1, token] = score(tried, letter)
+        return logits_btv
+
+    return model
+
+
+def test_answer_check_counts_histories_and_reads_margins():
+    env = SecretGuessEnv(id_length=0)
+    tokenizer = build_tokenizer()
+    question = env.make_questions(1, seed=0, prefix="q")[0]
+    # Untried letters 2 nats above tried ones, E preferred by 0.5 among the untried.
+    untried = _letter_policy(tokenizer, env, lambda tried, c: (0.0 if c in tried else 2.0) + 0.5 * (c == "E"))
+    check = answer_check(untried, tokenizer, env, question)
+    assert [t["histories"] for t in check["turns"]] == [1, 5, 20, 60, 120]
+    assert all(t["greedy_untried"] == t["histories"] for t in check["turns"])
+    # The best untried letter against the best tried one (turn 1 has none: against -10).
+    assert check["turns"][0]["min_margin"] == pytest.approx(12.5)
+    assert all(t["min_margin"] == pytest.approx(1.5) for t in check["turns"][1:])
+    assert [g["answer"] for g in check["greedy"]] == ["E", "A", "B", "C", "D"]
+
+    # Repeating the last answer: greedy stops at turn 2, the repeat winning by 1 nat.
+    repeat = _letter_policy(tokenizer, env, lambda tried, c: 1.0 if tried and c == tried[-1] else 0.5 * (c == "A"))
+    check = answer_check(repeat, tokenizer, env, question)
+    assert [t["greedy_untried"] for t in check["turns"]] == [1, 0, 0, 0, 0]
+    assert [g["answer"] for g in check["greedy"]] == ["A", "B"]
+    assert check["greedy"][1]["margin"] == pytest.approx(-1.0)
+    probs = np.exp([0.5, 0, 0, 0, 0]) / (np.exp([0.5, 0, 0, 0, 0]).sum() + (len(tokenizer) - 5) * np.exp(-10))
+    assert check["turns"][0]["mean_p_untried"] == pytest.approx(probs.sum(), rel=1e-5)

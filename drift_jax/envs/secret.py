@@ -108,3 +108,74 @@ def scripted_episode(env: SecretGuessEnv, question: Question, rng: np.random.Gen
             reply = f"<answer>{answer}</answer>"
         episode.step(reply)
     return episode
+
+
+def answer_check(model, tokenizer, env: SecretGuessEnv, question: Question) -> dict:
+    """How a policy answers after every history of distinct wrong letters.
+
+    With one prompt text, greedy evaluation plays a single dialogue, so its outcome is
+    decided by a few argmaxes. This reads them all: for turn t (t - 1 letters tried and
+    rejected, every order of every choice of them), the next-token log-probabilities
+    after ``question``'s prompt and that history. The margin of a history is the
+    log-probability of its best untried letter minus that of the best other token
+    (a tried letter, an untagged reply, a stop): > 0 means greedy decoding moves on to
+    an untried letter there. A result that is a property of the data, not of float
+    rounding, needs a clear margin along the greedy dialogue.
+
+    Args:
+      model: a ``Transformer`` (``model(tokens_bt) -> logits_btv``).
+      env: the task (its candidates and turn budget).
+      question: the prompt the histories follow.
+
+    Returns:
+      {"turns": one dict per turn t = 1 .. min(max_turns, num_candidates) with
+      ``histories`` (how many), ``greedy_untried`` (after how many the margin is > 0),
+      ``mean_p_untried`` (the untried letters' probability, mean over histories) and
+      ``min_margin``; "greedy": the greedy dialogue while it names untried letters, as
+      [{"answer", "margin"}] per turn (it ends at the first turn whose margin is <= 0,
+      that turn included)}.
+    """
+    import itertools
+
+    import jax
+    import jax.numpy as jnp
+
+    from drift_jax.chat import encode_prompt
+
+    letters = env.candidates
+    answer_ids = np.asarray([tokenizer.convert_tokens_to_ids(f"<answer>{c}</answer>") for c in letters])
+    turns, margins, best = [], {}, {}
+    for turn in range(1, min(env.max_turns, len(letters)) + 1):
+        histories = list(itertools.permutations(range(len(letters)), turn - 1))
+        prompts = []
+        for history in histories:
+            messages = env.initial_messages(question)
+            for i in history:
+                messages += [{"role": "assistant", "content": f"<answer>{letters[i]}</answer>"},
+                             {"role": "user", "content": FEEDBACK}]
+            prompts.append(encode_prompt(tokenizer, messages))
+        if len({len(p) for p in prompts}) != 1:
+            raise ValueError("answer_check needs a tokenizer with one token per tagged answer "
+                             "(envs.secret.build_tokenizer)")
+        logits_bv = model(jnp.asarray(prompts, jnp.int32))[:, -1].astype(jnp.float32)
+        logp_bv = np.asarray(jax.nn.log_softmax(logits_bv, axis=-1))
+        untried_bc = np.ones((len(histories), len(letters)), bool)
+        for b, history in enumerate(histories):
+            untried_bc[b, list(history)] = False
+        answer_logp_bc = logp_bv[:, answer_ids]
+        untried_bv = np.zeros(logp_bv.shape, bool)
+        untried_bv[:, answer_ids] = untried_bc
+        margin_b = (np.where(untried_bc, answer_logp_bc, -np.inf).max(axis=1)
+                    - np.where(untried_bv, -np.inf, logp_bv).max(axis=1))
+        margins.update(zip(histories, margin_b.tolist()))
+        best.update(zip(histories, np.where(untried_bc, answer_logp_bc, -np.inf).argmax(axis=1).tolist()))
+        turns.append({"turn": turn, "histories": len(histories), "greedy_untried": int((margin_b > 0).sum()),
+                      "mean_p_untried": float(np.where(untried_bc, np.exp(answer_logp_bc), 0).sum(1).mean()),
+                      "min_margin": float(margin_b.min())})
+    greedy, history = [], ()
+    while history in margins:
+        greedy.append({"answer": letters[best[history]], "margin": margins[history]})
+        if margins[history] <= 0:
+            break
+        history += (best[history],)
+    return {"turns": turns, "greedy": greedy}

@@ -119,15 +119,20 @@ def get_config():
     # of the base habit.
     c.reference = ml_collections.ConfigDict()
     c.reference.num_transcripts = 8000
-    c.reference.p_repeat = 0.5  # after "Incorrect": repeat the last answer (else an untried letter)
+    # After "Incorrect": repeat the last answer (else an untried letter). Above 0.5, so at
+    # turn 5 (one letter left) the transcripts still repeat more often than they switch:
+    # data that implies a clear choice there, not a coin flip (docs/embedded-task.md).
+    c.reference.p_repeat = 0.6
     c.reference.p_format_error = 0.05
     c.reference.preference_decay = 0.7  # prior over letters: A, then B (x0.7), C (x0.49)...
-    c.reference.train = train_section(steps=400, learning_rate=3e-3, warmup_ratio=0.05,
+    # 1,600 steps: the late turns, rare in the transcripts, are learned too (at 400 the
+    # reference switched at turn 5 half as often as its transcripts).
+    c.reference.train = train_section(steps=1600, learning_rate=3e-3, warmup_ratio=0.05,
                                       weight_decay=0.01)
 
     # Stage "rollout": K trajectories per prompt from the frozen reference.
     c.rollout = ml_collections.ConfigDict()
-    c.rollout.num_prompts = 512
+    c.rollout.num_prompts = 1024  # enough four-distinct-wrong-answer paths to learn turn 5 from
     c.rollout.num_samples = 16
     c.rollout.temperature = 1.0
     c.rollout.top_p = 1.0
@@ -148,11 +153,12 @@ def get_config():
 
     # Stage "weights". The paper released gamma=0.9, beta=0.1. On this task the skill is
     # a late correction (turn 3, 4 or 5), which gamma<1 discounts and beta=0.1 then
-    # turns into ~e^-1 less weight per turn, so the toy uses gamma=1, beta=0.5: every
-    # success counts the same, failures and repeated answers are down-weighted.
+    # turns into ~e^-1 less weight per turn, so the toy uses gamma=1, beta=0.25: every
+    # success counts the same, and a failure weighs e^-4 of one (less with repeats), so
+    # the rare turn-5 successes outweigh the reference's many turn-5 repeats.
     c.drift = ml_collections.ConfigDict()
     c.drift.gamma = 1.0
-    c.drift.beta = 0.5
+    c.drift.beta = 0.25
     c.drift.lam = 0.5
     c.drift.normalize = "mean"
     # > 0: beta chosen so that the mean ESS / K of the weights hits this (overrides beta).
@@ -180,7 +186,7 @@ def get_config():
     # episodes every update; DRIFT's return (drift.gamma, drift.lam), GRPO advantages,
     # k3 KL to the reference with UFO's coefficient.
     c.online_rl = ml_collections.ConfigDict()
-    c.online_rl.steps = 192
+    c.online_rl.steps = 384  # x 8 prompts x K=16: three times the rollouts' 1,024 x 16 episodes
     c.online_rl.prompts_per_step = 8
     # 3e-4 after a short sweep on seed 0's reference (200 updates): 1e-3 gave greedy
     # multi@5 0.40 (the policy learned to emit several <answer> tags), 3e-4 gave 0.58.
@@ -198,7 +204,7 @@ def get_config():
     # Stage "eval": greedy multi@k. The embedded task holds out prompts never used for
     # rollouts; other tasks evaluate on eval.benchmarks.
     c.eval = ml_collections.ConfigDict()
-    c.eval.num_prompts = 400
+    c.eval.num_prompts = 1000  # secrets' sampling sd about 0.013 at multi@5 = 0.8
     c.eval.batch_size = 512
     # Per turn; None: the protocol's (rollout.max_new_tokens; "release": 1,024).
     c.eval.max_new_tokens = config_dict.placeholder(int)

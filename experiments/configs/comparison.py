@@ -2,9 +2,9 @@
 
     python experiments/run.py --config=experiments/configs/comparison.py
 
-Offline methods train on the SAME rollouts (512 prompts x K=16): sft_single, sft, rft,
+Offline methods train on the SAME rollouts (1,024 prompts x K=16): sft_single, sft, rft,
 drift, drift_all_turns. online_rl generates its own episodes at every update, with three
-times DRIFT's rollout episodes in total (192 updates x 8 prompts x K=16), so the table's
+times DRIFT's rollout episodes in total (384 updates x 8 prompts x K=16), so the table's
 generated-tokens column shows what each accuracy cost. drift_round2 is iterative DRIFT:
 rollouts from the trained DRIFT policy, weighted, trained again from it.
 """
