@@ -264,7 +264,10 @@ LossFn = Callable[[nnx.GraphDef, nnx.State, Batch, Any], tuple[jax.Array, jax.Ar
 
 def sft_loss_fn(normalize: str = "batch", loss_chunk_size: int | str | None = "auto") -> LossFn:
     """The weighted SFT loss (``losses.weighted_token_loss``) as a ``make_train_step``
-    loss; stats: num_tokens (supervised) and num_weighted_tokens (sum of weight x tokens).
+    loss; stats: num_tokens (supervised), num_weighted_tokens (sum of weight x tokens) and
+    num_squared_weighted_tokens (sum of weight^2 x tokens), from which the step reports
+    ``ess_fraction``: the effective sample size of the batch's supervised tokens under
+    their weights, over their count.
 
     A packed batch (``segment_ids`` in it) reduces per segment
     (``losses.reduce_masked_segments``): the same sums, denominator and stats as its
@@ -281,9 +284,18 @@ def sft_loss_fn(normalize: str = "batch", loss_chunk_size: int | str | None = "a
         loss_sum, denom = weighted_token_loss(ce_bt, mask_bt, weights_b, normalize)
         tokens_b = jnp.sum(mask_bt, axis=1).astype(jnp.float32)
         return loss_sum, denom, {"num_tokens": jnp.sum(tokens_b),
-                                 "num_weighted_tokens": jnp.sum(weights_b * tokens_b)}
+                                 "num_weighted_tokens": jnp.sum(weights_b * tokens_b),
+                                 "num_squared_weighted_tokens": jnp.sum(weights_b**2 * tokens_b)}
 
     return loss_fn
+
+
+def effective_fraction(count: jax.Array, weight_sum: jax.Array, squared_weight_sum: jax.Array) -> jax.Array:
+    """The effective sample size of ``count`` weighted items over ``count``:
+    (sum w)^2 / (count * sum w^2), 1 for equal weights, 1/count for one nonzero weight;
+    1 when every weight is 0 (nothing is preferred)."""
+    denom = count * squared_weight_sum
+    return jnp.where(denom > 0, weight_sum**2 / jnp.where(denom > 0, denom, 1.0), 1.0)
 
 
 def packed_sft_sums(ce_bt: jax.Array, mask_bt: jax.Array, batch: Batch,
@@ -298,7 +310,8 @@ def packed_sft_sums(ce_bt: jax.Array, mask_bt: jax.Array, batch: Batch,
     loss_sum, denom = reduce_masked_segments(ce_bt, mask_bt, segment_ids_bt, token_weights_bt, normalize,
                                              num_segments=batch["tokens"].shape[1] + 1)
     return loss_sum, denom, {"num_tokens": jnp.sum(mask_bt, dtype=jnp.float32),
-                             "num_weighted_tokens": jnp.sum(jnp.where(mask_bt, token_weights_bt, 0.0))}
+                             "num_weighted_tokens": jnp.sum(jnp.where(mask_bt, token_weights_bt, 0.0)),
+                             "num_squared_weighted_tokens": jnp.sum(jnp.where(mask_bt, token_weights_bt**2, 0.0))}
 
 
 def make_eval_fn(graphdef: nnx.GraphDef, batches: Sequence[Batch], normalize: str = "batch",
@@ -399,6 +412,9 @@ def make_train_step(
             "num_input_tokens": jnp.sum(batch["valid"]).astype(jnp.float32),
             **stats,
         }
+        if "num_squared_weighted_tokens" in stats:  # the weighted SFT loss
+            metrics["ess_fraction"] = effective_fraction(
+                stats["num_tokens"], stats["num_weighted_tokens"], stats["num_squared_weighted_tokens"])
         if schedule_fn is not None:
             metrics["lr"] = jnp.asarray(schedule_fn(state.step), jnp.float32)
         new_state = state.replace(params=params, opt_state=opt_state, step=state.step + 1)

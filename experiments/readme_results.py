@@ -4,8 +4,10 @@
     cp -r runs/seeds runs/seeds_released   # same rollouts: only weights, drift and eval rerun
     python experiments/run.py --config.seeds=0,1,2,3,4 --config.drift.gamma=0.9 --config.drift.beta=0.1 \\
         --workdir=runs/seeds_released
-    python experiments/beta_spectrum.py --workdir=runs/seeds/seed0 --gammas=0.9,1.0 --betas=0.1,0.5,2,10
-    python experiments/run.py --config=experiments/configs/comparison.py --config.seeds=0 \\
+    python experiments/beta_spectrum.py --workdir=runs/seeds/seed0 --gammas=0.9,1 --betas=0.01,0.1,1,10,100
+    mkdir runs/comparison_seeds && cp -r runs/seeds/seed0 runs/seeds/seed1 runs/seeds/seed2 runs/comparison_seeds/
+    rm -r runs/comparison_seeds/seed0/beta_spectrum*  # the same reference and rollouts: only new methods run
+    python experiments/run.py --config=experiments/configs/comparison.py --config.seeds=0,1,2 \\
         --workdir=runs/comparison_seeds
     python experiments/readme_results.py runs/seeds runs/seeds_released --spectrum=runs/seeds/seed0 \\
         --comparison=runs/comparison_seeds
@@ -24,10 +26,12 @@ import argparse
 import json
 import os
 import re
+import statistics
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # experiments.beta_spectrum
+from drift_jax.methods import get as get_method  # noqa: E402
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 
@@ -36,6 +40,17 @@ def _read(sweep_dir: str) -> tuple[dict, dict]:
         sweep = json.load(f)
     (bench, summary), = sweep["benchmarks"].items()  # the embedded task has one benchmark
     return sweep, summary
+
+
+def _config(sweep_dir: str, seed: int) -> dict:
+    """The config one seed of a sweep ran with (its results.json)."""
+    with open(os.path.join(sweep_dir, f"seed{seed}", "results.json")) as f:
+        return json.load(f)["config"]
+
+
+def _at_commit(env: dict) -> str:
+    """"at commit <c> " when the sweep recorded its commit (older sweeps did not)."""
+    return f"at commit {env['commit']} " if env.get("commit") else ""
 
 
 def _command(sweep: dict) -> str:
@@ -54,14 +69,13 @@ def render(default_dir: str, released_dir: str | None = None) -> str:
     sweep, summary = _read(default_dir)
     env, seeds = sweep["environment"], summary["seeds"]
     methods = list(summary["methods"])
-    with open(os.path.join(default_dir, f"seed{seeds[0]}", "results.json")) as f:
-        num_prompts = json.load(f)["config"]["eval"]["num_prompts"]
+    num_prompts = _config(default_dir, seeds[0])["eval"]["num_prompts"]
     last = max(int(k.split("@")[1]) for k in summary["methods"][methods[0]] if k.startswith("multi@"))
     lines = [
         f"Seeds {', '.join(map(str, seeds))} of `python experiments/run.py`, each on its own",
-        f"rollouts, {num_prompts} held-out questions, greedy decoding. Made by `{_command(sweep)}` then",
+        f"rollouts, {num_prompts:,} held-out questions, greedy decoding. Made by `{_command(sweep)}` then",
         "`python experiments/readme_results.py " + " ".join(filter(None, [default_dir, released_dir])) + "`",
-        f"on {env['machine']} ({', '.join(env['devices'])}), Python {env['python']}, jax {env['jax']}, "
+        f"{_at_commit(env)}on {env['machine']} ({', '.join(env['devices'])}), Python {env['python']}, jax {env['jax']}, "
         f"flax {env['flax']}; wall time per seed (s): "
         + ", ".join(f"{s}: {w:.0f}" for s, w in env["wall_s"].items()) + ".",
         "",
@@ -84,18 +98,45 @@ def render(default_dir: str, released_dir: str | None = None) -> str:
         if {"drift", "sft"} <= set(methods):
             row += f" | {values[methods.index('drift')] - values[methods.index('sft')]:+.3f}"
         lines.append(row + " |")
+    lines += _dialogues(default_dir, seeds, methods)
     if released_dir:
         rsweep, released = _read(released_dir)
+        drift = _config(default_dir, seeds[0])["drift"]
         lines += ["", f"DRIFT's {key} at the paper's released values against the default's, on the same",
                   f"rollouts (`{_command(rsweep)}` in a copy of the default sweep):", "",
                   "| drift.gamma, drift.beta | " + " | ".join(f"seed {s}" for s in seeds) + " | mean +- sd |",
                   "| --- |" + " --- |" * (len(seeds) + 1)]
-        for label, src, m in (("0.9, 0.1 (released)", released, "drift"), ("1.0, 0.5 (default)", summary, "drift"),
+        for label, src, m in (("0.9, 0.1 (released)", released, "drift"),
+                              (f"{drift['gamma']:g}, {drift['beta']:g} (default)", summary, "drift"),
                               ("sft (uniform weights)", summary, "sft")):
             st = src["methods"][m][key]
             lines.append(f"| {label} | " + " | ".join(f"{v:.3f}" for v in st["per_seed"])
                          + f" | {st['mean']:.3f} +- {st['sd']:.3f} |")
     return "\n".join(lines) + "\n"
+
+
+def _dialogues(sweep_dir: str, seeds: list[int], methods: list[str]) -> list[str]:
+    """Per seed and method, the greedy dialogue while it names untried letters and the
+    smallest margin along it (the eval's ``answer_check``), or nothing if not recorded."""
+    cells = {}
+    for seed in seeds:
+        for m in methods:
+            path = os.path.join(sweep_dir, f"seed{seed}", "eval", f"secret_{m}.json")
+            with open(path) as f:
+                greedy = json.load(f).get("answer_check", {}).get("greedy")
+            if greedy is None:
+                return []
+            moves = [g for g in greedy if g["margin"] > 0]
+            cell = " ".join(g["answer"] for g in moves) + (f" (smallest margin {min(g['margin'] for g in moves):+.2f})"
+                                                          if moves else "")
+            if len(moves) < len(greedy):
+                cell += f", then no untried letter ({greedy[-1]['margin']:+.2f})"
+            cells[seed, m] = cell
+    return ["", "Greedy dialogues: the untried letters each policy names in turn, the smallest log-probability "
+            "margin of those moves over any other token, and the margin by which it then fails to name an "
+            "untried letter (the eval's `answer_check`):", "",
+            "| seed | " + " | ".join(methods) + " |", "| --- |" + " --- |" * len(methods)] + [
+        f"| {seed} | " + " | ".join(cells[seed, m] for m in methods) + " |" for seed in seeds]
 
 
 def render_comparison(sweep_dir: str) -> str:
@@ -117,7 +158,7 @@ def render_comparison(sweep_dir: str) -> str:
         return f"{sum(values) / len(values):,.0f}" if values else "-"
 
     lines = [f"Seeds {', '.join(map(str, seeds))}. Made by `{_command(sweep)}` then "
-             f"`python experiments/readme_results.py ... --comparison={sweep_dir}` on {env['machine']}, "
+             f"`python experiments/readme_results.py ... --comparison={sweep_dir}` {_at_commit(env)}on {env['machine']}, "
              f"Python {env['python']}, jax {env['jax']}; wall time per seed (s): "
              + ", ".join(f"{s}: {w:.0f}" for s, w in env["wall_s"].items()) + ".", "",
              f"| method | multi@1 | multi@{last} | correction rate t{last} | generated tokens | trained tokens | wall s |",
@@ -128,12 +169,45 @@ def render_comparison(sweep_dir: str) -> str:
                      f"{st['correction_rate']['mean'][-1]:.3f} | {mean_cost(m, 'generated_tokens')} | "
                      f"{mean_cost(m, 'trained_tokens')} | {mean_cost(m, 'wall_s')} |")
     if {"drift", "online_rl"} <= set(methods):
+        key = f"multi@{last}"
+        gap = [d - o for d, o in zip(summary["methods"]["drift"][key]["per_seed"],
+                                     summary["methods"]["online_rl"][key]["per_seed"])]
         ratio = [d["generated_tokens"] / o["generated_tokens"] for d, o in zip(costs["drift"], costs["online_rl"])]
-        gap = [summary["methods"]["drift"][f"multi@{last}"]["per_seed"][i]
-               - summary["methods"]["online_rl"][f"multi@{last}"]["per_seed"][i] for i in range(len(seeds))]
-        lines += ["", f"DRIFT minus online RL, multi@{last}, per seed: " + ", ".join(f"{g:+.3f}" for g in gap)
-                  + "; DRIFT's generated tokens / online RL's: " + ", ".join(f"{r:.2f}" for r in ratio) + "."]
+        mean, sd = statistics.mean(gap), statistics.stdev(gap) if len(gap) > 1 else 0.0
+        where = ("within 0.05 of" if abs(mean) <= 0.05 else f"{abs(mean):.3f} {'above' if mean > 0 else 'below'}")
+        lines += ["", f"DRIFT minus online RL, {key}: {mean:+.3f} +- {sd:.3f} over seeds (per seed: "
+                  + ", ".join(f"{g:+.3f}" for g in gap) + "); DRIFT's generated tokens / online RL's: "
+                  + ", ".join(f"{r:.2f}" for r in ratio) + f". On the mean, DRIFT is {where} online RL, at "
+                  + f"{statistics.mean(ratio):.2f} of its generated tokens."]
+    coverage = _coverage(sweep_dir, seeds)
+    if coverage:
+        lines += ["", "Coverage of distinct wrong answers in each round's rollouts, mean over seeds (entered: "
+                  "trajectories reaching turn t with t-1 distinct wrong answers; solved: of them, solved at t; "
+                  "`distinct_paths` in `rollout_stats.json`):", "",
+                  "| rollouts of | " + " | ".join(f"t{t} entered / solved" for t in range(2, last + 1)) + " |",
+                  "| --- |" + " --- |" * (last - 1)]
+        for name, paths in coverage.items():
+            lines.append(f"| {name} | " + " | ".join(f"{e:,.0f} / {s:,.0f}" for e, s in paths[1:]) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _coverage(sweep_dir: str, seeds: list[int]) -> dict[str, list[tuple[float, float]]]:
+    """{policy the rollouts came from: per turn (mean entered, mean solved)}, from the
+    rollout_stats.json of the run (the reference's) and of each iterative-DRIFT round."""
+    out = {}
+    rounds = sorted(int(d[5:]) for d in os.listdir(os.path.join(sweep_dir, f"seed{seeds[0]}"))
+                    if re.fullmatch(r"round[0-9]+", d))
+    for name, sub in [("reference", "")] + [(get_method(f"drift_round{r}").previous, f"round{r}") for r in rounds]:
+        paths = []
+        for seed in seeds:
+            path = os.path.join(sweep_dir, f"seed{seed}", sub, "rollout_stats.json")
+            if not os.path.exists(path):
+                return out
+            with open(path) as f:
+                paths.append(json.load(f)["sampled_reference"]["distinct_paths"])
+        out[name] = [(statistics.mean(p[t]["entered"] for p in paths), statistics.mean(p[t]["solved"] for p in paths))
+                     for t in range(len(paths[0]))]
+    return out
 
 
 def render_spectrum(workdir: str) -> str:

@@ -204,14 +204,27 @@ def parse_seeds(seeds: str) -> list[int]:
     return out
 
 
+def git_commit() -> str | None:
+    """The checkout's commit (``git describe --always --dirty``: "-dirty" when files
+    differ from it), or None outside a git checkout."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "-C", REPO, "describe", "--always", "--dirty"], capture_output=True,
+                             text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
 def environment(walls: dict) -> dict:
-    """What a sweep ran on: versions, machine, and each seed's wall time (this call's:
-    a seed found finished costs ~0 s)."""
+    """What a sweep ran on: the commit, versions, machine, and each seed's wall time (this
+    call's: a seed found finished costs ~0 s)."""
     import platform
 
     import flax
 
-    return {"python": platform.python_version(), "jax": jax.__version__, "flax": flax.__version__,
+    return {"commit": git_commit(), "python": platform.python_version(), "jax": jax.__version__, "flax": flax.__version__,
             "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs",
             "devices": sorted({d.device_kind for d in jax.devices()}),
             "wall_s": {str(s): round(w, 1) for s, w in walls.items()}}

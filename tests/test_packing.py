@@ -318,7 +318,8 @@ def test_packed_batch_has_the_unpacked_losses_gradients_and_update(normalize, ch
         step_fn = make_train_step(gd, tx, num_micro_batches=m, normalize=normalize, loss_chunk_size=chunk)
         results.append(step_fn(state, batch))
     (state_a, metrics_a), (state_b, metrics_b) = results
-    for key in ("loss", "grad_norm", "denominator", "num_tokens", "num_weighted_tokens", "num_input_tokens"):
+    for key in ("loss", "grad_norm", "denominator", "num_tokens", "num_weighted_tokens", "ess_fraction",
+                "num_input_tokens"):
         np.testing.assert_allclose(metrics_b[key], metrics_a[key], rtol=1e-5, err_msg=key)
     # Rows of 24 and of 16 reduce in different orders: float32 rounding on O(0.1) gradients.
     chex.assert_trees_all_close(state_b.params, state_a.params, rtol=1e-5, atol=1e-5)

@@ -391,6 +391,10 @@ def test_seeds_run_each_seed_and_summarise_them(cli, tiny_run, tmp_path):
     block = readme_results.render(str(workdir))
     per_seed = summary["methods"]["drift"]["multi@5"]["per_seed"]
     assert all(f"{v:.3f}" in block for v in per_seed) and "wall time per seed" in block
+    # Each seed's greedy dialogue and margins, from the eval's answer_check.
+    dialogue = json.loads((workdir / "seed1" / "eval" / "secret_drift.json").read_text())["answer_check"]["greedy"]
+    row = next(line for line in block.splitlines() if line.startswith("| 1 | ") and "margin" in line)
+    assert f"{dialogue[-1]['margin']:+.2f}" in row
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{readme_results.START}\nstale\n{readme_results.END}\nrest\n")
     assert readme_results.main([str(workdir), "--readme", str(readme), "--check"]) == 1
@@ -402,6 +406,29 @@ def test_seeds_run_each_seed_and_summarise_them(cli, tiny_run, tmp_path):
     mean_tokens = (cost["generated_tokens"] + json.loads((workdir / "seed0" / "results.json").read_text())[
         "methods"]["drift"]["cost"]["generated_tokens"]) / 2
     assert f"| {mean_tokens:,.0f} |" in comparison.split("| drift |")[1].splitlines()[0] + " |"
+
+
+def test_the_comparison_block_compares_drift_with_online_rl_and_counts_coverage_per_round(
+        cli, comparison_run, tmp_path):
+    """readme_results.render_comparison on a one-seed comparison sweep (a copy of the
+    session's comparison run: only the summary is computed): DRIFT minus online RL with
+    the generated-token ratio, and the distinct-path coverage of the reference's and
+    round 2's rollouts, read from their rollout_stats.json."""
+    from experiments import readme_results
+
+    workdir = tmp_path / "comparison"
+    shutil.copytree(comparison_run[0], workdir / "seed0")
+    cli(f"--config={CONFIGS}/comparison_tiny.py", "--config.seeds=0", f"--workdir={workdir}")
+    block = readme_results.render_comparison(str(workdir))
+    results = json.loads((workdir / "seed0" / "results.json").read_text())["methods"]
+    gap = results["drift"]["multi@5"] - results["online_rl"]["multi@5"]
+    ratio = results["drift"]["cost"]["generated_tokens"] / results["online_rl"]["cost"]["generated_tokens"]
+    assert f"DRIFT minus online RL, multi@5: {gap:+.3f} +- 0.000" in block and f"online RL's: {ratio:.2f}." in block
+    rows = {line.split(" | ")[0][2:]: line for line in block.splitlines() if line.startswith("| ") and " / " in line}
+    for name, stats in (("reference", workdir / "seed0" / "rollout_stats.json"),
+                        ("drift", workdir / "seed0" / "round2" / "rollout_stats.json")):
+        paths = json.loads(stats.read_text())["sampled_reference"]["distinct_paths"]
+        assert rows[name].endswith(f"| {paths[-1]['entered']:,} / {paths[-1]['solved']:,} |")
 
 
 def test_beta_spectrum_trains_drift_per_beta_on_the_same_rollouts(tiny_run, tmp_path, capsys):

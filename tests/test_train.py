@@ -111,7 +111,7 @@ def test_four_micro_batches_equal_one_batch(normalize):
     # turns float rounding into a step of up to ~lr: hence atol = 1e-4 * lr.
     chex.assert_trees_all_close(four.params, one.params, rtol=1e-5, atol=1e-4 * LR)
     chex.assert_trees_all_close(four.opt_state, one.opt_state, rtol=1e-5, atol=1e-8)
-    for key in ("loss", "grad_norm", "num_tokens", "num_weighted_tokens", "denominator"):
+    for key in ("loss", "grad_norm", "num_tokens", "num_weighted_tokens", "denominator", "ess_fraction"):
         np.testing.assert_allclose(m_four[key], m_one[key], rtol=1e-5, err_msg=key)
 
 
@@ -127,6 +127,10 @@ def test_metrics_count_supervised_tokens_and_weights():
         metrics["num_weighted_tokens"], (batch["weights"] * target_mask.sum(1)).sum(), rtol=1e-6
     )
     np.testing.assert_allclose(metrics["num_input_tokens"], valid.sum())
+    # The supervised tokens' effective sample size under their rows' weights, over their count.
+    token_weights = np.repeat(batch["weights"], target_mask.sum(1))
+    np.testing.assert_allclose(metrics["ess_fraction"],
+                               token_weights.sum() ** 2 / (token_weights**2).sum() / token_weights.size, rtol=1e-6)
     np.testing.assert_allclose(metrics["denominator"], (target_mask.sum(1) > 0).sum())
     np.testing.assert_allclose(metrics["lr"], LR / WARMUP, rtol=1e-6)  # update 1 of the warm-up
     assert metrics["grad_norm"] > 0
@@ -324,7 +328,7 @@ def test_metrics_jsonl_has_expected_keys_and_the_batch_info(tmp_path):
     assert [r["step"] for r in records] == [2, 4, 5]  # every 2nd step and the last
     for r in records:
         assert {"step", "loss", "grad_norm", "lr", "tokens_per_s", "wall_time", "num_tokens",
-                "num_weighted_tokens", "num_input_tokens", "denominator", "batch_s",
+                "num_weighted_tokens", "ess_fraction", "num_input_tokens", "denominator", "batch_s",
                 "step_time_s"} <= r.keys()
         assert np.isfinite(r["loss"]) and r["tokens_per_s"] > 0
         assert r["batch_s"] >= 0 and r["step_time_s"] > 0
