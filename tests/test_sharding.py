@@ -94,11 +94,14 @@ SCRIPT = textwrap.dedent("""
     for shape, build_on_mesh in [((2, 2, 2), False), ((1, 8, 1), True)]:
         initial = []
         _, state = train(sharding.make_mesh(*shape), build_on_mesh, make=make_lora_model, initial=initial)
-        diffs = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - jax.device_get(b)))), lora_base.params, state.params)
+        adapters = [nnx.split_state(p, nnx.LoRAParam, ...)[0] for p in (lora_base.params, state.params)]
+        diffs = np.concatenate([np.abs(np.asarray(a) - np.asarray(jax.device_get(b))).ravel()
+                                for a, b in zip(*map(jax.tree.leaves, adapters))])
         frozen = nnx.split_state(state.params, nnx.LoRAParam, ...)[1]
         start = nnx.split_state(initial[0], nnx.LoRAParam, ...)[1]
         report["lora " + "x".join(map(str, shape))] = {
-            "max_param_diff": max(jax.tree.leaves(diffs)),
+            "max_param_diff": float(diffs.max()),
+            "p99_param_diff": float(np.percentile(diffs, 99)),
             "base_unchanged": all(bool(jnp.array_equal(a, jax.device_get(b)))
                                   for a, b in zip(jax.tree.leaves(start), jax.tree.leaves(frozen))),
             "sharded_opt_leaves": num_sharded(state.opt_state),
@@ -134,9 +137,18 @@ def test_sharded_train_steps_equal_single_device(shard_report, mesh):
 @pytest.mark.parametrize("mesh", ["2x2x2", "1x8x1"])
 def test_sharded_lora_training_equals_single_device(shard_report, mesh):
     """Adapters only: the same updates on the mesh, the base bitwise frozen, and the
-    adapters' Adam moments sharded like them (the base's axes)."""
+    adapters' Adam moments sharded like them (the base's axes).
+
+    LoRA's B starts at zero, so A's first nonzero gradients are tiny sums with heavy
+    cancellation, and Adam steps every coordinate by up to lr (1e-2) whatever its
+    gradient's size: a coordinate whose near-zero gradient the mesh's reduction order
+    rounds differently can move by a sizeable part of lr (seen: 2e-5 to 3e-5 on some
+    CPUs). So 99% of the adapter coordinates must agree to rounding (1e-6) and none may
+    differ by lr / 10; a sharding bug (a missing reduction over the batch rows) moves
+    most coordinates by about lr."""
     result = shard_report["lora " + mesh]
-    assert result["max_param_diff"] < 1e-5 and result["base_unchanged"], result
+    assert result["p99_param_diff"] < 1e-6 and result["max_param_diff"] < 1e-3, result
+    assert result["base_unchanged"], result
     assert result["sharded_opt_leaves"] > 0 and result["adapters_moved"] > 0
 
 

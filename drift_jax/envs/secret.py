@@ -144,34 +144,42 @@ def answer_check(model, tokenizer, env: SecretGuessEnv, question: Question) -> d
 
     letters = env.candidates
     answer_ids = np.asarray([tokenizer.convert_tokens_to_ids(f"<answer>{c}</answer>") for c in letters])
-    turns, margins, best = [], {}, {}
-    for turn in range(1, min(env.max_turns, len(letters)) + 1):
-        histories = list(itertools.permutations(range(len(letters)), turn - 1))
-        prompts = []
-        for history in histories:
-            messages = env.initial_messages(question)
-            for i in history:
-                messages += [{"role": "assistant", "content": f"<answer>{letters[i]}</answer>"},
-                             {"role": "user", "content": FEEDBACK}]
-            prompts.append(encode_prompt(tokenizer, messages))
-        if len({len(p) for p in prompts}) != 1:
-            raise ValueError("answer_check needs a tokenizer with one token per tagged answer "
-                             "(envs.secret.build_tokenizer)")
-        logits_bv = model(jnp.asarray(prompts, jnp.int32))[:, -1].astype(jnp.float32)
-        logp_bv = np.asarray(jax.nn.log_softmax(logits_bv, axis=-1))
-        untried_bc = np.ones((len(histories), len(letters)), bool)
-        for b, history in enumerate(histories):
-            untried_bc[b, list(history)] = False
-        answer_logp_bc = logp_bv[:, answer_ids]
-        untried_bv = np.zeros(logp_bv.shape, bool)
-        untried_bv[:, answer_ids] = untried_bc
-        margin_b = (np.where(untried_bc, answer_logp_bc, -np.inf).max(axis=1)
-                    - np.where(untried_bv, -np.inf, logp_bv).max(axis=1))
-        margins.update(zip(histories, margin_b.tolist()))
-        best.update(zip(histories, np.where(untried_bc, answer_logp_bc, -np.inf).argmax(axis=1).tolist()))
-        turns.append({"turn": turn, "histories": len(histories), "greedy_untried": int((margin_b > 0).sum()),
-                      "mean_p_untried": float(np.where(untried_bc, np.exp(answer_logp_bc), 0).sum(1).mean()),
-                      "min_margin": float(margin_b.min())})
+    if tokenizer.unk_token_id in answer_ids:
+        raise ValueError("answer_check needs a tokenizer with one token per tagged answer "
+                         "(envs.secret.build_tokenizer)")
+    histories = [h for turn in range(1, min(env.max_turns, len(letters)) + 1)
+                 for h in itertools.permutations(range(len(letters)), turn - 1)]
+    prompts = []
+    for history in histories:
+        messages = env.initial_messages(question)
+        for i in history:
+            messages += [{"role": "assistant", "content": f"<answer>{letters[i]}</answer>"},
+                         {"role": "user", "content": FEEDBACK}]
+        prompts.append(encode_prompt(tokenizer, messages))
+    # One call for every history, right-padded: causal attention leaves each prompt's last
+    # position as it is alone, and one compiled program costs far less than eager ops.
+    last_b = np.asarray([len(p) - 1 for p in prompts])
+    tokens_bt = np.zeros((len(prompts), last_b.max() + 1), np.int32)
+    for b, p in enumerate(prompts):
+        tokens_bt[b, : len(p)] = p
+    logits_bv = jax.jit(lambda t: model(t)[jnp.arange(len(prompts)), last_b])(tokens_bt)
+    logp_bv = np.asarray(jax.nn.log_softmax(logits_bv.astype(jnp.float32), axis=-1))
+    untried_bc = np.ones((len(histories), len(letters)), bool)
+    for b, history in enumerate(histories):
+        untried_bc[b, list(history)] = False
+    answer_logp_bc = logp_bv[:, answer_ids]
+    untried_bv = np.zeros(logp_bv.shape, bool)
+    untried_bv[:, answer_ids] = untried_bc
+    margin_b = (np.where(untried_bc, answer_logp_bc, -np.inf).max(axis=1)
+                - np.where(untried_bv, -np.inf, logp_bv).max(axis=1))
+    best_b = np.where(untried_bc, answer_logp_bc, -np.inf).argmax(axis=1)
+    p_untried_b = np.where(untried_bc, np.exp(answer_logp_bc), 0).sum(axis=1)
+    margins, best = dict(zip(histories, margin_b.tolist())), dict(zip(histories, best_b.tolist()))
+    turn_b = np.asarray([len(h) + 1 for h in histories])
+    turns = [{"turn": int(t), "histories": int((turn_b == t).sum()),
+              "greedy_untried": int((margin_b[turn_b == t] > 0).sum()),
+              "mean_p_untried": float(p_untried_b[turn_b == t].mean()),
+              "min_margin": float(margin_b[turn_b == t].min())} for t in np.unique(turn_b)]
     greedy, history = [], ()
     while history in margins:
         greedy.append({"answer": letters[best[history]], "margin": margins[history]})
