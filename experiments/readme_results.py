@@ -98,7 +98,7 @@ def render(default_dir: str, released_dir: str | None = None) -> str:
         if {"drift", "sft"} <= set(methods):
             row += f" | {values[methods.index('drift')] - values[methods.index('sft')]:+.3f}"
         lines.append(row + " |")
-    lines += _dialogues(default_dir, seeds, methods)
+    lines += _dialogues(default_dir, next(iter(sweep["benchmarks"])), seeds, methods)
     if released_dir:
         rsweep, released = _read(released_dir)
         drift = _config(default_dir, seeds[0])["drift"]
@@ -115,13 +115,14 @@ def render(default_dir: str, released_dir: str | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _dialogues(sweep_dir: str, seeds: list[int], methods: list[str]) -> list[str]:
+def _dialogues(sweep_dir: str, bench: str, seeds: list[int], methods: list[str]) -> list[str]:
     """Per seed and method, the greedy dialogue while it names untried letters and the
-    smallest margin along it (the eval's ``answer_check``), or nothing if not recorded."""
+    smallest margin along it (the eval's ``answer_check`` on ``bench``), or nothing if
+    not recorded."""
     cells = {}
     for seed in seeds:
         for m in methods:
-            path = os.path.join(sweep_dir, f"seed{seed}", "eval", f"secret_{m}.json")
+            path = os.path.join(sweep_dir, f"seed{seed}", "eval", f"{bench}_{m}.json")
             with open(path) as f:
                 greedy = json.load(f).get("answer_check", {}).get("greedy")
             if greedy is None:

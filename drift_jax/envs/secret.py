@@ -170,9 +170,9 @@ def answer_check(model, tokenizer, env: SecretGuessEnv, question: Question) -> d
     answer_logp_bc = logp_bv[:, answer_ids]
     untried_bv = np.zeros(logp_bv.shape, bool)
     untried_bv[:, answer_ids] = untried_bc
-    margin_b = (np.where(untried_bc, answer_logp_bc, -np.inf).max(axis=1)
-                - np.where(untried_bv, -np.inf, logp_bv).max(axis=1))
-    best_b = np.where(untried_bc, answer_logp_bc, -np.inf).argmax(axis=1)
+    untried_logp_bc = np.where(untried_bc, answer_logp_bc, -np.inf)
+    margin_b = untried_logp_bc.max(axis=1) - np.where(untried_bv, -np.inf, logp_bv).max(axis=1)
+    best_b = untried_logp_bc.argmax(axis=1)
     p_untried_b = np.where(untried_bc, np.exp(answer_logp_bc), 0).sum(axis=1)
     margins, best = dict(zip(histories, margin_b.tolist())), dict(zip(histories, best_b.tolist()))
     turn_b = np.asarray([len(h) + 1 for h in histories])
