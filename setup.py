@@ -17,7 +17,7 @@ setup(
     install_requires=requirements,
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6.100"],
-        # What drift_jax.questions needs for tfds sources (its ImportError names the same).
+        # What drift_jax.data.questions needs for tfds sources (its ImportError names the same).
         "data": ["tensorflow-datasets>=4.9", "tensorflow>=2.15", "datasets>=2.14"],
     },
 )

@@ -10,7 +10,7 @@ tokens (at least 16), each feedback message between turns U[20, 60]; the chat te
 adds 20 tokens (system message) plus 5 per message. One dialogue is one example.
 
 It prints the share of the token slots of one epoch's batches that are padding, as
-``drift_jax.batching.epoch_plan`` / ``padding_fraction`` compute it from the lengths
+``drift_jax.data.batching.epoch_plan`` / ``padding_fraction`` compute it from the lengths
 (the plan ``make_batch_fn`` collates; filler rows of a short last batch count as padding):
   (a) global length: every batch padded to the longest example, bucketed (bucket_window=0);
   (b) length bucketing (bucket_window = W batches per sorted window, as the runner passes
@@ -37,7 +37,7 @@ sys.path.insert(0, REPO)
 
 import numpy as np  # noqa: E402
 
-from drift_jax.batching import epoch_plan, padding_fraction  # noqa: E402
+from drift_jax.data.batching import epoch_plan, padding_fraction  # noqa: E402
 
 MAX_TURNS, MAX_REPLY, TEMPLATE_SYSTEM, TEMPLATE_PER_MESSAGE = 5, 512, 20, 5
 

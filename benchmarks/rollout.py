@@ -9,7 +9,7 @@ ends after (a share at each turn). Every system generates exactly those lengths:
 
 - static: today's player (``episodes._play``): chunks of batch_size // K prompts, one
   ``generate_batched`` call per turn on the live episodes' whole contexts;
-- engine: ``drift_jax.engine.Engine`` with batch_size slots over all prompts;
+- engine: ``drift_jax.rollout.engine.Engine`` with batch_size slots over all prompts;
 - hf: the same chunks and turns through ``model.generate()`` (PyTorch, KV cache), each
   call run to the longest reply it holds (only the drawn lengths count as useful).
 
@@ -39,10 +39,10 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from drift_jax.engine import Engine, Request  # noqa: E402
-from drift_jax.episodes import episode_keys, prompt_hash  # noqa: E402
+from drift_jax.rollout.engine import Engine, Request  # noqa: E402
+from drift_jax.rollout.episodes import episode_keys, prompt_hash  # noqa: E402
 from drift_jax.models import Transformer, preset  # noqa: E402
-from drift_jax.sampling import SamplingParams, add_work, generate_batched  # noqa: E402
+from drift_jax.rollout.sampling import SamplingParams, add_work, generate_batched  # noqa: E402
 
 END_SHARES = (0.3, 0.2, 0.2, 0.15, 0.15)  # share of episodes ending after turn 1..5
 MAX_PROMPT, FEEDBACK = 120, 24  # prompt lengths are drawn below MAX_PROMPT; feedback tokens per turn

@@ -45,11 +45,11 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from drift_jax import sharding  # noqa: E402
+from drift_jax.parallel import sharding  # noqa: E402
 from drift_jax.models import ModelConfig, Transformer, preset  # noqa: E402
 from drift_jax.models.hf import config_to_hf  # noqa: E402
-from drift_jax.sampling import SamplingParams, generate  # noqa: E402
-from drift_jax.train import make_optimizer, make_train_step  # noqa: E402
+from drift_jax.rollout.sampling import SamplingParams, generate  # noqa: E402
+from drift_jax.training.train import make_optimizer, make_train_step  # noqa: E402
 
 TINY = ModelConfig(vocab_size=4096, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                    num_kv_heads=2, head_dim=16, qkv_bias=True, tie_word_embeddings=True)

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from drift_jax.records import Record
+from drift_jax.data.records import Record
 from drift_jax.weights import group_indices, parse_trajectories, returns_and_groups  # noqa: F401 (group_indices: public here too)
 
 BETA_RANGE = (1e-4, 1e4)

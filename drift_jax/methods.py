@@ -21,7 +21,7 @@ import dataclasses
 import re
 from collections.abc import Callable, Sequence
 
-from drift_jax.records import Record
+from drift_jax.data.records import Record
 
 _ROUND = re.compile(r"drift_round([1-9][0-9]*)")
 

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from drift_jax.records import Record, parse_record
+from drift_jax.data.records import Record, normalize_answer, parse_record
 
 _NORMALIZE_MODES = ("mean", "sum")
 
@@ -42,9 +42,6 @@ def discounted_returns(turn_rewards_nt: jax.Array, gamma: float) -> jax.Array:
     return jnp.sum(rewards_nt * discounts_t, axis=-1)
 
 
-def normalize_answer(text: str) -> str:
-    """Lower-case and remove ALL whitespace, so "X = 2" and "x=2" count as one answer."""
-    return "".join(text.lower().split())
 
 
 def repetition_penalty(answers: Sequence[str], lam: float = 0.5) -> float:

@@ -18,7 +18,7 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from drift_jax.records import read_jsonl  # noqa: E402
+from drift_jax.data.records import read_jsonl  # noqa: E402
 
 
 def first_different_turn(a: dict, b: dict) -> int | None:

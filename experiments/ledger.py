@@ -19,7 +19,7 @@ import os
 import shutil
 import time
 
-from drift_jax import distributed
+from drift_jax.parallel import distributed
 
 # Keys that change memory, speed or bookkeeping, not the numbers a stage writes.
 HOW_NOT_WHAT = ("mesh", "model.remat", "model.attention_impl", "allow_tiny", "compilation_cache",

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A multi-host job on one machine, for trying it out: N processes of experiments/run.py
-# joined through JAX's distributed runtime on localhost (drift_jax/distributed.py reads
+# joined through JAX's distributed runtime on localhost (drift_jax/parallel/distributed.py reads
 # JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID). Each process sees its
 # own devices (on CPU: one each), so the training mesh must cover N devices.
 #

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from flax import nnx
 
-from drift_jax import online_rl, train
+from drift_jax.training import policy_gradient, train
 from experiments.workdir import Experiment, read_metrics, warn_if_unchanged, write_json
 
 

@@ -18,9 +18,11 @@ import os
 
 import numpy as np
 
-from drift_jax import methods, train
-from drift_jax.batching import held_out_count
-from drift_jax.records import BadRecord
+from drift_jax import methods
+
+from drift_jax.training import train
+from drift_jax.data.batching import held_out_count
+from drift_jax.data.records import BadRecord
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -258,7 +260,7 @@ def check_sizes(exp) -> None:
 
 
 def _parse(record: dict):
-    from drift_jax.records import parse_record
+    from drift_jax.data.records import parse_record
     return parse_record(record, messages=False)
 
 

@@ -28,8 +28,12 @@ import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from drift_jax import distributed, methods, report  # noqa: E402
-from drift_jax.records import BadRecord  # noqa: E402
+from drift_jax.parallel import distributed  # noqa: E402
+
+from drift_jax import methods
+
+from drift_jax.evaluation import report
+from drift_jax.data.records import BadRecord  # noqa: E402
 from experiments.preflight import ConfigError, preflight  # noqa: E402
 from experiments.workdir import Experiment, read_json, write_json  # noqa: E402
 from experiments.stages import (  # noqa: E402
@@ -232,10 +236,10 @@ def environment(walls: dict) -> dict:
 
 def run_sweep(cfg, workdir: str, dry: bool = False) -> dict | None:
     """``cfg.seeds``: ``run`` once per seed in ``<workdir>/seed<N>`` (each resumable on
-    its own), then the sweep's summary per benchmark (``drift_jax.sweep``) in
+    its own), then the sweep's summary per benchmark (``drift_jax.evaluation.sweep``) in
     ``<workdir>/sweep.json``, ``sweep.md`` and ``sweep_<benchmark>.png``."""
-    from drift_jax import sweep
-    from drift_jax.records import read_jsonl
+    from drift_jax.evaluation import sweep
+    from drift_jax.data.records import read_jsonl
 
     dirs, walls = {}, {}
     for s in parse_seeds(cfg.seeds):

@@ -11,11 +11,19 @@ import time
 import numpy as np
 from flax import nnx
 
-from drift_jax import diagnostics, distributed, evaluate, methods, records, report, sharding, train
-from drift_jax.batching import epoch_plan, make_batch_fn, padding_fraction, split_held_out
-from drift_jax.chat import encode_dialogue
+from drift_jax import diagnostics, methods
+
+from drift_jax.parallel import distributed, sharding
+
+from drift_jax.evaluation import multi_at_k, report
+
+from drift_jax.data import records
+
+from drift_jax.training import train
+from drift_jax.data.batching import epoch_plan, make_batch_fn, padding_fraction, split_held_out
+from drift_jax.data.chat import encode_dialogue
 from drift_jax.envs.secret import SecretGuessEnv, answer_check, scripted_episode
-from drift_jax.episodes import append_rollouts, chunk_size, generated_tokens, play_chunked
+from drift_jax.rollout.episodes import append_rollouts, chunk_size, generated_tokens, play_chunked
 from drift_jax.models import Transformer
 from drift_jax.weights import trajectory_returns, trajectory_weights
 from experiments.online_rl import stage_online_rl

@@ -14,16 +14,20 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from drift_jax import checkpoint, distributed, methods, sharding
+from drift_jax.training import checkpoint
+
+from drift_jax.parallel import distributed, sharding
+
+from drift_jax import methods
 from experiments import ledger
-from drift_jax import records as records_io
-from drift_jax.chat import encode_dialogue, end_of_turn_id
-from drift_jax.engine import EngineOptions
+from drift_jax.data import records as records_io
+from drift_jax.data.chat import context_check, encode_dialogue, end_of_turn_id
+from drift_jax.rollout.engine import EngineOptions
 from drift_jax.envs.secret import SecretGuessEnv, build_tokenizer
 from drift_jax.models import ModelConfig, Transformer, from_pretrained, load_tokenizer, save_pretrained
 from drift_jax.models.hf import resolve, token_ids
 from drift_jax.models.lora import LoRAConfig, apply_lora, has_lora, load_adapter, merge_lora
-from drift_jax.sampling import SamplingParams
+from drift_jax.rollout.sampling import SamplingParams
 
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -44,7 +48,7 @@ def make_env(name: str, task, stage: str = "rollout", benchmark: str | None = No
 
 
 def load_questions(source: str, **kwargs) -> list:
-    from drift_jax.questions import load_questions as load  # lazy: pulls pyarrow / tfds
+    from drift_jax.data.questions import load_questions as load  # lazy: pulls pyarrow / tfds
     return load(source, **kwargs)
 
 
@@ -241,7 +245,7 @@ class Experiment:
             return self.env.make_questions(cfg.rollout.num_prompts, seed=cfg.seed * 1000 + 2, prefix="train-")
         n = cfg.rollout.num_prompts
         if cfg.data.selection == "release":  # every row, repeats kept, then the seed-42 shuffle
-            from drift_jax.questions import select_prompts
+            from drift_jax.data.questions import select_prompts
             loaded = load_questions(cfg.data.train, split=cfg.data.train_split, layout=cfg.data.layout,
                                     on_bad_record=cfg.data.on_bad_record, duplicates="keep",
                                     protocol=cfg.task.protocol)
@@ -292,7 +296,7 @@ class Experiment:
         records, skipped = records_io.read_rollouts(
             self.rollout_files(), on_bad_record=self.cfg.data.on_bad_record,
             min_group_size=self.min_group_size,
-            check=records_io.context_check(self.tokenizer, max_len) if max_len else None)
+            check=context_check(self.tokenizer, max_len) if max_len else None)
         self.skipped_records.update(skipped)
         return records
 

@@ -1,4 +1,4 @@
-"""Properties of drift_jax.batching: ``collate`` right-pads; ``make_batch_fn`` sees every
+"""Properties of drift_jax.data.batching: ``collate`` right-pads; ``make_batch_fn`` sees every
 example once per epoch, in one shape (plain) or each batch padded to its own bucket
 (length bucketing), deterministic per step; and padding changes no loss."""
 
@@ -14,10 +14,10 @@ from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from drift_jax.batching import SFTExample, collate, epoch_batches, make_batch_fn
+from drift_jax.data.batching import SFTExample, collate, epoch_batches, make_batch_fn
 from drift_jax.models import ModelConfig, Transformer
-from drift_jax.sampling import bucket_length
-from drift_jax.train import create_train_state, make_train_step
+from drift_jax.data.batching import bucket_length
+from drift_jax.training.train import create_train_state, make_train_step
 
 
 def _examples(lengths, vocab=None):
@@ -205,7 +205,7 @@ def test_unshuffled_batches_are_file_order_and_hold_whole_groups():
 def test_held_out_rows_are_the_last_ceil_fraction_in_order(n, fraction):
     """datasets' train_test_split(test_size=f, shuffle=False) holds out the last ceil(f x n)
     rows (its n_test = ceil(test_size * n_samples)); the rest train, order kept."""
-    from drift_jax.batching import split_held_out
+    from drift_jax.data.batching import split_held_out
 
     rows = list(range(n))
     train_rows, held = split_held_out(rows, fraction)
@@ -214,7 +214,7 @@ def test_held_out_rows_are_the_last_ceil_fraction_in_order(n, fraction):
 
 
 def test_the_release_holds_out_its_last_90_prompt_groups():
-    from drift_jax.batching import held_out_count
+    from drift_jax.data.batching import held_out_count
 
     assert held_out_count(1800 * 16, 0.05) == 90 * 16  # 5% of the 28,800 file-order rows
     with pytest.raises(ValueError, match="fraction"):

@@ -1,4 +1,4 @@
-"""Properties of drift_jax.checkpoint: exact round trips, resume == straight run,
+"""Properties of drift_jax.training.checkpoint: exact round trips, resume == straight run,
 keep-last-k, clear errors, standalone params."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from drift_jax.checkpoint import Checkpointer, load_params, save_params
+from drift_jax.training.checkpoint import Checkpointer, load_params, save_params
 from drift_jax.models import ModelConfig, Transformer
-from drift_jax.train import create_train_state, make_optimizer, make_train_step
+from drift_jax.training.train import create_train_state, make_optimizer, make_train_step
 
 CFG = ModelConfig(
     vocab_size=32, hidden_size=32, intermediate_size=64, num_layers=2,

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from drift_jax import diagnostics as dg
-from drift_jax.records import BadRecord
+from drift_jax.data.records import BadRecord
 from drift_jax.weights import trajectory_returns, trajectory_weights
 
 SETTINGS = settings(max_examples=50, deadline=None)

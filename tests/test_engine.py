@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from drift_jax import engine as engine_lib
-from drift_jax import paged
-from drift_jax.engine import Engine, Request
-from drift_jax.episodes import episode_keys, prompt_hash
+from drift_jax.rollout import engine as engine_lib
+from drift_jax.models import paged
+from drift_jax.rollout.engine import Engine, Request
+from drift_jax.rollout.episodes import episode_keys, prompt_hash
 from drift_jax.models import Transformer
-from drift_jax.sampling import SamplingParams, generate_batched
+from drift_jax.rollout.sampling import SamplingParams, generate_batched
 
 TURNS, K, N_PROMPTS, MAX_NEW = 5, 3, 4, 8
 

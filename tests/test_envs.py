@@ -262,7 +262,7 @@ def test_answer_check_on_a_transformer_reads_each_prompt_as_if_alone():
     gives that prompt on its own."""
     from flax import nnx
 
-    from drift_jax.chat import encode_prompt
+    from drift_jax.data.chat import encode_prompt
     from drift_jax.models import ModelConfig, Transformer
 
     env = SecretGuessEnv(id_length=0)

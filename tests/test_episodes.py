@@ -1,4 +1,4 @@
-"""drift_jax.episodes: episodes played by a (tiny, random) policy, the text a reply adds to
+"""drift_jax.rollout.episodes: episodes played by a (tiny, random) policy, the text a reply adds to
 the dialogue, per-trajectory keys, and the resumable rollout writer.
 
 ``play_episodes`` runs on the toy task with its word-level tokenizer; three compiled
@@ -15,10 +15,10 @@ from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from drift_jax import episodes as episodes_module
-from drift_jax.chat import encode_prompt, end_of_turn_id
+from drift_jax.rollout import episodes as episodes_module
+from drift_jax.data.chat import encode_prompt, end_of_turn_id
 from drift_jax.envs.secret import SecretGuessEnv, build_tokenizer
-from drift_jax.episodes import (
+from drift_jax.rollout.episodes import (
     append_rollouts,
     decode_reply,
     episode_keys,
@@ -26,8 +26,8 @@ from drift_jax.episodes import (
     play_episodes,
 )
 from drift_jax.models import Transformer
-from drift_jax.records import read_jsonl, validate_record, write_jsonl
-from drift_jax.sampling import SamplingParams
+from drift_jax.data.records import read_jsonl, validate_record, write_jsonl
+from drift_jax.rollout.sampling import SamplingParams
 from helpers import WORDS, chatml_tokenizer
 
 K = 2

@@ -1,4 +1,4 @@
-"""Properties of drift_jax.evaluate: multi@k and per-turn correction rates."""
+"""Properties of drift_jax.evaluation.multi_at_k: multi@k and per-turn correction rates."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from drift_jax.evaluate import correction_rate, distinct_paths, multi_at_k, summarize
+from drift_jax.evaluation.multi_at_k import correction_rate, distinct_paths, multi_at_k, summarize
 
 
 @st.composite
@@ -79,7 +79,7 @@ def test_correction_rate_consistent_with_multi_at_k(run):
 
 
 def test_sweep_aggregate_means_sds_and_bootstrap_intervals():
-    from drift_jax.sweep import aggregate
+    from drift_jax.evaluation.sweep import aggregate
 
     rng = np.random.default_rng(0)
     t_stars = {s: {"always": [1] * 50, "coin": [1 if rng.random() < 0.5 else None for _ in range(400)]}

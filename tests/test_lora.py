@@ -26,12 +26,14 @@ import pytest
 from flax import nnx
 from safetensors import safe_open
 
-from drift_jax import online_rl, sharding, train
-from drift_jax.checkpoint import Checkpointer
+from drift_jax.training import policy_gradient, train
+
+from drift_jax.parallel import sharding
+from drift_jax.training.checkpoint import Checkpointer
 from drift_jax.models import (LoRAConfig, ModelConfig, Transformer, apply_lora, from_pretrained, has_lora,
                               load_adapter, merge_lora, save_pretrained)
 from drift_jax.models import lora
-from drift_jax.train import create_train_state, make_optimizer, make_train_step, split_trainable, train_loop
+from drift_jax.training.train import create_train_state, make_optimizer, make_train_step, split_trainable, train_loop
 
 TOL = 1e-4
 ALL = tuple(lora.TARGETS)

@@ -1,4 +1,4 @@
-"""Properties of drift_jax.losses: the masked reduction every loss shares and the
+"""Properties of drift_jax.training.losses: the masked reduction every loss shares and the
 weighted SFT loss, both as (sum, denominator)."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from drift_jax.losses import (
+from drift_jax.training.losses import (
     NORMALIZE_MODES,
     chunked_token_cross_entropy,
     mean_loss,

@@ -24,7 +24,7 @@ import sys
 
 import pytest
 
-from drift_jax import distributed
+from drift_jax.parallel import distributed
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = os.path.join(REPO, "experiments", "run.py")

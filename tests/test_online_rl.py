@@ -1,4 +1,4 @@
-"""Properties of drift_jax.online_rl: GRPO advantages, the policy-gradient loss against the
+"""Properties of drift_jax.training.policy_gradient: GRPO advantages, the policy-gradient loss against the
 REINFORCE and k3 formulas, its loss function through the shared train step (== a direct
 jax.grad of ``pg_loss``; K micro-batches == one batch), the episode rows on sampled ids,
 and ``make_batch_fn`` in ``train.train_loop`` on the secret task (compiles once, counts
@@ -18,17 +18,17 @@ from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from drift_jax import online_rl, train
-from drift_jax.chat import encode_dialogue, encode_prompt, end_of_turn_id
-from drift_jax.checkpoint import Checkpointer
+from drift_jax.training import policy_gradient, train
+from drift_jax.data.chat import encode_dialogue, encode_prompt, end_of_turn_id
+from drift_jax.training.checkpoint import Checkpointer
 from drift_jax.envs.base import FEEDBACK
 from drift_jax.envs.secret import SecretGuessEnv, build_tokenizer
-from drift_jax.episodes import decode_reply, play_episodes
-from drift_jax.losses import mean_loss
+from drift_jax.rollout.episodes import decode_reply, play_episodes
+from drift_jax.training.losses import mean_loss
 from drift_jax.models import ModelConfig, Transformer
-from drift_jax.online_rl import episode_example, group_advantages, kl_k3, pg_loss
-from drift_jax.sampling import SamplingParams
-from drift_jax.train import create_train_state, make_optimizer
+from drift_jax.training.policy_gradient import episode_example, group_advantages, kl_k3, pg_loss
+from drift_jax.rollout.sampling import SamplingParams
+from drift_jax.training.train import create_train_state, make_optimizer
 
 try:  # the stage's run totals (conftest puts the repo root on sys.path)
     from experiments.online_rl import run_stats

@@ -17,13 +17,13 @@ from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from drift_jax import train
-from drift_jax.batching import (SFTExample, collate, collate_packed, epoch_plan, make_batch_fn, pack_examples,
+from drift_jax.training import train
+from drift_jax.data.batching import (SFTExample, collate, collate_packed, epoch_plan, make_batch_fn, pack_examples,
                                 packed_epoch_rows, padding_fraction)
-from drift_jax.losses import mean_loss, reduce_masked, reduce_masked_segments
+from drift_jax.training.losses import mean_loss, reduce_masked, reduce_masked_segments
 from drift_jax.models import LoRAConfig, ModelConfig, Transformer, apply_lora
 from drift_jax.models.transformer import segment_positions
-from drift_jax.train import create_train_state, make_train_step
+from drift_jax.training.train import create_train_state, make_train_step
 
 CFG = ModelConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_layers=2,
                   num_heads=4, num_kv_heads=2, head_dim=8)

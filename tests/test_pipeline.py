@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from drift_jax.envs.secret import SecretGuessEnv, scripted_episode
-from drift_jax.records import BadRecord
+from drift_jax.data.records import BadRecord
 from helpers import run_module
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

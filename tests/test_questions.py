@@ -13,10 +13,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import drift_jax.datasets
-import drift_jax.questions
-from drift_jax.questions import LAYOUTS, DatasetError, detect_layout, load_questions
-from drift_jax.records import BadRecord
+import drift_jax.data.questions
+from drift_jax.data.questions import LAYOUTS, DatasetError, detect_layout, load_questions
+from drift_jax.data.records import BadRecord
 from drift_jax.envs.base import Question
 from drift_jax.envs.choice import choice_letter
 
@@ -276,10 +275,6 @@ def test_a_missing_tfds_says_how_to_install_it(monkeypatch):
         load_questions("tfds:gsm8k", split="test")
 
 
-def test_the_former_module_name_still_works():
-    assert drift_jax.datasets.load_questions is drift_jax.questions.load_questions
-    assert drift_jax.datasets.DatasetError is DatasetError
-
 
 # -- Hub names through tensorflow-datasets ----------------------------------------------------
 
@@ -339,12 +334,12 @@ def vendored_rule(name):
 
 @pytest.mark.parametrize("hub_id,tfds_name", sorted(TFDS_NAME_TABLE.items()))
 def test_hub_ids_get_tfds_own_names(hub_id, tfds_name):
-    assert drift_jax.questions.tfds_dataset_name(hub_id) == tfds_name
+    assert drift_jax.data.questions.tfds_dataset_name(hub_id) == tfds_name
     assert vendored_rule(hub_id) == tfds_name  # the table is tfds's rule
 
 
 def test_tfds_own_conversion_matches_the_table_when_installed():
-    convert = drift_jax.questions._tfds_conversion()
+    convert = drift_jax.data.questions._tfds_conversion()
     if convert is None:
         pytest.skip("tensorflow-datasets is not installed (the vendored rule is checked above)")
     for hub_id, tfds_name in TFDS_NAME_TABLE.items():
@@ -363,24 +358,24 @@ def test_tfds_own_function_is_called_when_tfds_is_installed(monkeypatch):
         monkeypatch.setitem(sys.modules, name, sub)
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", package)
     monkeypatch.setitem(sys.modules, "tensorflow_datasets.core.utils.conversion_utils", conversion)
-    assert drift_jax.questions.tfds_dataset_name("Idavidrein/gpqa") == "from_tfds"
+    assert drift_jax.data.questions.tfds_dataset_name("Idavidrein/gpqa") == "from_tfds"
     assert calls == ["Idavidrein/gpqa"]
 
 
 @pytest.mark.parametrize("source", [s for s in paper_sources() if "mmlu-redux" not in s])
 def test_every_paper_source_hands_tfds_its_own_names_configs_included(source):
-    assert drift_jax.questions.tfds_names(source) == expected_tfds_names(source)
+    assert drift_jax.data.questions.tfds_names(source) == expected_tfds_names(source)
 
 
 def test_mmlu_redux_2_loads_its_57_subjects():
-    names = drift_jax.questions.tfds_names("huggingface:edinburgh-dawg/mmlu-redux-2.0/*")
+    names = drift_jax.data.questions.tfds_names("huggingface:edinburgh-dawg/mmlu-redux-2.0/*")
     assert len(names) == 57 == len(set(names))
     assert names[0] == "huggingface:edinburgh_dawg__mmlu_redux_2_0/abstract_algebra"
     assert names[-1] == "huggingface:edinburgh_dawg__mmlu_redux_2_0/world_religions"
     # tfds passes a config to the Hub verbatim; every paper config is already a tfds name.
     configs = [n.split("/", 1)[1] for n in names] + HENDRYCKS + ["gpqa_diamond"]
     assert all(vendored_rule(c) == c for c in configs)
-    assert names == drift_jax.questions.tfds_names("huggingface:edinburgh-dawg/mmlu-redux-2.0", config="*")
+    assert names == drift_jax.data.questions.tfds_names("huggingface:edinburgh-dawg/mmlu-redux-2.0", config="*")
 
 
 def test_multi_config_sources_are_concatenated_in_config_order(monkeypatch):
@@ -479,11 +474,11 @@ def test_release_selection_keeps_duplicates_and_shuffles_as_datasets_does(tmp_pa
     assert kept[7].prompt_id == kept[0].prompt_id + "#2" and kept[7].gold == "7"
     # datasets.Dataset.shuffle(seed=42) permutes by np.random.default_rng(42).permutation(n).
     order = np.random.default_rng(42).permutation(12)
-    chosen = drift_jax.questions.select_prompts(kept, 5, "release")
+    chosen = drift_jax.data.questions.select_prompts(kept, 5, "release")
     assert chosen == [kept[i] for i in order[:5]] and chosen != kept[:5]
-    assert drift_jax.questions.select_prompts(kept, 5, "first") == kept[:5]
+    assert drift_jax.data.questions.select_prompts(kept, 5, "first") == kept[:5]
     with pytest.raises(ValueError, match="selection"):
-        drift_jax.questions.select_prompts(kept, 5, "random")
+        drift_jax.data.questions.select_prompts(kept, 5, "random")
 
 
 def test_release_gpqa_option_order(tmp_path):

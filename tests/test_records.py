@@ -1,4 +1,4 @@
-"""drift_jax.records: the one record parser, the bad-line policy, and the JSONL reader and
+"""drift_jax.data.records: the one record parser, the bad-line policy, and the JSONL reader and
 writer (single files, the training set of several files, crash-safe appending).
 
 Properties: a valid record parses to its typed form and round-trips through the file
@@ -18,17 +18,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from drift_jax import records as records_module
-from drift_jax import rollouts as rollouts_alias
-from drift_jax.chat import encode_dialogue
+from drift_jax.data import records as records_module
+from drift_jax.data.chat import context_check, encode_dialogue
 from drift_jax.envs.secret import build_tokenizer
-from drift_jax.records import (
+from drift_jax.data.records import (
     ROLES,
     BadLines,
     BadRecord,
     Record,
     append_group,
-    context_check,
     json_lines,
     parse_record,
     read_jsonl,
@@ -474,26 +472,6 @@ def test_what_the_writer_writes_the_reader_reads_back(tmp_path_factory, batch):
                 validate_record(r, str(i))
     else:
         assert read_jsonl(path) == (batch, collections.Counter())
-
-
-# -- the old module name ------------------------------------------------------------------
-
-def test_rollouts_is_an_alias_of_records(tmp_path):
-    path = str(tmp_path / "r.jsonl")
-    records = good_records(2)
-    rollouts_alias.write_jsonl(path, records)
-    assert rollouts_alias.read_jsonl(path) == (records, collections.Counter())
-    exported = [name for name in dir(rollouts_alias) if not name.startswith("_")]
-    for name in ("read_jsonl", "read_rollouts", "write_jsonl", "append_group", "resume_point",
-                 "parse_record", "validate_record", "BadRecord", "BadLines", "Record"):
-        assert name in exported
-    for name in exported:
-        if hasattr(records_module, name):
-            assert getattr(rollouts_alias, name) is getattr(records_module, name), name
-    # Its errors are the records' errors.
-    (tmp_path / "bad.jsonl").write_text("{oops\n")
-    with pytest.raises(records_module.BadRecord):
-        rollouts_alias.read_jsonl(str(tmp_path / "bad.jsonl"))
 
 
 # -- the training set: several files, prompt groups, the context ---------------------------

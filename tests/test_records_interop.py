@@ -12,7 +12,7 @@ import os
 import numpy as np
 import pytest
 
-from drift_jax.records import read_jsonl, write_jsonl
+from drift_jax.data.records import read_jsonl, write_jsonl
 from drift_jax.weights import trajectory_returns, trajectory_weights
 from helpers import tiny_hf_checkpoint
 

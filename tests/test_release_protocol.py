@@ -13,13 +13,13 @@ same think / budget settings).
 import pytest
 from helpers import chatml_tokenizer
 
-import drift_jax.episodes
-from drift_jax.chat import encode_prompt, render
+import drift_jax.rollout.episodes
+from drift_jax.data.chat import encode_prompt, render
 from drift_jax.envs.base import FEEDBACK, Episode, Question, env_prefill, release_parse
 from drift_jax.envs.choice import MultipleChoiceEnv, release_choice_key
 from drift_jax.envs.math import MathEnv, release_numeric_equal, string_equal
 from drift_jax.envs.protocol import env_kwargs, make_env
-from drift_jax.sampling import SamplingParams
+from drift_jax.rollout.sampling import SamplingParams
 
 QUESTION = Question("q/1", "What is $2+3$?", "5")
 
@@ -214,9 +214,9 @@ def test_the_player_prepends_the_prefill_and_stores_the_rewritten_reply(monkeypa
         text = next(script)
         return [(tokenizer(text, add_special_tokens=False)["input_ids"] + [stop], None) for _ in prompts]
 
-    monkeypatch.setattr(drift_jax.episodes, "generate_batched", fake_generate)
+    monkeypatch.setattr(drift_jax.rollout.episodes, "generate_batched", fake_generate)
     env = make_env("math", "release", "rollout", max_turns=3)
-    episodes, _ = drift_jax.episodes.play_episodes(
+    episodes, _ = drift_jax.rollout.episodes.play_episodes(
         None, tokenizer, env, [QUESTION], num_samples=1, sampling=SamplingParams(stop_ids=(stop,)),
         seed=0, progress=False, engine="static")  # the static player calls generate_batched
     (episode,) = episodes

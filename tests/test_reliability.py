@@ -27,13 +27,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from drift_jax.chat import end_of_turn_id
-from drift_jax.checkpoint import Checkpointer, load_params, save_params
+from drift_jax.data.chat import end_of_turn_id
+from drift_jax.training.checkpoint import Checkpointer, load_params, save_params
 from drift_jax.envs.secret import SecretGuessEnv, build_tokenizer
 from drift_jax.models import ModelConfig, Transformer
-from drift_jax.episodes import append_rollouts
-from drift_jax.sampling import SamplingParams
-from drift_jax.train import create_train_state, make_optimizer, make_train_step, train_loop
+from drift_jax.rollout.episodes import append_rollouts
+from drift_jax.rollout.sampling import SamplingParams
+from drift_jax.training.train import create_train_state, make_optimizer, make_train_step, train_loop
 from helpers import die, install_kill
 
 HERE = os.path.abspath(__file__)

@@ -100,8 +100,8 @@ def test_a_failed_start_leaves_nothing_and_the_corrected_command_runs(cli, check
 
     # One update over the 7 records trained on (the release protocol holds out the last
     # ceil(5% x 8) = 1): each example's real tokens once, not 128/7 times.
-    from drift_jax.chat import encode_dialogue
-    from drift_jax.records import read_jsonl
+    from drift_jax.data.chat import encode_dialogue
+    from drift_jax.data.records import read_jsonl
     records, _ = read_jsonl(AUTHORS)
     tokenizer = chatml_tokenizer()
     examples = [encode_dialogue(tokenizer, r["messages"], supervise="last", max_len=128) for r in records[:-1]]
@@ -273,7 +273,7 @@ def test_methods_take_a_comma_list():
 # -- packaging and benchmarks ---------------------------------------------------------------
 
 def test_the_data_extra_installs_what_the_loader_asks_for():
-    from drift_jax.questions import TFDS_PACKAGES
+    from drift_jax.data.questions import TFDS_PACKAGES
     setup = open(os.path.join(REPO, "setup.py")).read()
     extra = re.search(r'"data": \[([^\]]*)\]', setup).group(1)
     assert sorted(re.findall(r'"([^"]+)"', extra)) == sorted(TFDS_PACKAGES)
@@ -319,7 +319,7 @@ def test_protocol_fills_the_settings_left_at_none_and_keeps_explicit_ones():
 def test_release_selection_keeps_repeats_and_takes_the_seed_42_shuffle(tmp_path):
     """data.selection="release": every row of the source, repeats kept, shuffled with seed
     42, the first rollout.num_prompts; "first": the first rows, repeats dropped."""
-    from drift_jax.questions import load_questions, select_prompts
+    from drift_jax.data.questions import load_questions, select_prompts
     from experiments.preflight import check_values
 
     src = tmp_path / "metamathqa.jsonl"

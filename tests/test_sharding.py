@@ -14,16 +14,16 @@ import textwrap
 
 import pytest
 
-from drift_jax import distributed
+from drift_jax.parallel import distributed
 
 SCRIPT = textwrap.dedent("""
     import json
     import jax, jax.numpy as jnp, numpy as np
     from flax import nnx
-    from drift_jax import sharding
+    from drift_jax.parallel import sharding
     from drift_jax.models import LoRAConfig, ModelConfig, Transformer, apply_lora
-    from drift_jax.sampling import SamplingParams, generate, generate_batched
-    from drift_jax.train import create_train_state, make_optimizer, make_train_step
+    from drift_jax.rollout.sampling import SamplingParams, generate, generate_batched
+    from drift_jax.training.train import create_train_state, make_optimizer, make_train_step
 
     assert jax.device_count() == 8, jax.devices()
     cfg = ModelConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_layers=1,
@@ -160,7 +160,7 @@ def test_sharded_greedy_sampling_equals_unsharded(shard_report, mesh):
     assert all(len(tokens) == 6 for tokens in result["base_tokens"])  # no stop ids: full budget
 
 
-# -- multi-host start (drift_jax.distributed) ---------------------------------------------
+# -- multi-host start (drift_jax.parallel.distributed) ---------------------------------------------
 
 EXPLICIT = {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "2"}
 

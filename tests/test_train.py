@@ -1,4 +1,4 @@
-"""Properties of drift_jax.train: it learns, K micro-batches == 1 batch, one step is one
+"""Properties of drift_jax.training.train: it learns, K micro-batches == 1 batch, one step is one
 optimizer update of the loss's gradient, the default SFT loss is ``sft_loss_fn``, a
 custom loss's aux and stats go through, it compiles once, the schedule and weight-decay
 mask are right, and the loop resumes (logging each step once), logs and stops on NaN."""
@@ -17,11 +17,11 @@ import optax
 import pytest
 from flax import nnx
 
-from drift_jax import train
-from drift_jax.checkpoint import Checkpointer
-from drift_jax.losses import mean_loss, weighted_sft_loss
+from drift_jax.training import train
+from drift_jax.training.checkpoint import Checkpointer
+from drift_jax.training.losses import mean_loss, weighted_sft_loss
 from drift_jax.models import ModelConfig, Transformer
-from drift_jax.train import create_train_state, make_optimizer, make_train_step, train_loop
+from drift_jax.training.train import create_train_state, make_optimizer, make_train_step, train_loop
 
 CFG = ModelConfig(
     vocab_size=32, hidden_size=32, intermediate_size=64, num_layers=2,

@@ -1,5 +1,5 @@
 """Properties of drift_jax.weights: returns, repetition penalty, importance weights, and
-agreement with drift_jax.records on what a usable record is."""
+agreement with drift_jax.data.records on what a usable record is."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from drift_jax import records
-from drift_jax.records import BadRecord, parse_record
+from drift_jax.data import records
+from drift_jax.data.records import BadRecord, parse_record
 from drift_jax.weights import (
     discounted_returns,
     importance_weights,

@@ -22,7 +22,7 @@ import dataclasses
 import re
 from typing import Protocol
 
-from drift_jax.weights import normalize_answer
+from drift_jax.data.records import normalize_answer
 
 FEEDBACK = "Incorrect. Please think again."
 # The content may not contain another "<answer>": an unclosed earlier tag must not swallow

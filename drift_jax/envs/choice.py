@@ -30,7 +30,7 @@ import re
 
 from drift_jax.envs.base import ProtocolEnv, Question
 from drift_jax.envs.math import SYSTEM_PROMPT, extract_math_answer
-from drift_jax.weights import normalize_answer
+from drift_jax.data.records import normalize_answer
 
 LETTERS = "ABCDEFGHIJ"
 

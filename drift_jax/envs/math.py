@@ -33,7 +33,7 @@ import string
 import threading
 
 from drift_jax.envs.base import ProtocolEnv, Question, extract_tagged_answer
-from drift_jax.weights import normalize_answer
+from drift_jax.data.records import normalize_answer
 
 # The reference release's prompt (prompting.py, prompt_mode="simple"). The system message
 # keeps its trailing space on purpose: it is part of the released prompt's tokens.

@@ -140,7 +140,7 @@ def answer_check(model, tokenizer, env: SecretGuessEnv, question: Question) -> d
     import jax
     import jax.numpy as jnp
 
-    from drift_jax.chat import encode_prompt
+    from drift_jax.data.chat import encode_prompt
 
     letters = env.candidates
     answer_ids = np.asarray([tokenizer.convert_tokens_to_ids(f"<answer>{c}</answer>") for c in letters])

@@ -9,7 +9,7 @@ heads, k kv heads, h head dim, f MLP hidden, v vocabulary.
 
 Every parameter carries logical sharding axes ("embed", "vocab", "heads", "kv_heads",
 "mlp", "norm") as NNX metadata; a mesh + rules turn them into shardings (see
-``drift_jax.sharding``). They are not applied eagerly, so the model also builds with no
+``drift_jax.parallel.sharding``). They are not applied eagerly, so the model also builds with no
 mesh at all.
 
 Speed switches live in the config: ``remat`` (activation checkpointing per layer) and
@@ -18,7 +18,7 @@ Speed switches live in the config: ``remat`` (activation checkpointing per layer
 Any ``Linear`` of a layer may carry a LoRA adapter (``drift_jax.models.lora``); the full
 forward takes an optional ``dropout_rng`` for the adapters' dropout in training.
 
-Packed rows (``drift_jax.batching.collate_packed``): the full forward takes optional
+Packed rows (``drift_jax.data.batching.collate_packed``): the full forward takes optional
 ``segment_ids_bt`` (0 = padding, 1..n = the example a token belongs to). Attention is then
 causal and within a segment, and RoPE positions restart at 0 in each segment, so every
 example's logits are those it has alone in a row (up to float rounding).
@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from drift_jax import paged as paged_kv
+from drift_jax.models import paged as paged_kv
 from drift_jax.models.config import ModelConfig
 
 _EMBED_STD = 0.02
@@ -164,7 +164,7 @@ class Attention(nnx.Module):
         """Attention over the new tokens' own keys, or over a cache ``kv=(k, v)`` into
         which the new keys are first written at slot ``index``. Returns (out, (k, v)).
 
-        ``paged``: a ``drift_jax.paged.PageRefs``; ``kv`` is then one layer's
+        ``paged``: a ``drift_jax.models.paged.PageRefs``; ``kv`` is then one layer's
         ``(k_pages, v_pages)``, the new keys are written where ``paged`` says and the
         queries attend causally over their rows' pages (``mask_bts`` is unused).
 
@@ -373,7 +373,7 @@ class Transformer(nnx.Module):
         return self.norm(x), KVCache(tuple(ks), tuple(vs), valid_bs)
 
     def paged_hidden(self, tokens_bt, cache, block_tables_bm, positions_bt, valid_bt):
-        """Run new tokens over a paged cache (``drift_jax.paged``), writing their keys
+        """Run new tokens over a paged cache (``drift_jax.models.paged``), writing their keys
         and values into their rows' pages: (hidden ``[B, T, D]``, updated ``PagedKV``).
 
         block_tables_bm: ``[B, M]`` each row's pages; positions_bt: ``[B, T]`` each

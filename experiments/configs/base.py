@@ -138,7 +138,7 @@ def get_config():
     c.rollout.top_p = 1.0
     c.rollout.max_new_tokens = 4
     c.rollout.batch_size = 512
-    # The sampler of rollouts, evaluation and online RL: "continuous" (drift_jax/engine.py:
+    # The sampler of rollouts, evaluation and online RL: "continuous" (drift_jax/rollout/engine.py:
     # batch_size decode slots refilled as rows stop, KV pages kept across turns and shared
     # by a prompt's samples) or "static" (one padded batch per turn: the reference).
     c.rollout.engine = "continuous"
@@ -182,7 +182,7 @@ def get_config():
     c.lora.targets = "q_proj,k_proj,v_proj,o_proj"  # also: gate_proj, up_proj, down_proj
     c.lora.merged = True
 
-    # Online multi-turn RL (drift_jax/online_rl.py): the current policy plays fresh
+    # Online multi-turn RL (drift_jax/training/policy_gradient.py): the current policy plays fresh
     # episodes every update; DRIFT's return (drift.gamma, drift.lam), GRPO advantages,
     # k3 KL to the reference with UFO's coefficient.
     c.online_rl = ml_collections.ConfigDict()

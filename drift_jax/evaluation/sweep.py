@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from drift_jax.evaluate import summarize
+from drift_jax.evaluation.multi_at_k import summarize
 
 
 def _solved_at(t_stars: Sequence[int | None], num_turns: int) -> np.ndarray:

@@ -10,7 +10,7 @@ device onto the mesh (a model that fits one device; with several processes each 
 in its own devices' slices, ``to_mesh``);
 ``create_sharded_train_state`` builds it inside one jitted program whose outputs are
 already sharded, so no device (and no host) ever holds the whole model: the way for
-multi-host runs (see ``drift_jax.distributed``) and big models.
+multi-host runs (see ``drift_jax.parallel.distributed``) and big models.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from drift_jax.train import TrainState, split_trainable
+from drift_jax.training.train import TrainState, split_trainable
 
 MESH_AXES = ("data", "fsdp", "tensor")
 

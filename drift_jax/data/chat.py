@@ -10,9 +10,11 @@ length on a separately tokenised prompt, which goes wrong under truncation).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
-from drift_jax.batching import SFTExample
+from drift_jax.data.batching import SFTExample
 
 
 def render(tokenizer, messages, add_generation_prompt: bool = False, prefill: str = "") -> str:
@@ -93,3 +95,15 @@ def encode_dialogue(tokenizer, messages, supervise: str = "last", max_len: int |
             )
         tokens, mask, truncated = tokens[-max_len:], mask[-max_len:], True
     return SFTExample(tokens, mask, float(weight), truncated)
+
+def context_check(tokenizer, max_len: int) -> Callable[[dict], None]:
+    """A ``read_rollouts`` check: the record's last assistant message (what DRIFT
+    supervises) must fit in ``max_len`` tokens; a longer prompt is left-truncated at
+    training time and is fine."""
+    def check(record: dict) -> None:
+        try:
+            encode_dialogue(tokenizer, record["messages"], supervise="last", max_len=max_len)
+        except ValueError as e:
+            raise ValueError(f"field 'messages': {e}") from None
+
+    return check

@@ -32,7 +32,6 @@ from typing import Any
 
 import numpy as np
 
-from drift_jax.chat import encode_dialogue
 
 REQUIRED_FIELDS = ("prompt_id", "messages", "turn_rewards", "answer_norms")
 ROLES = ("system", "user", "assistant")
@@ -40,6 +39,11 @@ ON_BAD_RECORD = ("error", "skip")
 _TURN_KEY = re.compile(r"t([1-9][0-9]*)")
 # Returns and weights are float32: a larger reward would turn into inf, then NaN weights.
 _F32_MAX = float(np.finfo(np.float32).max)
+
+
+def normalize_answer(text: str) -> str:
+    """Lower-case and remove ALL whitespace, so "X = 2" and "x=2" count as one answer."""
+    return "".join(text.lower().split())
 
 
 class BadRecord(ValueError):
@@ -284,18 +288,6 @@ def read_rollouts(
         raise BadRecord(f"{', '.join(paths)}: no usable records ({summarize_skipped(policy.skipped)})")
     return out, policy.skipped
 
-
-def context_check(tokenizer, max_len: int) -> Callable[[dict], None]:
-    """A ``read_rollouts`` check: the record's last assistant message (what DRIFT
-    supervises) must fit in ``max_len`` tokens; a longer prompt is left-truncated at
-    training time and is fine."""
-    def check(record: dict) -> None:
-        try:
-            encode_dialogue(tokenizer, record["messages"], supervise="last", max_len=max_len)
-        except ValueError as e:
-            raise ValueError(f"field 'messages': {e}") from None
-
-    return check
 
 
 def _encode(records: Iterable[dict], where: str) -> bytes:

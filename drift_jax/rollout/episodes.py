@@ -2,7 +2,7 @@
 rollouts, evaluation and online RL, and the resumable rollout writer.
 
 Host side: render each live dialogue with the chat template, verify replies, append the
-feedback. Device side: the continuous engine (``drift_jax.engine``, the default), or
+feedback. Device side: the continuous engine (``drift_jax.rollout.engine``, the default), or
 with ``engine="static"`` one ``generate_batched`` call per turn for all live episodes.
 Turn 1 draws K samples of each prompt; later turns extend each live trajectory with one
 sample, exactly as in the reference release. An environment's ``prefill`` (the release's
@@ -23,11 +23,11 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from drift_jax import records
-from drift_jax.chat import encode_prompt
-from drift_jax.engine import Engine, EngineOptions, Request, engine_options
+from drift_jax.data import records
+from drift_jax.data.chat import encode_prompt
+from drift_jax.rollout.engine import Engine, EngineOptions, Request, engine_options
 from drift_jax.envs.base import Environment, Episode, Question, env_prefill
-from drift_jax.sampling import SamplingParams, add_work, generate_batched
+from drift_jax.rollout.sampling import SamplingParams, add_work, generate_batched
 
 
 def prompt_hash(prompt_id: str) -> int:

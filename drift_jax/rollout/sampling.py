@@ -9,7 +9,7 @@ rows, left-padded to a bucketed length, so a whole run compiles once per bucket.
 
 On a mesh (``mesh=``), the rows of the batch and of the KV cache are split over the
 ``data`` and ``fsdp`` axes and the cache's kv heads over ``tensor``, like the training
-batch; the weights keep whatever sharding they already have (``drift_jax.sharding``).
+batch; the weights keep whatever sharding they already have (``drift_jax.parallel.sharding``).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from drift_jax.data.batching import bucket_length
 from drift_jax.models.transformer import KVCache, Transformer, default_positions
 
 
@@ -164,7 +165,7 @@ def generate(graphdef, state, prompt_bp, valid_bp, keys_b, max_new_b, *, params:
       max_new_b: ``[B]`` int32 per-row budget (<= params.max_new_tokens); 0 = skip row.
       mesh: optional ``(data, fsdp, tensor)`` mesh (static): the KV cache is sharded
         like the batch rows (see ``_shard_cache``); place the inputs with
-        ``drift_jax.sharding.batch_sharding(mesh)``.
+        ``drift_jax.parallel.sharding.batch_sharding(mesh)``.
     Returns:
       tokens ``[B, N]`` (pad 0 after a row stops; the stop token itself is kept),
       lengths ``[B]``, log-probs ``[B, N]`` of the sampled tokens (0 after the end).
@@ -214,12 +215,6 @@ def generate(graphdef, state, prompt_bp, valid_bp, keys_b, max_new_b, *, params:
     return tokens_bn, lengths_b, logp_bn
 
 
-def bucket_length(n: int, min_bucket: int = 16) -> int:
-    """Padded length for ``n`` tokens: the next multiple of ``min_bucket`` up to
-    ``8 * min_bucket``, then the next power of two. Few compiled shapes, little waste."""
-    if n <= 8 * min_bucket:
-        return max(min_bucket, -(-n // min_bucket) * min_bucket)
-    return 1 << (n - 1).bit_length()
 
 
 def generate_batched(

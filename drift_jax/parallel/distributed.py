@@ -2,7 +2,7 @@
 
 Call ``initialize_from_env()`` first thing, before any JAX computation or device query:
 with several processes it runs ``jax.distributed.initialize`` so that ``jax.devices()``
-lists every chip of the job and one mesh (``drift_jax.sharding.make_mesh``) spans them;
+lists every chip of the job and one mesh (``drift_jax.parallel.sharding.make_mesh``) spans them;
 with one process it does nothing. Every process then runs the same program
 (single-program multi-data): same config, same seed, same ``batch_fn``; ``shard_batch``
 and ``create_sharded_train_state`` make each process touch only its own devices' shards.

@@ -47,8 +47,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from drift_jax import paged
-from drift_jax.sampling import SamplingParams, sample_token
+from drift_jax.models import paged
+from drift_jax.rollout.sampling import SamplingParams, sample_token
 
 
 @dataclasses.dataclass

@@ -30,7 +30,14 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from drift_jax.sampling import bucket_length
+
+
+def bucket_length(n: int, min_bucket: int = 16) -> int:
+    """Padded length for ``n`` tokens: the next multiple of ``min_bucket`` up to
+    ``8 * min_bucket``, then the next power of two. Few compiled shapes, little waste."""
+    if n <= 8 * min_bucket:
+        return max(min_bucket, -(-n // min_bucket) * min_bucket)
+    return 1 << (n - 1).bit_length()
 
 
 @dataclasses.dataclass

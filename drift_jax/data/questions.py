@@ -57,7 +57,7 @@ import numpy as np
 from drift_jax.envs.base import Question
 from drift_jax.envs.choice import LETTERS, render_choice_question
 from drift_jax.envs.math import extract_boxed
-from drift_jax.records import BadLines, BadRecord, json_lines
+from drift_jax.data.records import BadLines, BadRecord, json_lines
 
 
 class DatasetError(BadRecord):

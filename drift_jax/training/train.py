@@ -45,8 +45,8 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
-from drift_jax import distributed
-from drift_jax.losses import (chunked_token_cross_entropy, mean_loss, reduce_masked_segments, token_cross_entropy,
+from drift_jax.parallel import distributed
+from drift_jax.training.losses import (chunked_token_cross_entropy, mean_loss, reduce_masked_segments, token_cross_entropy,
                               weighted_token_loss)
 
 Batch = dict[str, Any]
@@ -467,7 +467,7 @@ def train_loop(
 ) -> TrainState:
     """Run updates until ``state.step == num_steps`` (a total, not an increment).
 
-    If ``checkpointer`` (a ``drift_jax.checkpoint.Checkpointer``) holds a step newer
+    If ``checkpointer`` (a ``drift_jax.training.checkpoint.Checkpointer``) holds a step newer
     than ``state.step``, training resumes from it; ``batch_fn(step, state)`` must be
     deterministic in ``step`` (and, for on-policy data, the state) so the resumed run
     sees the same data. It returns a batch, or ``(batch, info)`` whose host-side numbers

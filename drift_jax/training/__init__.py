@@ -1,0 +1,1 @@
+"""Training: losses and objectives, the train step and loop, checkpoints, the online-RL loss."""
