@@ -17,7 +17,11 @@ setup(
     install_requires=requirements,
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6.100"],
-        # What drift_jax.data.questions needs for tfds sources (its ImportError names the same).
+        # What drift_jax.data.sources needs for "huggingface:" / "tfds:" question sources (its
+        # ImportError names the same list, TFDS_PACKAGES): it reads them with tfds.load and
+        # tfds.as_numpy, a tf.data pipeline, so TensorFlow itself is required (tfds's
+        # TensorFlow-free tfds.data_source is not used), and tfds's huggingface: builder
+        # downloads through the datasets library. Local .jsonl/.json/.parquet files need none.
         "data": ["tensorflow-datasets>=4.9", "tensorflow>=2.15", "datasets>=2.14"],
     },
 )

@@ -7,8 +7,9 @@ model never samples a stop token, so each (episode, turn) draws its reply length
 long-tailed distribution between 20 tokens and the budget, and each episode the turn it
 ends after (a share at each turn). Every system generates exactly those lengths:
 
-- static: today's player (``episodes._play``): chunks of batch_size // K prompts, one
-  ``generate_batched`` call per turn on the live episodes' whole contexts;
+- static: the static sampler's schedule (``static.StaticSampler``): chunks of
+  batch_size // K prompts, one ``generate_batched`` call per turn on the live episodes'
+  whole contexts;
 - engine: ``drift_jax.rollout.engine.Engine`` with batch_size slots over all prompts;
 - hf: the same chunks and turns through ``model.generate()`` (PyTorch, KV cache), each
   call run to the longest reply it holds (only the drawn lengths count as useful).
@@ -39,8 +40,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from drift_jax.rollout.engine import Engine, Request  # noqa: E402
+from drift_jax.rollout.engine import Engine  # noqa: E402
 from drift_jax.rollout.episodes import episode_keys, prompt_hash  # noqa: E402
+from drift_jax.rollout.interface import EngineOptions, Request  # noqa: E402
 from drift_jax.models import Transformer, preset  # noqa: E402
 from drift_jax.rollout.sampling import SamplingParams, add_work, generate_batched  # noqa: E402
 
@@ -63,7 +65,7 @@ def workload(n_prompts: int, k: int, budget: int, vocab: int, seed: int = 0) -> 
 
 
 def chunks(w: dict, batch_size: int):
-    """Episode ids of each static chunk (batch_size // K prompts, as ``episodes._play``)."""
+    """Episode ids of each static chunk (batch_size // K prompts, as ``static.StaticSampler``)."""
     g = max(1, batch_size // w["k"])
     n = len(w["prompts"])
     return [list(range(s * w["k"], min(s + g, n) * w["k"])) for s in range(0, n, g)]
@@ -113,10 +115,11 @@ def run_engine(model, params, w: dict, batch_size: int, steps_per_visit: int, re
             return [request(e, turn + 1, list(req.tokens) + list(reply) + w["feedback"][e][turn])]
         return []
 
-    eng = Engine(model, params, seed=0, num_slots=batch_size, steps_per_visit=steps_per_visit,
-                 refill_after=refill_after, row_buckets=row_buckets,
+    options = EngineOptions(num_slots=batch_size, steps_per_visit=steps_per_visit, refill_after=refill_after,
+                            row_buckets=row_buckets)
+    eng = Engine(model, params, seed=0, options=options,
                  max_len=MAX_PROMPT + len(END_SHARES) * (params.max_new_tokens + FEEDBACK) + params.max_new_tokens)
-    return {**eng.run(source(), on_finish).as_dict(), "compiled_programs": eng.compiled_programs}
+    return {**eng.run(source(), on_finish), "compiled_programs": eng.compiled_programs}
 
 
 def run_hf(cfg, w: dict, batch_size: int, torch_dtype: str) -> dict:

@@ -49,7 +49,9 @@ from drift_jax.parallel import sharding  # noqa: E402
 from drift_jax.models import ModelConfig, Transformer, preset  # noqa: E402
 from drift_jax.models.hf import config_to_hf  # noqa: E402
 from drift_jax.rollout.sampling import SamplingParams, generate  # noqa: E402
-from drift_jax.training.train import make_optimizer, make_train_step  # noqa: E402
+from drift_jax.training.sharded_state import create_sharded_train_state  # noqa: E402
+from drift_jax.training.step import make_train_step  # noqa: E402
+from drift_jax.training.train_state import make_optimizer  # noqa: E402
 
 TINY = ModelConfig(vocab_size=4096, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                    num_kv_heads=2, head_dim=16, qkv_bias=True, tie_word_embeddings=True)
@@ -100,7 +102,7 @@ def jax_train(cfg: ModelConfig, args) -> float:
     """Tokens/s of our train step on one device (the state built by the sharded path)."""
     tx, schedule = make_optimizer(1e-5, total_steps=1000, warmup_steps=0, weight_decay=0.1, grad_clip=1.0)
     mesh = sharding.make_mesh(1, 1, 1)
-    graphdef, state = sharding.create_sharded_train_state(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), tx, mesh)
+    graphdef, state = create_sharded_train_state(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), tx, mesh)
     step_fn = make_train_step(graphdef, tx, args.micro_batches, schedule_fn=schedule,
                               loss_chunk_size=args.loss_chunk_size)
     b, t = args.train_batch, args.train_seq

@@ -1,11 +1,11 @@
 """Train-state memory of full fine-tuning vs LoRA at real model shapes, from shapes alone.
 
-The train state (``train.abstract_train_state``: the model and optimizer traced with
+The train state (``train_state.abstract_train_state``: the model and optimizer traced with
 ``jax.eval_shape``, nothing allocated) of:
   full FT: float32 master weights (bf16 compute) + AdamW's two float32 moments;
   LoRA:    the bf16 base, frozen (no moments) + float32 adapters (rank 16, alpha 32, on
            q, k, v, o in every layer) + AdamW's moments over the adapters only.
-Bytes are ``train.state_summary``'s: params + optimizer state; "+ grads" adds the
+Bytes are ``train_state.state_summary``'s: params + optimizer state; "+ grads" adds the
 step's gradients (one copy of what trains, in its dtype), which live through every
 update. Activations and the compiler's workspace come on top.
 
@@ -27,7 +27,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from drift_jax.training import train  # noqa: E402
+from drift_jax.training.train_state import abstract_train_state, make_optimizer, state_summary  # noqa: E402
 from drift_jax.models import PRESETS, LoRAConfig, Transformer, apply_lora, preset  # noqa: E402
 
 jax.config.update("jax_platforms", "cpu")  # shapes only: never touch an accelerator
@@ -44,11 +44,11 @@ def setups(name: str, lora: LoRAConfig) -> dict:
 
 
 def measure(models, lora: LoRAConfig) -> list[dict]:
-    tx, _ = train.make_optimizer(1e-5, total_steps=1000)
+    tx, _ = make_optimizer(1e-5, total_steps=1000)
     rows = []
     for name in models:
         for setup, make_model in setups(name, lora).items():
-            summary, _ = train.state_summary(train.abstract_train_state(make_model, tx))
+            summary, _ = state_summary(abstract_train_state(make_model, tx))
             rows.append({"model": name, "setup": setup, **summary,
                          "state_and_grad_bytes": summary["state_bytes"] + summary["trainable_bytes"]})
     return rows

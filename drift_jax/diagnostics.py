@@ -5,7 +5,7 @@ How concentrated are the weights? Per prompt group g of K_g trajectories,
     ESS_g = (sum_i w_i)^2 / sum_i w_i^2          in [1, K_g]  (Kish's effective sample size)
 
 is K_g when the weights are equal and 1 when one trajectory carries all the weight.
-ESS is invariant to scaling the weights, so "mean" and "sum" normalisation give the same
+ESS is invariant to scaling the weights, so "mean" and "sum" ``weight_norm`` give the same
 value, and to shifting a group's returns by a constant (which only rescales its weights).
 ``mean_ess_fraction`` averages ESS_g / K_g over groups: 1 means DRIFT is plain SFT,
 1/K means it keeps one trajectory per prompt.
@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from drift_jax.data.records import Record
-from drift_jax.weights import group_indices, parse_trajectories, returns_and_groups  # noqa: F401 (group_indices: public here too)
+from drift_jax.weights import group_indices, host_importance_weights, parse_trajectories, returns_and_groups
 
 BETA_RANGE = (1e-4, 1e4)
 
@@ -61,22 +61,6 @@ def mean_ess_fraction(weights_n, group_ids_n, num_groups: int | None = None) -> 
     return float(np.mean(ess_g[present] / size_g[present]))
 
 
-def weights_from_returns(returns_n, group_ids_n, beta: float) -> np.ndarray:
-    """w = exp(R/beta) / group mean, in float64 (the NumPy twin of
-    ``weights.importance_weights``; float64 keeps ``choose_beta``'s bisection exact)."""
-    if not beta > 0:
-        raise ValueError(f"beta must be > 0, got {beta!r}")
-    r = np.asarray(returns_n, np.float64)
-    ids = np.asarray(group_ids_n, np.int64)
-    g = int(ids.max()) + 1 if ids.size else 0
-    max_g = np.full(g, -np.inf)
-    np.maximum.at(max_g, ids, r)
-    # Subtract the group max first: exp() in (0, 1], the best trajectory contributes 1.
-    e = np.exp((r - max_g[ids]) / beta)
-    mean_g = np.bincount(ids, weights=e, minlength=g) / np.maximum(np.bincount(ids, minlength=g), 1)
-    return e / mean_g[ids]
-
-
 def ess_fraction_at_beta(returns_n, group_ids_n, beta: float) -> float:
     """Mean ESS / K of the DRIFT weights at temperature ``beta``.
 
@@ -86,7 +70,7 @@ def ess_fraction_at_beta(returns_n, group_ids_n, beta: float) -> float:
     n_max_g / K_g (the trajectories tied at the group's best return) as beta -> 0 and
     1 as beta -> inf.
     """
-    return mean_ess_fraction(weights_from_returns(returns_n, group_ids_n, beta), group_ids_n)
+    return mean_ess_fraction(host_importance_weights(returns_n, group_ids_n, beta), group_ids_n)
 
 
 def _parse(records: Sequence[Mapping[str, Any]]) -> list[Record]:

@@ -5,7 +5,8 @@ Two layers:
   float32;
 - host functions (`normalize_answer`, `repetition_penalty`, `record_return`,
   `trajectory_returns`, `trajectory_weights`): plain Python over rollout records, read
-  through ``records.parse_record`` (the one place that decides what a record is).
+  through ``records.parse_record`` (the one place that decides what a record is), and
+  `host_importance_weights`: the same weights in NumPy float64.
 
     R(tau) = sum_t gamma^(t-1) r_t + format_penalty - lam * (1 - n_unique / n_answers)
     w(tau) = exp(R/beta) / mean_{tau' of the same prompt} exp(R(tau')/beta)
@@ -23,7 +24,8 @@ import numpy as np
 
 from drift_jax.data.records import Record, normalize_answer, parse_record
 
-_NORMALIZE_MODES = ("mean", "sum")
+# What a group's weights are normalised to: mean 1 or sum 1.
+WEIGHT_NORMS = ("mean", "sum")
 
 
 @jax.jit
@@ -55,18 +57,26 @@ def repetition_penalty(answers: Sequence[str], lam: float = 0.5) -> float:
     return lam * (1.0 - len(set(answers)) / len(answers))
 
 
-def _check_weight_args(beta: float, normalize: str) -> None:
-    if normalize not in _NORMALIZE_MODES:
-        raise ValueError(f"normalize must be one of {_NORMALIZE_MODES}, got {normalize!r}")
+def _check_weight_args(beta: float, weight_norm: str) -> None:
+    if weight_norm not in WEIGHT_NORMS:
+        raise ValueError(f"weight_norm must be one of {WEIGHT_NORMS}, got {weight_norm!r}")
     if not float(beta) > 0.0:
         raise ValueError(f"beta must be > 0, got {beta!r}")
+
+
+def _num_groups(group_ids_n) -> int:
+    """G = max(id) + 1 of host group ids (0 for none); negative ids are an error."""
+    ids = np.asarray(group_ids_n)
+    if ids.size and ids.min() < 0:
+        raise ValueError(f"group ids must be >= 0, got min {ids.min()}")
+    return int(ids.max()) + 1 if ids.size else 0
 
 
 def importance_weights(
     returns_n: jax.Array,
     group_ids_n: jax.Array,
     beta: float,
-    normalize: str = "mean",
+    weight_norm: str = "mean",
     num_groups: int | None = None,
 ) -> jax.Array:
     """Self-normalised weights exp(R/beta) / Z(prompt), one per trajectory.
@@ -75,42 +85,66 @@ def importance_weights(
       returns_n: [N] returns R.
       group_ids_n: [N] int group (prompt) ids in 0..G-1; groups may have any size >= 1.
       beta: temperature > 0 (a Python number: it is validated on the host).
-      normalize: "mean" -> Z = group mean of exp(R/beta) (weights average 1 per group);
+      weight_norm: "mean" -> Z = group mean of exp(R/beta) (weights average 1 per group);
         "sum" -> Z = group sum (weights sum to 1 per group).
       num_groups: G, static. None infers max(id) + 1 on the host, which needs concrete
         ids: pass it explicitly under jit.
     Returns:
       [N] float32, finite for any finite returns and beta > 0.
     """
-    _check_weight_args(beta, normalize)
+    _check_weight_args(beta, weight_norm)
     if num_groups is None:
-        ids = np.asarray(group_ids_n)
-        if ids.size and ids.min() < 0:
-            raise ValueError(f"group ids must be >= 0, got min {ids.min()}")
-        num_groups = int(ids.max()) + 1 if ids.size else 0
+        num_groups = _num_groups(group_ids_n)
 
     return _importance_weights(
         jnp.asarray(returns_n, jnp.float32),
         jnp.asarray(group_ids_n, jnp.int32),
         jnp.float32(beta),
-        normalize=normalize,
+        weight_norm=weight_norm,
         num_groups=num_groups,
     )
 
 
-# One compiled program per (N, G, normalize) instead of one per eager op; inlined when the
+def host_importance_weights(returns_n, group_ids_n, beta: float, weight_norm: str = "mean") -> np.ndarray:
+    """``importance_weights`` on the host in NumPy float64: [N] returns and group ids ->
+    [N] float64 weights, the same formula. Float64 keeps a bisection over beta
+    (``diagnostics.choose_beta``) exact."""
+    _check_weight_args(beta, weight_norm)
+    group_ids_n = np.asarray(group_ids_n, np.int64)
+    return _self_normalised(np.asarray(returns_n, np.float64), group_ids_n, beta, weight_norm,
+                            _num_groups(group_ids_n), np, _np_segment_max, _np_segment_sum)
+
+
+# One compiled program per (N, G, weight_norm) instead of one per eager op; inlined when the
 # caller is itself jitted.
-@functools.partial(jax.jit, static_argnames=("normalize", "num_groups"))
-def _importance_weights(returns_n, group_ids_n, beta, *, normalize, num_groups):
+@functools.partial(jax.jit, static_argnames=("weight_norm", "num_groups"))
+def _importance_weights(returns_n, group_ids_n, beta, *, weight_norm, num_groups):
+    return _self_normalised(returns_n, group_ids_n, beta, weight_norm, num_groups, jnp, jax.ops.segment_max,
+                            jax.ops.segment_sum)
+
+
+def _np_segment_max(data_n, segment_ids_n, num_segments):
+    out_g = np.full(num_segments, -np.inf)
+    np.maximum.at(out_g, segment_ids_n, data_n)
+    return out_g
+
+
+def _np_segment_sum(data_n, segment_ids_n, num_segments):
+    return np.bincount(segment_ids_n, weights=data_n, minlength=num_segments)
+
+
+def _self_normalised(returns_n, group_ids_n, beta, weight_norm, num_groups, xp, segment_max, segment_sum):
+    """exp(R/beta) / Z per group in array module ``xp`` (jax.numpy or numpy) with its
+    ``segment_max`` / ``segment_sum(data, ids, num_segments=G)``."""
     # Subtract the group max from R *before* dividing by beta: the difference is <= 0, so
     # exp() lies in (0, 1] and the group's best trajectory contributes exactly 1 to Z ->
     # no overflow for tiny beta and no 0/0 when every exp would underflow.
-    max_g = jax.ops.segment_max(returns_n, group_ids_n, num_segments=num_groups)
-    scaled_n = jnp.exp((returns_n - max_g[group_ids_n]) / beta)
-    sum_g = jax.ops.segment_sum(scaled_n, group_ids_n, num_segments=num_groups)
-    if normalize == "sum":
+    max_g = segment_max(returns_n, group_ids_n, num_segments=num_groups)
+    scaled_n = xp.exp((returns_n - max_g[group_ids_n]) / beta)
+    sum_g = segment_sum(scaled_n, group_ids_n, num_segments=num_groups)
+    if weight_norm == "sum":
         return scaled_n / sum_g[group_ids_n]
-    count_g = jax.ops.segment_sum(jnp.ones_like(scaled_n), group_ids_n, num_segments=num_groups)
+    count_g = segment_sum(xp.ones_like(scaled_n), group_ids_n, num_segments=num_groups)
     return scaled_n * count_g[group_ids_n] / sum_g[group_ids_n]
 
 
@@ -158,20 +192,21 @@ def trajectory_weights(
     gamma: float,
     beta: float,
     lam: float = 0.5,
-    normalize: str = "mean",
+    weight_norm: str = "mean",
 ) -> np.ndarray:
     """One importance weight per rollout record, in input order.
 
     Records are grouped by their string `prompt_id` (mapped to 0..G-1 in order of first
     appearance). A stored "weight" field is ignored: weights are always recomputed.
+    ``weight_norm`` as ``importance_weights``'.
 
     Returns:
       [N] float32 NumPy array.
     """
-    _check_weight_args(beta, normalize)  # fail before parsing thousands of records
+    _check_weight_args(beta, weight_norm)  # fail before parsing thousands of records
     returns_n, group_ids_n, num_groups = returns_and_groups(parse_trajectories(trajectories), gamma, lam)
     if not num_groups:
         return np.zeros((0,), np.float32)
     weights_n = importance_weights(returns_n.astype(np.float32), group_ids_n.astype(np.int32), beta,
-                                   normalize=normalize, num_groups=num_groups)
+                                   weight_norm=weight_norm, num_groups=num_groups)
     return np.asarray(weights_n)

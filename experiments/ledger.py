@@ -1,12 +1,8 @@
 """Which stage outputs in a workdir are current: each stage records the settings its
-output depends on, and a stage whose settings changed runs again.
-
-A stage's settings are the config keys below plus those of the stages upstream of it,
-so a change reaches exactly the stages that depend on it: changing ``eval.*`` re-runs
-evaluation only; changing ``drift.beta`` re-runs the weights and DRIFT's training (and
-their evaluation) on the same rollouts; changing ``seed`` re-runs everything. Settings
-that change how a stage runs but not what it makes (``HOW_NOT_WHAT``) are left out, so
-they can be changed on a finished run.
+output depends on (``experiments.plan.settings``: its own config keys plus those of the
+stages upstream of it), and a stage whose settings changed runs again. Settings that
+change how a stage runs but not what it makes (``HOW_NOT_WHAT``) are left out, so they
+can be changed on a finished run.
 
 Stale outputs are not deleted: they move to ``<workdir>/stale/<time>/`` (rollouts of a
 real model are hours of work).
@@ -16,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 
@@ -25,17 +22,6 @@ from drift_jax.parallel import distributed
 HOW_NOT_WHAT = ("mesh", "model.remat", "model.attention_impl", "allow_tiny", "compilation_cache",
                 "train.checkpoint_every", "reference.train.checkpoint_every", "online_rl.checkpoint_every",
                 "train.loss_chunk_size", "reference.train.loss_chunk_size")
-
-# Stage kind -> the config keys (or sections) its output depends on, besides upstream's.
-OWN_KEYS = {
-    "reference": ("seed", "task", "model", "reference"),
-    "rollout": ("seed", "task", "rollout", "data", "rollouts"),
-    "weights": ("drift", "train.max_len"),
-    "train": ("train", "lora"),
-    "online_rl": ("online_rl", "drift.gamma", "drift.lam", "lora"),
-    "eval": ("seed", "task", "eval.num_prompts", "eval.batch_size", "eval.max_new_tokens",
-             "rollout.max_new_tokens"),
-}
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
@@ -65,8 +51,30 @@ def describe_change(saved: dict, current: dict, limit: int = 4) -> str:
     return ", ".join(parts) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
+def change_label(saved: dict, current: dict) -> str:
+    """A folder name for what changed, e.g. 'drift.beta=0.3' or 'drift.beta=0.3+2more': stale
+    outputs are kept under it, so TensorBoard lists an old training under what made it old."""
+    keys = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    if not keys:
+        return "unrecorded"
+    label = re.sub(r"[^\w.=+-]+", "_", f"{keys[0]}={current.get(keys[0], 'unset')}")[:60]
+    return label + (f"+{len(keys) - 1}more" if len(keys) > 1 else "")
+
+
+def latest_mtime(paths: list[str]) -> float | None:
+    """The newest modification time of any file under ``paths`` (None: nothing there)."""
+    times = []
+    for path in paths:
+        if os.path.isfile(path):
+            times.append(os.path.getmtime(path))
+        for folder, _, files in os.walk(path):
+            times += [os.path.getmtime(os.path.join(folder, f)) for f in files]
+    return max(times, default=None)
+
+
 class Ledger:
-    """``<workdir>/stages.json``: {stage: {"settings": {...}, "done": bool}}.
+    """``<workdir>/stages.json``: {stage: {"settings": {...}, "done": bool, "started": time,
+    "earlier_s": seconds}}.
 
     ``begin(stage, settings, outputs)`` is True when the stage's output is current (skip
     the stage); otherwise stale outputs move aside, the stage is recorded as started
@@ -74,6 +82,10 @@ class Ledger:
     it is False. ``finish(stage)`` marks it done. In a multi-process job process 0 alone
     reads and writes the ledger; every process gets the same answers. ``ran`` lists the stages begun, each
     prefixed by ``label`` (a round's ledger shares its parent's list).
+
+    A stage's cost includes its interrupted attempts: when a stage resumes, the attempt
+    before it is charged from its start to the last write to its outputs (a kill loses at
+    most the work after that write), accumulated in ``earlier_s`` (``earlier_s(stage)``).
     """
 
     def __init__(self, workdir: str, ran: list | None = None, label: str = ""):
@@ -121,17 +133,28 @@ class Ledger:
         status = self.status(stage, settings, outputs)
         if status == "done":
             return True
+        entries = self._read()
+        entry = entries.get(stage, {})
+        earlier = 0.0
+        if status == "resume":
+            last = latest_mtime(outputs)
+            earlier = entry.get("earlier_s", 0.0) + max(0.0, (last or 0.0) - entry.get("started", last or 0.0))
         if status.startswith("stale"):
+            label = change_label(entry.get("settings", {}), settings)
             for path in outputs:
                 if os.path.exists(path):
-                    target = os.path.join(self.stale_dir, os.path.relpath(path, self.workdir))
+                    target = os.path.join(self.stale_dir, label, os.path.relpath(path, self.workdir))
                     os.makedirs(os.path.dirname(target), exist_ok=True)
                     shutil.move(path, target)
-            print(f"stage {stage} runs again ({status[len('stale: '):]}); old output moved to {self.stale_dir}")
-        entries = self._read()
-        entries[stage] = {"settings": settings, "done": False}
+            print(f"stage {stage} runs again ({status[len('stale: '):]}); old output moved to "
+                  f"{os.path.join(self.stale_dir, label)}")
+        entries[stage] = {"settings": settings, "done": False, "started": time.time(), "earlier_s": earlier}
         self._write(entries)
         return False
+
+    def earlier_s(self, stage: str) -> float:
+        """Seconds the interrupted attempts of ``stage`` took before the current one."""
+        return float(self._read().get(stage, {}).get("earlier_s", 0.0))
 
     def finish(self, stage: str) -> None:
         """Mark ``stage`` done (process 0), then wait for every process: a stage's

@@ -1,53 +1,46 @@
 """The online multi-turn RL stage: the baseline DRIFT is measured against.
 
-The current policy plays fresh episodes at every update (``online_rl.make_batch_fn``),
-trained by the shared step and loop (``train.make_train_step`` with
-``online_rl.pg_loss_fn``, ``train.train_loop``) against the frozen reference: DRIFT's
+The current policy plays fresh episodes at every update (``policy_gradient.make_batch_fn``),
+trained by the shared training (``experiments/fitting.py``, with
+``policy_gradient.pg_loss_fn``) against the frozen reference: DRIFT's
 return, GRPO advantages, k3 KL to the reference (``docs/method.md``).
 """
 
 from __future__ import annotations
 
 import numpy as np
-from flax import nnx
 
-from drift_jax.training import policy_gradient, train
-from experiments.workdir import Experiment, read_metrics, warn_if_unchanged, write_json
+from drift_jax.training import policy_gradient
+from experiments.fitting import train_policy
+from experiments.workdir import Experiment, warn_if_unchanged, write_json
 
 
 def stage_online_rl(exp: Experiment) -> None:
-    """Train ``online_rl`` from the reference; resumable (prompts and sampling keys depend
-    only on (seed, update), so a resumed run replays the same data)."""
+    """Train ``online_rl`` from the reference (``fitting.train_policy`` with online RL's
+    batches and loss); resumable (prompts and sampling keys depend only on (seed,
+    update), so a resumed run replays the same data)."""
     if exp.begin("train:online_rl"):
         return
     oc, d = exp.cfg.online_rl, exp.cfg.drift
     num_samples = exp.cfg.rollout.num_samples
-    tx, schedule = train.make_optimizer(
-        oc.learning_rate, oc.steps, warmup_ratio=oc.warmup_ratio, schedule=oc.schedule,
-        weight_decay=oc.weight_decay, grad_clip=oc.grad_clip)
-    graphdef, state = train.create_train_state(exp.adapt(exp.load_policy("reference")), tx, exp.cfg.seed)
-    print(f"train online_rl: {train.state_summary(state)[1]}")
-    # A separate copy (the train state is donated), with the same fresh adapters under
-    # LoRA: the same graphdef, and exactly the reference.
-    ref_params = nnx.state(exp.adapt(exp.load_policy("reference")), nnx.Param)
-    step_fn = train.make_train_step(graphdef, tx, oc.num_micro_batches, schedule_fn=schedule,
-                                    loss_fn=online_rl.pg_loss_fn(oc.kl_coef, oc.loss_normalize))
-    batch_fn = online_rl.make_batch_fn(
-        graphdef, exp.tokenizer, exp.env, exp.train_questions, prompts_per_step=oc.prompts_per_step,
-        num_samples=num_samples, sampling=exp.sampling(temperature=1.0), gamma=d.gamma, lam=d.lam,
-        seq_len=oc.seq_len, batch_size=oc.prompts_per_step * num_samples, seed=exp.cfg.seed,
-        engine=exp.engine(), sample_dtype=exp.model_cfg.dtype)
-    metrics_path = exp.path("online_rl", "metrics.jsonl")
-    ckpt = exp.checkpointer("online_rl", oc.checkpoint_every)
-    state = train.train_loop(state, step_fn, batch_fn, oc.steps, aux=ref_params, checkpointer=ckpt,
-                             metrics_path=metrics_path, desc="online RL",
-                             tensorboard_dir=exp.path("online_rl", "tensorboard"))
-    ckpt.close()
-    exp.save_policy("online_rl", nnx.merge(graphdef, state.params))
-    history = read_metrics(metrics_path)
-    stats = run_stats(history, episodes=int(state.step) * oc.prompts_per_step * num_samples)
+
+    def make_batches(graphdef):
+        return policy_gradient.make_batch_fn(
+            graphdef, exp.tokenizer, exp.env, exp.train_questions, prompts_per_step=oc.prompts_per_step,
+            num_samples=num_samples, sampling=exp.sampling(temperature=1.0), gamma=d.gamma, lam=d.lam,
+            seq_len=oc.seq_len, batch_size=oc.prompts_per_step * num_samples, seed=exp.cfg.seed,
+            engine=exp.engine(), sample_dtype=exp.model_cfg.dtype)
+
+    # The frozen reference is a separate copy (the train state is donated), with the same
+    # fresh adapters under LoRA: the same graphdef, and exactly the reference.
+    history, updates, _ = train_policy(
+        exp, "online_rl", exp.adapt(exp.load_policy("reference")), oc, oc.steps, make_batches,
+        loss_fn=policy_gradient.pg_loss_fn(oc.kl_coef, oc.loss_normalize),
+        aux_model=exp.adapt(exp.load_policy("reference")), desc="online RL")
+    stats = run_stats(history, episodes=updates * oc.prompts_per_step * num_samples)
     write_json(exp.path("online_rl", "train_stats.json"),
-               {**stats, "unchanged_policy": warn_if_unchanged("online_rl", history)})
+               {**stats, "unchanged_policy": warn_if_unchanged("online_rl", history),
+                "sampler": history[-1].get("sampler") if history else None})  # the kind that played
     exp.finish("train:online_rl")
 
 

@@ -12,15 +12,15 @@ lines naming the key or file and what to pass.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 
+import ml_collections
 import numpy as np
 
 from drift_jax import methods
 
-from drift_jax.training import train
+from drift_jax.training.train_state import make_optimizer
 from drift_jax.data.batching import held_out_count
 from drift_jax.data.records import BadRecord
 
@@ -31,9 +31,11 @@ class ConfigError(ValueError):
     """A config, path or data problem found before any work is done."""
 
 
-def resolve_protocol(cfg) -> None:
-    """Fill the settings left at None with ``task.protocol``'s values, in place, so every
-    stage (and the ledger) sees concrete ones; a value set explicitly is kept."""
+def resolve(cfg) -> ml_collections.FrozenConfigDict:
+    """The config every stage reads: a frozen copy of ``cfg`` whose settings left at None
+    are filled in with ``task.protocol``'s values (a value set explicitly is kept), so the
+    stages and the ledger see concrete ones. ``cfg`` itself is left as it is, and
+    resolving a resolved config gives an equal one."""
     from drift_jax.envs.protocol import PROTOCOLS, RELEASE_EVAL_MAX_NEW_TOKENS
 
     protocol = cfg.task.protocol
@@ -43,22 +45,26 @@ def resolve_protocol(cfg) -> None:
     if release and cfg.task.name == "secret":
         raise ConfigError("invalid config: task.protocol='release' is the authors' math/multiple-choice "
                           "protocol; the embedded secret task has only 'drift-jax'")
+    out = (cfg.as_configdict() if isinstance(cfg, ml_collections.FrozenConfigDict)
+           else cfg.copy_and_resolve_references())
     defaults = {
         ("data", "selection"): "release" if release else "first",
         ("train", "shuffle"): not release,
         ("reference.train", "shuffle"): True,
         ("train", "eval_fraction"): 0.05 if release else 0.0,
-        ("eval", "max_new_tokens"): RELEASE_EVAL_MAX_NEW_TOKENS if release else cfg.rollout.max_new_tokens,
+        ("eval", "max_new_tokens"): RELEASE_EVAL_MAX_NEW_TOKENS if release else out.rollout.max_new_tokens,
     }
     for (section, key), value in defaults.items():
-        node = cfg.reference.train if section == "reference.train" else cfg[section]
+        node = out.reference.train if section == "reference.train" else out[section]
         if node[key] is None:
             node[key] = value
+    return ml_collections.FrozenConfigDict(out)
 
 
-def check_values(cfg) -> None:
-    """Values that cannot work, whatever the data (the protocol's settings resolved first)."""
-    resolve_protocol(cfg)
+def check_values(cfg) -> ml_collections.FrozenConfigDict:
+    """Values that cannot work, whatever the data; returns the resolved config
+    (``resolve``: the protocol's settings filled in first)."""
+    cfg = resolve(cfg)
     try:
         run_methods = methods.parse(cfg.methods)
     except ValueError as e:
@@ -116,9 +122,35 @@ def check_values(cfg) -> None:
     checks.append((cfg.online_rl.num_micro_batches >= 1 and rows % cfg.online_rl.num_micro_batches == 0,
                    f"online_rl.prompts_per_step x rollout.num_samples ({rows} rows per update) must be a "
                    f"multiple of online_rl.num_micro_batches ({cfg.online_rl.num_micro_batches})"))
+    checks += sampling_checks(cfg)
     for ok, message in checks:
         if not ok:
             raise ConfigError(f"invalid config: {message}")
+    return cfg
+
+
+def sampling_checks(cfg) -> list[tuple[bool, str]]:
+    """(ok, message) of the samplers' and optimizers' settings: a negative temperature or
+    a top_p outside (0, 1] samples garbage to the end, and a learning rate <= 0 never
+    moves the policy (whatever the number of updates)."""
+    r, e, o = cfg.rollout, cfg.eval, cfg.online_rl
+    checks = [
+        (r.temperature >= 0, f"rollout.temperature must be >= 0 (0: greedy), got {r.temperature}"),
+        (0 < r.top_p <= 1, f"rollout.top_p must be in (0, 1], got {r.top_p}"),
+        (r.max_new_tokens >= 1, f"rollout.max_new_tokens must be >= 1, got {r.max_new_tokens}"),
+        (r.batch_size >= 1, f"rollout.batch_size must be >= 1, got {r.batch_size}"),
+        (e.num_prompts >= 1, f"eval.num_prompts must be >= 1, got {e.num_prompts}"),
+        (e.max_new_tokens >= 1, f"eval.max_new_tokens must be >= 1, got {e.max_new_tokens}"),
+        (e.batch_size >= 1, f"eval.batch_size must be >= 1, got {e.batch_size}"),
+        (o.prompts_per_step >= 1, f"online_rl.prompts_per_step must be >= 1, got {o.prompts_per_step}"),
+        (o.seq_len is None or o.seq_len >= 1, f"online_rl.seq_len must be None or >= 1, got {o.seq_len}"),
+    ]
+    for section, t in (("reference.train", cfg.reference.train), ("train", cfg.train), ("online_rl", o)):
+        checks += [
+            (t.learning_rate > 0, f"{section}.learning_rate must be > 0, got {t.learning_rate}"),
+            (0 <= t.warmup_ratio < 1, f"{section}.warmup_ratio must be in [0, 1), got {t.warmup_ratio}"),
+        ]
+    return checks
 
 
 def check_inputs(cfg) -> None:
@@ -209,16 +241,29 @@ def check_questions(exp) -> list[str]:
             m.round > 1 or m.trainer == "online_rl" for m in methods.parse(cfg.methods)):
         questions = load("data.train: ", lambda: exp.train_questions)
         count(f"data.train {cfg.data.train}".strip(), questions, cfg.rollout.num_prompts, "rollout.num_prompts")
-    for name, (_, questions) in load("", lambda: exp.benchmarks).items():
+    for name, (env, questions) in load("", lambda: exp.benchmarks).items():
         count(f"eval.benchmarks.{name}", questions, cfg.eval.num_prompts, "eval.num_prompts")
+        check_template(exp, env, questions[0])
     return warnings
+
+
+def check_template(exp, env, question) -> None:
+    """Render one prompt with the chat template now: a template that fails (or a missing
+    jinja2, which transformers needs to render one) stops the run before anything is written."""
+    from drift_jax.data.chat import encode_prompt
+    from drift_jax.envs.base import env_prefill
+
+    try:
+        encode_prompt(exp.tokenizer, env.initial_messages(question), env_prefill(env))
+    except ImportError as e:
+        raise ConfigError(f"rendering the chat template failed: {e} (pip install -r requirements.txt)") from None
 
 
 def _updates(steps: int, tcfg) -> tuple[int, int]:
     """(updates, updates at learning rate > 0) of a fit of ``steps`` under ``tcfg``."""
     if steps <= 0:
         return 0, 0
-    _, schedule = train.make_optimizer(tcfg.learning_rate, steps, warmup_ratio=tcfg.warmup_ratio,
+    _, schedule = make_optimizer(tcfg.learning_rate, steps, warmup_ratio=tcfg.warmup_ratio,
                                        schedule=tcfg.schedule)
     return steps, int(np.sum(np.asarray(schedule(np.arange(steps))) > 0))
 
@@ -279,7 +324,7 @@ def check_mesh(exp) -> None:
 def preflight(exp) -> list[str]:
     """Run every check on ``exp`` (an ``experiments.workdir.Experiment``); nothing is
     written. Returns the warnings (also logged); raises ``ConfigError``."""
-    check_values(exp.cfg)
+    check_values(exp.cfg)  # exp.cfg is resolved already (``Experiment``)
     check_inputs(exp.cfg)
     if os.path.exists(exp.workdir) and not os.path.isdir(exp.workdir):
         raise ConfigError(f"--workdir {exp.workdir} is a file, not a folder")
@@ -292,6 +337,4 @@ def preflight(exp) -> list[str]:
     warnings = check_questions(exp)
     check_sizes(exp)
     check_mesh(exp)
-    for w in warnings:
-        logging.warning(w)
     return warnings

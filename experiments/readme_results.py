@@ -1,4 +1,4 @@
-"""README's result tables, rendered from seed sweeps (``--config.seeds``), never typed.
+"""The result tables of docs/results.md, rendered from seed sweeps (``--config.seeds``), never typed.
 
     python experiments/run.py --config.seeds=0,1,2,3,4 --workdir=runs/seeds
     cp -r runs/seeds runs/seeds_released   # same rollouts: only weights, drift and eval rerun
@@ -11,13 +11,15 @@
         --workdir=runs/comparison_seeds
     python experiments/readme_results.py runs/seeds runs/seeds_released --spectrum=runs/seeds/seed0 \\
         --comparison=runs/comparison_seeds
-    python experiments/readme_results.py ... --check   # exit 1 if README.md is stale
+    python experiments/readme_results.py ... --check   # exit 1 if docs/results.md is stale
 
-The block between ``<!-- results:start -->`` and ``<!-- results:end -->`` in README.md is
-replaced by the tables below, with the commands, versions, machine and wall times that
-made them (from each ``sweep.json``); with ``--spectrum``, the block between
-``<!-- spectrum:start -->`` and ``<!-- spectrum:end -->`` by the beta spectrum's table, and
-with ``--comparison`` the ``comparison`` block by every method of a comparison sweep.
+The block between ``<!-- results:start -->`` and ``<!-- results:end -->`` in docs/results.md
+(or the file ``--results`` names) is replaced by the tables below, with the commands,
+versions, machine and wall times that made them (from each ``sweep.json``); with
+``--spectrum``, the block between ``<!-- spectrum:start -->`` and ``<!-- spectrum:end -->`` by
+the beta spectrum's table, and with ``--comparison`` the ``comparison`` block by every
+method of a comparison sweep. README.md's summary table copies rows of the first table;
+tests/test_readme.py checks that they are still rows of docs/results.md.
 """
 
 from __future__ import annotations
@@ -31,8 +33,10 @@ import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # experiments.beta_spectrum
+from drift_jax.evaluation.report import greedy_dialogue  # noqa: E402
 from drift_jax.methods import get as get_method  # noqa: E402
 START, END = "<!-- results:start -->", "<!-- results:end -->"
+RESULTS_MD = os.path.join(REPO, "docs", "results.md")
 
 
 def _read(sweep_dir: str) -> tuple[dict, dict]:
@@ -127,12 +131,7 @@ def _dialogues(sweep_dir: str, bench: str, seeds: list[int], methods: list[str])
                 greedy = json.load(f).get("answer_check", {}).get("greedy")
             if greedy is None:
                 return []
-            moves = [g for g in greedy if g["margin"] > 0]
-            cell = " ".join(g["answer"] for g in moves) + (f" (smallest margin {min(g['margin'] for g in moves):+.2f})"
-                                                          if moves else "")
-            if len(moves) < len(greedy):
-                cell += f", then no untried letter ({greedy[-1]['margin']:+.2f})"
-            cells[seed, m] = cell
+            cells[seed, m] = greedy_dialogue(greedy)
     return ["", "Greedy dialogues: the untried letters each policy names in turn, the smallest log-probability "
             "margin of those moves over any other token, and the margin by which it then fails to name an "
             "untried letter (the eval's `answer_check`):", "",
@@ -224,12 +223,12 @@ def render_spectrum(workdir: str) -> str:
             + beta_spectrum.table(summary, int(summary["metric"].split("@")[1])))
 
 
-def rewrite(readme: str, block: str, start: str = START, end: str = END) -> str:
-    """``readme`` with the text between the markers replaced by ``block``."""
+def rewrite(text: str, block: str, start: str = START, end: str = END, name: str = "docs/results.md") -> str:
+    """``text`` (the file ``name``) with the text between the markers replaced by ``block``."""
     pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), flags=re.S)
-    if not pattern.search(readme):
-        raise SystemExit(f"README.md has no {start} ... {end} block")
-    return pattern.sub(lambda _: f"{start}\n{block}{end}", readme, count=1)
+    if not pattern.search(text):
+        raise SystemExit(f"{name} has no {start} ... {end} block")
+    return pattern.sub(lambda _: f"{start}\n{block}{end}", text, count=1)
 
 
 def main(argv=None) -> int:
@@ -238,23 +237,27 @@ def main(argv=None) -> int:
     parser.add_argument("released", nargs="?", help="workdir of the same sweep at gamma 0.9, beta 0.1")
     parser.add_argument("--spectrum", help="a run with a beta_spectrum.json (experiments/beta_spectrum.py)")
     parser.add_argument("--comparison", help="workdir of a comparison.py seed sweep")
-    parser.add_argument("--readme", default=os.path.join(REPO, "README.md"))
-    parser.add_argument("--check", action="store_true", help="exit 1 if README.md is not what the sweeps give")
+    # --readme: an alias, for callers (tests/test_runner.py) that pass a README-like file.
+    parser.add_argument("--results", "--readme", dest="results", default=RESULTS_MD,
+                        help="the markdown file holding the blocks (default: docs/results.md)")
+    parser.add_argument("--check", action="store_true", help="exit 1 if the file is not what the sweeps give")
     args = parser.parse_args(argv)
-    with open(args.readme) as f:
+    name = os.path.relpath(args.results)
+    with open(args.results) as f:
         before = f.read()
-    after = rewrite(before, render(args.default, args.released))
+    after = rewrite(before, render(args.default, args.released), name=name)
     if args.spectrum:
-        after = rewrite(after, render_spectrum(args.spectrum), "<!-- spectrum:start -->", "<!-- spectrum:end -->")
+        after = rewrite(after, render_spectrum(args.spectrum), "<!-- spectrum:start -->", "<!-- spectrum:end -->",
+                        name)
     if args.comparison:
         after = rewrite(after, render_comparison(args.comparison), "<!-- comparison:start -->",
-                        "<!-- comparison:end -->")
+                        "<!-- comparison:end -->", name)
     if args.check:
-        print("README.md is current" if after == before else "README.md differs from the sweeps")
+        print(f"{name} is current" if after == before else f"{name} differs from the sweeps")
         return int(after != before)
-    with open(args.readme, "w") as f:
+    with open(args.results, "w") as f:
         f.write(after)
-    print(f"rewrote the results block of {args.readme}")
+    print(f"rewrote the result blocks of {name}")
     return 0
 
 

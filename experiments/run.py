@@ -1,8 +1,8 @@
 """DRIFT end to end: reference -> rollout -> weights -> train -> eval -> report.
 
-This file reads the config and runs the stages (``experiments/stages.py``, online RL in
-``experiments/online_rl.py``) of one ``Experiment`` (``experiments/workdir.py``) for
-each method of ``cfg.methods`` (``drift_jax/methods.py``).
+This file reads the config and runs the stages of one ``Experiment``
+(``experiments/workdir.py``) in the order of its plan (``experiments/plan.py``: the
+stages of each method of ``cfg.methods``, ``drift_jax/methods.py``).
 
     python experiments/run.py                                   # the embedded default
     python experiments/run.py --config=experiments/configs/tiny.py --workdir=/tmp/run
@@ -15,6 +15,7 @@ killed training resumes from its last checkpoint.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -23,9 +24,14 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # configs import each other as experiments.configs.*
+# transformers' advice that PyTorch is missing: drift-jax uses its tokenizers only.
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+if not sys.stderr.isatty():  # a log file gets a progress line a minute, not every redraw
+    os.environ.setdefault("TQDM_MININTERVAL", "60")
 
 import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
+import ml_collections  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from drift_jax.parallel import distributed  # noqa: E402
@@ -35,20 +41,26 @@ from drift_jax import methods
 from drift_jax.evaluation import report
 from drift_jax.data.records import BadRecord  # noqa: E402
 from experiments.preflight import ConfigError, preflight  # noqa: E402
+from experiments.plan import Stage, settings  # noqa: E402
 from experiments.workdir import Experiment, read_json, write_json  # noqa: E402
-from experiments.stages import (  # noqa: E402
-    stage_eval, stage_method, stage_reference, stage_report, stage_rollout, stage_weights)
+from experiments.stages import stage_report  # noqa: E402
 
 
-def check_overrides(argv: list[str], default_config: str) -> tuple[list[str], list[str]]:
+BENCHMARK_FIELDS = ("task", "source", "split", "layout")
+
+
+def check_overrides(argv: list[str], default_config: str) -> tuple[list[str], list[tuple[str, str | None]]]:
     """Check every ``--config.<key>=<value>`` before flag parsing; returns (argv without
-    the ``=None`` overrides, the keys to set to None after parsing).
+    the overrides ml_collections cannot apply, those overrides as (key, value) pairs for
+    ``apply_overrides``; value None for ``=None``).
 
     An unknown key or a section name exits with a did-you-mean message (ml_collections
     would die inside flag parsing, at import when ``--config`` is not given, with a
-    bare AttributeError or a SyntaxError). ml_collections cannot parse ``None`` for a
-    typed field (it arrives as the string 'None', or fails for an int), so those are
-    taken out here and applied to the parsed config by ``apply_nones``.
+    bare AttributeError or a SyntaxError). Taken out and applied after parsing:
+    ``=None`` (ml_collections cannot parse it for a typed field), a whole benchmark
+    dropped (``--config.eval.benchmarks.<name>=None``) and a benchmark added
+    (``--config.eval.benchmarks.<new name>.source=...``, likewise ``.task``, ``.split``,
+    ``.layout``), and a choice of benchmarks (``--config.eval.benchmarks=math500,mine``).
     """
     import difflib
     import importlib.util
@@ -76,11 +88,25 @@ def check_overrides(argv: list[str], default_config: str) -> tuple[list[str], li
 
     sections = dict(names(cfg.to_dict()))
     known = sorted(sections)
-    nones = []
+    edits, taken = [], []
     for key, value, arg in keys:
+        bench = re.fullmatch(r"eval\.benchmarks\.(\w+)(?:\.(\w+))?", key)
         if key in known and not sections[key]:
             if value == "None":
-                nones.append(key)
+                edits.append((key, None))
+                taken.append(arg)
+            continue
+        if key == "eval.benchmarks" and value not in (None, "None"):  # keep only these benchmarks
+            edits.append((key, value))
+            taken.append(arg)
+            continue
+        if bench and bench[2] is None and key in known and value == "None":  # drop a benchmark
+            edits.append((key, None))
+            taken.append(arg)
+            continue
+        if bench and bench[2] in BENCHMARK_FIELDS and key not in known:  # a new benchmark
+            edits.append((key, value))
+            taken.append(arg)
             continue
         close = difflib.get_close_matches(key, [k for k in known if not sections[k]], n=3, cutoff=0.6)
         hint = f" Did you mean {' or '.join(close)}?" if close else ""
@@ -97,53 +123,73 @@ def check_overrides(argv: list[str], default_config: str) -> tuple[list[str], li
         sys.exit(f"unknown config key {key!r} in {arg} (config {path}).{hint} "
                  f"Keys {'under ' + repr('.'.join(parts)) if parts else 'at the top'}: "
                  f"{', '.join(siblings)}")
-    return [a for a in argv if not any(a == f"--config.{k}=None" for k in nones)], nones
+    return [a for a in argv if a not in taken], edits
 
 
-def apply_nones(cfg, keys: list[str]) -> None:
-    """Set each dotted key of ``cfg`` to None (``check_overrides`` took them out of argv)."""
-    for key in keys:
+def apply_overrides(cfg, edits: list[tuple[str, str | None]]) -> None:
+    """Apply the overrides ``check_overrides`` took out of argv: set a field to None, drop
+    a benchmark (its section set to None), set a field of a benchmark, adding the
+    benchmark when it is new (task "math", the rest unset, as ``configs/base.benchmark``),
+    and last, keep only the benchmarks named by ``eval.benchmarks=a,b``."""
+    from experiments.configs.base import benchmark
+
+    for key, value in sorted(edits, key=lambda edit: edit[0] == "eval.benchmarks"):
+        if key == "eval.benchmarks":
+            keep = [name.strip() for name in value.split(",") if name.strip()]
+            unknown = [name for name in keep if name not in cfg.eval.benchmarks]
+            if unknown:
+                raise ConfigError(f"--config.eval.benchmarks={value}: no benchmark named {', '.join(unknown)} "
+                                  f"(this config has {', '.join(cfg.eval.benchmarks) or 'none'}; add one with "
+                                  "--config.eval.benchmarks.<name>.source=...)")
+            for name in [n for n in cfg.eval.benchmarks if n not in keep]:
+                del cfg.eval.benchmarks[name]
+            continue
         *sections, field = key.split(".")
+        if sections[:2] == ["eval", "benchmarks"] and len(sections) == 3:
+            benchmarks = cfg.eval.benchmarks
+            if sections[2] not in benchmarks:
+                benchmarks[sections[2]] = benchmark("math", "")
+            benchmarks[sections[2]][field] = value
+            continue
         node = cfg
         for section in sections:
             node = node[section]
-        node[field] = None
-
-
-_NONES: list[str] = []
-if __name__ == "__main__":
-    sys.argv[:], _NONES[:] = check_overrides(sys.argv, os.path.join(REPO, "experiments/configs/default.py"))
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(REPO, "experiments/configs/default.py"), "Experiment config file."
-)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default runs/<config name>).")
-_DEBUG = flags.DEFINE_bool("debug", False, "Show the traceback of a config or data error.")
-_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Check the config, data and model, print what each "
-                             "stage would do, and stop (nothing is written).")
-
-
-def planned_stages(exp: Experiment, run_methods: list) -> list[tuple[Experiment, str]]:
-    """Every (experiment, stage) a run of ``run_methods`` goes through, in order; a DRIFT
-    round's stages belong to its round's experiment."""
-    plan = [] if exp.checkpoint else [(exp, "reference")]
-    if exp.offline:
-        plan += ([] if exp.given_rollouts else [(exp, "rollout")]) + [(exp, "weights")]
-    for method in run_methods:
-        if method.round > 1:
-            child = exp.round(method.round)
-            plan += [(child, "rollout"), (child, "weights"), (child, "train:drift")]
+        if value is None and isinstance(node[field], ml_collections.ConfigDict):  # a benchmark
+            del node[field]
         else:
-            plan.append((exp, f"train:{method.name}"))
-    for name in ["reference", *(m.name for m in run_methods)]:
-        plan += [(exp, f"eval:{name}:{bench}") for bench in exp.cfg.eval.benchmarks or ["secret"]]
-    return plan
+            node[field] = value
 
 
-def dry_run(exp: Experiment, run_methods: list) -> None:
+DEFAULT_CONFIG = os.path.join(REPO, "experiments/configs/default.py")
+# The overrides ``check_overrides`` took out of the command line, applied to the parsed
+# config by ``main``.
+_OVERRIDES: list[tuple[str, str | None]] = []
+
+
+def define_flags() -> None:
+    """The command line's flags (once). ``--config`` reads its overrides from sys.argv
+    when it is defined, if no ``--config=`` is given: ``entry`` checks them first."""
+    if "config" in flags.FLAGS:
+        return
+    config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Experiment config file.")
+    flags.DEFINE_string("workdir", None, "Output directory (default runs/<config name>).")
+    flags.DEFINE_bool("debug", False, "Show the traceback of a config or data error.")
+    flags.DEFINE_bool("dry_run", False, "Check the config, data and model, print what each "
+                      "stage would do, and stop (nothing is written).")
+
+
+def execute(stages: list[Stage]) -> None:
+    """Run ``stages`` in order: each stage's call once (stages that share one, a policy's
+    evaluations on every benchmark, run in that one call)."""
+    for call, _ in itertools.groupby(stages, key=lambda stage: stage.run):
+        call()
+
+
+def dry_run(stages: list[Stage]) -> None:
     """Print what each stage would do (done, new, resume, or why it is stale); writes nothing."""
-    for owner, stage in planned_stages(exp, run_methods):
-        status = owner.ledger.status(stage, owner.settings(stage), owner.outputs(stage))
-        print(f"{owner.ledger.label}{stage}: {status}")
+    for stage in stages:
+        status = stage.exp.ledger.status(stage.name, settings(stage), list(stage.outputs))
+        print(f"{stage.label}: {status}")
 
 
 def compilation_cache_dir(setting: str, real_model: bool, already: str | None) -> str:
@@ -156,16 +202,17 @@ def compilation_cache_dir(setting: str, real_model: bool, already: str | None) -
 
 
 def run(cfg, workdir: str, dry: bool = False) -> dict | None:
-    """Preflight, then every stage not already done in ``workdir``; returns results
-    (``dry``: print the plan instead, and write nothing)."""
-    exp = Experiment(cfg, workdir)
+    """Preflight, then every stage of the plan not already done in ``workdir``; returns
+    results (``dry``: print the plan's stages instead, and write nothing)."""
+    exp = Experiment(cfg, workdir)  # the config resolved once: ``exp.cfg``, frozen
+    cfg = exp.cfg
     cache = compilation_cache_dir(cfg.compilation_cache, bool(exp.checkpoint), jax.config.jax_compilation_cache_dir)
     if cache:  # later runs (and stages) load compiled programs instead of compiling again
         jax.config.update("jax_compilation_cache_dir", cache)
     for warning in preflight(exp):
         print(f"warning: {warning}", file=sys.stderr)
     if dry:
-        dry_run(exp, methods.parse(cfg.methods))
+        dry_run(exp.plan)
         return None
     os.makedirs(workdir, exist_ok=True)
     # The latest config, for the record; which outputs are current is the ledger's call.
@@ -174,26 +221,17 @@ def run(cfg, workdir: str, dry: bool = False) -> dict | None:
         write_json(exp.path("config.json"), config)
     t0 = time.time()
     run_methods = methods.parse(cfg.methods)
-    stage_reference(exp)
-    if exp.offline:  # online RL plays its own episodes; evaluation alone needs none
-        if not exp.given_rollouts:
-            stage_rollout(exp)
-        stage_weights(exp)
-    for method in run_methods:
-        stage_method(exp, method)
-    if exp.benchmarks:
-        for name in ["reference", *(m.name for m in run_methods)]:
-            stage_eval(exp, name)
+    execute(exp.plan)
     results = stage_report(exp, run_methods)
-    if exp.benchmarks:
+    if results["benchmarks"]:
         print(report.results_table(results, exp.env.max_turns))
     for warning in results["warnings"]:
         print(f"\n*** WARNING: {warning}", file=sys.stderr)
     ran = exp.ledger.ran
     print(f"\nstages run: {', '.join(ran) if ran else 'none (every output was current)'}")
     trained = ", ".join(exp.policy_path(m.name) for m in run_methods)
-    print(f"wrote {exp.path('results.json')} and the trained policies ({trained}) "
-          f"in {time.time() - t0:.0f} s")
+    policies = f" and the trained policies ({trained})" if trained else ""
+    print(f"wrote {exp.path('results.json')}{policies} in {time.time() - t0:.0f} s")
     return results
 
 
@@ -274,23 +312,42 @@ def run_sweep(cfg, workdir: str, dry: bool = False) -> dict | None:
 
 
 def main(argv):
+    """Run the parsed command line (``flags.FLAGS``, ``_OVERRIDES``)."""
     del argv
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save/restore at INFO
     distributed.initialize_from_env()  # multi-host: join the other processes before touching devices
-    cfg = _CONFIG.value
-    apply_nones(cfg, _NONES)
-    name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
+    FLAGS = flags.FLAGS
+    cfg = FLAGS.config
+    apply_overrides(cfg, _OVERRIDES)
+    name = os.path.splitext(os.path.basename(FLAGS["config"].config_filename))[0]
     try:
-        workdir = _WORKDIR.value or os.path.join("runs", name)
+        workdir = FLAGS.workdir or os.path.join("runs", name)
         if cfg.seeds:
-            run_sweep(cfg, workdir, dry=_DRY_RUN.value)
+            run_sweep(cfg, workdir, dry=FLAGS.dry_run)
         else:
-            run(cfg, workdir, dry=_DRY_RUN.value)
+            run(cfg, workdir, dry=FLAGS.dry_run)
     except (ConfigError, BadRecord) as e:  # the user's config or data: the message says what to fix
-        if _DEBUG.value:
+        if FLAGS.debug:
             raise
         sys.exit(f"error: {e}\n(--debug shows the traceback)")
+    except KeyboardInterrupt:
+        if FLAGS.debug:
+            raise
+        # Finished stages, appended rollout groups and training checkpoints are on disk.
+        print("\ninterrupted: the same command resumes where this run stopped", file=sys.stderr)
+        sys.exit(130)
+
+
+def entry(argv: list[str] | None = None) -> None:
+    """The command line ``python experiments/run.py ...``: its overrides checked (and the
+    ``=None`` ones taken out) before the flags are defined and parsed, then ``main``."""
+    argv, _OVERRIDES[:] = check_overrides(sys.argv if argv is None else argv, DEFAULT_CONFIG)
+    sys.argv[:] = argv  # the config flag reads its overrides from sys.argv
+    define_flags()
+    app.run(main, argv=argv)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    entry()
+else:  # imported (tests, experiments/beta_spectrum.py): flags to parse a command line with
+    define_flags()

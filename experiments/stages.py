@@ -1,5 +1,6 @@
 """The stages of a run, each skipped when its output is already in the workdir:
-reference -> rollout -> weights -> train (per method) -> eval -> report."""
+reference -> rollout -> weights -> train (per method) -> eval -> report. Which of them
+a run goes through, and in what order, is ``experiments/plan.py``'s call."""
 
 from __future__ import annotations
 
@@ -9,95 +10,30 @@ import shutil
 import time
 
 import numpy as np
-from flax import nnx
 
 from drift_jax import diagnostics, methods
 
-from drift_jax.parallel import distributed, sharding
+from drift_jax.parallel import distributed
 
-from drift_jax.evaluation import multi_at_k, report
+from drift_jax.evaluation import multi_at_k as evaluate, report
 
 from drift_jax.data import records
 
-from drift_jax.training import train
-from drift_jax.data.batching import epoch_plan, make_batch_fn, padding_fraction, split_held_out
+from drift_jax.data.batching import split_held_out
 from drift_jax.data.chat import encode_dialogue
-from drift_jax.envs.secret import SecretGuessEnv, answer_check, scripted_episode
-from drift_jax.rollout.episodes import append_rollouts, chunk_size, generated_tokens, play_chunked
-from drift_jax.models import Transformer
+from drift_jax.envs.secret import SecretGuessEnv, scripted_episode
+from drift_jax.evaluation.probes import answer_check
+from drift_jax.rollout.episodes import append_rollouts, chunk_size, generated_tokens, play_episodes
+from drift_jax.rollout.interface import merge_work, split_invariant
 from drift_jax.weights import trajectory_returns, trajectory_weights
-from experiments.online_rl import stage_online_rl
-from experiments.workdir import Experiment, read_json, read_metrics, warn_if_unchanged, write_json
-
-
-def fit(exp: Experiment, name: str, examples, init_model: Transformer, tcfg, steps: int | None = None,
-        held_out=()) -> dict:
-    """Train ``init_model`` on ``examples`` under ``<workdir>/<name>``; resumable.
-    ``steps`` None: ``tcfg.epochs`` passes over the data. The weighted loss on
-    ``held_out`` examples is logged every ``tcfg.eval_every`` updates."""
-    pad_id, pack = exp.tokenizer.pad_token_id, tcfg.pack
-    layout = dict(bucket_window=tcfg.bucket_window, shuffle=tcfg.shuffle, pack=pack,
-                  pack_length=(tcfg.pack_length or tcfg.max_len) if pack else None)
-    batch_fn, per_epoch = make_batch_fn(examples, tcfg.batch_size, exp.cfg.seed, pad_id, **layout)
-    steps = tcfg.epochs * per_epoch if steps is None else steps
-    tx, schedule = train.make_optimizer(
-        tcfg.learning_rate, steps, warmup_ratio=tcfg.warmup_ratio, schedule=tcfg.schedule,
-        weight_decay=tcfg.weight_decay, grad_clip=tcfg.grad_clip)
-    graphdef, state = train.create_train_state(init_model, tx, seed=exp.cfg.seed)
-    print(f"train {name}: {train.state_summary(state)[1]}")
-    mesh = exp.mesh
-    if mesh is not None:  # params + optimizer state by their logical axes, batch rows over data x fsdp
-        state = sharding.shard_train_state(state, tx, mesh)
-    step_fn = train.make_train_step(graphdef, tx, tcfg.num_micro_batches, tcfg.loss_normalize, schedule,
-                                    loss_chunk_size=tcfg.loss_chunk_size)
-    if mesh is not None:
-        batch_fn = (lambda make: lambda step, state=None: sharding.shard_batch(make(step), mesh))(batch_fn)
-    eval_fn = None
-    if held_out:  # file order, padded to whole batches with zero-weight rows
-        eval_batch, n = make_batch_fn(held_out, tcfg.batch_size, exp.cfg.seed, pad_id,
-                                      **{**layout, "bucket_window": 0, "shuffle": False})
-        batches = [eval_batch(i) for i in range(n)]
-        if mesh is not None:
-            batches = [sharding.shard_batch(b, mesh) for b in batches]
-        eval_fn = train.make_eval_fn(graphdef, batches, tcfg.loss_normalize, tcfg.loss_chunk_size)
-    ckpt = exp.checkpointer(name, tcfg.checkpoint_every)
-    metrics_path = exp.path(name, "metrics.jsonl")
-    t0 = time.time()
-    state = train.train_loop(state, step_fn, batch_fn, steps, checkpointer=ckpt, metrics_path=metrics_path,
-                             desc=f"train {name}", eval_fn=eval_fn, eval_every=getattr(tcfg, "eval_every", 0),
-                             tensorboard_dir=exp.path(name, "tensorboard"))
-    ckpt.close()
-    exp.save_policy(name, nnx.merge(graphdef, state.params))
-    distributed.barrier(f"trained:{name}")  # the metrics process 0 wrote are complete
-    history = read_metrics(metrics_path)
-    lengths = [len(e.tokens) for e in examples]
-    padding = {"padding_fraction": padding_fraction(lengths, epoch_plan(lengths, tcfg.batch_size, exp.cfg.seed, 0,
-                                                                        **layout), tcfg.batch_size)}
-    if pack:  # what the same data would pad to one example per row
-        unpacked = {**layout, "pack": False, "pack_length": None}
-        padding["padding_fraction_unpacked"] = padding_fraction(
-            lengths, epoch_plan(lengths, tcfg.batch_size, exp.cfg.seed, 0, **unpacked), tcfg.batch_size)
-    stats = {
-        "steps": steps,
-        "examples": len(examples),
-        "truncated_examples": sum(e.truncated for e in examples),
-        # Real tokens of real rows through forward+backward, and the supervised targets
-        # among them, from each update's metrics (a resumed run logs each update once).
-        "trained_tokens": int(sum(r["num_input_tokens"] for r in history)),
-        "supervised_tokens": int(sum(r["num_tokens"] for r in history)),
-        "unchanged_policy": warn_if_unchanged(name, history),
-        **padding,
-        **({"held_out_examples": len(held_out), "eval_loss": history[-1]["eval_loss"]} if held_out else {}),
-        "wall_s": time.time() - t0,
-    }
-    write_json(exp.path(name, "train_stats.json"), stats)
-    return stats
+from experiments.fitting import fit
+from experiments.workdir import Experiment, read_json, write_json
 
 
 def stage_reference(exp: Experiment) -> None:
     """Train the base policy from scratch on synthetic transcripts of the base habit
     (embedded task only: a real model's checkpoint is its own reference)."""
-    if exp.checkpoint is not None or exp.begin("reference"):
+    if exp.begin("reference"):
         return
     rc = exp.cfg.reference
     rng = np.random.default_rng(exp.cfg.seed * 1000 + 1)
@@ -143,7 +79,7 @@ def stage_rollout(exp: Experiment) -> None:
     write_json(exp.path("rollout_stats.json"), {
         "trajectories": len(written), "generated_tokens": sum(map(generated_tokens, written)),
         "resumed_groups": sum(resumed),  # > 0: this run finished an interrupted one
-        "wall_s": time.time() - t0, "sampled_reference": summary, "engine": exp.cfg.rollout.engine,
+        "wall_s": time.time() - t0 + exp.ledger.earlier_s("rollout"), "sampled_reference": summary, "engine": exp.cfg.rollout.engine,
         "work": work})
     exp.finish("rollout")
     remove_parts(path)
@@ -157,22 +93,24 @@ def play_shards(name: str, path: str, questions, chunk: int, play) -> list:
     part file (``distributed.part_path``); once every process is done, process 0
     concatenates the parts in shard order into ``path``, and every process returns once
     ``path`` is complete. ``play`` writes a whole file (or resumes one) and returns a
-    JSON-serialisable value; returns every process's value, in process order (a process
-    with an empty shard plays nothing: None)."""
+    JSON-serialisable value; returns the values of the processes that played, in process
+    order (a process whose shard is empty, when there are fewer chunks than processes,
+    plays nothing and has none)."""
     count = distributed.process_count()
     if count == 1:
         return [play(path, questions)]
     start, stop = distributed.shard_range(len(questions), count, distributed.process_index(), align=chunk)
     part = distributed.part_path(path)
     os.makedirs(os.path.dirname(part), exist_ok=True)
-    value = play(part, questions[start:stop]) if stop > start else None
-    values = distributed.gather(f"{name}:played", value)  # every part is complete past this point
+    played = stop > start
+    values = distributed.gather(f"{name}:played", [play(part, questions[start:stop])] if played else [])
+    # every part is complete past this point
     if distributed.is_main():
         shards = [distributed.shard_range(len(questions), count, i, align=chunk) for i in range(count)]
         records.concat_files(path, [distributed.part_path(path, i, count)
                                     for i, (a, b) in enumerate(shards) if b > a])
     distributed.barrier(f"{name}:merged")
-    return values
+    return [value for shard in values for value in shard]
 
 
 def remove_parts(path: str) -> None:
@@ -188,11 +126,11 @@ def stage_weights(exp: Experiment) -> None:
         return
     d = exp.cfg.drift
     t0 = time.time()
-    trajectories, skipped = exp.rollout_records(), exp.skipped_records
+    trajectories, skipped = exp.read_rollouts()
     beta = d.beta
     if d.target_ess_fraction > 0:  # beta chosen so the mean ESS / K hits the target
         beta = diagnostics.choose_beta(trajectories, d.gamma, d.lam, d.target_ess_fraction)
-    weights = trajectory_weights(trajectories, d.gamma, beta, d.lam, normalize=d.normalize)
+    weights = trajectory_weights(trajectories, d.gamma, beta, d.lam, weight_norm=d.normalize)
     returns = [trajectory_returns(r, d.gamma, d.lam) for r in trajectories]
     diag = diagnostics.summary(trajectories, weights)
     print(f"weights ({exp.workdir}): beta={beta:.4g}, mean ESS/K={diag['mean_ess_fraction']:.3f}, "
@@ -232,26 +170,16 @@ def stage_train(exp: Experiment, method: methods.Method) -> None:
     exp.finish(f"train:{method.name}")
 
 
-def stage_method(exp: Experiment, method: methods.Method) -> None:
-    """Train one method: offline ones on the rollouts, online RL, or an iterative round."""
-    if method.trainer == "online_rl":
-        stage_online_rl(exp)
-    elif method.round > 1:
-        child = exp.round(method.round)
-        stage_rollout(child)
-        stage_weights(child)
-        stage_train(child, methods.get("drift"))
-    else:
-        stage_train(exp, method)
-
-
 def stage_eval(exp: Experiment, method: str) -> None:
     """Greedy multi@k and correction rates on every benchmark's held-out prompts.
 
-    Played in chunks of ``eval.batch_size`` prompts (``episodes.play_chunked``); in a
-    multi-process job each process plays its shard of whole chunks into a part file
-    and process 0 merges them in question order (``play_shards``), so the records, and
-    the metrics computed from them, are a single process's."""
+    Played on the run's sampler (``Experiment.engine``; static: in chunks of
+    ``eval.batch_size`` prompts); in a multi-process job each process plays its shard of
+    whole chunks into a part file and process 0 merges them in question order
+    (``play_shards``), so the records, and the metrics computed from them, are a single
+    process's. The summary's "sampler" holds the sampler's kind and the work figures that
+    do not depend on how many processes played (``interface.split_invariant``); the
+    others (slot utilisation, prefill) are printed."""
     ec = exp.cfg.eval
     policy = None
     for bench, (env, questions) in exp.benchmarks.items():
@@ -261,11 +189,18 @@ def stage_eval(exp: Experiment, method: str) -> None:
         policy = policy or exp.load_policy(method, for_sampling=True)
         os.makedirs(exp.path("eval"), exist_ok=True)
         path = exp.path("eval", f"{bench}_{method}.jsonl")
-        generated = play_shards(f"eval:{method}:{bench}", path, questions, chunk_size(ec.batch_size, 1),
-                                eval_player(exp, policy, env, f"eval {method} {bench}"))
+        played = play_shards(f"eval:{method}:{bench}", path, questions, chunk_size(ec.batch_size, 1),
+                             eval_player(exp, policy, env, f"eval {method} {bench}"))
+        work: dict = {}
+        for p in filter(None, played):  # a process with an empty shard played nothing
+            work = merge_work(work, p["sampler"])
+        print(f"eval {method} {bench}: {work.get('kind')} sampler, slot utilisation "
+              f"{work.get('slot_utilization', 0):.3f}, {work.get('prefill_tokens', 0)} prefill tokens")
         written, _ = records.read_jsonl(path)
         summary = {**evaluate.summarize([r["t_star"] for r in written], env.max_turns),
-                   "questions": len(questions), "generated_tokens": sum(g or 0 for g in generated)}
+                   "questions": len(questions),
+                   "generated_tokens": sum(p["generated_tokens"] for p in filter(None, played)),
+                   "sampler": split_invariant(work)}
         if isinstance(env, SecretGuessEnv):  # how close greedy decoding's choices are to ties
             summary["answer_check"] = answer_check(policy, exp.tokenizer, env, questions[0])
         write_json(out, summary)
@@ -274,17 +209,19 @@ def stage_eval(exp: Experiment, method: str) -> None:
 
 
 def eval_player(exp: Experiment, policy, env, desc: str):
-    """``play(path, questions) -> generated tokens`` for ``play_shards``: greedy episodes
-    of ``questions`` in chunks of ``eval.batch_size``, their records written to ``path``."""
+    """``play(path, questions) -> {"generated_tokens", "sampler"}`` for ``play_shards``:
+    greedy episodes of ``questions`` on the run's sampler (``eval.batch_size`` rows),
+    their records written to ``path``; "sampler": its work figures (``interface.Sampler``)."""
     ec = exp.cfg.eval
 
-    def play(path: str, questions) -> int:
-        episodes, generated = play_chunked(
+    def play(path: str, questions) -> dict:
+        work: dict = {}
+        episodes, generated = play_episodes(
             policy, exp.tokenizer, env, questions, num_samples=1, seed=exp.cfg.seed,
             sampling=exp.sampling(temperature=0.0, max_new_tokens=ec.max_new_tokens),
-            batch_size=ec.batch_size, desc=desc, engine=exp.engine())
+            batch_size=ec.batch_size, desc=desc, engine=exp.engine(), stats=work)
         records.write_jsonl(path, (e.to_record() for e in episodes))
-        return generated
+        return {"generated_tokens": generated, "sampler": work}
 
     return play
 

@@ -60,7 +60,7 @@ def run_in_process(args, cwd=None) -> subprocess.CompletedProcess:
             os.chdir(cwd)
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
-                argv, run._NONES[:] = run.check_overrides(argv, os.path.join(REPO, "experiments/configs/default.py"))
+                argv, run._OVERRIDES[:] = run.check_overrides(argv, os.path.join(REPO, "experiments/configs/default.py"))
                 sys.argv = argv  # the config flag reads its overrides from sys.argv
                 for name in [n for n in flags.FLAGS if n.startswith("config.")]:
                     delattr(flags.FLAGS, name)  # the previous run's override flags

@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 from drift_jax.data.batching import SFTExample, collate, epoch_batches, make_batch_fn
 from drift_jax.models import ModelConfig, Transformer
 from drift_jax.data.batching import bucket_length
-from drift_jax.training.train import create_train_state, make_train_step
+from drift_jax.training.step import make_train_step
+from drift_jax.training.train_state import create_train_state
 
 
 def _examples(lengths, vocab=None):
@@ -57,6 +58,18 @@ def test_collate_right_pads_and_zero_weights_filler_rows(lengths, extra, seed):
     assert np.all(batch["weights"][filler] == 0)
     assert not batch["valid"][filler].any() and not batch["loss_mask"][filler].any()
     assert np.all(batch["tokens"][filler] == pad_id)
+
+
+def test_collate_names_the_per_row_scalar_it_is_given():
+    """Online RL's rows carry an advantage, not a weight: ``row_scalars`` replaces
+    ``weights``; filler rows get 0, and each example needs its value."""
+    examples = [SFTExample(np.array([1, 2, 3], np.int32), np.array([0, 1, 1], bool)),
+                SFTExample(np.array([4, 5], np.int32), np.array([0, 1], bool))]
+    batch = collate(examples, 4, 0, batch_size=3, row_scalars={"advantages": np.array([-0.5, 1.25], np.float32)})
+    assert set(batch) == {"tokens", "valid", "loss_mask", "advantages"}
+    assert batch["advantages"].dtype == np.float32 and batch["advantages"].tolist() == [-0.5, 1.25, 0.0]
+    with pytest.raises(ValueError, match="1 values of 'advantages' for 2 examples"):
+        collate(examples, 4, 0, row_scalars={"advantages": [1.0]})
 
 
 def test_collate_rejects_an_example_longer_than_the_batch():
@@ -106,7 +119,7 @@ def test_batch_of_a_step_is_deterministic_and_epochs_reshuffle():
 
 
 def test_batch_fn_takes_the_train_state_and_ignores_it():
-    """``train.train_loop`` calls ``batch_fn(step, state)``; SFT data do not depend on it."""
+    """``loop.train_loop`` calls ``batch_fn(step, state)``; SFT data do not depend on it."""
     batch_fn, _ = make_batch_fn(_examples([3, 5, 7]), 2, seed=0, pad_id=0, bucket_window=1)
     for step in range(4):
         chex.assert_trees_all_equal(batch_fn(step, object()), batch_fn(step), batch_fn(step, state=None))

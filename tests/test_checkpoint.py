@@ -11,7 +11,8 @@ from flax import nnx
 
 from drift_jax.training.checkpoint import Checkpointer, load_params, save_params
 from drift_jax.models import ModelConfig, Transformer
-from drift_jax.training.train import create_train_state, make_optimizer, make_train_step
+from drift_jax.training.step import make_train_step
+from drift_jax.training.train_state import create_train_state, make_optimizer
 
 CFG = ModelConfig(
     vocab_size=32, hidden_size=32, intermediate_size=64, num_layers=2,

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from drift_jax import diagnostics as dg
 from drift_jax.data.records import BadRecord
-from drift_jax.weights import trajectory_returns, trajectory_weights
+from drift_jax.weights import host_importance_weights, trajectory_returns, trajectory_weights
 
 SETTINGS = settings(max_examples=50, deadline=None)
 
@@ -81,17 +81,17 @@ def test_ess_lies_in_one_to_k_and_is_scale_invariant(data, scale):
 def test_weights_and_ess_are_invariant_to_a_shift_of_a_groups_returns(data, beta, shifts):
     returns, ids = data
     shifted = returns + np.asarray(shifts)[ids]
-    np.testing.assert_allclose(dg.weights_from_returns(shifted, ids, beta),
-                               dg.weights_from_returns(returns, ids, beta), rtol=1e-9, atol=1e-300)
+    np.testing.assert_allclose(host_importance_weights(shifted, ids, beta),
+                               host_importance_weights(returns, ids, beta), rtol=1e-9, atol=1e-300)
     assert dg.ess_fraction_at_beta(shifted, ids, beta) == pytest.approx(
         dg.ess_fraction_at_beta(returns, ids, beta), rel=1e-9)
 
 
-def test_weights_from_returns_match_the_library_weights():
+def test_host_weights_of_returns_match_the_library_weights():
     records = mixed_records()
     ids, _ = dg.group_indices([r["prompt_id"] for r in records])
     returns = [trajectory_returns(r, 0.9, 0.5) for r in records]
-    np.testing.assert_allclose(dg.weights_from_returns(returns, ids, 0.3),
+    np.testing.assert_allclose(host_importance_weights(returns, ids, 0.3),
                                trajectory_weights(records, 0.9, 0.3, 0.5), rtol=1e-5)
 
 

@@ -1,8 +1,10 @@
 """The continuous engine against the static sampler and the full forward: same tokens for
 the same keys over 5-turn episodes with K samples, mixed prompt lengths and rows that
-stop at different times; prefix reuse across turns gives the full prefill's logits;
-paged attention equals dense attention (gather path and the Pallas kernel, interpreted
-on CPU); eviction under a small page pool changes nothing; compiles stay bounded.
+stop at different times (and the static sampler behind the same ``Sampler`` interface
+gives them too); prefix reuse across turns gives the full prefill's logits; paged
+attention equals dense attention (gather path and the Pallas kernel, interpreted on
+CPU); eviction under a small page pool changes nothing; compiles stay bounded; work
+figures merge over runs.
 
 The multi-turn driver is synthetic: turn t+1's context is turn t's context + reply + a
 feedback of random tokens, and each (episode, turn) has its own budget, so rows stop at
@@ -17,10 +19,12 @@ from flax import nnx
 
 from drift_jax.rollout import engine as engine_lib
 from drift_jax.models import paged
-from drift_jax.rollout.engine import Engine, Request
+from drift_jax.rollout.engine import Engine
 from drift_jax.rollout.episodes import episode_keys, prompt_hash
+from drift_jax.rollout.interface import EngineOptions, Request, merge_work, split_invariant
 from drift_jax.models import Transformer
 from drift_jax.rollout.sampling import SamplingParams, generate_batched
+from drift_jax.rollout.static import StaticSampler
 
 TURNS, K, N_PROMPTS, MAX_NEW = 5, 3, 4, 8
 
@@ -58,7 +62,9 @@ def play_static(model, params, workload, seed=0):
     return replies
 
 
-def play_engine(model, params, workload, seed=0, **engine_kwargs):
+def play_engine(model, params, workload, seed=0, sampler=None, **options):
+    """The workload through a ``Sampler``'s requests: the engine with ``options``, or
+    ``sampler``. Returns (replies per episode and turn, the work figures)."""
     prompts, budgets, feedback, ends = workload
     replies = [[] for _ in range(len(prompts) * K)]
 
@@ -77,8 +83,8 @@ def play_engine(model, params, workload, seed=0, **engine_kwargs):
             return [request(e, turn + 1, list(req.tokens) + list(reply) + feedback[e][turn])]
         return []
 
-    eng = Engine(model, params, seed=seed, max_len=512, **engine_kwargs)
-    stats = eng.run(source(), on_finish)
+    sampler = sampler or Engine(model, params, seed=seed, options=EngineOptions(**options), max_len=512)
+    stats = sampler.run(source(), on_finish)
     return replies, stats
 
 
@@ -92,10 +98,26 @@ def test_engine_gives_the_static_samplers_tokens(model, temperature):
     # fp32 logits agree to rounding; a differing token would need a near-tie (greedy) or
     # a uniform draw within ~1e-6 of a CDF boundary (sampled): we require all of them.
     assert same == len(static), f"{same}/{len(static)} trajectories identical"
-    assert stats.useful_tokens == sum(len(r) for rs in static for r in rs)
-    later = sum(v for t, v in stats.prefill_tokens_by_turn.items() if t > 1)
-    prompts_later = sum(v for t, v in stats.prompt_tokens_by_turn.items() if t > 1)
+    assert stats["kind"] == "continuous"
+    assert stats["useful_tokens"] == sum(len(r) for rs in static for r in rs)
+    later = sum(v for t, v in stats["prefill_tokens_by_turn"].items() if t > 1)
+    prompts_later = sum(v for t, v in stats["prompt_tokens_by_turn"].items() if t > 1)
     assert later < prompts_later / 3  # turns 2-5 prefill only what the cache lacks
+
+
+def test_the_static_sampler_serves_the_same_requests(model):
+    """Behind the ``Sampler`` interface, the static sampler plays the request workload
+    (per-request budgets, follow-ups) as the hand-written turn loop does, in chunks of
+    whole groups: its tokens and work figures are play_static's."""
+    params = SamplingParams(temperature=1.0, max_new_tokens=MAX_NEW)
+    workload = _workload(model.cfg.vocab_size)
+    static = play_static(model, params, workload)
+    ours, stats = play_engine(model, params, workload, sampler=StaticSampler(model, params, seed=0, batch_size=8))
+    assert ours == static
+    assert stats["kind"] == "static" and stats["useful_tokens"] == sum(len(r) for rs in static for r in rs)
+    assert stats["requests"] == sum(len(rs) for rs in static)
+    assert stats["prefill_tokens"] == stats["prompt_tokens"] == sum(stats["prompt_tokens_by_turn"].values())
+    assert 0 < stats["slot_utilization"] == stats["useful_tokens"] / stats["slot_steps"] < 1
 
 
 def test_eviction_under_a_small_pool_changes_no_token(model):
@@ -103,7 +125,7 @@ def test_eviction_under_a_small_pool_changes_no_token(model):
     workload = _workload(model.cfg.vocab_size)  # the workload above: its programs are compiled
     roomy, _ = play_engine(model, params, workload, num_slots=4, page_size=8)
     tight, stats = play_engine(model, params, workload, num_slots=4, page_size=8, num_pages=20)  # 19 usable; one request needs <= 15
-    assert stats.evictions > 0
+    assert stats["evictions"] > 0
     assert tight == roomy
 
 
@@ -113,8 +135,9 @@ def test_prefix_reuse_gives_the_full_prefills_logits(model):
     all 22 (fp32, atol 1e-5)."""
     rng = np.random.default_rng(3)
     tokens = rng.integers(1, model.cfg.vocab_size, size=22).tolist()
-    eng = Engine(model, SamplingParams(max_new_tokens=4), seed=0, num_slots=2, page_size=4, max_len=64)
-    pages = eng.pool.allocate(6)
+    eng = Engine(model, SamplingParams(max_new_tokens=4), seed=0, options=EngineOptions(num_slots=2, page_size=4),
+                 max_len=64)
+    pages = eng.caches.pool.allocate(6)
     eng._run_prefill([(pages, tokens[:13], 0)])
     eng._run_prefill([(pages, tokens[:21], 13)])
     tables_1m = np.zeros((1, eng.table_width), np.int32)
@@ -175,18 +198,42 @@ def test_compiles_stay_bounded_as_work_grows(model):
     _, stats = play_engine(model, params, _workload(model.cfg.vocab_size, seed=5, n_prompts=2 * N_PROMPTS),
                            num_slots=4, page_size=8)
     after = engine_lib._prefill._cache_size() + engine_lib._decode._cache_size()
-    assert stats.requests > 2 * N_PROMPTS * K
+    assert stats["requests"] > 2 * N_PROMPTS * K
     assert after - before <= 4, (before, after)
 
 
 def test_a_pool_too_small_for_one_request_is_an_error(model):
-    eng = Engine(model, SamplingParams(max_new_tokens=8), seed=0, num_slots=2, page_size=4, num_pages=3,
-                 max_len=64)
+    eng = Engine(model, SamplingParams(max_new_tokens=8), seed=0,
+                 options=EngineOptions(num_slots=2, page_size=4, num_pages=3), max_len=64)
     with pytest.raises(RuntimeError, match="too small"):
         eng.run([[Request(0, list(range(1, 20)), (1, 0, 0), 8)]], lambda *a: [])
 
 
+def test_work_figures_merge_over_runs_and_keep_the_split_invariant_ones():
+    a = {"kind": "continuous", "num_slots": 4, "useful_tokens": 6, "slot_steps": 8, "slot_utilization": 0.75,
+         "requests": 2, "prompt_tokens": 9, "prompt_tokens_by_turn": {1: 5, 2: 4}}
+    b = {"kind": "continuous", "num_slots": 4, "useful_tokens": 2, "slot_steps": 8, "slot_utilization": 0.25,
+         "requests": 1, "prompt_tokens": 3, "prompt_tokens_by_turn": {"1": 3}}  # a JSON round trip's keys
+    merged = merge_work(a, b)
+    assert merged == {"kind": "continuous", "num_slots": 4, "useful_tokens": 8, "slot_steps": 16,
+                      "slot_utilization": 0.5, "requests": 3, "prompt_tokens": 12,
+                      "prompt_tokens_by_turn": {1: 8, 2: 4}}
+    assert merge_work({}, a) == a and merge_work(a, None) == a
+    assert split_invariant(merged) == {"kind": "continuous", "requests": 3, "useful_tokens": 8,
+                                       "prompt_tokens": 12, "prompt_tokens_by_turn": {1: 8, 2: 4}}
+    with pytest.raises(ValueError, match="do not merge"):
+        merge_work(a, {**b, "kind": "static"})
+
+
+def test_engine_options_are_checked_once():
+    with pytest.raises(ValueError, match="expected one of"):
+        EngineOptions(kind="paged")
+    for bad in ({"num_slots": 0}, {"page_size": 0}, {"refill_after": 0}, {"prefill_chunk": 2}):
+        with pytest.raises(ValueError, match=">= 1"):
+            EngineOptions(**bad)
+
+
 def test_a_context_beyond_max_len_is_an_error(model):
-    eng = Engine(model, SamplingParams(max_new_tokens=8), seed=0, num_slots=2, max_len=16)
+    eng = Engine(model, SamplingParams(max_new_tokens=8), seed=0, options=EngineOptions(num_slots=2), max_len=16)
     with pytest.raises(ValueError, match="max_len 16"):
         eng.run([[Request(0, list(range(1, 12)), (1, 0, 0), 8)]], lambda *a: [])

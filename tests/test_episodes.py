@@ -1,12 +1,15 @@
 """drift_jax.rollout.episodes: episodes played by a (tiny, random) policy, the text a reply adds to
-the dialogue, per-trajectory keys, and the resumable rollout writer.
+the dialogue, per-trajectory keys, the resumable rollout writer, and the sampler each
+caller plays on: the one configured (spied), with the same episodes on either.
 
-``play_episodes`` runs on the toy task with its word-level tokenizer; three compiled
-shapes in all (temperature 1 at prompt buckets 16 and 32, greedy at 16). Reading and
-writing records is tested in test_records.py.
+``play_episodes`` runs on the toy task with its word-level tokenizer, on the continuous
+engine unless a test names the static sampler. Reading and writing records is tested in
+test_records.py.
 """
 
 import collections
+import itertools
+import types
 
 import jax
 import numpy as np
@@ -15,16 +18,19 @@ from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from drift_jax.rollout import episodes as episodes_module
 from drift_jax.data.chat import encode_prompt, end_of_turn_id
 from drift_jax.envs.secret import SecretGuessEnv, build_tokenizer
+from drift_jax.rollout.engine import Engine
 from drift_jax.rollout.episodes import (
     append_rollouts,
     decode_reply,
     episode_keys,
     generated_tokens,
     play_episodes,
+    prompt_hash,
 )
+from drift_jax.rollout.interface import ENGINES, EngineOptions, request_key_data
+from drift_jax.rollout.static import StaticSampler
 from drift_jax.models import Transformer
 from drift_jax.data.records import read_jsonl, validate_record, write_jsonl
 from drift_jax.rollout.sampling import SamplingParams
@@ -51,14 +57,27 @@ def policy(tiny_cfg, toy):
     return Transformer(tiny_cfg.replace(vocab_size=len(toy[0])), rngs=nnx.Rngs(0))
 
 
-def play(policy, toy, questions, seed, env=None, sampling=None, num_samples=K):
+def play(policy, toy, questions, seed, env=None, sampling=None, num_samples=K, engine="continuous", stats=None):
     tokenizer, toy_env, _, toy_sampling = toy
     episodes, generated = play_episodes(
         policy, tokenizer, env or toy_env, questions, num_samples=num_samples,
-        sampling=sampling or toy_sampling, seed=seed, batch_size=BATCH, progress=False,
+        sampling=sampling or toy_sampling, seed=seed, batch_size=BATCH, progress=False, engine=engine,
+        stats=stats,
     )
     assert all(e.done for e in episodes)
     return [e.to_record() for e in episodes], generated
+
+
+def spy_samplers(monkeypatch) -> list:
+    """The kinds of the samplers whose ``run`` is called, in call order."""
+    ran = []
+    for cls in (Engine, StaticSampler):
+        def run(self, source, on_finish, real=cls.run):
+            ran.append(self.kind)
+            return real(self, source, on_finish)
+
+        monkeypatch.setattr(cls, "run", run)
+    return ran
 
 
 def test_play_episodes_returns_k_finished_episodes_per_question_in_order(policy, toy, tmp_path):
@@ -144,6 +163,59 @@ def test_episode_keys_depend_on_prompt_sample_and_turn_only():
     assert np.array_equal(data(episode_keys(0, ["x", "b"], [5, 0], turn=1))[1], keys[1])
     assert not np.array_equal(data(episode_keys(0, ["b"], [0], turn=2))[0], keys[1])
     assert not np.array_equal(data(episode_keys(1, ["b"], [0], turn=1))[0], keys[1])
+    # The samplers' requests carry (turn, prompt hash, sample): the same bits.
+    for seed, turn in ((0, 1), (7, 3)):
+        ids = [(turn, prompt_hash(p), j) for p, j in (("a", 0), ("b", 0), ("a", 1))]
+        np.testing.assert_array_equal(request_key_data(seed, np.asarray(ids, np.int64)),
+                                      data(episode_keys(seed, ["a", "b", "a"], [0, 0, 1], turn)))
+
+
+# -- the sampler each caller plays on ----------------------------------------------------
+
+@pytest.mark.parametrize("kind", ENGINES)
+def test_play_episodes_runs_the_configured_sampler_and_reports_its_work(policy, toy, monkeypatch, kind):
+    ran = spy_samplers(monkeypatch)
+    questions = toy[2]
+    for engine in (kind, EngineOptions(kind=kind, page_size=8)):
+        ran.clear()
+        stats: dict = {}
+        _, generated = play(policy, toy, questions, seed=0, engine=engine, stats=stats)
+        assert ran == [kind] and stats["kind"] == kind
+        assert stats["useful_tokens"] == generated and stats["requests"] >= K * len(questions)
+        assert 0 < stats["slot_utilization"] <= 1 and stats["prefill_tokens"] > 0
+    # Stats passed again are added to (e.g. over chunks or calls).
+    play(policy, toy, questions, seed=0, engine=kind, stats=stats)
+    assert stats["useful_tokens"] == 2 * generated
+
+
+@pytest.mark.parametrize("kind", ENGINES)
+def test_the_eval_stage_plays_on_the_configured_sampler(policy, toy, tmp_path, monkeypatch, kind):
+    """``stages.eval_player`` (the eval stage's player, per process) plays on the sampler
+    of ``Experiment.engine`` and returns its work figures with the tokens generated."""
+    from experiments.stages import eval_player
+
+    tokenizer, env, questions, sampling = toy
+    exp = types.SimpleNamespace(
+        cfg=types.SimpleNamespace(seed=0, eval=types.SimpleNamespace(batch_size=BATCH, max_new_tokens=3)),
+        tokenizer=tokenizer, engine=lambda: EngineOptions(kind=kind),
+        sampling=lambda temperature, max_new_tokens: SamplingParams(
+            temperature=temperature, max_new_tokens=max_new_tokens, stop_ids=sampling.stop_ids))
+    ran = spy_samplers(monkeypatch)
+    played = eval_player(exp, policy, env, "eval")(str(tmp_path / "eval.jsonl"), questions)
+    assert ran == [kind] and played["sampler"]["kind"] == kind
+    records, _ = read_jsonl(str(tmp_path / "eval.jsonl"))
+    assert len(records) == len(questions) and played["generated_tokens"] == played["sampler"]["useful_tokens"] > 0
+
+
+def test_greedy_evaluation_gives_the_same_dialogues_on_both_samplers(policy, toy):
+    """Evaluation's case: greedy, one sample, more questions than a static chunk holds."""
+    _, env, _, sampling = toy
+    questions = env.make_questions(BATCH + 1, seed=2, prefix="e")  # static: chunks of 8 and 1
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=3, stop_ids=sampling.stop_ids)
+    played = {kind: play(policy, toy, questions, seed=0, sampling=greedy, num_samples=1, engine=kind)
+              for kind in ENGINES}
+    assert played["continuous"] == played["static"]  # records and tokens generated
+    assert len(played["static"][0]) == len(questions) and played["static"][1] > 0
 
 
 # -- decode_reply: one rule for every player ----------------------------------------------
@@ -243,22 +315,31 @@ def test_append_rollouts_writes_the_groups_of_play_episodes_with_token_counts(po
 @pytest.mark.parametrize("engine", ["static", "continuous"])
 def test_resume_from_any_interrupted_state_writes_the_same_file(policy, toy, tmp_path, monkeypatch, engine):
     """Static: the unfinished chunk is replayed in full; continuous: the remaining
-    prompts stream through the engine. Either way the file ends as an uninterrupted one."""
+    prompts stream through the engine, from the first unfinished one. Either way the
+    file ends as an uninterrupted one, and only the configured sampler runs."""
     questions = toy[1].make_questions(5, seed=1, prefix="a")
     _append(policy, toy, tmp_path / "full.jsonl", questions, engine)
     full = (tmp_path / "full.jsonl").read_bytes()
     line_ends = [i + 1 for i, b in enumerate(full) if b == ord("\n")]
     group_ends = line_ends[APPEND_K - 1 :: APPEND_K]
     assert len(group_ends) == 5
-    replayed = []  # the first prompt id of every chunk played
-    real_play = episodes_module._play
+    prompt_of = {prompt_hash(q.prompt_id): q.prompt_id for q in questions}
+    replayed = []  # the first prompt id of every static chunk, or of the engine's run
+    ran = spy_samplers(monkeypatch)
+    real_chunk, real_run = StaticSampler._play_chunk, Engine.run  # Engine.run: the spy
 
-    def spy_play(model, tokenizer, env, chunk, **kwargs):
-        replayed.append(chunk[0].prompt_id)
-        return real_play(model, tokenizer, env, chunk, **kwargs)
+    def spy_chunk(self, requests, *args):
+        replayed.append(prompt_of[requests[0].key_ids[1]])
+        return real_chunk(self, requests, *args)
 
-    monkeypatch.setattr(episodes_module, "_play", spy_play)
-    cuts = {  # prefix length -> (complete groups in it, chunks that must be replayed)
+    def spy_run(self, source, on_finish):
+        first = next(iter(source), None)
+        replayed.extend([prompt_of[first[0].key_ids[1]]] if first else [])
+        return real_run(self, itertools.chain([first] if first else [], source), on_finish)
+
+    monkeypatch.setattr(StaticSampler, "_play_chunk", spy_chunk)
+    monkeypatch.setattr(Engine, "run", spy_run)
+    cuts = {  # prefix length -> (complete groups in it, static chunks that must be replayed)
         0: (0, ["a0", "a2", "a4"]),
         line_ends[0] // 2: (0, ["a0", "a2", "a4"]),  # torn first line
         line_ends[0]: (0, ["a0", "a2", "a4"]),  # incomplete first group
@@ -273,10 +354,13 @@ def test_resume_from_any_interrupted_state_writes_the_same_file(policy, toy, tmp
         path = tmp_path / f"cut{cut}.jsonl"
         path.write_bytes(full[:cut])
         replayed.clear()
+        ran.clear()
         stats = _append(policy, toy, path, questions, engine)
         assert path.read_bytes() == full, cut
         assert stats["resumed_groups"] == groups, cut
-        assert replayed == (chunks if engine == "static" else []), cut
+        expected = chunks if engine == "static" else [f"a{g}" for g in range(groups, 5)][:1]
+        assert replayed == expected, cut  # the engine starts at the first unfinished group
+        assert ran == ([engine] if expected else []), cut
 
 
 def test_append_rollouts_rejects_bad_arguments(policy, toy, tmp_path):
@@ -298,9 +382,12 @@ def test_generated_tokens_of_a_record_from_elsewhere_is_zero():
     assert generated_tokens({"reward_details": [{"generated_tokens": 3}, "junk", {"turn": 2}]}) == 3
 
 
-def test_both_engines_write_the_same_rollout_file(policy, toy, tmp_path):
+def test_both_engines_write_the_same_rollout_file(policy, toy, tmp_path, monkeypatch):
     questions = toy[1].make_questions(5, seed=1, prefix="a")
-    _append(policy, toy, tmp_path / "static.jsonl", questions, "static")
-    stats = _append(policy, toy, tmp_path / "continuous.jsonl", questions, "continuous")
+    ran = spy_samplers(monkeypatch)
+    for kind in ENGINES:
+        stats = _append(policy, toy, tmp_path / f"{kind}.jsonl", questions, kind)
+        assert ran[-1] == kind and stats["work"]["kind"] == kind
+        assert stats["work"]["useful_tokens"] == stats["generated_tokens"]
+    assert ran == list(ENGINES)
     assert (tmp_path / "static.jsonl").read_bytes() == (tmp_path / "continuous.jsonl").read_bytes()
-    assert stats["work"]["useful_tokens"] == stats["generated_tokens"]

@@ -26,14 +26,17 @@ import pytest
 from flax import nnx
 from safetensors import safe_open
 
-from drift_jax.training import policy_gradient, train
+from drift_jax.training import policy_gradient
 
 from drift_jax.parallel import sharding
 from drift_jax.training.checkpoint import Checkpointer
 from drift_jax.models import (LoRAConfig, ModelConfig, Transformer, apply_lora, from_pretrained, has_lora,
                               load_adapter, merge_lora, save_pretrained)
 from drift_jax.models import lora
-from drift_jax.training.train import create_train_state, make_optimizer, make_train_step, split_trainable, train_loop
+from drift_jax.training.loop import checkpoint_view, train_loop
+from drift_jax.training.step import make_train_step
+from drift_jax.training.train_state import (abstract_train_state, create_train_state, make_optimizer, split_trainable,
+                                            state_summary)
 
 TOL = 1e-4
 ALL = tuple(lora.TARGETS)
@@ -356,7 +359,7 @@ def test_lora_trains_only_the_adapters():
     # AdamW's moments mirror the adapters, and nothing else.
     for moment in ("mu", "nu"):
         chex.assert_trees_all_equal_shapes_and_dtypes(optax.tree.get(state.opt_state, moment), trained)
-    summary, line = train.state_summary(state)
+    summary, line = state_summary(state)
     per_layer = sum(LCFG.rank * sum(lin.kernel.shape) for _, _, lin in lora._adapted(nnx.merge(graphdef, state.params)))
     assert summary["trainable_params"] == per_layer and summary["frozen_params"] == CFG.num_params
     assert summary["frozen_bytes"] == 2 * CFG.num_params and summary["trainable_bytes"] == 4 * per_layer
@@ -368,10 +371,10 @@ def test_state_summary_reads_shapes_only():
     def make():
         return apply_lora(Transformer(BASE_CFG, rngs=nnx.Rngs(0)), LCFG, nnx.Rngs(1))
 
-    abstract = train.abstract_train_state(make, TX)
+    abstract = abstract_train_state(make, TX)
     assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(abstract.params))
-    assert train.state_summary(abstract) == train.state_summary(lora_state()[1])
-    full, _ = train.state_summary(train.abstract_train_state(lambda: Transformer(CFG, rngs=nnx.Rngs(0)), TX))
+    assert state_summary(abstract) == state_summary(lora_state()[1])
+    full, _ = state_summary(abstract_train_state(lambda: Transformer(CFG, rngs=nnx.Rngs(0)), TX))
     assert (full["trainable_params"], full["frozen_params"], full["trainable_fraction"]) == (CFG.num_params, 0, 1.0)
 
 
@@ -400,12 +403,12 @@ def test_lora_with_remat_and_chunked_loss_gives_the_same_updates():
 
 @pytest.mark.parametrize("config", [LCFG, None], ids=["lora", "full"])
 def test_pg_loss_with_remat_trains_the_trained_params(config):
-    """online_rl.pg_loss_fn with remat: the reference params (aux) and the frozen base
+    """policy_gradient.pg_loss_fn with remat: the reference params (aux) and the frozen base
     reach the rematerialised layers from outer traces, which nnx must accept."""
     graphdef, state = lora_state(config, cfg=BASE_CFG.replace(remat="full", param_dtype=jnp.float32))
     ref_params = jax.tree.map(jnp.copy, state.params)  # the policy at the start (adapters: B = 0)
     frozen0 = host_copy(split_trainable(state.params)[1])
-    step_fn = make_train_step(graphdef, TX, schedule_fn=SCHEDULE, loss_fn=online_rl.pg_loss_fn(kl_coef=0.1))
+    step_fn = make_train_step(graphdef, TX, schedule_fn=SCHEDULE, loss_fn=policy_gradient.pg_loss_fn(kl_coef=0.1))
     batch = {**make_batch(6), "advantages": np.linspace(-1, 1, B).astype(np.float32)}
     state, metrics = run_steps(step_fn, state, [batch] * 3, aux=ref_params)
     assert np.isfinite(metrics["loss"]) and metrics["kl_sum"] > 0  # the policy has moved off the reference
@@ -436,7 +439,7 @@ def test_dropout_trains_differently_and_a_resumed_run_ends_with_the_same_adapter
     train_loop(state, step_fn, batch_fn, 6, checkpointer=ckpt, progress=False)
     ckpt.close()
     ckpt = Checkpointer(tmp_path / "ckpt", save_every=3)
-    saved = ckpt.restore(train.checkpoint_view(lora_state(config)[1]))  # adapters-only structure
+    saved = ckpt.restore(checkpoint_view(lora_state(config)[1]))  # adapters-only structure
     assert len(jax.tree.leaves(saved.params)) == 2 * len(config.targets) * CFG.num_layers
     restarted = lora_state(config, adapter_seed=7)[1]  # other adapters: the checkpoint's must win
     resumed = train_loop(restarted, step_fn, batch_fn, 8, checkpointer=ckpt, progress=False)

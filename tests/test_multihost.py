@@ -6,7 +6,9 @@ and write what ONE process with the same two devices (``--xla_force_host_platfor
 the same mesh data=2) writes: the same rollout and eval files byte for byte, the same
 training losses, the same results.json metrics. A job whose process 1 is SIGKILLed
 mid-rollout (after one prompt group of its part) and whose peer is then killed too,
-rerun with the same command, resumes each process's part and ends with the same file.
+rerun with the same command, resumes each process's part and ends with the same file. A
+job with more processes than rollout or eval chunks (a process with nothing to play)
+writes what one process writes too.
 
 Every subprocess has a timeout, and the barriers one (``DRIFT_BARRIER_TIMEOUT_S``), so a
 dead or hung peer fails the test instead of hanging it. Also: the pure sharding helpers."""
@@ -209,3 +211,37 @@ def test_a_job_killed_mid_rollout_resumes_each_part(tmp_path, env, job, single):
     assert [ids[i] for i in range(0, 24, 4)] == list(dict.fromkeys(ids))  # groups contiguous, in order
     stats = json.loads((workdir / "rollout_stats.json").read_text())
     assert stats["resumed_groups"] >= 1  # process 1's group (and whatever process 0 had finished)
+
+
+def test_a_process_whose_shard_is_empty_waits_and_the_job_writes_what_one_process_writes(tmp_path, env, runs):
+    """More processes than chunks: rollout batches of 32 rows hold the 6 prompts x K=4 in
+    one chunk, and eval batches of 8 the 8 eval prompts, so process 0 plays nothing in
+    either stage (it merges process 1's part). On copies of the finished single and job
+    workdirs (their reference is reused), the job and one process with the same settings
+    write the same files."""
+    from drift_jax.rollout.episodes import chunk_size
+
+    overrides = ["--config.rollout.batch_size=32", "--config.eval.batch_size=8"]
+    assert distributed.shard_range(6, 2, 0, align=chunk_size(32, 4)) == (0, 0)
+    assert distributed.shard_range(8, 2, 0, align=chunk_size(8, 1)) == (0, 0)
+    (single_dir, (job_dir, _)), single, workdir = runs, tmp_path / "single", tmp_path / "job"
+    shutil.copytree(single_dir, single)
+    shutil.copytree(job_dir, workdir)
+    # Process 0 waits at the merge while process 1 plays (and compiles) every chunk.
+    job_env = {**env, "DRIFT_BARRIER_TIMEOUT_S": "240"}
+    procs = [start([sys.executable, RUN, CONFIG, f"--workdir={single}", *overrides],
+                   {**job_env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}),
+             start(["bash", "experiments/local_multiprocess.sh", "2", CONFIG, f"--workdir={workdir}", *overrides],
+                   job_env)]
+    try:
+        outputs = [finish(p) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    ran = "stages run: rollout, weights, train:drift, eval:reference:secret, eval:drift:secret\n"
+    assert outputs[0].count(ran) == 1 and outputs[1].count(ran) == 2  # both processes
+    assert_same_as_single(workdir, single)
+    assert json.loads((workdir / "rollout_stats.json").read_text())["resumed_groups"] == 0
+    assert not (workdir / "eval" / "secret_drift.jsonl.parts").exists()

@@ -1,7 +1,7 @@
 """Properties of drift_jax.training.policy_gradient: GRPO advantages, the policy-gradient loss against the
 REINFORCE and k3 formulas, its loss function through the shared train step (== a direct
 jax.grad of ``pg_loss``; K micro-batches == one batch), the episode rows on sampled ids,
-and ``make_batch_fn`` in ``train.train_loop`` on the secret task (compiles once, counts
+and ``make_batch_fn`` in ``loop.train_loop`` on the secret task (compiles once, counts
 its cost, resumes to the same result as a straight run)."""
 
 from __future__ import annotations
@@ -18,17 +18,22 @@ from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from drift_jax.training import policy_gradient, train
+from drift_jax.training import policy_gradient
 from drift_jax.data.chat import encode_dialogue, encode_prompt, end_of_turn_id
 from drift_jax.training.checkpoint import Checkpointer
 from drift_jax.envs.base import FEEDBACK
 from drift_jax.envs.secret import SecretGuessEnv, build_tokenizer
+from drift_jax.rollout.engine import Engine
 from drift_jax.rollout.episodes import decode_reply, play_episodes
+from drift_jax.rollout.interface import ENGINES, EngineOptions
+from drift_jax.rollout.static import StaticSampler
 from drift_jax.training.losses import mean_loss
 from drift_jax.models import ModelConfig, Transformer
 from drift_jax.training.policy_gradient import episode_example, group_advantages, kl_k3, pg_loss
 from drift_jax.rollout.sampling import SamplingParams
-from drift_jax.training.train import create_train_state, make_optimizer
+from drift_jax.training.loop import train_loop
+from drift_jax.training.step import make_train_step
+from drift_jax.training.train_state import TrainState, create_train_state, make_optimizer
 
 try:  # the stage's run totals (conftest puts the repo root on sys.path)
     from experiments.online_rl import run_stats
@@ -175,7 +180,7 @@ def step_batch(seed, b=4, t=8):
 
 
 def pg_step(graphdef, m=1, **kwargs):
-    return train.make_train_step(graphdef, TX, num_micro_batches=m, loss_fn=online_rl.pg_loss_fn(**kwargs))
+    return make_train_step(graphdef, TX, num_micro_batches=m, loss_fn=policy_gradient.pg_loss_fn(**kwargs))
 
 
 def assert_close_on_tensor_scale(got, want, rtol=1e-5):
@@ -240,7 +245,7 @@ def test_pg_update_at_qwen_vocab_compiles_without_full_logits():
                       num_heads=1, num_kv_heads=1, head_dim=8, tie_word_embeddings=True)
     model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
     graphdef, params = nnx.split(model, nnx.Param)
-    state = jax.eval_shape(lambda p: train.TrainState(
+    state = jax.eval_shape(lambda p: TrainState(
         params=p, opt_state=TX.init(p), step=jnp.zeros((), jnp.int32), rng=jax.random.key_data(jax.random.key(0))),
         params)
     batch = {"tokens": jax.ShapeDtypeStruct((b, t), jnp.int32), "valid": jax.ShapeDtypeStruct((b, t), bool),
@@ -275,11 +280,11 @@ def test_step_two_micro_batches_equal_one_batch_and_zero_advantage_at_reference_
 
 def test_pg_loss_fn_and_on_policy_check_reject_bad_settings():
     with pytest.raises(ValueError, match="normalize"):
-        online_rl.pg_loss_fn(normalize="weight_sum")
-    online_rl.check_on_policy(SamplingParams(temperature=1.0, max_new_tokens=3))
+        policy_gradient.pg_loss_fn(normalize="weight_sum")
+    policy_gradient.check_on_policy(SamplingParams(temperature=1.0, max_new_tokens=3))
     for tempered in (SamplingParams(temperature=0.7), SamplingParams(top_p=0.9), SamplingParams(top_k=5)):
         with pytest.raises(ValueError, match="temperature 1"):
-            online_rl.check_on_policy(tempered)
+            policy_gradient.check_on_policy(tempered)
 
 
 # ---------------------------------------------------------------- prompts per step
@@ -290,13 +295,13 @@ def test_pg_loss_fn_and_on_policy_check_reject_bad_settings():
 def test_step_prompts_are_deterministic_and_never_repeat_within_an_epoch(n, p, seed):
     if p > n:
         with pytest.raises(ValueError, match="prompts_per_step"):
-            online_rl.step_prompts(n, p, seed, 0)
+            policy_gradient.step_prompts(n, p, seed, 0)
         return
     per_epoch = n // p
-    epoch = np.concatenate([online_rl.step_prompts(n, p, seed, s) for s in range(per_epoch)])
+    epoch = np.concatenate([policy_gradient.step_prompts(n, p, seed, s) for s in range(per_epoch)])
     assert len(epoch) == per_epoch * p and len(set(epoch.tolist())) == len(epoch)
-    np.testing.assert_array_equal(online_rl.step_prompts(n, p, seed, per_epoch + 1),
-                                  online_rl.step_prompts(n, p, seed, per_epoch + 1))
+    np.testing.assert_array_equal(policy_gradient.step_prompts(n, p, seed, per_epoch + 1),
+                                  policy_gradient.step_prompts(n, p, seed, per_epoch + 1))
 
 
 # ---------------------------------------------------------------- the online loop
@@ -336,11 +341,11 @@ def test_episode_example_trains_exactly_the_sampled_ids(secret):
     # encode_dialogue(supervise="all").
     turns, messages = hand_turns(tokenizer, env, questions[0],
                                  [["<answer>A</answer>", eot], ["maybe", "B", eot]])
-    example, left_out = episode_example(turns, 0.5)
+    example, left_out = episode_example(turns)
     expected = encode_dialogue(tokenizer, messages, supervise="all")
     np.testing.assert_array_equal(example.tokens, expected.tokens)
     np.testing.assert_array_equal(example.loss_mask, expected.loss_mask)
-    assert left_out == 0 and example.weight == 0.5
+    assert left_out == 0
 
     # A reply cut at the token budget: the template's end-of-turn token after it was never
     # sampled, so it is context, not loss; everything else is as before.
@@ -407,15 +412,15 @@ def run_online(secret, steps, tmp, model_seed=0, sampling=None, **kwargs):
     # The reference is always seed 0; a resumed run's own init is replaced by the checkpoint.
     graphdef, state = create_train_state(Transformer(cfg, rngs=nnx.Rngs(model_seed)), tx)
     ref_params = nnx.state(Transformer(cfg, rngs=nnx.Rngs(0)), nnx.Param)
-    step_fn = kwargs.pop("step_fn", None) or train.make_train_step(
-        graphdef, tx, schedule_fn=schedule, loss_fn=online_rl.pg_loss_fn(kl_coef=1e-3))
-    batch_fn = online_rl.make_batch_fn(
+    step_fn = kwargs.pop("step_fn", None) or make_train_step(
+        graphdef, tx, schedule_fn=schedule, loss_fn=policy_gradient.pg_loss_fn(kl_coef=1e-3))
+    batch_fn = policy_gradient.make_batch_fn(
         graphdef, tokenizer, env, questions, prompts_per_step=2, num_samples=4,
         sampling=sampling or default_sampling, gamma=1.0, lam=0.5, seq_len=32, batch_size=8, seed=0,
         **kwargs)
     metrics_path = tmp / "metrics.jsonl"
     with Checkpointer(tmp / "ckpt", save_every=2) as ckpt:
-        state = train.train_loop(state, step_fn, batch_fn, steps, aux=ref_params, checkpointer=ckpt,
+        state = train_loop(state, step_fn, batch_fn, steps, aux=ref_params, checkpointer=ckpt,
                                  metrics_path=str(metrics_path), desc="online RL", progress=False)
     return state, step_fn, [json.loads(x) for x in metrics_path.read_text().splitlines()]
 
@@ -429,6 +434,7 @@ def test_online_loop_compiles_once_counts_cost_and_resumes_like_a_straight_run(s
         # The loss covers exactly the sampled tokens: every one, nothing else.
         assert r["left_out_turns"] == 0 and r["supervised_tokens"] == r["generated_tokens"] == r["num_tokens"]
         assert r["trained_tokens"] == r["num_input_tokens"]
+        assert r["sampler"] == "continuous" and 0 < r["slot_utilization"] <= 1 and r["prefill_tokens"] > 0
     untrained = nnx.state(Transformer(secret[4], rngs=nnx.Rngs(0)), nnx.Param)
     assert not jax.tree.all(jax.tree.map(np.array_equal, straight.params, untrained))
 
@@ -455,12 +461,47 @@ def test_online_loop_compiles_once_counts_cost_and_resumes_like_a_straight_run(s
         assert stats["mean_return_first_last"][0] == pytest.approx(lines[0]["mean_return"])
 
 
+def spy_samplers(monkeypatch) -> list:
+    """The kinds of the samplers whose ``run`` is called, in call order."""
+    ran = []
+    for cls in (Engine, StaticSampler):
+        def run(self, source, on_finish, real=cls.run):
+            ran.append(self.kind)
+            return real(self, source, on_finish)
+
+        monkeypatch.setattr(cls, "run", run)
+    return ran
+
+
+def test_online_batches_are_played_by_the_configured_sampler_and_agree(secret, monkeypatch):
+    """Each kind (by name or ``EngineOptions``) runs its own sampler and says so in the
+    update's info; sampling keys are per (seed, prompt, sample, turn), so both samplers
+    play the same episodes at temperature 1 (as the rollout file test): the same batch."""
+    tokenizer, env, questions, sampling, cfg = secret
+    graphdef, state = create_train_state(Transformer(cfg, rngs=nnx.Rngs(0)), TX)
+    ran = spy_samplers(monkeypatch)
+    played = {}
+    for kind in ENGINES:
+        for engine in (kind, EngineOptions(kind=kind, page_size=8)):
+            ran.clear()
+            batch_fn = policy_gradient.make_batch_fn(graphdef, tokenizer, env, questions, prompts_per_step=2,
+                                               num_samples=4, sampling=sampling, gamma=1.0, lam=0.5,
+                                               seq_len=32, batch_size=8, engine=engine)
+            batch, info = batch_fn(1, state)
+            assert ran == [kind] and info["sampler"] == kind
+            assert 0 < info["slot_utilization"] <= 1 and info["prefill_tokens"] > 0
+            played[kind] = batch, {k: info[k] for k in INFO_KEYS}
+    (batch_c, info_c), (batch_s, info_s) = played["continuous"], played["static"]
+    chex.assert_trees_all_equal(batch_c, batch_s)
+    assert info_c == info_s and info_c["generated_tokens"] > 0
+
+
 def test_online_batch_fn_rejects_a_tempered_sampler_and_a_short_seq_len(secret, tmp_path):
     tokenizer, env, questions, sampling, cfg = secret
     with pytest.raises(ValueError, match="temperature 1"):
         run_online(secret, 1, tmp_path, sampling=SamplingParams(temperature=0.7))
     graphdef, state = create_train_state(Transformer(cfg, rngs=nnx.Rngs(0)), TX)
-    batch_fn = online_rl.make_batch_fn(graphdef, tokenizer, env, questions, prompts_per_step=2,
+    batch_fn = policy_gradient.make_batch_fn(graphdef, tokenizer, env, questions, prompts_per_step=2,
                                        num_samples=4, sampling=sampling, gamma=1.0, lam=0.5,
                                        seq_len=8, batch_size=8)
     with pytest.raises(ValueError, match="does not fit seq_len=8"):

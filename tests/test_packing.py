@@ -17,13 +17,14 @@ from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from drift_jax.training import train
 from drift_jax.data.batching import (SFTExample, collate, collate_packed, epoch_plan, make_batch_fn, pack_examples,
                                 packed_epoch_rows, padding_fraction)
 from drift_jax.training.losses import mean_loss, reduce_masked, reduce_masked_segments
 from drift_jax.models import LoRAConfig, ModelConfig, Transformer, apply_lora
 from drift_jax.models.transformer import segment_positions
-from drift_jax.training.train import create_train_state, make_train_step
+from drift_jax.training.objective import next_token_ce, sft_loss_fn, target_mask
+from drift_jax.training.step import make_eval_fn, make_train_step
+from drift_jax.training.train_state import create_train_state, split_trainable
 
 CFG = ModelConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_layers=2,
                   num_heads=4, num_kv_heads=2, head_dim=8)
@@ -261,8 +262,8 @@ def _assert_close_on_tensor_scale(got, want, rtol=1e-5):
 def _per_example_losses(graphdef, params, batch, chunk):
     """(per-example mean CE over supervised targets, their count) of each example: one per
     row unpacked, one per segment packed (in row-major segment order)."""
-    ce = np.asarray(jax.jit(lambda p: train.next_token_ce(nnx.merge(graphdef, p), batch, chunk))(params))
-    mask = np.asarray(train.target_mask(batch))
+    ce = np.asarray(jax.jit(lambda p: next_token_ce(nnx.merge(graphdef, p), batch, chunk))(params))
+    mask = np.asarray(target_mask(batch))
     out = []
     if "segment_ids" not in batch:
         return [(ce[r][mask[r]].mean() if mask[r].any() else 0.0, mask[r].sum()) for r in range(len(ce))]
@@ -276,8 +277,8 @@ def _per_example_losses(graphdef, params, batch, chunk):
 
 # Two cases cover both normalisations, both LM-head paths and remat on/off (each case
 # compiles four programs: seconds apiece on CPU).
-@pytest.mark.parametrize("normalize, chunk, remat", [("batch", 4, "full"), ("weight_sum", 0, "none")])
-def test_packed_batch_has_the_unpacked_losses_gradients_and_update(normalize, chunk, remat):
+@pytest.mark.parametrize("loss_denominator, chunk, remat", [("batch", 4, "full"), ("weight_sum", 0, "none")])
+def test_packed_batch_has_the_unpacked_losses_gradients_and_update(loss_denominator, chunk, remat):
     cfg = CFG.replace(remat=remat)
     plain, packed, rows = _loss_batches()
     graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)), nnx.Param)
@@ -292,7 +293,7 @@ def test_packed_batch_has_the_unpacked_losses_gradients_and_update(normalize, ch
         np.testing.assert_allclose(loss, per_plain[i][0], rtol=2e-5, atol=1e-6, err_msg=f"example {i}")
 
     # The batch loss, its (sum, denominator, stats) and gradients.
-    loss_fn = train.sft_loss_fn(normalize, chunk)
+    loss_fn = sft_loss_fn(loss_denominator, chunk)
 
     def mean_sft(params, batch):
         loss_sum, denom, stats = loss_fn(graphdef, params, batch, None)
@@ -307,7 +308,7 @@ def test_packed_batch_has_the_unpacked_losses_gradients_and_update(normalize, ch
     # Gradients summed in another order differ by rounding relative to each tensor's
     # scale, not to each (possibly ~0) element.
     jax.tree.map(_assert_close_on_tensor_scale, grads_b, grads_a)
-    if normalize == "batch":  # 7 examples, less the one without a supervised token and the 1-token one
+    if loss_denominator == "batch":  # 7 examples, less the one without a supervised token and the 1-token one
         assert float(denom_a) == 5.0
 
     # One train step, packed over 2 micro-batches (2 rows each) vs unpacked in one batch.
@@ -315,7 +316,7 @@ def test_packed_batch_has_the_unpacked_losses_gradients_and_update(normalize, ch
     results = []
     for batch, m in ((plain, 1), (packed, 2)):
         gd, state = create_train_state(Transformer(cfg, rngs=nnx.Rngs(0)), tx, 0)
-        step_fn = make_train_step(gd, tx, num_micro_batches=m, normalize=normalize, loss_chunk_size=chunk)
+        step_fn = make_train_step(gd, tx, num_micro_batches=m, loss_denominator=loss_denominator, loss_chunk_size=chunk)
         results.append(step_fn(state, batch))
     (state_a, metrics_a), (state_b, metrics_b) = results
     for key in ("loss", "grad_norm", "denominator", "num_tokens", "num_weighted_tokens", "ess_fraction",
@@ -329,8 +330,8 @@ def test_held_out_loss_of_packed_batches_equals_unpacked():
     plain, packed, _ = _loss_batches(1)
     graphdef, state = create_train_state(Transformer(CFG, rngs=nnx.Rngs(0)), optax.sgd(1.0), 0)
     halves = [{k: v[:2] for k, v in packed.items()}, {k: v[2:] for k, v in packed.items()}]
-    want = train.make_eval_fn(graphdef, [plain], "weight_sum", 0)(state)
-    got = train.make_eval_fn(graphdef, halves, "weight_sum", 0)(state)
+    want = make_eval_fn(graphdef, [plain], "weight_sum", 0)(state)
+    got = make_eval_fn(graphdef, halves, "weight_sum", 0)(state)
     np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-5)
     assert got["num_tokens"] == want["num_tokens"]
 
@@ -339,18 +340,18 @@ def test_target_mask_drops_targets_across_segments():
     batch = {"valid": np.array([[1, 1, 1, 1, 1, 0]], bool), "loss_mask": np.ones((1, 6), bool),
              "segment_ids": np.array([[1, 1, 2, 2, 2, 0]], np.int32)}
     # Target 2 (segment 2's first token) would be predicted from segment 1's last: dropped.
-    np.testing.assert_array_equal(train.target_mask(batch), [[True, False, True, True, False]])
+    np.testing.assert_array_equal(target_mask(batch), [[True, False, True, True, False]])
     unpacked = {k: v for k, v in batch.items() if k != "segment_ids"}
-    np.testing.assert_array_equal(train.target_mask(unpacked), [[True, True, True, True, False]])
+    np.testing.assert_array_equal(target_mask(unpacked), [[True, True, True, True, False]])
 
 
-_reduce_jit = jax.jit(reduce_masked, static_argnames="normalize")
-_reduce_segments_jit = jax.jit(reduce_masked_segments, static_argnames=("normalize", "num_segments"))
+_reduce_jit = jax.jit(reduce_masked, static_argnames="loss_denominator")
+_reduce_segments_jit = jax.jit(reduce_masked_segments, static_argnames=("loss_denominator", "num_segments"))
 
 
 @settings(max_examples=30, deadline=None)
-@given(data=st.data(), normalize=st.sampled_from(["batch", "weight_sum", "token"]))
-def test_reduce_masked_segments_is_reduce_masked_of_the_segments_as_rows(data, normalize):
+@given(data=st.data(), loss_denominator=st.sampled_from(["batch", "weight_sum", "token"]))
+def test_reduce_masked_segments_is_reduce_masked_of_the_segments_as_rows(data, loss_denominator):
     """Segments of a row reduce as if each were its own row (with its weight); garbage
     (inf) under the mask changes nothing."""
     lengths = data.draw(st.lists(st.integers(1, 6), min_size=1, max_size=6))
@@ -364,13 +365,13 @@ def test_reduce_masked_segments_is_reduce_masked_of_the_segments_as_rows(data, n
     seg = np.concatenate([np.repeat(np.arange(1, len(lengths) + 1), lengths), np.zeros(pad)])[None].astype(np.int32)
     weights = rng.uniform(0.1, 2.0, len(lengths)).astype(np.float32)
     token_weights = np.concatenate([np.repeat(weights, lengths), np.zeros(pad)])[None].astype(np.float32)
-    got = _reduce_segments_jit(values, mask, seg, token_weights, normalize)
+    got = _reduce_segments_jit(values, mask, seg, token_weights, loss_denominator)
     rows_v = np.zeros((6, t), np.float32)  # segment s as row s; rows past the last are empty
     rows_m = np.zeros((6, t), bool)
     for s in range(len(lengths)):
         cols = seg[0] == s + 1
         rows_v[s, cols], rows_m[s, cols] = values[0, cols], mask[0, cols]
-    want = _reduce_jit(rows_v, rows_m, np.pad(weights, (0, 6 - len(lengths))), normalize)
+    want = _reduce_jit(rows_v, rows_m, np.pad(weights, (0, 6 - len(lengths))), loss_denominator)
     chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-6)
 
 
@@ -383,13 +384,13 @@ def test_lora_dropout_and_remat_train_on_packed_batches():
     graphdef, state = create_train_state(model, tx, 0)
     step_fn = make_train_step(graphdef, tx, num_micro_batches=2)
     _, packed, _ = _loss_batches(2)
-    before = train.split_trainable(state.params)
+    before = split_trainable(state.params)
     before = jax.tree.map(np.asarray, before)
     losses = []
     for _ in range(3):
         state, metrics = step_fn(state, packed)
         losses.append(float(metrics["loss"]))
-    adapters, base = train.split_trainable(state.params)
+    adapters, base = split_trainable(state.params)
     assert np.isfinite(losses).all()
     chex.assert_trees_all_equal(base, before[1])
     assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(adapters), jax.tree.leaves(before[0])))

@@ -13,7 +13,6 @@ import pytest
 
 from drift_jax.envs.secret import SecretGuessEnv, scripted_episode
 from drift_jax.data.records import BadRecord
-from helpers import run_module
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RELEASE_KEYS = {"prompt_id", "gold", "messages", "turn_rewards", "verifier", "t_star",
@@ -129,6 +128,18 @@ def test_run_killed_twice_then_rerun_ends_with_the_same_results(tiny_run, run_ti
     ("train.schedule", "linear", "train.schedule must be 'constant' or 'cosine'"),
     ("model.save_dtype", "int8", "model.save_dtype must be '' (the checkpoint's)"),
     ("train.num_micro_batches", 3, "train.batch_size (8) must be a positive multiple of train.num_micro_batches (3)"),
+    ("train.learning_rate", 0.0, "train.learning_rate must be > 0, got 0.0"),
+    ("reference.train.learning_rate", -1e-3, "reference.train.learning_rate must be > 0, got -0.001"),
+    ("online_rl.learning_rate", 0.0, "online_rl.learning_rate must be > 0, got 0.0"),
+    ("train.warmup_ratio", 1.0, "train.warmup_ratio must be in [0, 1), got 1.0"),
+    ("rollout.temperature", -1.0, "rollout.temperature must be >= 0 (0: greedy), got -1.0"),
+    ("rollout.top_p", 0.0, "rollout.top_p must be in (0, 1], got 0.0"),
+    ("rollout.top_p", 1.5, "rollout.top_p must be in (0, 1], got 1.5"),
+    ("rollout.max_new_tokens", 0, "rollout.max_new_tokens must be >= 1, got 0"),
+    ("eval.max_new_tokens", 0, "eval.max_new_tokens must be >= 1, got 0"),
+    ("eval.num_prompts", 0, "eval.num_prompts must be >= 1, got 0"),
+    ("eval.batch_size", 0, "eval.batch_size must be >= 1, got 0"),
+    ("online_rl.prompts_per_step", 0, "online_rl.prompts_per_step must be >= 1, got 0"),
 ])
 def test_config_validation_rejects_bad_values(path, value, message):
     from experiments.configs import tiny
@@ -147,8 +158,9 @@ def test_config_validation_rejects_bad_values(path, value, message):
 def test_skipped_records_and_their_reasons_land_in_weights_json(tmp_path):
     """--config.data.on_bad_record=skip: bad lines are dropped and counted by reason
     (stage_report copies the count into results.json)."""
-    run = run_module()
     from experiments.configs import tiny
+    from experiments.stages import stage_weights
+    from experiments.workdir import Experiment
 
     env = SecretGuessEnv()
     rng = np.random.default_rng(0)
@@ -158,7 +170,7 @@ def test_skipped_records_and_their_reasons_land_in_weights_json(tmp_path):
     (tmp_path / "rollouts.jsonl").write_text("\n".join(good[:3] + bad + good[3:]) + "\n")
     cfg = tiny.get_config()
     cfg.data.on_bad_record = "skip"
-    run.stage_weights(run.Experiment(cfg, str(tmp_path)))
+    stage_weights(Experiment(cfg, str(tmp_path)))
     weights = json.loads((tmp_path / "weights.json").read_text())
     assert len(weights["drift"]) == 6
     assert weights["skipped_records"] == {"total": 2, "reasons": {
@@ -168,7 +180,7 @@ def test_skipped_records_and_their_reasons_land_in_weights_json(tmp_path):
     (strict / "rollouts.jsonl").write_bytes((tmp_path / "rollouts.jsonl").read_bytes())
     cfg.data.on_bad_record = "error"
     with pytest.raises(BadRecord, match=rf"^{strict}/rollouts.jsonl:4: malformed JSON"):
-        run.stage_weights(run.Experiment(cfg, str(strict)))
+        stage_weights(Experiment(cfg, str(strict)))
 
 
 def _keys(tree: dict, prefix: str = "") -> set:

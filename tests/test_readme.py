@@ -1,5 +1,7 @@
 """Every ``python experiments/run.py`` command in README.md's code blocks runs, on the
-tiny configs, exactly as printed but for the substitutions in ``on_tiny`` (each says why).
+tiny configs, exactly as printed but for the substitutions in ``on_tiny`` (each says why);
+README's copies of other files (the results summary, the CI's test command, the public
+API names) match what they copy.
 
 Two commands are what the session's shared runs already execute (``tiny_run`` is the
 first command on the tiny config, ``comparison_run`` the comparison); the others run
@@ -14,8 +16,6 @@ import os
 import re
 import shlex
 import shutil
-import subprocess
-import sys
 
 import pytest
 
@@ -130,3 +130,105 @@ def test_readme_command_runs_on_the_tiny_configs(command, tmp_path, run_env, tin
         assert out.returncode == 0, out.stderr[-3000:]
         results = tmp_path / workdir / ("sweep.json" if "--config.seeds=" in command else "results.json")
     assert results.exists()
+
+
+def _read(*parts: str) -> str:
+    with open(os.path.join(REPO, *parts)) as f:
+        return f.read()
+
+
+def test_readme_summary_rows_are_rows_of_docs_results():
+    """README's results summary copies rows of the table experiments/readme_results.py
+    writes into docs/results.md: a regenerated docs/results.md makes a stale copy fail here."""
+    from experiments import readme_results
+
+    summary = re.search(r"<!-- summary:start -->\n(.*?)<!-- summary:end -->", _read("README.md"), flags=re.S)
+    rows = summary.group(1).splitlines()
+    assert rows and all(row.startswith("| ") for row in rows)
+    results = _read("docs", "results.md")
+    assert readme_results.RESULTS_MD == os.path.join(REPO, "docs", "results.md")
+    for start, end in (("results", "results"), ("spectrum", "spectrum"), ("comparison", "comparison")):
+        assert f"<!-- {start}:start -->" in results and f"<!-- {end}:end -->" in results
+    block = results.split(readme_results.START)[1].split(readme_results.END)[0]
+    lines = block.splitlines()
+    for row in rows:
+        assert row in lines, f"README's summary row is not in docs/results.md: {row}"
+
+
+def test_ci_runs_the_readme_test_command_after_the_runtime_install_alone():
+    """.ci/run's last line is README's test command; before it, in the same fresh virtual
+    environment, only requirements.txt and the package are installed and the tiny config
+    runs through experiments/run.py (the main job's code path), so a runtime dependency
+    that only requirements-test.txt pulls in cannot hide."""
+    blocks = re.findall(r"```bash\n(.*?)```", _read("README.md"), flags=re.S)
+    main_job, test_command = blocks[0].strip(), blocks[1].strip()
+    assert main_job == "pip install -r requirements.txt && pip install -e . && python experiments/run.py"
+    ci = [line for line in _read(".ci", "run").splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    assert ci[-1] == test_command
+    before = "\n".join(ci[:-1])
+    assert "python -m venv" in before and "requirements-test" not in before
+    assert "pip install -q --no-compile -r requirements.txt && pip install -q --no-compile -e ." in before
+    assert "python experiments/run.py --config=experiments/configs/tiny.py" in before
+
+
+def test_runtime_requirements_name_what_transformers_does_not_install():
+    """transformers renders chat templates with jinja2 but does not depend on it; torch (a
+    test requirement) does, which hid its absence from the tests."""
+    names = {re.split(r"[<>=\[ ]", line.strip())[0].lower() for line in _read("requirements.txt").splitlines()
+             if line.strip() and not line.startswith("#")}
+    assert {"jinja2", "transformers", "absl-py", "huggingface_hub"} <= names
+
+
+def test_readme_names_only_public_api_that_exists():
+    import drift_jax as dj
+
+    names = set(re.findall(r"`dj\.([A-Za-z_]+)", _read("README.md"))) - {"__all__"}
+    assert {"importance_weights", "trajectory_weights", "weighted_sft_loss", "read_rollouts", "from_pretrained",
+            "save_pretrained", "load_questions", "MathEnv", "Episode", "Question"} <= names
+    for name in names:
+        assert name in dj.__all__, name
+        assert callable(getattr(dj, name)), name
+
+
+def test_docs_state_no_bit_for_bit_agreement_across_machines():
+    texts = [_read("README.md")] + [_read("docs", f) for f in sorted(os.listdir(os.path.join(REPO, "docs")))
+                                    if f.endswith(".md")]
+    assert not [t for t in texts if "last digit" in t]
+
+
+def _resolves(dotted: str) -> bool:
+    """Whether ``drift_jax.a.b.c`` is a module or an attribute of one."""
+    import importlib
+
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        try:
+            for name in parts[i:]:
+                obj = getattr(obj, name)
+        except AttributeError:
+            return False
+        return True
+    return False
+
+
+def test_every_module_path_the_docs_name_exists():
+    """README, docs/*.md and the install files' comments name code as
+    ``drift_jax.<package>[.<module>[.<name>]]`` or as a file path: each must exist, so a
+    moved module or test cannot leave a stale pointer behind."""
+    pages = ["README.md", "requirements.txt", "requirements-test.txt", "setup.py"] + [
+        os.path.join("docs", f) for f in sorted(os.listdir(os.path.join(REPO, "docs"))) if f.endswith(".md")]
+    missing = []
+    for page in pages:
+        text = _read(page)
+        for dotted in set(re.findall(r"\bdrift_jax(?:\.[A-Za-z_][A-Za-z0-9_]*)+", text)):
+            if not _resolves(dotted):
+                missing.append(f"{page}: {dotted}")
+        for path in set(re.findall(r"\b((?:drift_jax|experiments|benchmarks|tests)/[A-Za-z0-9_./-]*[A-Za-z0-9_])",
+                                   text)):
+            if not os.path.exists(os.path.join(REPO, path)) and "<" not in path:
+                missing.append(f"{page}: {path}")
+    assert not missing, "\n".join(sorted(missing))

@@ -18,7 +18,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from drift_jax.data import records as records_module
 from drift_jax.data.chat import context_check, encode_dialogue
 from drift_jax.envs.secret import build_tokenizer
 from drift_jax.data.records import (

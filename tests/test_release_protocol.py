@@ -14,8 +14,10 @@ import pytest
 from helpers import chatml_tokenizer
 
 import drift_jax.rollout.episodes
+import drift_jax.rollout.static
 from drift_jax.data.chat import encode_prompt, render
-from drift_jax.envs.base import FEEDBACK, Episode, Question, env_prefill, release_parse
+from drift_jax.data.questions import Question
+from drift_jax.envs.base import FEEDBACK, Episode, env_prefill, release_parse
 from drift_jax.envs.choice import MultipleChoiceEnv, release_choice_key
 from drift_jax.envs.math import MathEnv, release_numeric_equal, string_equal
 from drift_jax.envs.protocol import env_kwargs, make_env
@@ -209,12 +211,12 @@ def test_the_player_prepends_the_prefill_and_stores_the_rewritten_reply(monkeypa
     seen_prompts = []
     script = iter(CONTINUATIONS)
 
-    def fake_generate(model, prompts, keys, sampling, batch_size, max_len, stats=None):
+    def fake_generate(model, prompts, keys, sampling, batch_size, max_len, max_new=None, stats=None):
         seen_prompts.extend(prompts)
         text = next(script)
         return [(tokenizer(text, add_special_tokens=False)["input_ids"] + [stop], None) for _ in prompts]
 
-    monkeypatch.setattr(drift_jax.rollout.episodes, "generate_batched", fake_generate)
+    monkeypatch.setattr(drift_jax.rollout.static, "generate_batched", fake_generate)
     env = make_env("math", "release", "rollout", max_turns=3)
     episodes, _ = drift_jax.rollout.episodes.play_episodes(
         None, tokenizer, env, [QUESTION], num_samples=1, sampling=SamplingParams(stop_ids=(stop,)),

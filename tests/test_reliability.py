@@ -33,7 +33,9 @@ from drift_jax.envs.secret import SecretGuessEnv, build_tokenizer
 from drift_jax.models import ModelConfig, Transformer
 from drift_jax.rollout.episodes import append_rollouts
 from drift_jax.rollout.sampling import SamplingParams
-from drift_jax.training.train import create_train_state, make_optimizer, make_train_step, train_loop
+from drift_jax.training.loop import train_loop
+from drift_jax.training.step import make_train_step
+from drift_jax.training.train_state import create_train_state, make_optimizer
 from helpers import die, install_kill
 
 HERE = os.path.abspath(__file__)
@@ -172,6 +174,16 @@ def test_unknown_config_key_gets_a_clear_message(tmp_path, config):
     assert "unknown config key 'train.lerning_rate'" in out.stderr
     assert "Did you mean train.learning_rate" in out.stderr
     assert "Traceback" not in out.stderr and not (tmp_path / "run").exists()
+
+
+def test_none_overrides_reach_the_default_config_from_the_command_line(tmp_path):
+    """``--config.<key>=None`` without --config: taken out of the command line before the
+    flags are defined (the default config is parsed then), and set on the parsed config."""
+    cmd = [sys.executable, os.path.join(REPO, "experiments", "run.py"), "--config.train.max_len=None",
+           "--config.data.train_split=None", "--dry_run", f"--workdir={tmp_path / 'run'}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.splitlines()[0] == "reference: new" and not (tmp_path / "run").exists()
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 
 import numpy as np
@@ -152,7 +151,7 @@ def test_online_rl_is_planned_from_the_embedded_configs(cli, tmp_path, config):
 def test_fewer_questions_than_asked_is_a_warning_with_the_numbers(cli, checkpoint, tmp_path):
     out = cli(f"--config={TINY_MATH}", f"--config.model.checkpoint={checkpoint}", "--dry_run",
               "--config.rollout.num_prompts=4", "--config.task.protocol=drift-jax", f"--workdir={tmp_path / 'run'}")
-    assert "gave 2 questions; rollout.num_prompts asks for 4: using 2" in out.stderr
+    assert out.stderr.count("gave 2 questions; rollout.num_prompts asks for 4: using 2") == 1
 
 
 def test_debug_keeps_the_traceback(cli, tmp_path):
@@ -203,16 +202,55 @@ def test_changing_beta_reruns_weights_and_drift_on_the_same_rollouts(cli, run_di
     assert (run_dir / "rollouts.jsonl").read_bytes() == before
     assert (run_dir / "sft" / "train_stats.json").read_text() == sft
     assert json.loads((run_dir / "weights.json").read_text())["beta"] == 0.3
+    # The old DRIFT training sits under what made it stale (TensorBoard lists it so).
+    assert list((run_dir / "stale").glob("*/drift.beta=0.3/drift/metrics.jsonl"))
     # Back to the first beta: DRIFT is retrained (its output was replaced), sft is not.
     out = cli(f"--config={CONFIGS}/tiny.py", f"--workdir={run_dir}")
     assert stages_run(out.stdout) == ["weights", "train:drift", "eval:drift:secret"]
 
 
-def test_settings_that_change_how_not_what_leave_a_finished_run_alone(cli, run_dir):
+def dry_run_lines(stdout: str) -> dict:
+    """{stage: status} of a dry run's output."""
+    return dict(line.split(": ", 1) for line in stdout.strip().splitlines())
+
+
+def test_settings_that_change_how_not_what_leave_a_finished_run_alone(cli, run_dir, tiny_run):
     out = cli(f"--config={CONFIGS}/tiny.py", f"--workdir={run_dir}", "--dry_run",
               "--config.model.remat=full", "--config.model.attention_impl=xla", "--config.train.loss_chunk_size=8",
               "--config.train.checkpoint_every=1")
-    assert all(line.endswith(": done") for line in out.stdout.strip().splitlines()), out.stdout
+    # Every stage the run went through is listed, and each is done.
+    assert dry_run_lines(out.stdout) == {stage: "done" for stage in stages_run(tiny_run[1])}
+    assert len(stages_run(tiny_run[1])) == 8
+
+
+def test_a_dry_run_lists_the_stages_the_run_goes_through(cli, tiny_run, comparison_run, tmp_path):
+    """One plan: a fresh workdir's dry run names, in order, the stages the real run ran
+    (the shared tiny and comparison runs: every method, iterative DRIFT included)."""
+    for config, (_, stdout) in (("tiny.py", tiny_run), ("comparison_tiny.py", comparison_run)):
+        out = cli(f"--config={CONFIGS}/{config}", f"--workdir={tmp_path / config}", "--dry_run")
+        planned = dry_run_lines(out.stdout)
+        assert list(planned) == stages_run(stdout) and set(planned.values()) == {"new"}
+    assert "round2/train:drift" in planned and "eval:drift_round2:secret" in planned
+
+
+def test_a_dry_run_on_given_rollouts_lists_no_evaluation_without_benchmarks(cli, checkpoint, tmp_path):
+    """from_rollouts.py names no benchmark: no evaluation is planned, none runs."""
+    out = cli(f"--config={CONFIGS}/from_rollouts.py", f"--config.model.checkpoint={checkpoint}",
+              f"--config.rollouts={AUTHORS}", "--config.allow_tiny=True", "--dry_run", f"--workdir={tmp_path / 'run'}")
+    assert list(dry_run_lines(out.stdout)) == ["weights", "train:drift"]
+
+
+@pytest.mark.parametrize("arg, message", [
+    # Issue 34: the learning rate is named, not the number of updates.
+    ("--config.train.learning_rate=0", "error: invalid config: train.learning_rate must be > 0, got 0.0"),
+    ("--config.rollout.temperature=-1", "error: invalid config: rollout.temperature must be >= 0 (0: greedy), got -1.0"),
+    ("--config.eval.num_prompts=0", "error: invalid config: eval.num_prompts must be >= 1, got 0"),
+    ("--config.rollout.top_p=0", "error: invalid config: rollout.top_p must be in (0, 1], got 0.0"),
+])
+def test_sampling_and_learning_rate_errors_name_the_key(cli, tmp_path, arg, message):
+    out = cli(f"--config={CONFIGS}/tiny.py", arg, f"--workdir={tmp_path / 'run'}", ok=False)
+    assert error_of(out) == message
+    assert not (tmp_path / "run").exists()
 
 
 def test_embedded_config_trains_on_given_rollouts(cli, run_dir, tiny_run):
@@ -238,15 +276,66 @@ def _overrides(*args, config="from_rollouts.py"):
 
 
 def test_none_reaches_none_able_fields():
-    argv, nones = _overrides("--config.data.train_split=None", "--config.train.max_len=None",
+    argv, edits = _overrides("--config.data.train_split=None", "--config.train.max_len=None",
                              "--config.model.attention_impl=None", "--config.seed=3")
-    assert nones == ["data.train_split", "train.max_len", "model.attention_impl"]
+    assert edits == [("data.train_split", None), ("train.max_len", None), ("model.attention_impl", None)]
     assert argv[1:] == [f"--config={CONFIGS}/from_rollouts.py", "--config.seed=3"]
     from experiments.configs import from_rollouts
     cfg = from_rollouts.get_config()
     cfg.train.max_len = 4096
-    run_module().apply_nones(cfg, nones)
+    run_module().apply_overrides(cfg, edits)
     assert cfg.data.train_split is None and cfg.train.max_len is None and cfg.model.attention_impl is None
+
+
+def test_benchmarks_are_chosen_dropped_and_added_from_the_command_line():
+    from experiments.configs import eval as eval_config
+
+    run = run_module()
+    argv, edits = _overrides("--config.eval.benchmarks.gpqa_diamond=None",
+                             "--config.eval.benchmarks.mine.source=/data/mine.jsonl",
+                             "--config.eval.benchmarks.mine.task=choice", config="eval.py")
+    assert argv[1:] == [f"--config={CONFIGS}/eval.py"]  # ml_collections could not apply these
+    cfg = eval_config.get_config()
+    run.apply_overrides(cfg, edits)
+    assert "gpqa_diamond" not in cfg.eval.benchmarks
+    assert (cfg.eval.benchmarks.mine.source, cfg.eval.benchmarks.mine.task) == ("/data/mine.jsonl", "choice")
+    assert cfg.eval.benchmarks.mine.split is None and "math500" in cfg.eval.benchmarks
+
+    _, edits = _overrides("--config.eval.benchmarks=mine,math500", "--config.eval.benchmarks.mine.source=m.jsonl",
+                          config="eval.py")
+    cfg = eval_config.get_config()
+    run.apply_overrides(cfg, edits)  # the choice applies after the additions, whatever the order
+    assert sorted(cfg.eval.benchmarks) == ["math500", "mine"]
+    with pytest.raises(run.ConfigError, match="no benchmark named math_500"):
+        run.apply_overrides(eval_config.get_config(), _overrides("--config.eval.benchmarks=math_500",
+                                                                 config="eval.py")[1])
+    with pytest.raises(SystemExit, match="unknown config key 'eval.benchmarks.mine.sorce'"):
+        _overrides("--config.eval.benchmarks.mine.sorce=x", config="eval.py")
+
+
+def test_ctrl_c_stops_with_one_line(run_env, tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "experiments", "run.py"), f"--config={CONFIGS}/tiny.py",
+                             f"--workdir={tmp_path / 'run'}"], env=run_env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not (tmp_path / "run" / "stages.json").exists() and time.time() < deadline:
+        time.sleep(0.2)  # the first stage has begun
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("interrupted: the same command resumes")
+
+
+def test_an_eval_only_run_names_no_trained_policies(cli, tiny_run, tmp_path):
+    import shutil
+
+    shutil.copytree(tiny_run[0], tmp_path / "run")
+    out = cli(f"--config={CONFIGS}/tiny.py", f"--workdir={tmp_path / 'run'}", "--config.methods=()")
+    assert "trained policies" not in out.stdout and "wrote " in out.stdout
 
 
 @pytest.mark.parametrize("arg, expected", [
@@ -273,7 +362,7 @@ def test_methods_take_a_comma_list():
 # -- packaging and benchmarks ---------------------------------------------------------------
 
 def test_the_data_extra_installs_what_the_loader_asks_for():
-    from drift_jax.data.questions import TFDS_PACKAGES
+    from drift_jax.data.sources import TFDS_PACKAGES
     setup = open(os.path.join(REPO, "setup.py")).read()
     extra = re.search(r'"data": \[([^\]]*)\]', setup).group(1)
     assert sorted(re.findall(r'"([^"]+)"', extra)) == sorted(TFDS_PACKAGES)
@@ -295,15 +384,20 @@ def _config(path):
 
 
 def test_protocol_fills_the_settings_left_at_none_and_keeps_explicit_ones():
-    from experiments.preflight import ConfigError, check_values
+    """``resolve`` returns a frozen, filled-in copy; the config given is left as it is."""
+    from experiments.preflight import ConfigError, check_values, resolve
 
-    ours = _config(os.path.join(CONFIGS, "tiny.py"))
-    check_values(ours)
+    given = _config(os.path.join(CONFIGS, "tiny.py"))
+    ours = check_values(given)
     assert (ours.data.selection, ours.train.shuffle, ours.train.eval_fraction, ours.eval.max_new_tokens) == (
         "first", True, 0.0, ours.rollout.max_new_tokens)
+    assert given.train.shuffle is None and given.eval.max_new_tokens is None  # untouched
+    with pytest.raises(AttributeError, match="immutable"):
+        ours.train.shuffle = False
+    assert resolve(ours) == ours and resolve(given) == ours
     paper = _config(os.path.join(CONFIGS, "qwen2_5_3b_metamath.py"))
     paper.train.shuffle = True  # a deviation on one point
-    check_values(paper)
+    paper = resolve(paper)
     assert paper.task.protocol == "release"
     assert (paper.data.selection, paper.train.shuffle, paper.train.eval_fraction, paper.eval.max_new_tokens) == (
         "release", True, 0.05, 1024)
@@ -313,7 +407,7 @@ def test_protocol_fills_the_settings_left_at_none_and_keeps_explicit_ones():
         check_values(secret)
     secret.task.protocol = "authors"
     with pytest.raises(ConfigError, match="task.protocol must be one of"):
-        check_values(secret)
+        resolve(secret)
 
 
 def test_release_selection_keeps_repeats_and_takes_the_seed_42_shuffle(tmp_path):
@@ -331,7 +425,7 @@ def test_release_selection_keeps_repeats_and_takes_the_seed_42_shuffle(tmp_path)
     cfg.data.train, cfg.rollout.num_prompts = str(src), 4
     check_values(cfg)
     got = [q.prompt_id for q in run.Experiment(cfg, str(tmp_path / "w")).train_questions]
-    every = load_questions(str(src), duplicates="keep")
+    every = load_questions(str(src), repeats="keep")
     assert len(every) == 3 * len(math_rows)
     assert got == [q.prompt_id for q in select_prompts(every, 4, "release", seed=42)]
     cfg = _config(TINY_MATH)
@@ -491,3 +585,19 @@ def test_samplers_get_a_compute_dtype_copy_with_the_master_weights_logits(checkp
     assert dtypes(master) == {jnp.dtype("float32")} and dtypes(copy) == {jnp.dtype("bfloat16")}
     tokens_bt = jnp.arange(1, 13, dtype=jnp.int32).reshape(2, 6)
     np.testing.assert_array_equal(np.asarray(master(tokens_bt), np.float32), np.asarray(copy(tokens_bt), np.float32))
+
+
+def test_progress_bars_redraw_once_a_minute_into_a_log_and_transformers_stays_quiet(run_env):
+    import subprocess
+
+    # As on a machine without PyTorch (transformers then advises installing it).
+    code = ("import os, runpy, sys; sys.modules['torch'] = None; sys.argv = ['run.py', '--helpshort']; "
+            f"runpy.run_path({os.path.join(REPO, 'experiments', 'run.py')!r}, run_name='not_main'); "
+            "import tqdm.auto, transformers; "
+            "print(tqdm.auto.tqdm(total=1, disable=False).mininterval, file=sys.stdout)")
+    env = {k: v for k, v in run_env.items() if k not in ("TQDM_MININTERVAL", "TRANSFORMERS_VERBOSITY",
+                                                           "TRANSFORMERS_NO_ADVISORY_WARNINGS")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == "60.0"  # stderr is a pipe here, as a redirected log is
+    assert "PyTorch was not found" not in out.stderr

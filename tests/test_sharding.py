@@ -23,7 +23,9 @@ SCRIPT = textwrap.dedent("""
     from drift_jax.parallel import sharding
     from drift_jax.models import LoRAConfig, ModelConfig, Transformer, apply_lora
     from drift_jax.rollout.sampling import SamplingParams, generate, generate_batched
-    from drift_jax.training.train import create_train_state, make_optimizer, make_train_step
+    from drift_jax.training.sharded_state import create_sharded_train_state, shard_train_state
+    from drift_jax.training.step import make_train_step
+    from drift_jax.training.train_state import create_train_state, make_optimizer
 
     assert jax.device_count() == 8, jax.devices()
     cfg = ModelConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_layers=1,
@@ -42,11 +44,11 @@ SCRIPT = textwrap.dedent("""
 
     def train(mesh, build_on_mesh=False, make=make_model, initial=None):
         if build_on_mesh:
-            graphdef, state = sharding.create_sharded_train_state(make, tx, mesh, 0)
+            graphdef, state = create_sharded_train_state(make, tx, mesh, 0)
         else:
             graphdef, state = create_train_state(make(), tx, 0)
             if mesh is not None:
-                state = sharding.shard_train_state(state, tx, mesh)
+                state = shard_train_state(state, tx, mesh)
         if initial is not None:  # a host copy of the params before any update
             initial.append(jax.device_get(state.params))
         step_fn = make_train_step(graphdef, tx, schedule_fn=schedule)

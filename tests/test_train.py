@@ -1,7 +1,8 @@
-"""Properties of drift_jax.training.train: it learns, K micro-batches == 1 batch, one step is one
-optimizer update of the loss's gradient, the default SFT loss is ``sft_loss_fn``, a
-custom loss's aux and stats go through, it compiles once, the schedule and weight-decay
-mask are right, and the loop resumes (logging each step once), logs and stops on NaN."""
+"""Properties of the trainer (``training.train_state``, ``step`` and ``loop``): it learns,
+K micro-batches == 1 batch, one step is one optimizer update of the loss's gradient, the
+default SFT loss is ``sft_loss_fn``, a custom loss's aux and stats go through, it compiles
+once, the schedule and weight-decay mask are right, and the loop resumes (logging each
+step once), logs and stops on NaN."""
 
 from __future__ import annotations
 
@@ -17,11 +18,13 @@ import optax
 import pytest
 from flax import nnx
 
-from drift_jax.training import train
-from drift_jax.training.checkpoint import Checkpointer
-from drift_jax.training.losses import mean_loss, weighted_sft_loss
 from drift_jax.models import ModelConfig, Transformer
-from drift_jax.training.train import create_train_state, make_optimizer, make_train_step, train_loop
+from drift_jax.training import objective
+from drift_jax.training.checkpoint import Checkpointer
+from drift_jax.training.loop import train_loop
+from drift_jax.training.losses import mean_loss, weighted_sft_loss
+from drift_jax.training.step import make_eval_fn, make_train_step
+from drift_jax.training.train_state import create_train_state, make_optimizer
 
 CFG = ModelConfig(
     vocab_size=32, hidden_size=32, intermediate_size=64, num_layers=2,
@@ -95,16 +98,16 @@ def test_overfits_a_tiny_fixed_dataset():
     assert max(grad_norms) > 1.0  # reported before clipping (the clip is at 1.0)
 
 
-@pytest.mark.parametrize("normalize", ["batch", "weight_sum"])
-def test_four_micro_batches_equal_one_batch(normalize):
+@pytest.mark.parametrize("loss_denominator", ["batch", "weight_sum"])
+def test_four_micro_batches_equal_one_batch(loss_denominator):
     batches = [make_batch(2), make_batch(3)]  # ragged padding, unequal weights, a pad row
     results = []
     for m in (1, 4):
         graphdef, state = fresh_state(TX)
-        if (m, normalize) == (1, "batch"):
+        if (m, loss_denominator) == (1, "batch"):
             step_fn = shared_step_fn()
         else:
-            step_fn = make_train_step(graphdef, TX, num_micro_batches=m, normalize=normalize)
+            step_fn = make_train_step(graphdef, TX, num_micro_batches=m, loss_denominator=loss_denominator)
         results.append(run_steps(step_fn, state, batches))
     (one, m_one), (four, m_four) = results
     # Adam divides each gradient by its own RMS, so a coordinate whose gradient is ~0
@@ -176,7 +179,7 @@ def test_default_loss_is_sft_loss_fn():
     batches = [make_batch(7), make_batch(8)]
     graphdef, state = fresh_state(TX)
     explicit = make_train_step(graphdef, TX, schedule_fn=SCHEDULE,
-                               loss_fn=train.sft_loss_fn("batch", "auto"))
+                               loss_fn=objective.sft_loss_fn("batch", "auto"))
     got = run_steps(explicit, state, batches)
     _, state = fresh_state(TX)
     want = run_steps(shared_step_fn(), state, batches)
@@ -186,7 +189,7 @@ def test_default_loss_is_sft_loss_fn():
 def test_custom_loss_gets_aux_and_its_stats_are_summed_over_micro_batches():
     """``aux`` is a jit argument (new values, no new compile) handed to the loss; the
     loss's stats are summed over micro-batches into the metrics."""
-    sft = train.sft_loss_fn()
+    sft = objective.sft_loss_fn()
 
     def scaled_sft(graphdef, params, mb, aux):
         loss_sum, denom, stats = sft(graphdef, params, mb, None)
@@ -385,10 +388,10 @@ def test_chunked_lm_head_loss_gives_the_same_updates():
 
 
 def test_loss_chunk_size_auto_chunks_only_large_vocabularies():
-    assert train.resolve_loss_chunk_size("auto", 151_936) == train.AUTO_CHUNK_SIZE
-    assert train.resolve_loss_chunk_size("auto", CFG.vocab_size) == 0
-    assert train.resolve_loss_chunk_size(None, 151_936) == 0
-    assert train.resolve_loss_chunk_size(64, 10) == 64
+    assert objective.resolve_loss_chunk_size("auto", 151_936) == objective.AUTO_CHUNK_SIZE
+    assert objective.resolve_loss_chunk_size("auto", CFG.vocab_size) == 0
+    assert objective.resolve_loss_chunk_size(None, 151_936) == 0
+    assert objective.resolve_loss_chunk_size(64, 10) == 64
     graphdef, _ = fresh_state(TX)
     with pytest.raises(ValueError, match="loss_chunk_size"):
         make_train_step(graphdef, TX, loss_chunk_size=-1)
@@ -402,10 +405,10 @@ def test_eval_fn_sums_over_batches_like_one_batch_and_equals_the_steps_loss():
     graphdef, _ = fresh_state(TX)
     batch = make_batch(7)  # 8 rows, the last 2 all padding
     halves = [{k: v[:4] for k, v in batch.items()}, {k: v[4:] for k, v in batch.items()}]
-    whole = train.make_eval_fn(graphdef, [batch])(state)
-    split = train.make_eval_fn(graphdef, halves)(state)
+    whole = make_eval_fn(graphdef, [batch])(state)
+    split = make_eval_fn(graphdef, halves)(state)
     np.testing.assert_allclose(split["loss"], whole["loss"], rtol=1e-6)
-    assert split["num_tokens"] == whole["num_tokens"] == train.target_mask(batch).sum()
+    assert split["num_tokens"] == whole["num_tokens"] == objective.target_mask(batch).sum()
     _, metrics = shared_step_fn()(jax.tree.map(jnp.copy, state), batch)
     np.testing.assert_allclose(whole["loss"], float(metrics["loss"]), rtol=1e-5)
 
@@ -413,7 +416,7 @@ def test_eval_fn_sums_over_batches_like_one_batch_and_equals_the_steps_loss():
 def test_train_loop_logs_the_held_out_loss_every_eval_every_and_at_the_end(tmp_path):
     _, state, step_fn, _ = _loop_setup()
     graphdef, _ = fresh_state(TX)
-    eval_fn = train.make_eval_fn(graphdef, [make_batch(99)])
+    eval_fn = make_eval_fn(graphdef, [make_batch(99)])
     path = tmp_path / "metrics.jsonl"
     final = train_loop(state, step_fn, batch_fn, 5, metrics_path=str(path), progress=False,
                        eval_fn=eval_fn, eval_every=2)

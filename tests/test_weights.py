@@ -19,6 +19,7 @@ from drift_jax.data import records
 from drift_jax.data.records import BadRecord, parse_record
 from drift_jax.weights import (
     discounted_returns,
+    host_importance_weights,
     importance_weights,
     normalize_answer,
     record_return,
@@ -43,14 +44,14 @@ def groups(draw, returns=RETURN, max_groups=4, max_size=4):
     return r, ids, len(sizes)
 
 
-def reference_weights(returns_n, group_ids_n, beta, normalize="mean"):
+def reference_weights(returns_n, group_ids_n, beta, weight_norm="mean"):
     """Plain NumPy float64 w = exp(R/beta) / (group mean or sum of exp(R/beta))."""
     r = np.asarray(returns_n, np.float64)
     w = np.empty_like(r)
     for g in np.unique(group_ids_n):
         sel = group_ids_n == g
         e = np.exp((r[sel] - r[sel].max()) / beta)  # same value as exp(R/beta)/exp(max/beta)
-        w[sel] = e / (e.sum() if normalize == "sum" else e.mean())
+        w[sel] = e / (e.sum() if weight_norm == "sum" else e.mean())
     return w
 
 
@@ -106,11 +107,23 @@ def test_repetition_penalty(answers, lam, expected):
 
 @SETTINGS
 @given(groups(), st.floats(0.05, 20.0), st.sampled_from(["mean", "sum"]))
-def test_weights_match_numpy_reference(data, beta, normalize):
+def test_weights_match_numpy_reference(data, beta, weight_norm):
     r, ids, _ = data
-    w = importance_weights(r, ids, beta, normalize=normalize)
+    w = importance_weights(r, ids, beta, weight_norm=weight_norm)
     assert w.dtype == np.float32 and w.shape == r.shape
-    np.testing.assert_allclose(w, reference_weights(r, ids, beta, normalize), rtol=2e-4, atol=1e-6)
+    np.testing.assert_allclose(w, reference_weights(r, ids, beta, weight_norm), rtol=2e-4, atol=1e-6)
+
+
+@SETTINGS
+@given(groups(), st.floats(0.05, 20.0), st.sampled_from(["mean", "sum"]))
+def test_host_weights_are_the_same_formula_in_float64(data, beta, weight_norm):
+    r, ids, _ = data
+    w = host_importance_weights(r, ids, beta, weight_norm)
+    assert w.dtype == np.float64 and w.shape == r.shape
+    np.testing.assert_allclose(w, reference_weights(r, ids, beta, weight_norm), rtol=1e-12)
+    np.testing.assert_allclose(w, importance_weights(r, ids, beta, weight_norm), rtol=2e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="weight_norm"):
+        host_importance_weights(r, ids, beta, "softmax")
 
 
 @SETTINGS
@@ -118,7 +131,7 @@ def test_weights_match_numpy_reference(data, beta, normalize):
 def test_weights_mean_one_per_group_and_sum_one(data, beta):
     r, ids, _ = data
     np.testing.assert_allclose(group_reduce(np.asarray(importance_weights(r, ids, beta)), ids, np.mean), 1.0, rtol=1e-5)
-    w_sum = np.asarray(importance_weights(r, ids, beta, normalize="sum"))
+    w_sum = np.asarray(importance_weights(r, ids, beta, weight_norm="sum"))
     np.testing.assert_allclose(group_reduce(w_sum, ids, np.sum), 1.0, rtol=1e-5)
 
 
@@ -148,26 +161,26 @@ def test_weights_large_beta_uniform():
     ids = np.array([0, 0, 0, 1, 1])
     np.testing.assert_allclose(importance_weights(r, ids, 1e8), 1.0, atol=1e-6)
     np.testing.assert_allclose(importance_weights(r, ids, 1e4), 1.0, atol=3e-3)
-    np.testing.assert_allclose(importance_weights(r, ids, 1e8, normalize="sum"), [1 / 3] * 3 + [0.5] * 2, atol=1e-6)
+    np.testing.assert_allclose(importance_weights(r, ids, 1e8, weight_norm="sum"), [1 / 3] * 3 + [0.5] * 2, atol=1e-6)
 
 
 @SETTINGS
 @given(groups(returns=st.integers(-20, 20).map(lambda k: k / 10)), st.sampled_from(["mean", "sum"]))
-def test_weights_small_beta_puts_mass_on_best_ties_share(data, normalize):
+def test_weights_small_beta_puts_mass_on_best_ties_share(data, weight_norm):
     r, ids, _ = data  # returns on a 0.1 grid: exact ties, gaps >= 0.1 >> beta
-    w = np.asarray(importance_weights(r, ids, 1e-4, normalize=normalize))
+    w = np.asarray(importance_weights(r, ids, 1e-4, weight_norm=weight_norm))
     for g in np.unique(ids):
         rg = r[ids == g]
         best = rg == rg.max()
-        total = len(rg) if normalize == "mean" else 1.0
+        total = len(rg) if weight_norm == "mean" else 1.0
         np.testing.assert_allclose(w[ids == g], np.where(best, total / best.sum(), 0.0), rtol=1e-6, atol=1e-30)
 
 
-@pytest.mark.parametrize("normalize", ["mean", "sum"])
-def test_group_of_one_gets_weight_one(normalize):
+@pytest.mark.parametrize("weight_norm", ["mean", "sum"])
+def test_group_of_one_gets_weight_one(weight_norm):
     r = np.array([5.0, -3.0, 0.5, 0.7], np.float32)
     ids = np.array([0, 1, 2, 2])
-    w = np.asarray(importance_weights(r, ids, 0.1, normalize=normalize))
+    w = np.asarray(importance_weights(r, ids, 0.1, weight_norm=weight_norm))
     np.testing.assert_allclose(w[:2], 1.0)
 
 
@@ -180,9 +193,9 @@ def test_weights_finite_tiny_beta(data):
 
 @SETTINGS
 @given(groups(), st.floats(-4.0, 4.0).map(lambda e: 10.0**e), st.sampled_from(["mean", "sum"]))
-def test_weights_finite_over_beta_range(data, beta, normalize):
+def test_weights_finite_over_beta_range(data, beta, weight_norm):
     r, ids, _ = data
-    w = np.asarray(importance_weights(r, ids, beta, normalize=normalize))
+    w = np.asarray(importance_weights(r, ids, beta, weight_norm=weight_norm))
     assert np.all(np.isfinite(w)) and np.all(w >= 0.0)
 
 
@@ -192,9 +205,9 @@ def test_weights_reject_bad_beta(beta):
         importance_weights(np.zeros(2), np.zeros(2, np.int32), beta)
 
 
-def test_weights_reject_bad_normalize():
-    with pytest.raises(ValueError, match="normalize"):
-        importance_weights(np.zeros(2), np.zeros(2, np.int32), 0.1, normalize="softmax")
+def test_weights_reject_a_bad_weight_norm():
+    with pytest.raises(ValueError, match="weight_norm"):
+        importance_weights(np.zeros(2), np.zeros(2, np.int32), 0.1, weight_norm="softmax")
 
 
 class ImportanceWeightsJitTest(chex.TestCase):
@@ -203,9 +216,9 @@ class ImportanceWeightsJitTest(chex.TestCase):
         rng = np.random.default_rng(0)
         ids = rng.permutation(np.repeat(np.arange(4), [1, 3, 5, 2])).astype(np.int32)
         r = rng.uniform(-2, 2, ids.shape).astype(np.float32)
-        for normalize in ("mean", "sum"):
-            fn = self.variant(functools.partial(importance_weights, beta=0.3, normalize=normalize, num_groups=4))
-            np.testing.assert_allclose(fn(r, ids), reference_weights(r, ids, 0.3, normalize), rtol=1e-5)
+        for weight_norm in ("mean", "sum"):
+            fn = self.variant(functools.partial(importance_weights, beta=0.3, weight_norm=weight_norm, num_groups=4))
+            np.testing.assert_allclose(fn(r, ids), reference_weights(r, ids, 0.3, weight_norm), rtol=1e-5)
 
     @chex.variants(with_jit=True, without_jit=True)
     def test_discounted_returns_jit(self):
@@ -251,20 +264,20 @@ def test_trajectory_returns_hand():
     assert got == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("normalize", ["mean", "sum"])
-def test_trajectory_weights_hand(normalize):
+@pytest.mark.parametrize("weight_norm", ["mean", "sum"])
+def test_trajectory_weights_hand(weight_norm):
     beta = 0.5
     ra = [0.9, 0.81 - 0.1 - 0.5 / 3, -0.2]
     rb = [1.0, -0.25]
 
     def group(rs):
         e = [math.exp(x / beta) for x in rs]
-        z = sum(e) if normalize == "sum" else sum(e) / len(e)
+        z = sum(e) if weight_norm == "sum" else sum(e) / len(e)
         return [x / z for x in e]
 
     wa, wb = group(ra), group(rb)
     expected = [wa[0], wb[0], wa[1], wb[1], wa[2]]
-    got = trajectory_weights(_records(), gamma=0.9, beta=beta, normalize=normalize)
+    got = trajectory_weights(_records(), gamma=0.9, beta=beta, weight_norm=weight_norm)
     assert isinstance(got, np.ndarray) and got.shape == (5,)
     np.testing.assert_allclose(got, expected, rtol=1e-5)
 

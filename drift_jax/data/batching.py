@@ -15,8 +15,8 @@ Packing (``pack=True``): each epoch's examples are packed into rows of ``pack_le
 tokens (``pack_examples``), several examples per row, and rows are batched; a batch is
 ``[batch_size rows, pack_length]`` (one compiled shape) and carries ``segment_ids``, so
 the model attends within an example only and the loss reduces per example
-(``collate_packed``, ``train.sft_loss_fn``): the same examples give the same loss and
-gradient as one per row, with almost no padding. ``epoch_plan`` / ``padding_fraction``
+(``collate_packed``, ``training.objective.sft_loss_fn``): the same examples give the same
+loss and gradient as one per row, with almost no padding. ``epoch_plan`` / ``padding_fraction``
 report the padding of any of the three schemes from the lengths alone.
 """
 
@@ -26,10 +26,9 @@ import bisect
 import dataclasses
 import functools
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
-
 
 
 def bucket_length(n: int, min_bucket: int = 16) -> int:
@@ -42,7 +41,8 @@ def bucket_length(n: int, min_bucket: int = 16) -> int:
 
 @dataclasses.dataclass
 class SFTExample:
-    """One training sequence. ``loss_mask`` marks the supervised TOKENS."""
+    """One training sequence. ``loss_mask`` marks the supervised TOKENS; ``weight`` is its
+    importance weight in the SFT loss."""
 
     tokens: np.ndarray  # [T] int32
     loss_mask: np.ndarray  # [T] bool
@@ -50,17 +50,26 @@ class SFTExample:
     truncated: bool = False
 
 
-def collate(examples: list[SFTExample], length: int, pad_id: int, batch_size: int | None = None) -> dict:
-    """Right-pad examples into a batch dict of numpy arrays (``tokens``, ``valid``,
-    ``loss_mask`` ``[B, T]``; ``weights`` ``[B]``). Extra rows (up to ``batch_size``) are
-    all-padding with weight 0, which the loss ignores."""
+def collate(examples: list[SFTExample], length: int, pad_id: int, batch_size: int | None = None,
+            row_scalars: Mapping[str, Sequence[float]] | None = None) -> dict:
+    """Right-pad examples into a batch dict of numpy arrays: ``tokens``, ``valid``,
+    ``loss_mask`` ``[B, T]`` and one float32 ``[B]`` array per key of ``row_scalars`` (one
+    number per example, e.g. ``{"advantages": advantages_n}`` for online RL); by default
+    ``weights``, each example's ``weight``. Extra rows (up to ``batch_size``) are
+    all-padding with 0 in every row scalar (weight 0), which the loss ignores."""
     b = batch_size or len(examples)
+    if row_scalars is None:
+        row_scalars = {"weights": [ex.weight for ex in examples]}
     batch = {
         "tokens": np.full((b, length), pad_id, np.int32),
         "valid": np.zeros((b, length), bool),
         "loss_mask": np.zeros((b, length), bool),
-        "weights": np.zeros((b,), np.float32),
     }
+    for key, values_n in row_scalars.items():
+        if len(values_n) != len(examples):
+            raise ValueError(f"{len(values_n)} values of {key!r} for {len(examples)} examples")
+        batch[key] = np.zeros((b,), np.float32)
+        batch[key][: len(examples)] = values_n
     for r, ex in enumerate(examples):
         n = len(ex.tokens)
         if n > length:
@@ -68,7 +77,6 @@ def collate(examples: list[SFTExample], length: int, pad_id: int, batch_size: in
         batch["tokens"][r, :n] = ex.tokens
         batch["valid"][r, :n] = True
         batch["loss_mask"][r, :n] = ex.loss_mask
-        batch["weights"][r] = ex.weight
     return batch
 
 
@@ -173,8 +181,8 @@ def collate_packed(examples: Sequence[SFTExample], rows: Sequence[Sequence[int]]
     example's weight, 0 on padding). ``rows[r]`` lists indices into ``examples``; extra
     rows (up to ``batch_size``) are all padding, which the loss ignores.
 
-    ``train.sft_loss_fn`` reduces such a batch per segment, so its loss is that of the
-    same examples collated one per row (``collate``)."""
+    ``training.objective.sft_loss_fn`` reduces such a batch per segment, so its loss is
+    that of the same examples collated one per row (``collate``)."""
     b = len(rows) if batch_size is None else batch_size
     if len(rows) > b:
         raise ValueError(f"{len(rows)} rows do not fit batch_size {b}")
@@ -273,7 +281,7 @@ def make_batch_fn(examples: Sequence[SFTExample], batch_size: int, seed: int, pa
                   min_bucket: int = 16, bucket_window: int = 0, shuffle: bool = True,
                   pack: bool = False, pack_length: int | None = None) -> tuple[Callable[..., dict], int]:
     """Returns ``(batch_fn, steps_per_epoch)``; ``batch_fn(step)`` (or
-    ``batch_fn(step, state)``, as ``train.train_loop`` calls it) is step ``step``'s batch.
+    ``batch_fn(step, state)``, as ``training.loop.train_loop`` calls it) is step ``step``'s batch.
 
     Each epoch is a fresh permutation of the examples (``seed``, epoch); a short batch
     is filled with zero-weight padding rows, so every example is seen once per epoch.

@@ -22,21 +22,13 @@ import dataclasses
 import re
 from typing import Protocol
 
+from drift_jax.data.questions import Question
 from drift_jax.data.records import normalize_answer
 
 FEEDBACK = "Incorrect. Please think again."
 # The content may not contain another "<answer>": an unclosed earlier tag must not swallow
 # the next one.
 _ANSWER_RE = re.compile(r"<answer>((?:(?!<answer>).)*?)</answer>", re.DOTALL)
-
-
-@dataclasses.dataclass(frozen=True)
-class Question:
-    """One prompt: an id that groups its K trajectories, the text and the gold answer."""
-
-    prompt_id: str
-    text: str
-    gold: str
 
 
 def extract_tagged_answer(reply: str) -> str | None:

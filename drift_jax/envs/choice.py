@@ -1,7 +1,7 @@
 """Multiple-choice questions (GPQA, MMLU-Redux, MMLU-Pro): the answer is one letter A-J.
 
 A question's text carries its options as lines "A. ...", "B. ..." after the stem
-(``render_choice_question``, used by the dataset loader), as in the reference release;
+(``data.layouts.render_choice_question``), as in the reference release;
 the prompt is the release's simple prompt with its multiple-choice instruction.
 
 The letter rule (``choice_letter``), applied to the extracted answer:
@@ -28,11 +28,11 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from drift_jax.envs.base import ProtocolEnv, Question
-from drift_jax.envs.math import SYSTEM_PROMPT, extract_math_answer
+from drift_jax.data.layouts import LETTERS
+from drift_jax.data.questions import Question
 from drift_jax.data.records import normalize_answer
-
-LETTERS = "ABCDEFGHIJ"
+from drift_jax.envs.base import ProtocolEnv
+from drift_jax.envs.math import SYSTEM_PROMPT, extract_math_answer
 
 _MACRO_RE = re.compile(r"\\(?:boxed|fbox|text|textbf|mathrm|mathbf)\s*\{([^{}]*)\}")
 _PREFIX_RE = re.compile(
@@ -60,14 +60,6 @@ def choice_letter(answer: str) -> str | None:
     if match is None or _SECOND_OPTION_RE.match(match["rest"]):
         return None
     return match["letter"].upper()
-
-
-def render_choice_question(stem: str, options: list[str]) -> str:
-    """``stem`` followed by one "A. option" line per option (2 to 10 options)."""
-    if not 2 <= len(options) <= len(LETTERS):
-        raise ValueError(f"a multiple-choice question needs 2 to {len(LETTERS)} options, got {len(options)}")
-    lines = [f"{letter}. {option}" for letter, option in zip(LETTERS, options)]
-    return "\n".join([stem.strip(), *lines])
 
 
 def option_letters(text: str) -> str:

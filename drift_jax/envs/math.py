@@ -32,8 +32,10 @@ import re
 import string
 import threading
 
-from drift_jax.envs.base import ProtocolEnv, Question, extract_tagged_answer
+from drift_jax.data.latex import extract_boxed
+from drift_jax.data.questions import Question
 from drift_jax.data.records import normalize_answer
+from drift_jax.envs.base import ProtocolEnv, extract_tagged_answer
 
 # The reference release's prompt (prompting.py, prompt_mode="simple"). The system message
 # keeps its trailing space on purpose: it is part of the released prompt's tokens.
@@ -44,52 +46,8 @@ SIMPLE_PROMPT = (
 )
 MATH_INSTRUCTION = "You are solving Math problems. Only give the final answer between <answer> and </answer>."
 
-_BOXED_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
 # A plain float in scientific notation: LaTeX parsing would read "1e-05" as e - 5.
 _SCIENTIFIC_RE = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)[eE][+-]?\d+")
-
-
-def _closing_brace(text: str, open_idx: int) -> int | None:
-    """Index of the ``}`` that closes ``text[open_idx] == "{"``, or None if unbalanced.
-
-    Escaped braces (``\\{``, ``\\}``) are LaTeX literals, not grouping, so they are skipped.
-    """
-    depth = 0
-    i = open_idx
-    while i < len(text):
-        c = text[i]
-        if c == "\\":
-            i += 2
-            continue
-        if c == "{":
-            depth += 1
-        elif c == "}":
-            depth -= 1
-            if depth == 0:
-                return i
-        i += 1
-    return None
-
-
-def extract_boxed(text: str) -> str | None:
-    """Content of the last top-level, brace-balanced ``\\boxed{...}`` (or ``\\fbox{}``).
-
-    Nested braces are kept (``\\boxed{\\frac{1}{2}}`` gives ``\\frac{1}{2}``); a nested
-    ``\\boxed`` stays inside its outer one; an unclosed ``\\boxed{`` is ignored. None when
-    there is no complete, non-empty box.
-    """
-    found = None
-    pos = 0
-    while (match := _BOXED_RE.search(text, pos)) is not None:
-        close = _closing_brace(text, match.end() - 1)
-        if close is None:
-            pos = match.end()
-            continue
-        found = text[match.end():close]
-        pos = close + 1
-    if found is None or not found.strip():
-        return None
-    return found.strip()
 
 
 def _unwrap(answer: str) -> str:

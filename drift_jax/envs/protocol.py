@@ -22,7 +22,8 @@ What "release" sets, and where in the release it comes from:
 
 from __future__ import annotations
 
-PROTOCOLS = ("drift-jax", "release")
+from drift_jax.data.layouts import PROTOCOLS, name_key
+
 STAGES = ("rollout", "eval")
 TASKS = ("math", "choice")
 
@@ -30,10 +31,6 @@ TASKS = ("math", "choice")
 # its rollouts use 512 at temperature 1 (scripts/run_generate_data.sh).
 RELEASE_EVAL_MAX_NEW_TOKENS = 1024
 RELEASE_ROLLOUT_MAX_NEW_TOKENS = 512
-
-
-def _key(name: str | None) -> str:
-    return "".join(c for c in (name or "").lower() if c.isalnum())
 
 
 def env_kwargs(protocol: str, stage: str, task: str = "math", benchmark: str | None = None) -> dict:
@@ -53,7 +50,7 @@ def env_kwargs(protocol: str, stage: str, task: str = "math", benchmark: str | N
         return {}
     kwargs = {"prompt_mode": "full" if stage == "rollout" else "simple", "think": True, "use_prefill": True,
               "instruction_max_tokens": 400, "parsing": "release"}
-    name = _key(benchmark)
+    name = name_key(benchmark or "")
     if task == "math":
         kwargs["grader"] = "numeric" if "theoremqa" in name else "string"
         kwargs["boxed_fallback"] = False

@@ -10,8 +10,7 @@ over chunks of pages with an online softmax that stops at the last live page (CP
 prefill). Page 0 is never handed out: writes of
 padding tokens go there, so a program needs no branch for them.
 
-Host side: ``PagePool`` hands out page ids with reference counts, so the K samples of a
-prompt can share its pages and an episode can keep its pages between turns.
+Which pages hold what is host-side bookkeeping: ``drift_jax.rollout.page_pool``.
 """
 
 from __future__ import annotations
@@ -21,7 +20,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 TRASH_PAGE = 0  # written by padding tokens, read by nothing
 
@@ -156,41 +154,3 @@ def _attend_chunked(q_btnh, k_pages, v_pages, refs: PageRefs, chunk_pages: int):
     _, sum_bkgt, acc_bkgth = jax.lax.fori_loop(0, n_chunks, body, init)
     out_bkgth = acc_bkgth / sum_bkgt[..., None]
     return jnp.transpose(out_bkgth, (0, 3, 1, 2, 4)).reshape(b, t, n, h).astype(q_btnh.dtype)
-
-
-class PoolExhausted(RuntimeError):
-    """No free pages left; the caller may free (evict) some and retry."""
-
-
-class PagePool:
-    """Host-side allocator of page ids 1..num_pages-1 with reference counts."""
-
-    def __init__(self, num_pages: int):
-        if num_pages < 2:
-            raise ValueError(f"a page pool needs >= 2 pages (page 0 is reserved), got {num_pages}")
-        self.num_pages = num_pages
-        self.refs = np.zeros(num_pages, np.int32)
-        self._free = list(range(num_pages - 1, 0, -1))  # pop() hands out low ids first
-
-    @property
-    def free(self) -> int:
-        return len(self._free)
-
-    def allocate(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise PoolExhausted(f"{n} pages wanted, {len(self._free)} free")
-        pages = [self._free.pop() for _ in range(n)]
-        self.refs[pages] = 1
-        return pages
-
-    def share(self, pages) -> None:
-        for p in pages:
-            self.refs[p] += 1
-
-    def release(self, pages) -> None:
-        for p in pages:
-            self.refs[p] -= 1
-            if self.refs[p] == 0:
-                self._free.append(p)
-            elif self.refs[p] < 0:
-                raise RuntimeError(f"page {p} released more often than taken")

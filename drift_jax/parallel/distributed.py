@@ -21,7 +21,7 @@ How the job is recognised (first match wins):
 ``DRIFT_DISTRIBUTED=0`` disables all of it.
 
 Sampling does not use the cross-process mesh: each process plays its own shard of the
-prompts (``shard_range``) on its local devices into its own part file (``part_path``),
+prompts (``shard_range``) on its first local device into its own part file (``part_path``),
 and process 0 merges the parts. The processes wait for each other through JAX's
 coordination service: ``barrier``, ``agree`` (process 0 decides, e.g. whether a stage is
 done, and every process gets the answer) and ``gather``; ``is_main`` gates the writes of
@@ -98,7 +98,7 @@ def initialize_from_env(env: Mapping[str, str] | None = None) -> bool:
 # -- the processes of a job: who am I, waiting for each other, sharing small values -------
 #
 # Every process runs every stage (SPMD). Sampling is embarrassingly parallel, so each
-# process plays its own contiguous shard of the prompts on its local devices and writes
+# process plays its own contiguous shard of the prompts on its first local device and writes
 # a part file; process 0 alone writes the shared outputs (merged files, the ledger,
 # reports). The processes meet through JAX's coordination service (the one
 # ``jax.distributed.initialize`` started): barriers, and its key-value store for small

@@ -5,26 +5,16 @@ Every parameter carries logical axes ("vocab", "embed", "heads", "kv_heads", "ml
 Parallelism is then a config change: the same jitted train step and sampler run on any
 mesh, with XLA inserting the collectives.
 
-Two ways to a sharded ``TrainState``: ``shard_train_state`` moves a state built on one
-device onto the mesh (a model that fits one device; with several processes each copies
-in its own devices' slices, ``to_mesh``);
-``create_sharded_train_state`` builds it inside one jitted program whose outputs are
-already sharded, so no device (and no host) ever holds the whole model: the way for
-multi-host runs (see ``drift_jax.parallel.distributed``) and big models.
+``training.sharded_state`` puts a train state on a mesh with these shardings; batches go
+with ``shard_batch``, their rows split over ``data`` x ``fsdp``.
 """
 
 from __future__ import annotations
 
-from typing import Callable
-
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
-
-from drift_jax.training.train import TrainState, split_trainable
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -81,63 +71,6 @@ def to_mesh(value, sharding: NamedSharding):
         return jax.random.wrap_key_data(data, impl=jax.random.key_impl(value))
     host = np.asarray(jax.device_get(value))
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
-
-
-def shard_train_state(state, tx, mesh, rules=LOGICAL_RULES):
-    """Place a ``TrainState`` on ``mesh``: params by their logical axes, the optimizer
-    state re-initialised from them (so its moments inherit the same shardings), scalars
-    replicated. Multi-process, every process calls it with the same ``state``
-    (``to_mesh``)."""
-    params = jax.tree.map(to_mesh, state.params, param_shardings(state.params, mesh, rules))
-    replicated = NamedSharding(mesh, PartitionSpec())
-
-    def like(value, fresh):
-        # Moments shaped like a param got its sharding from tx.init; counters and other
-        # scalars are replicated.
-        target = fresh.sharding if isinstance(fresh.sharding, NamedSharding) else replicated
-        return to_mesh(value, target)
-
-    return state.replace(
-        params=params,
-        # The optimizer covers the trained params only (the adapters, under LoRA).
-        opt_state=jax.tree.map(like, state.opt_state, tx.init(split_trainable(params)[0])),
-        step=to_mesh(state.step, replicated),
-        rng=to_mesh(state.rng, replicated),
-    )
-
-
-def create_sharded_train_state(
-    make_model: Callable[[], nnx.Module], tx: optax.GradientTransformation, mesh, seed: int = 0,
-    rules=LOGICAL_RULES,
-) -> tuple[nnx.GraphDef, TrainState]:
-    """``create_train_state(make_model(), tx, seed)``, built directly on ``mesh``.
-
-    The model is traced abstractly for its shapes and logical axes; then one jitted
-    program initialises the parameters and the optimizer state with ``out_shardings``
-    from the rules, so each device materialises only its own shards (random init is
-    partitionable: the values equal an unsharded init's). Optimizer moments take their
-    parameter's sharding, counters are replicated. Every process calls it the same way.
-    """
-    abstract = nnx.eval_shape(make_model)
-    graphdef, abstract_params, rest = nnx.split(abstract, nnx.Param, ...)
-    if jax.tree.leaves(rest):
-        raise ValueError(f"create_sharded_train_state supports models whose only state is nnx.Param; found {rest}")
-    params_sharding = param_shardings(abstract_params, mesh, rules)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    opt_sharding = optax.tree_map_params(
-        tx, lambda _, sharding: sharding, jax.eval_shape(tx.init, split_trainable(abstract_params)[0]),
-        split_trainable(params_sharding)[0], transform_non_params=lambda _: replicated,
-    )
-    shardings = TrainState(params=params_sharding, opt_state=opt_sharding, step=replicated, rng=replicated)
-
-    @jax.jit
-    def init() -> TrainState:
-        params = nnx.state(make_model(), nnx.Param)
-        state = TrainState(params=params, opt_state=tx.init(split_trainable(params)[0]), step=jnp.zeros((), jnp.int32),
-                           rng=jax.random.key(seed))
-        return jax.lax.with_sharding_constraint(state, shardings)
-
-    return graphdef, init()
 
 
 def shard_batch(batch: dict, mesh) -> dict:

@@ -1,13 +1,15 @@
 """Multi-turn episodes played by a policy in an environment: the one player used by
 rollouts, evaluation and online RL, and the resumable rollout writer.
 
-Host side: render each live dialogue with the chat template, verify replies, append the
-feedback. Device side: the continuous engine (``drift_jax.rollout.engine``, the default), or
-with ``engine="static"`` one ``generate_batched`` call per turn for all live episodes.
-Turn 1 draws K samples of each prompt; later turns extend each live trajectory with one
-sample, exactly as in the reference release. An environment's ``prefill`` (the release's
-``<think>``) ends every prompt, and the reply handed to ``Episode.step`` is the prefill
-plus the decoded continuation: what the model said (the environment may then rewrite it).
+Host side (here): render each live dialogue with the chat template, verify replies,
+append the feedback. Device side: a sampler (``interface.Sampler``) chosen once from
+``EngineOptions`` (``make_sampler``): the continuous engine (``engine.Engine``, the
+default) or the static reference (``static.StaticSampler``: one ``generate_batched``
+call per turn of each chunk). Turn 1 draws K samples of each prompt; later turns extend
+each live trajectory with one sample, exactly as in the reference release. An
+environment's ``prefill`` (the release's ``<think>``) ends every prompt, and the reply
+handed to ``Episode.step`` is the prefill plus the decoded continuation: what the model
+said (the environment may then rewrite it).
 
 ``append_rollouts`` is the resumable form used for Stage 1: it appends each finished
 prompt group to the rollout file in prompt order, so a killed run rerun with the same
@@ -25,9 +27,12 @@ from tqdm.auto import tqdm
 
 from drift_jax.data import records
 from drift_jax.data.chat import encode_prompt
-from drift_jax.rollout.engine import Engine, EngineOptions, Request, engine_options
-from drift_jax.envs.base import Environment, Episode, Question, env_prefill
-from drift_jax.rollout.sampling import SamplingParams, add_work, generate_batched
+from drift_jax.data.questions import Question
+from drift_jax.envs.base import Environment, Episode, env_prefill
+from drift_jax.rollout.engine import Engine
+from drift_jax.rollout.interface import EngineOptions, Request, Sampler, engine_options, merge_work
+from drift_jax.rollout.sampling import SamplingParams
+from drift_jax.rollout.static import StaticSampler
 
 
 def prompt_hash(prompt_id: str) -> int:
@@ -57,6 +62,17 @@ def decode_reply(tokenizer, reply_ids: Sequence[int], stop_ids: Sequence[int]) -
     return tokenizer.decode(list(body), skip_special_tokens=False)
 
 
+def make_sampler(engine: "str | EngineOptions", model, sampling: SamplingParams, *, seed: int, batch_size: int,
+                 max_len: int | None = None) -> Sampler:
+    """The sampler ``engine`` names (a kind or ``EngineOptions``): the continuous engine
+    with ``num_slots`` (default ``batch_size``) slots, or the static sampler with
+    ``batch_size`` rows per call."""
+    opts = engine_options(engine, batch_size)
+    if opts.kind == "static":
+        return StaticSampler(model, sampling, seed=seed, batch_size=batch_size, max_len=max_len)
+    return Engine(model, sampling, seed=seed, options=opts, max_len=max_len)
+
+
 def play_episodes(
     model,
     tokenizer,
@@ -74,61 +90,35 @@ def play_episodes(
     engine: "str | EngineOptions" = "continuous",
     stats: dict | None = None,
 ):
-    """Play ``num_samples`` episodes of every question.
+    """Play ``num_samples`` episodes of every question on the sampler ``engine`` names
+    (``make_sampler``). The episodes do not depend on the sampler (to float rounding),
+    nor on which other questions share the call: a slice of the questions that starts at
+    a chunk boundary (``chunk_size``) gets the same episodes as the whole list.
 
     Returns ``(episodes, generated)``: the episodes (question-major: the K samples of
     question 0 first) and the number of tokens generated. With ``return_ids``,
     ``(episodes, generated, turns)`` where ``turns[i]`` lists (prompt_ids, reply_ids) per
     turn of episode i: the context the policy saw and the ids it sampled (online RL
-    trains on exactly these).
+    trains on exactly these). ``stats``, a dict, receives the sampler's work figures
+    (``interface.Sampler``; merged into what it holds: ``merge_work``).
     """
-    episodes, turns = _play(model, tokenizer, env, questions, num_samples=num_samples,
-                            sampling=sampling, seed=seed, batch_size=batch_size, max_len=max_len,
-                            desc=desc, progress=progress, keep_ids=return_ids)
+    sampler = make_sampler(engine, model, sampling, seed=seed, batch_size=batch_size, max_len=max_len)
+    episodes, turns, work = _play(sampler, tokenizer, env, questions, num_samples=num_samples, sampling=sampling,
+                                  keep_ids=return_ids, desc=desc, progress=progress)
+    if stats is not None:
+        stats.update(merge_work(stats, work))
     generated = sum(len(reply) for t in turns for _, reply in t) if return_ids else sum(map(sum, turns))
     return (episodes, generated, turns) if return_ids else (episodes, generated)
 
 
-def _play(model, tokenizer, env, questions, *, num_samples, sampling, seed, batch_size, max_len,
-          desc, progress, keep_ids, engine=None, stats=None):
-    """``play_episodes`` on the static sampler; per episode and turn, (prompt ids, reply
-    ids) with ``keep_ids``, else the number of tokens generated."""
-    episodes = [Episode(env, q) for q in questions for _ in range(num_samples)]
-    sample_idx = [j for _ in questions for j in range(num_samples)]
-    turns: list[list] = [[] for _ in episodes]
-    prefill = env_prefill(env)
-    bar = tqdm(total=len(episodes), desc=desc, unit="episode", disable=not progress, leave=False)
-    for turn in range(1, env.max_turns + 1):
-        live = [i for i, e in enumerate(episodes) if not e.done]
-        if not live:
-            break
-        bar.set_postfix(turn=turn, live=len(live))
-        prompts = [encode_prompt(tokenizer, episodes[i].messages, prefill) for i in live]
-        keys = episode_keys(
-            seed, [episodes[i].question.prompt_id for i in live], [sample_idx[i] for i in live], turn
-        )
-        turn_stats = {} if stats is not None else None
-        outputs = generate_batched(model, prompts, keys, sampling, batch_size=batch_size, max_len=max_len,
-                                   stats=turn_stats)
-        if stats is not None:
-            by_turn = stats.setdefault("prefill_tokens_by_turn", {})
-            by_turn[turn] = by_turn.get(turn, 0) + turn_stats["prefill_tokens"]
-            add_work(stats, **{k: v for k, v in turn_stats.items() if k != "slot_utilization"})
-        for i, prompt, (reply, _) in zip(live, prompts, outputs):
-            turns[i].append((list(prompt), list(reply)) if keep_ids else len(reply))
-            episodes[i].step(prefill + decode_reply(tokenizer, reply, sampling.stop_ids))
-            if episodes[i].done:
-                bar.update(1)
-    bar.close()
-    return episodes, turns
-
-
-def _play_continuous(model, tokenizer, env, questions, *, num_samples, sampling, seed, batch_size, max_len,
-                     desc, progress, keep_ids, engine, on_group=None, stats=None):
-    """``_play`` on the continuous engine. ``on_group(q, episodes, turns)`` is called as
-    soon as question q's K episodes have all ended (in any order of q); ``stats``, a
-    dict, receives the engine's work-done figures."""
-    opts = engine_options(engine, batch_size)
+def _play(sampler: Sampler, tokenizer, env, questions, *, num_samples, sampling, keep_ids, desc, progress,
+          on_group=None):
+    """The player: question q's K episodes start as one request group (sharing the
+    prompt); each finished turn steps its episode and, unless it ended, asks for the
+    next turn. Returns (episodes, per episode and turn (prompt ids, reply ids) with
+    ``keep_ids`` else tokens generated, the sampler's work). ``on_group(q, episodes,
+    turns)`` is called as soon as question q's K episodes have all ended (in any order
+    of q)."""
     k = num_samples
     episodes = [Episode(env, q) for q in questions for _ in range(k)]
     turns: list[list] = [[] for _ in episodes]
@@ -156,46 +146,18 @@ def _play_continuous(model, tokenizer, env, questions, *, num_samples, sampling,
             on_group(q, episodes[q * k:(q + 1) * k], turns[q * k:(q + 1) * k])
         return []
 
-    eng = Engine(model, sampling, seed=seed, num_slots=opts.num_slots, page_size=opts.page_size,
-                 num_pages=opts.num_pages, steps_per_visit=opts.steps_per_visit,
-                 refill_after=opts.refill_after, row_buckets=opts.row_buckets, max_len=max_len)
-    eng_stats = eng.run(source(), on_finish)
+    work = sampler.run(source(), on_finish)
     bar.close()
-    if stats is not None:
-        stats.update(eng_stats.as_dict())
-    return episodes, turns
+    return episodes, turns, work
+
+
 def chunk_size(batch_size: int, num_samples: int) -> int:
-    """Prompts per chunk, ``G = max(1, batch_size // num_samples)``: the unit a player
-    plays at once (``append_rollouts``, ``play_chunked``) and the unit a multi-process job
-    shards by (``distributed.shard_range(..., align=G)``). Chunk c is always
+    """Prompts per chunk of the static sampler, ``G = max(1, batch_size // num_samples)``
+    (``static.StaticSampler``), and the unit a multi-process job shards by
+    (``distributed.shard_range(..., align=G)``). Chunk c is always
     questions[c*G:(c+1)*G], whoever plays it, so its batches and numbers never depend
     on how many processes share the work."""
     return max(1, batch_size // num_samples)
-
-
-def play_chunked(model, tokenizer, env: Environment, questions: Sequence[Question], *, num_samples: int,
-                 sampling: SamplingParams, seed: int, batch_size: int = 64, max_len: int | None = None,
-                 desc: str = "episodes", progress: bool = True, engine="continuous", stats: dict | None = None):
-    """``play_episodes`` over ``questions`` one chunk (``chunk_size``; with the
-    continuous engine, all of them at once) at a time:
-    (episodes, generated tokens), question-major. A slice of the questions that starts
-    at a chunk boundary gets the same episodes as the whole list (a process playing its
-    shard of an evaluation writes what a single process would)."""
-    chunk = chunk_size(batch_size, num_samples)
-    if engine_options(engine, batch_size).kind == "continuous":
-        chunk = max(1, len(questions))  # its episodes do not depend on slot placement: no chunk tails
-    episodes, generated = [], 0
-    bar = tqdm(total=len(questions), desc=desc, unit="prompt", disable=not progress, leave=False)
-    for start in range(0, len(questions), chunk):
-        played, tokens = play_episodes(model, tokenizer, env, questions[start:start + chunk],
-                                       num_samples=num_samples, sampling=sampling, seed=seed,
-                                       batch_size=batch_size, max_len=max_len, desc=desc, progress=False,
-                                       engine=engine, stats=stats)
-        episodes += played
-        generated += tokens
-        bar.update(len(questions[start:start + chunk]))
-    bar.close()
-    return episodes, generated
 
 
 def generated_tokens(record: dict) -> int:
@@ -216,11 +178,11 @@ def append_rollouts(path: str, model, tokenizer, env: Environment, questions: Se
 
     On entry the file is cut back to its last complete group (``records.resume_point``).
     Every finished prompt group (its K records) is appended with one write + fsync, in
-    prompt order. Sampling keys come from (seed, prompt id, sample, turn) alone.
+    prompt order, once it and every group before it have ended. Sampling keys come from
+    (seed, prompt id, sample, turn) alone.
 
-    - "continuous" engine: the remaining prompts stream through the engine's slots; a
-      group is written once it and every group before it have ended.
-    - "static": prompts are played in fixed chunks of ``G = max(1, batch_size //
+    - "continuous" engine: the remaining prompts stream through the engine's slots.
+    - "static": prompts are played in fixed chunks of ``G = chunk_size(batch_size,
       num_samples)`` (chunk c = questions[c*G:(c+1)*G], by index only); the first chunk
       with unfinished groups is replayed IN FULL, so its batches and numerics are those
       of the uninterrupted run and the file ends byte-identical to it.
@@ -231,7 +193,7 @@ def append_rollouts(path: str, model, tokenizer, env: Environment, questions: Se
     Returns:
       {"trajectories", "generated_tokens" (total in the file), "resumed_groups" (groups
       already in the file on entry), "t_star" (per record, file order), "work" (the
-      sampler's work-done figures for this call)}.
+      sampler's work figures for this call; also merged into ``stats``)}.
     """
     if not questions:
         raise ValueError("append_rollouts needs at least one question")
@@ -241,35 +203,29 @@ def append_rollouts(path: str, model, tokenizer, env: Environment, questions: Se
     if len(set(prompt_ids)) != len(prompt_ids):
         raise ValueError("questions have duplicate prompt ids; a prompt id must name one prompt group")
     done = records.resume_point(path, prompt_ids, num_samples)
-    bar = tqdm(total=len(questions), initial=done, desc=desc, unit="prompt", disable=not progress)
-    work: dict = {} if stats is None else stats
-    kwargs = dict(num_samples=num_samples, sampling=sampling, seed=seed, batch_size=batch_size,
-                  max_len=max_len, desc=desc, progress=False, keep_ids=False, engine=engine, stats=work)
-    if engine_options(engine, batch_size).kind == "continuous":
+    work: dict = {}
+    if done < len(questions):
+        sampler = make_sampler(engine, model, sampling, seed=seed, batch_size=batch_size, max_len=max_len)
+        # The engine's episodes do not depend on slot placement: it starts at group `done`.
+        first = done - done % chunk_size(batch_size, num_samples) if sampler.kind == "static" else done
+        bar = tqdm(total=len(questions), initial=done, desc=desc, unit="prompt", disable=not progress)
         ended: dict = {}
-        next_group = [0]
+        next_group = [first]
 
         def on_group(q, group_episodes, group_turns):
-            ended[q] = [_record(e, t) for e, t in zip(group_episodes, group_turns)]
+            ended[first + q] = [_record(e, t) for e, t in zip(group_episodes, group_turns)]
             while next_group[0] in ended:  # write in prompt order
-                records.append_group(path, ended.pop(next_group[0]))
+                group = ended.pop(next_group[0])
+                if next_group[0] >= done:  # else already in the file
+                    records.append_group(path, group)
+                    bar.update(1)
                 next_group[0] += 1
-                bar.update(1)
 
-        if done < len(questions):
-            _play_continuous(model, tokenizer, env, questions[done:], on_group=on_group, **kwargs)
-    else:
-        chunk = chunk_size(batch_size, num_samples)
-        first = done - done % chunk if done < len(questions) else len(questions)  # chunk of group `done`
-        for start in range(first, len(questions), chunk):
-            episodes, tokens_per_turn = _play(model, tokenizer, env, questions[start:start + chunk], **kwargs)
-            for g in range(len(episodes) // num_samples):
-                if start + g < done:
-                    continue  # already in the file
-                group = range(g * num_samples, (g + 1) * num_samples)
-                records.append_group(path, [_record(episodes[i], tokens_per_turn[i]) for i in group])
-                bar.update(1)
-    bar.close()
+        _, _, work = _play(sampler, tokenizer, env, questions[first:], num_samples=num_samples,
+                           sampling=sampling, keep_ids=False, desc=desc, progress=False, on_group=on_group)
+        bar.close()
+    if stats is not None:
+        stats.update(merge_work(stats, work))
     written, _ = records.read_jsonl(path)
     return {"trajectories": len(written), "generated_tokens": sum(map(generated_tokens, written)),
             "resumed_groups": done, "t_star": [r["t_star"] for r in written], "work": work}

@@ -19,7 +19,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-NORMALIZE_MODES = ("batch", "sequence", "weight_sum", "token")
+# What the summed loss is divided by (``reduce_masked``).
+LOSS_DENOMINATORS = ("batch", "sequence", "weight_sum", "token")
 
 
 def token_cross_entropy(logits_btv: jax.Array, targets_bt: jax.Array) -> jax.Array:
@@ -98,15 +99,20 @@ def chunked_token_cross_entropy(
     return ce_nbc.swapaxes(0, 1).reshape(b, n * chunk_size)[:, :t]
 
 
+def _check_loss_denominator(loss_denominator: str) -> None:
+    if loss_denominator not in LOSS_DENOMINATORS:
+        raise ValueError(f"loss_denominator must be one of {LOSS_DENOMINATORS}, got {loss_denominator!r}")
+
+
 def reduce_masked(
     per_token_bt: jax.Array,
     mask_bt: jax.Array,
     weights_b: jax.Array | None = None,
-    normalize: str = "batch",
+    loss_denominator: str = "batch",
 ) -> tuple[jax.Array, jax.Array]:
     """The one masked reduction of per-token losses to (loss_sum, denominator), float32.
 
-    normalize:
+    loss_denominator (what the sum is divided by):
       "batch" (alias "sequence"): each row's masked mean, times its weight, summed;
         denominator = rows with at least one masked token (GRPO's per-sequence mean).
       "weight_sum": the same sum; denominator = the weights of those rows.
@@ -120,21 +126,20 @@ def reduce_masked(
       mask_bt: [B, T] bool/0-1, true where the token counts.
       weights_b: [B] row weights, or None.
     """
-    if normalize not in NORMALIZE_MODES:
-        raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got {normalize!r}")
+    _check_loss_denominator(loss_denominator)
     mask_bt = jnp.asarray(mask_bt).astype(bool)
     # where, not multiply: masked positions may hold garbage, and inf * 0 = nan.
     per_token_bt = jnp.where(mask_bt, per_token_bt.astype(jnp.float32), 0.0)
     num_tokens_b = jnp.sum(mask_bt, axis=-1).astype(jnp.float32)
-    if normalize == "token":
+    if loss_denominator == "token":
         if weights_b is not None:
             per_token_bt = per_token_bt * jnp.asarray(weights_b, jnp.float32)[:, None]
         return jnp.sum(per_token_bt), jnp.sum(num_tokens_b)
-    return _reduce_samples(jnp.sum(per_token_bt, axis=-1), num_tokens_b, weights_b, normalize)
+    return _reduce_samples(jnp.sum(per_token_bt, axis=-1), num_tokens_b, weights_b, loss_denominator)
 
 
 def _reduce_samples(sums_s: jax.Array, num_tokens_s: jax.Array, weights_s: jax.Array | None,
-                    normalize: str) -> tuple[jax.Array, jax.Array]:
+                    loss_denominator: str) -> tuple[jax.Array, jax.Array]:
     """(loss_sum, denominator) of "batch" / "weight_sum" from per-sample masked sums
     ``[S]``, token counts ``[S]`` (float32) and weights ``[S]`` (or None): a sample is a
     row of ``reduce_masked`` or a segment of ``reduce_masked_segments``."""
@@ -144,7 +149,7 @@ def _reduce_samples(sums_s: jax.Array, num_tokens_s: jax.Array, weights_s: jax.A
         return jnp.sum(per_sample_s), jnp.sum(has_tokens_s, dtype=jnp.float32)
     weights_s = jnp.asarray(weights_s, jnp.float32)
     loss_sum = jnp.sum(jnp.where(has_tokens_s, weights_s * per_sample_s, 0.0))
-    if normalize == "weight_sum":
+    if loss_denominator == "weight_sum":
         return loss_sum, jnp.sum(jnp.where(has_tokens_s, weights_s, 0.0))
     return loss_sum, jnp.sum(has_tokens_s, dtype=jnp.float32)
 
@@ -154,7 +159,7 @@ def reduce_masked_segments(
     mask_bt: jax.Array,
     segment_ids_bt: jax.Array,
     token_weights_bt: jax.Array | None = None,
-    normalize: str = "batch",
+    loss_denominator: str = "batch",
     num_segments: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """``reduce_masked`` for packed rows: each (row, segment) is one sample, so the
@@ -177,14 +182,13 @@ def reduce_masked_segments(
       num_segments: ids per row (static); default ``T + 1`` (a row of T tokens holds at
         most T segments).
     """
-    if normalize not in NORMALIZE_MODES:
-        raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got {normalize!r}")
+    _check_loss_denominator(loss_denominator)
     b, t = per_token_bt.shape
     k = t + 1 if num_segments is None else num_segments
     mask_bt = jnp.asarray(mask_bt).astype(bool)
     # where, not multiply: masked positions may hold garbage, and inf * 0 = nan.
     per_token_bt = jnp.where(mask_bt, per_token_bt.astype(jnp.float32), 0.0)
-    if normalize == "token":
+    if loss_denominator == "token":
         if token_weights_bt is not None:
             per_token_bt = per_token_bt * jnp.asarray(token_weights_bt, jnp.float32)
         return jnp.sum(per_token_bt), jnp.sum(mask_bt, dtype=jnp.float32)
@@ -201,18 +205,18 @@ def reduce_masked_segments(
         token_weights_bt = jnp.where(mask_bt, jnp.asarray(token_weights_bt, jnp.float32), -jnp.inf)
         weights_s = jax.ops.segment_max(token_weights_bt.reshape(-1), ids_n, num_segments=b * k)
         weights_s = jnp.where(num_tokens_s > 0, weights_s, 0.0)
-    return _reduce_samples(sums_s, num_tokens_s, weights_s, normalize)
+    return _reduce_samples(sums_s, num_tokens_s, weights_s, loss_denominator)
 
 
 def weighted_token_loss(
     ce_bt: jax.Array,
     loss_mask_bt: jax.Array,
     weights_b: jax.Array,
-    normalize: str = "batch",
+    loss_denominator: str = "batch",
 ) -> tuple[jax.Array, jax.Array]:
     """``weighted_sft_loss`` from per-token cross-entropies ``ce_bt`` [B, T] (e.g. from
     ``chunked_token_cross_entropy``) instead of logits. Same (loss_sum, denominator)."""
-    return reduce_masked(ce_bt, loss_mask_bt, weights_b, normalize)
+    return reduce_masked(ce_bt, loss_mask_bt, weights_b, loss_denominator)
 
 
 def weighted_sft_loss(
@@ -220,7 +224,7 @@ def weighted_sft_loss(
     targets_bt: jax.Array,
     loss_mask_bt: jax.Array,
     weights_b: jax.Array,
-    normalize: str = "batch",
+    loss_denominator: str = "batch",
 ) -> tuple[jax.Array, jax.Array]:
     """Weighted SFT loss as (loss_sum, denominator), both float32 scalars.
 
@@ -234,10 +238,9 @@ def weighted_sft_loss(
       targets_bt: [B, T] int target ids.
       loss_mask_bt: [B, T] bool/0-1, true where the token is supervised.
       weights_b: [B] importance weights.
-      normalize: "batch" or "weight_sum" (static; see ``reduce_masked`` for "token").
+      loss_denominator: "batch" or "weight_sum" (static; see ``reduce_masked`` for "token").
     """
-    return reduce_masked(token_cross_entropy(logits_btv, targets_bt), loss_mask_bt,
-                               weights_b, normalize)
+    return reduce_masked(token_cross_entropy(logits_btv, targets_bt), loss_mask_bt, weights_b, loss_denominator)
 
 
 def mean_loss(loss_sum: jax.Array, denominator: jax.Array) -> jax.Array:

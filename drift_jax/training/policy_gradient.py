@@ -50,7 +50,7 @@ from drift_jax.rollout.episodes import play_episodes
 from drift_jax.training.losses import reduce_masked, token_cross_entropy
 from drift_jax.data.batching import bucket_length
 from drift_jax.rollout.sampling import SamplingParams
-from drift_jax.training.train import LossFn, next_token_ce, target_mask
+from drift_jax.training.objective import LossFn, next_token_ce, target_mask
 from drift_jax.weights import trajectory_returns
 
 NORMALIZE_MODES = ("token", "sequence")
@@ -182,11 +182,12 @@ def step_seed(seed: int, step: int) -> int:
     return int(np.random.SeedSequence([seed, step]).generate_state(1)[0] & 0x7FFFFFFF)
 
 
-def episode_example(turns: Sequence[tuple[list[int], list[int]]], advantage: float = 0.0):
+def episode_example(turns: Sequence[tuple[list[int], list[int]]]):
     """One training row of an episode: last context + last reply, loss on sampled ids.
 
-    Returns (SFTExample with weight = advantage, number of turns left out because their
-    sampled ids are not where the later context has them).
+    Returns (SFTExample of the row's tokens and loss mask, number of turns left out because
+    their sampled ids are not where the later context has them). The row's advantage goes
+    into the batch beside it (``collate(..., row_scalars={"advantages": ...})``).
     """
     last_prompt, last_reply = turns[-1]
     tokens = np.asarray(list(last_prompt) + list(last_reply), np.int32)
@@ -198,7 +199,7 @@ def episode_example(turns: Sequence[tuple[list[int], list[int]]], advantage: flo
             mask[start:end] = True
         else:
             left_out += 1
-    return SFTExample(tokens, mask, float(advantage)), left_out
+    return SFTExample(tokens, mask), left_out
 
 
 def compute_copy(params, dtype):
@@ -222,9 +223,11 @@ def make_batch_fn(graphdef: nnx.GraphDef, tokenizer, env, questions: Sequence, *
     episode (``episode_example``), padded to ``seq_len`` (one compile) or, if None, to
     the bucket of the update's longest episode. info: mean_return, success_rate,
     mean_turns, generated_tokens, trained_tokens (real tokens through the policy's
-    forward+backward), supervised_tokens (sampled ids in the loss), left_out_turns.
-    ``sample_dtype`` (e.g. bf16): the episodes are played by a copy of the policy in this
-    dtype, made once per update, rather than by float32 master weights cast at every token.
+    forward+backward), supervised_tokens (sampled ids in the loss), left_out_turns, and
+    the sampler's (``engine``: a kind or ``EngineOptions``, ``episodes.make_sampler``)
+    kind as "sampler", its slot_utilization and prefill_tokens. ``sample_dtype`` (e.g.
+    bf16): the episodes are played by a copy of the policy in this dtype, made once per
+    update, rather than by float32 master weights cast at every token.
     """
     check_on_policy(sampling)
     step_prompts(len(questions), prompts_per_step, seed, 0)  # validates the sizes
@@ -233,20 +236,21 @@ def make_batch_fn(graphdef: nnx.GraphDef, tokenizer, env, questions: Sequence, *
 
     def batch_fn(step: int, state):
         qs = [questions[i] for i in step_prompts(len(questions), prompts_per_step, seed, step)]
+        work: dict = {}
         episodes, generated, turns = play_episodes(
             nnx.merge(graphdef, compute_copy(state.params, sample_dtype)), tokenizer, env, qs, num_samples=num_samples,
             sampling=sampling, seed=step_seed(seed, step), batch_size=batch_size, max_len=max_len,
-            progress=False, return_ids=True, engine=engine)
+            progress=False, return_ids=True, engine=engine, stats=work)
         returns_n = np.asarray([trajectory_returns(e.to_record(), gamma, lam) for e in episodes])
         adv_n = np.asarray(group_advantages(returns_n, group_ids_n, prompts_per_step, adv_eps))
-        examples, left_out = zip(*(episode_example(t, a) for t, a in zip(turns, adv_n)))
+        examples, left_out = zip(*(episode_example(t) for t in turns))
         longest = max(len(x.tokens) for x in examples)
         if seq_len is not None and longest > seq_len:
             raise ValueError(f"update {step + 1}: an episode of {longest} tokens does not fit "
                              f"seq_len={seq_len}; raise seq_len (online RL never truncates: it "
                              "would change the context the replies were sampled in)")
-        batch = collate(list(examples), seq_len or bucket_length(longest), pad_id)
-        batch["advantages"] = batch.pop("weights")
+        batch = collate(list(examples), seq_len or bucket_length(longest), pad_id,
+                        row_scalars={"advantages": adv_n})
         info = {
             "mean_return": float(returns_n.mean()),
             "success_rate": float(np.mean([e.t_star is not None for e in episodes])),
@@ -255,6 +259,9 @@ def make_batch_fn(graphdef: nnx.GraphDef, tokenizer, env, questions: Sequence, *
             "trained_tokens": int(sum(len(x.tokens) for x in examples)),
             "supervised_tokens": int(sum(int(x.loss_mask.sum()) for x in examples)),
             "left_out_turns": int(sum(left_out)),
+            "sampler": work["kind"],
+            "slot_utilization": float(work["slot_utilization"]),
+            "prefill_tokens": int(work["prefill_tokens"]),
         }
         return batch, info
 

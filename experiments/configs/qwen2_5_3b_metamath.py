@@ -25,7 +25,7 @@ def get_config():
     # repeats kept, file-order batches, the last 5% held out for an eval loss; greedy eval
     # in simple mode with 1,024 new tokens per turn. "drift-jax" for ours.
     c.task.protocol = "release"
-    # MetaMathQA keeps types MATH_* (drift_jax/data/questions.py).
+    # MetaMathQA keeps types MATH_* (drift_jax/data/layouts.py).
     c.data.train = "huggingface:meta-math/MetaMathQA"
     c.data.train_split = "train"
 
@@ -59,7 +59,7 @@ def get_config():
     c.eval.num_prompts = 100000  # all of each benchmark
     c.eval.batch_size = 256
     c.eval.benchmarks.math500 = base.benchmark("math", "huggingface:HuggingFaceH4/MATH-500", "test")
-    # "/*": every subject config, one after the other (drift_jax.data.questions.HUB_CONFIGS).
+    # "/*": every subject config, one after the other (drift_jax.data.sources.HUB_CONFIGS).
     c.eval.benchmarks.math = base.benchmark("math", "huggingface:EleutherAI/hendrycks_math/*", "test")
     c.eval.benchmarks.theoremqa = base.benchmark("math", "huggingface:TIGER-Lab/TheoremQA", "test")
     c.eval.benchmarks.gpqa_diamond = base.benchmark("choice", "huggingface:Idavidrein/gpqa/gpqa_diamond", "train")
