@@ -169,8 +169,9 @@ def train_loop(
                 writer.write(record)
             if checkpointer is not None:
                 checkpointer.save(done, checkpoint_view(state))
+            # No forced redraw: into a log file the bar redraws once per TQDM_MININTERVAL.
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics.get('lr', math.nan):.2e}", refresh=False)
             bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics.get('lr', math.nan):.2e}")
     if checkpointer is not None:
         checkpointer.save(int(state.step), checkpoint_view(state), force=True)
     return state
