@@ -214,15 +214,14 @@ def test_a_job_killed_mid_rollout_resumes_each_part(tmp_path, env, job, single):
 
 
 def test_a_process_whose_shard_is_empty_waits_and_the_job_writes_what_one_process_writes(tmp_path, env, runs):
-    """More processes than chunks: rollout batches of 32 rows hold the 6 prompts x K=4 in
-    one chunk, and eval batches of 8 the 8 eval prompts, so process 0 plays nothing in
-    either stage (it merges process 1's part). On copies of the finished single and job
-    workdirs (their reference is reused), the job and one process with the same settings
-    write the same files."""
+    """More processes than chunks: eval batches of 8 hold the 8 eval prompts in one chunk,
+    so process 0 plays nothing (it merges process 1's part; rollouts share the same
+    ``play_shards``). On copies of the finished single and job workdirs (only the
+    evaluations run again), the job and one process with the same settings write the
+    same files."""
     from drift_jax.rollout.episodes import chunk_size
 
-    overrides = ["--config.rollout.batch_size=32", "--config.eval.batch_size=8"]
-    assert distributed.shard_range(6, 2, 0, align=chunk_size(32, 4)) == (0, 0)
+    overrides = ["--config.eval.batch_size=8"]
     assert distributed.shard_range(8, 2, 0, align=chunk_size(8, 1)) == (0, 0)
     (single_dir, (job_dir, _)), single, workdir = runs, tmp_path / "single", tmp_path / "job"
     shutil.copytree(single_dir, single)
@@ -240,8 +239,9 @@ def test_a_process_whose_shard_is_empty_waits_and_the_job_writes_what_one_proces
             if p.poll() is None:
                 p.kill()
                 p.communicate()
-    ran = "stages run: rollout, weights, train:drift, eval:reference:secret, eval:drift:secret\n"
+    ran = "stages run: eval:reference:secret, eval:drift:secret\n"
     assert outputs[0].count(ran) == 1 and outputs[1].count(ran) == 2  # both processes
     assert_same_as_single(workdir, single)
-    assert json.loads((workdir / "rollout_stats.json").read_text())["resumed_groups"] == 0
+    for name in ("reference", "drift"):
+        assert (workdir / "eval" / f"secret_{name}.jsonl").read_bytes() == (single / "eval" / f"secret_{name}.jsonl").read_bytes()
     assert not (workdir / "eval" / "secret_drift.jsonl.parts").exists()

@@ -167,7 +167,7 @@ def test_ci_runs_the_readme_test_command_after_the_runtime_install_alone():
     assert ci[-1] == test_command
     before = "\n".join(ci[:-1])
     assert "python -m venv" in before and "requirements-test" not in before
-    assert "pip install -q --no-compile -r requirements.txt && pip install -q --no-compile -e ." in before
+    assert "pip install -q -r requirements.txt && pip install -q -e ." in before
     assert "python experiments/run.py --config=experiments/configs/tiny.py" in before
 
 
