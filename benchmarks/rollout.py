@@ -40,10 +40,10 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from drift_jax.models import Transformer, preset  # noqa: E402
 from drift_jax.rollout.engine import Engine  # noqa: E402
 from drift_jax.rollout.episodes import episode_keys, prompt_hash  # noqa: E402
 from drift_jax.rollout.interface import EngineOptions, Request  # noqa: E402
-from drift_jax.models import Transformer, preset  # noqa: E402
 from drift_jax.rollout.sampling import SamplingParams, add_work, generate_batched  # noqa: E402
 
 END_SHARES = (0.3, 0.2, 0.2, 0.15, 0.15)  # share of episodes ending after turn 1..5

@@ -45,9 +45,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from drift_jax.parallel import sharding  # noqa: E402
 from drift_jax.models import ModelConfig, Transformer, preset  # noqa: E402
 from drift_jax.models.hf import config_to_hf  # noqa: E402
+from drift_jax.parallel import sharding  # noqa: E402
 from drift_jax.rollout.sampling import SamplingParams, generate  # noqa: E402
 from drift_jax.training.sharded_state import create_sharded_train_state  # noqa: E402
 from drift_jax.training.step import make_train_step  # noqa: E402

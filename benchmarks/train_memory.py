@@ -27,8 +27,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from drift_jax.training.train_state import abstract_train_state, make_optimizer, state_summary  # noqa: E402
 from drift_jax.models import PRESETS, LoRAConfig, Transformer, apply_lora, preset  # noqa: E402
+from drift_jax.training.train_state import abstract_train_state, make_optimizer, state_summary  # noqa: E402
 
 jax.config.update("jax_platforms", "cpu")  # shapes only: never touch an accelerator
 

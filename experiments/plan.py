@@ -95,7 +95,8 @@ def stage_plan(exp) -> list[Stage]:
     """Every stage of a run of ``exp`` (an ``experiments.workdir.Experiment``), in the
     order they run; inputs the run is given appear only as upstream stages."""
     # Imported here: the stage functions import the ``Experiment`` this module serves.
-    from experiments import online_rl, stages as run_stage
+    from experiments import online_rl
+    from experiments import stages as run_stage
 
     cfg, run_methods = exp.cfg, methods.parse(exp.cfg.methods)
     path, call = exp.path, functools.partial

@@ -19,10 +19,9 @@ import ml_collections
 import numpy as np
 
 from drift_jax import methods
-
-from drift_jax.training.train_state import make_optimizer
 from drift_jax.data.batching import held_out_count
 from drift_jax.data.records import BadRecord
+from drift_jax.training.train_state import make_optimizer
 
 DTYPES = ("float32", "bfloat16", "float16")
 

@@ -35,6 +35,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # experiments.beta_spectrum
 from drift_jax.evaluation.report import greedy_dialogue  # noqa: E402
 from drift_jax.methods import get as get_method  # noqa: E402
+
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 RESULTS_MD = os.path.join(REPO, "docs", "results.md")
 

@@ -30,21 +30,18 @@ if not sys.stderr.isatty():  # a log file gets a progress line a minute, not eve
     os.environ.setdefault("TQDM_MININTERVAL", "60")
 
 import jax  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
 import ml_collections  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from drift_jax.parallel import distributed  # noqa: E402
-
-from drift_jax import methods
-
-from drift_jax.evaluation import report
+from drift_jax import methods  # noqa: E402
 from drift_jax.data.records import BadRecord  # noqa: E402
-from experiments.preflight import ConfigError, preflight  # noqa: E402
+from drift_jax.evaluation import report  # noqa: E402
+from drift_jax.parallel import distributed  # noqa: E402
 from experiments.plan import Stage, settings  # noqa: E402
-from experiments.workdir import Experiment, read_json, write_json  # noqa: E402
+from experiments.preflight import ConfigError, preflight  # noqa: E402
 from experiments.stages import stage_report  # noqa: E402
-
+from experiments.workdir import Experiment, read_json, write_json  # noqa: E402
 
 BENCHMARK_FIELDS = ("task", "source", "split", "layout")
 
@@ -276,8 +273,8 @@ def run_sweep(cfg, workdir: str, dry: bool = False) -> dict | None:
     """``cfg.seeds``: ``run`` once per seed in ``<workdir>/seed<N>`` (each resumable on
     its own), then the sweep's summary per benchmark (``drift_jax.evaluation.sweep``) in
     ``<workdir>/sweep.json``, ``sweep.md`` and ``sweep_<benchmark>.png``."""
-    from drift_jax.evaluation import sweep
     from drift_jax.data.records import read_jsonl
+    from drift_jax.evaluation import sweep
 
     dirs, walls = {}, {}
     for s in parse_seeds(cfg.seeds):

@@ -12,17 +12,14 @@ import time
 import numpy as np
 
 from drift_jax import diagnostics, methods
-
-from drift_jax.parallel import distributed
-
-from drift_jax.evaluation import multi_at_k as evaluate, report
-
 from drift_jax.data import records
-
 from drift_jax.data.batching import split_held_out
 from drift_jax.data.chat import encode_dialogue
 from drift_jax.envs.secret import SecretGuessEnv, scripted_episode
+from drift_jax.evaluation import multi_at_k as evaluate
+from drift_jax.evaluation import report
 from drift_jax.evaluation.probes import answer_check
+from drift_jax.parallel import distributed
 from drift_jax.rollout.episodes import append_rollouts, chunk_size, generated_tokens, play_episodes
 from drift_jax.rollout.interface import merge_work, split_invariant
 from drift_jax.weights import trajectory_returns, trajectory_weights

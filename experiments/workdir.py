@@ -12,19 +12,18 @@ import sys
 import jax
 from flax import nnx
 
-from drift_jax.parallel import distributed, sharding
-
 from drift_jax import methods
+from drift_jax.data import records as records_io
+from drift_jax.data.chat import context_check, encode_dialogue, end_of_turn_id
+from drift_jax.envs.secret import SecretGuessEnv, build_tokenizer
+from drift_jax.models import ModelConfig, Transformer, load_tokenizer
+from drift_jax.parallel import distributed, sharding
+from drift_jax.rollout.interface import EngineOptions
+from drift_jax.rollout.sampling import SamplingParams
 from experiments import ledger
 from experiments.plan import Stage, settings, stage_plan
 from experiments.policies import DTYPES, Policies
 from experiments.preflight import resolve
-from drift_jax.data import records as records_io
-from drift_jax.data.chat import context_check, encode_dialogue, end_of_turn_id
-from drift_jax.rollout.interface import EngineOptions
-from drift_jax.envs.secret import SecretGuessEnv, build_tokenizer
-from drift_jax.models import ModelConfig, Transformer, load_tokenizer
-from drift_jax.rollout.sampling import SamplingParams
 
 
 def make_env(name: str, task, stage: str = "rollout", benchmark: str | None = None):

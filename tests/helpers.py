@@ -157,3 +157,19 @@ def install_kill(kind: str, n: int, suffix: str) -> None:
         cls.finalize = die_in_commit
     else:
         raise ValueError(f"unknown kill kind {kind!r}")
+
+
+def spy_samplers(monkeypatch) -> list:
+    """The kinds of the samplers whose ``run`` is called, in call order (a test then
+    sees which sampler a caller really played on)."""
+    from drift_jax.rollout.engine import Engine
+    from drift_jax.rollout.static import StaticSampler
+
+    ran = []
+    for cls in (Engine, StaticSampler):
+        def run(self, source, on_finish, real=cls.run):
+            ran.append(self.kind)
+            return real(self, source, on_finish)
+
+        monkeypatch.setattr(cls, "run", run)
+    return ran

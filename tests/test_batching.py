@@ -14,9 +14,8 @@ from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from drift_jax.data.batching import SFTExample, collate, epoch_batches, make_batch_fn
+from drift_jax.data.batching import SFTExample, bucket_length, collate, epoch_batches, make_batch_fn
 from drift_jax.models import ModelConfig, Transformer
-from drift_jax.data.batching import bucket_length
 from drift_jax.training.step import make_train_step
 from drift_jax.training.train_state import create_train_state
 

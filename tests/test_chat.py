@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from drift_jax.data.chat import encode_dialogue, encode_prompt, end_of_turn_id, render
 from drift_jax.envs.base import FEEDBACK
 from drift_jax.envs.secret import build_tokenizer
+
 from helpers import WORDS, chatml_tokenizer
 
 _TOKENIZERS = {}

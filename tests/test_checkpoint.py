@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from drift_jax.training.checkpoint import Checkpointer, load_params, save_params
 from drift_jax.models import ModelConfig, Transformer
+from drift_jax.training.checkpoint import Checkpointer, load_params, save_params
 from drift_jax.training.step import make_train_step
 from drift_jax.training.train_state import create_train_state, make_optimizer
 

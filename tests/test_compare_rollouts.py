@@ -6,6 +6,7 @@ import json
 import pytest
 
 from experiments import compare_rollouts
+
 from helpers import good_records, write_lines
 
 

@@ -17,12 +17,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from drift_jax.models import Transformer, paged
 from drift_jax.rollout import engine as engine_lib
-from drift_jax.models import paged
 from drift_jax.rollout.engine import Engine
 from drift_jax.rollout.episodes import episode_keys, prompt_hash
 from drift_jax.rollout.interface import EngineOptions, Request, merge_work, split_invariant
-from drift_jax.models import Transformer
 from drift_jax.rollout.sampling import SamplingParams, generate_batched
 from drift_jax.rollout.static import StaticSampler
 

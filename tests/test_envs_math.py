@@ -13,8 +13,7 @@ from drift_jax.data.layouts import LETTERS, render_choice_question
 from drift_jax.data.questions import Question
 from drift_jax.envs.base import FEEDBACK, Episode
 from drift_jax.envs.choice import MultipleChoiceEnv, choice_instruction, choice_letter
-from drift_jax.envs.math import (MATH_INSTRUCTION, SIMPLE_PROMPT, SYSTEM_PROMPT, MathEnv, extract_math_answer,
-                                 math_equal)
+from drift_jax.envs.math import MATH_INSTRUCTION, SIMPLE_PROMPT, SYSTEM_PROMPT, MathEnv, extract_math_answer, math_equal
 
 EQUIVALENT = [("0.5", "1/2"), (r"\frac{1}{2}", "1/2"), (r"\frac12", "0.5"), (r"\dfrac{1}{2}", "0.5"),
               ("3.0", "3"), ("3", "3.0"), ("b+a", "a+b"), (r"\boxed{1/2}", "0.5"), (r"2 \pi", r"2\pi"),

@@ -19,7 +19,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from drift_jax.data.chat import encode_prompt, end_of_turn_id
+from drift_jax.data.records import read_jsonl, validate_record, write_jsonl
 from drift_jax.envs.secret import SecretGuessEnv, build_tokenizer
+from drift_jax.models import Transformer
 from drift_jax.rollout.engine import Engine
 from drift_jax.rollout.episodes import (
     append_rollouts,
@@ -30,11 +32,10 @@ from drift_jax.rollout.episodes import (
     prompt_hash,
 )
 from drift_jax.rollout.interface import ENGINES, EngineOptions, request_key_data
-from drift_jax.rollout.static import StaticSampler
-from drift_jax.models import Transformer
-from drift_jax.data.records import read_jsonl, validate_record, write_jsonl
 from drift_jax.rollout.sampling import SamplingParams
-from helpers import WORDS, chatml_tokenizer
+from drift_jax.rollout.static import StaticSampler
+
+from helpers import WORDS, chatml_tokenizer, spy_samplers
 
 K = 2
 BATCH = 8
@@ -66,18 +67,6 @@ def play(policy, toy, questions, seed, env=None, sampling=None, num_samples=K, e
     )
     assert all(e.done for e in episodes)
     return [e.to_record() for e in episodes], generated
-
-
-def spy_samplers(monkeypatch) -> list:
-    """The kinds of the samplers whose ``run`` is called, in call order."""
-    ran = []
-    for cls in (Engine, StaticSampler):
-        def run(self, source, on_finish, real=cls.run):
-            ran.append(self.kind)
-            return real(self, source, on_finish)
-
-        monkeypatch.setattr(cls, "run", run)
-    return ran
 
 
 def test_play_episodes_returns_k_finished_episodes_per_question_in_order(policy, toy, tmp_path):

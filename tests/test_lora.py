@@ -26,17 +26,30 @@ import pytest
 from flax import nnx
 from safetensors import safe_open
 
-from drift_jax.training import policy_gradient
-
+from drift_jax.models import (
+    LoRAConfig,
+    ModelConfig,
+    Transformer,
+    apply_lora,
+    from_pretrained,
+    has_lora,
+    load_adapter,
+    lora,
+    merge_lora,
+    save_pretrained,
+)
 from drift_jax.parallel import sharding
+from drift_jax.training import policy_gradient
 from drift_jax.training.checkpoint import Checkpointer
-from drift_jax.models import (LoRAConfig, ModelConfig, Transformer, apply_lora, from_pretrained, has_lora,
-                              load_adapter, merge_lora, save_pretrained)
-from drift_jax.models import lora
 from drift_jax.training.loop import checkpoint_view, train_loop
 from drift_jax.training.step import make_train_step
-from drift_jax.training.train_state import (abstract_train_state, create_train_state, make_optimizer, split_trainable,
-                                            state_summary)
+from drift_jax.training.train_state import (
+    abstract_train_state,
+    create_train_state,
+    make_optimizer,
+    split_trainable,
+    state_summary,
+)
 
 TOL = 1e-4
 ALL = tuple(lora.TARGETS)

@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from drift_jax import methods
-from drift_jax.methods import METHODS, Method
 from drift_jax.data.records import Record
+from drift_jax.methods import METHODS, Method
 
 SETTINGS = settings(max_examples=200, deadline=None)
 ROUND = re.compile(r"drift_round([2-9]|[1-9][0-9]+)")

@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from drift_jax.models import PRESETS, Transformer, preset
 from drift_jax.models.hf import config_from_hf, config_to_hf, from_pretrained, load_tokenizer, save_pretrained

@@ -10,7 +10,6 @@ from flax import nnx
 from drift_jax.models import PRESETS, KVCache, Transformer, preset
 from drift_jax.models.transformer import attention_implementation
 
-
 # Jitted entry points: op-by-op eager execution costs a compile per primitive on CPU.
 _forward = nnx.jit(lambda model, tokens, valid=None: model(tokens, valid))
 _decode = nnx.jit(lambda model, tokens, cache, index, pos, valid=None: model.decode(tokens, cache, index, pos, valid))

@@ -105,6 +105,21 @@ def finish(proc: subprocess.Popen) -> str:
     return stdout
 
 
+def side_by_side(single_command, job_command, env) -> list[str]:
+    """The stdouts of one process with two CPU devices (``single_command``) and of a
+    two-process job (``job_command``), run at once: the cores idle while the job's two
+    processes wait for each other."""
+    procs = [start(single_command, {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}),
+             start(job_command, env)]
+    try:
+        return [finish(p) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+
+
 def run_job(command, env) -> str:
     return finish(start(command, env))
 
@@ -115,17 +130,8 @@ def runs(tmp_path_factory, env):
     (mesh data=2), and the README's two-process command, run side by side (the cores
     idle while the two processes wait for each other)."""
     single, job = tmp_path_factory.mktemp("single"), tmp_path_factory.mktemp("job")
-    procs = [start([sys.executable, RUN, CONFIG, f"--workdir={single}"],
-                   {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}),
-             start(readme_command(job), env)]
-    try:
-        outputs = [finish(p) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.communicate()
-    return single, (job, outputs[1])
+    _, job_stdout = side_by_side([sys.executable, RUN, CONFIG, f"--workdir={single}"], readme_command(job), env)
+    return single, (job, job_stdout)
 
 
 @pytest.fixture
@@ -228,17 +234,9 @@ def test_a_process_whose_shard_is_empty_waits_and_the_job_writes_what_one_proces
     shutil.copytree(job_dir, workdir)
     # Process 0 waits at the merge while process 1 plays (and compiles) every chunk.
     job_env = {**env, "DRIFT_BARRIER_TIMEOUT_S": "240"}
-    procs = [start([sys.executable, RUN, CONFIG, f"--workdir={single}", *overrides],
-                   {**job_env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}),
-             start(["bash", "experiments/local_multiprocess.sh", "2", CONFIG, f"--workdir={workdir}", *overrides],
-                   job_env)]
-    try:
-        outputs = [finish(p) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.communicate()
+    outputs = side_by_side([sys.executable, RUN, CONFIG, f"--workdir={single}", *overrides],
+                           ["bash", "experiments/local_multiprocess.sh", "2", CONFIG, f"--workdir={workdir}", *overrides],
+                           job_env)
     ran = "stages run: eval:reference:secret, eval:drift:secret\n"
     assert outputs[0].count(ran) == 1 and outputs[1].count(ran) == 2  # both processes
     assert_same_as_single(workdir, single)

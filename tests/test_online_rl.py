@@ -18,22 +18,22 @@ from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from drift_jax.training import policy_gradient
 from drift_jax.data.chat import encode_dialogue, encode_prompt, end_of_turn_id
-from drift_jax.training.checkpoint import Checkpointer
 from drift_jax.envs.base import FEEDBACK
 from drift_jax.envs.secret import SecretGuessEnv, build_tokenizer
-from drift_jax.rollout.engine import Engine
+from drift_jax.models import ModelConfig, Transformer
 from drift_jax.rollout.episodes import decode_reply, play_episodes
 from drift_jax.rollout.interface import ENGINES, EngineOptions
-from drift_jax.rollout.static import StaticSampler
-from drift_jax.training.losses import mean_loss
-from drift_jax.models import ModelConfig, Transformer
-from drift_jax.training.policy_gradient import episode_example, group_advantages, kl_k3, pg_loss
 from drift_jax.rollout.sampling import SamplingParams
+from drift_jax.training import policy_gradient
+from drift_jax.training.checkpoint import Checkpointer
 from drift_jax.training.loop import train_loop
+from drift_jax.training.losses import mean_loss
+from drift_jax.training.policy_gradient import episode_example, group_advantages, kl_k3, pg_loss
 from drift_jax.training.step import make_train_step
 from drift_jax.training.train_state import TrainState, create_train_state, make_optimizer
+
+from helpers import spy_samplers
 
 try:  # the stage's run totals (conftest puts the repo root on sys.path)
     from experiments.online_rl import run_stats
@@ -459,18 +459,6 @@ def test_online_loop_compiles_once_counts_cost_and_resumes_like_a_straight_run(s
         assert stats["wall_s"] == pytest.approx(stats["rollout_s"] + stats["train_s"])
         assert len(stats["mean_return_first_last"]) == 2
         assert stats["mean_return_first_last"][0] == pytest.approx(lines[0]["mean_return"])
-
-
-def spy_samplers(monkeypatch) -> list:
-    """The kinds of the samplers whose ``run`` is called, in call order."""
-    ran = []
-    for cls in (Engine, StaticSampler):
-        def run(self, source, on_finish, real=cls.run):
-            ran.append(self.kind)
-            return real(self, source, on_finish)
-
-        monkeypatch.setattr(cls, "run", run)
-    return ran
 
 
 def test_online_batches_are_played_by_the_configured_sampler_and_agree(secret, monkeypatch):

@@ -17,11 +17,19 @@ from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from drift_jax.data.batching import (SFTExample, collate, collate_packed, epoch_plan, make_batch_fn, pack_examples,
-                                packed_epoch_rows, padding_fraction)
-from drift_jax.training.losses import mean_loss, reduce_masked, reduce_masked_segments
+from drift_jax.data.batching import (
+    SFTExample,
+    collate,
+    collate_packed,
+    epoch_plan,
+    make_batch_fn,
+    pack_examples,
+    packed_epoch_rows,
+    padding_fraction,
+)
 from drift_jax.models import LoRAConfig, ModelConfig, Transformer, apply_lora
 from drift_jax.models.transformer import segment_positions
+from drift_jax.training.losses import mean_loss, reduce_masked, reduce_masked_segments
 from drift_jax.training.objective import next_token_ce, sft_loss_fn, target_mask
 from drift_jax.training.step import make_eval_fn, make_train_step
 from drift_jax.training.train_state import create_train_state, split_trainable

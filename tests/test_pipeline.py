@@ -11,8 +11,8 @@ import shutil
 import numpy as np
 import pytest
 
-from drift_jax.envs.secret import SecretGuessEnv, scripted_episode
 from drift_jax.data.records import BadRecord
+from drift_jax.envs.secret import SecretGuessEnv, scripted_episode
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RELEASE_KEYS = {"prompt_id", "gold", "messages", "turn_rewards", "verifier", "t_star",

@@ -9,7 +9,6 @@ from drift_jax.envs.base import FEEDBACK
 from drift_jax.envs.secret import SecretGuessEnv, build_tokenizer
 from drift_jax.evaluation.probes import answer_check
 
-
 # -- answer_check -------------------------------------------------------------------------
 
 def _letter_policy(tokenizer, env, untried_score, last_score=0.0, prior=None):

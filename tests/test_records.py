@@ -19,7 +19,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from drift_jax.data.chat import context_check, encode_dialogue
-from drift_jax.envs.secret import build_tokenizer
 from drift_jax.data.records import (
     ROLES,
     BadLines,
@@ -35,7 +34,9 @@ from drift_jax.data.records import (
     validate_record,
     write_jsonl,
 )
+from drift_jax.envs.secret import build_tokenizer
 from drift_jax.weights import trajectory_weights
+
 from helpers import good_records, group_lines, write_lines
 
 F32_MAX = float(np.finfo(np.float32).max)

@@ -14,6 +14,7 @@ import pytest
 
 from drift_jax.data.records import read_jsonl, write_jsonl
 from drift_jax.weights import trajectory_returns, trajectory_weights
+
 from helpers import tiny_hf_checkpoint
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "rollouts", "authors_format.jsonl")

@@ -11,7 +11,6 @@ same think / budget settings).
 """
 
 import pytest
-from helpers import chatml_tokenizer
 
 import drift_jax.rollout.episodes
 import drift_jax.rollout.static
@@ -22,6 +21,8 @@ from drift_jax.envs.choice import MultipleChoiceEnv, release_choice_key
 from drift_jax.envs.math import MathEnv, release_numeric_equal, string_equal
 from drift_jax.envs.protocol import env_kwargs, make_env
 from drift_jax.rollout.sampling import SamplingParams
+
+from helpers import chatml_tokenizer
 
 QUESTION = Question("q/1", "What is $2+3$?", "5")
 

@@ -28,14 +28,15 @@ import pytest
 from flax import nnx
 
 from drift_jax.data.chat import end_of_turn_id
-from drift_jax.training.checkpoint import Checkpointer, load_params, save_params
 from drift_jax.envs.secret import SecretGuessEnv, build_tokenizer
 from drift_jax.models import ModelConfig, Transformer
 from drift_jax.rollout.episodes import append_rollouts
 from drift_jax.rollout.sampling import SamplingParams
+from drift_jax.training.checkpoint import Checkpointer, load_params, save_params
 from drift_jax.training.loop import train_loop
 from drift_jax.training.step import make_train_step
 from drift_jax.training.train_state import create_train_state, make_optimizer
+
 from helpers import die, install_kill
 
 HERE = os.path.abspath(__file__)

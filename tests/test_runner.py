@@ -178,6 +178,7 @@ def test_a_tokenizer_larger_than_the_embedding_is_refused(cli, checkpoint, tmp_p
     config["vocab_size"] = 100  # the tokenizer has more tokens than that
     # The weights must match config.json, so write a model of that vocabulary.
     from flax import nnx
+
     from drift_jax.models import Transformer, config_from_hf, save_pretrained
     save_pretrained(Transformer(config_from_hf(config), rngs=nnx.Rngs(0)), other)
     message = error_of(cli(f"--config={CONFIGS}/from_rollouts.py", f"--config.model.checkpoint={other}",

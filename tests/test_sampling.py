@@ -19,9 +19,9 @@ from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from drift_jax.rollout import sampling
-from drift_jax.models import Transformer
 from drift_jax.data.batching import bucket_length
+from drift_jax.models import Transformer
+from drift_jax.rollout import sampling
 from drift_jax.rollout.sampling import SamplingParams, _filter_logits, generate_batched, sample_token
 
 N_NEW = 8

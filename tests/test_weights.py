@@ -27,6 +27,7 @@ from drift_jax.weights import (
     trajectory_returns,
     trajectory_weights,
 )
+
 from helpers import write_lines
 
 # Few distinct shapes keep the number of XLA compilations (the real cost here) small.

@@ -32,7 +32,6 @@ from typing import Any
 
 import numpy as np
 
-
 REQUIRED_FIELDS = ("prompt_id", "messages", "turn_rewards", "answer_norms")
 ROLES = ("system", "user", "assistant")
 ON_BAD_RECORD = ("error", "skip")

@@ -18,6 +18,7 @@ from drift_jax.data.questions import Question
 from drift_jax.envs.base import FEEDBACK
 from drift_jax.envs.secret import SecretGuessEnv
 
+
 def answer_check(model, tokenizer, env: SecretGuessEnv, question: Question) -> dict:
     """How a policy answers after every history of distinct wrong letters.
 

@@ -7,7 +7,6 @@ from typing import Any
 
 import jax.numpy as jnp
 
-
 REMAT_POLICIES = ("none", "full", "dots")
 ATTENTION_IMPLS = (None, "xla", "cudnn")
 

@@ -27,8 +27,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from drift_jax.training.losses import (chunked_token_cross_entropy, reduce_masked_segments, token_cross_entropy,
-                                       weighted_token_loss)
+from drift_jax.training.losses import (
+    chunked_token_cross_entropy,
+    reduce_masked_segments,
+    token_cross_entropy,
+    weighted_token_loss,
+)
 
 Batch = dict[str, Any]
 

@@ -45,11 +45,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from drift_jax.data.batching import SFTExample, collate
+from drift_jax.data.batching import SFTExample, bucket_length, collate
 from drift_jax.rollout.episodes import play_episodes
-from drift_jax.training.losses import reduce_masked, token_cross_entropy
-from drift_jax.data.batching import bucket_length
 from drift_jax.rollout.sampling import SamplingParams
+from drift_jax.training.losses import reduce_masked, token_cross_entropy
 from drift_jax.training.objective import LossFn, next_token_ce, target_mask
 from drift_jax.weights import trajectory_returns
 
