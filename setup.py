@@ -8,6 +8,9 @@ requirements = [
     if line.strip() and not line.startswith("#")
 ]
 
+# The JAX version of the accelerator extras (cuda13, tpu).
+ACCELERATOR_JAX = "0.10.2"
+
 setup(
     name="drift-jax",
     version="0.1.0",
@@ -23,5 +26,11 @@ setup(
         # TensorFlow-free tfds.data_source is not used), and tfds's huggingface: builder
         # downloads through the datasets library. Local .jsonl/.json/.parquet files need none.
         "data": ["tensorflow-datasets>=4.9", "tensorflow>=2.15", "datasets>=2.14"],
+        # The accelerator builds of the JAX version that the ahead-of-time compile for H100
+        # and TPU checks (docs/scaling.md): jax[cuda13] brings jaxlib's CUDA 13 plugin and
+        # the CUDA libraries, jax[tpu] libtpu. Pinned, so an install gets the version those
+        # programs were compiled with rather than the newest release.
+        "cuda13": [f"jax[cuda13]=={ACCELERATOR_JAX}"],
+        "tpu": [f"jax[tpu]=={ACCELERATOR_JAX}"],
     },
 )

@@ -5,6 +5,7 @@ online RL (``experiments/online_rl.py``) brings its own batches and loss."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 
@@ -15,7 +16,7 @@ from drift_jax.data.batching import epoch_plan, make_batch_fn, padding_fraction
 from drift_jax.models import Transformer
 from drift_jax.parallel import distributed, sharding
 from drift_jax.training.loop import train_loop
-from drift_jax.training.sharded_state import shard_train_state
+from drift_jax.training.sharded_state import move_to_mesh, shard_model
 from drift_jax.training.step import make_eval_fn, make_train_step
 from drift_jax.training.train_state import create_train_state, make_optimizer, state_summary
 from experiments.workdir import Experiment, read_metrics, warn_if_unchanged, write_json
@@ -33,20 +34,26 @@ def train_policy(exp: Experiment, name: str, init_model: Transformer, tcfg, step
     gives ``batch_fn(step, state)`` (``loop.train_loop``); ``loss_fn`` replaces the SFT
     loss, and the params of ``aux_model`` go to it at every update. The loss on
     ``held_out_batches`` is logged every ``tcfg.eval_every`` updates. On a training mesh
-    (``exp.mesh``) the train state and every batch are sharded over it. Returns (the
+    (``exp.mesh``) the train state and every batch are sharded over it, and the loop
+    runs with it as the context mesh (``jax.set_mesh``); ``init_model`` and ``aux_model``
+    are then consumed (``sharded_state.shard_model``): their params move onto the mesh
+    and their first copies are freed. Returns (the
     metrics lines of every update, over every resume; the updates made; the time.time()
     the loop started at)."""
     tx, schedule = make_optimizer(
         tcfg.learning_rate, steps, warmup_ratio=tcfg.warmup_ratio, schedule=tcfg.schedule,
         weight_decay=tcfg.weight_decay, grad_clip=tcfg.grad_clip)
-    graphdef, state = create_train_state(init_model, tx, seed=exp.cfg.seed)
-    print(f"train {name}: {state_summary(state)[1]}")
-    aux = None if aux_model is None else nnx.state(aux_model, nnx.Param)
     mesh = exp.mesh
-    if mesh is not None:  # params + optimizer state by their logical axes, batch rows over data x fsdp
-        state = shard_train_state(state, tx, mesh)
+    aux = None if aux_model is None else nnx.state(aux_model, nnx.Param)
+    if mesh is None:
+        graphdef, state = create_train_state(init_model, tx, seed=exp.cfg.seed)
+    else:  # params + optimizer state by their logical axes, batch rows over data x fsdp
+        # The models are consumed: their first copies (on one device) are freed as they move.
+        graphdef, state = shard_model(init_model, tx, mesh, seed=exp.cfg.seed)
         if aux is not None:  # laid out like the trained params it is compared with
-            aux = jax.tree.map(sharding.to_mesh, aux, sharding.param_shardings(aux, mesh))
+            aux = jax.tree.map(move_to_mesh, aux, sharding.param_shardings(aux, mesh))
+    del init_model, aux_model
+    print(f"train {name}: {state_summary(state)[1]}")
     if loss_fn is None:  # weighted SFT
         step_fn = make_train_step(graphdef, tx, tcfg.num_micro_batches, tcfg.loss_normalize, schedule,
                                         loss_chunk_size=tcfg.loss_chunk_size)
@@ -60,14 +67,19 @@ def train_policy(exp: Experiment, name: str, init_model: Transformer, tcfg, step
         batches = list(held_out_batches)
         if mesh is not None:
             batches = [sharding.shard_batch(b, mesh) for b in batches]
-        eval_fn = make_eval_fn(graphdef, batches, tcfg.loss_normalize, tcfg.loss_chunk_size)
+        # In the train step's micro-batches: 128 rows at once would need ~10x its memory.
+        eval_fn = make_eval_fn(graphdef, batches, tcfg.loss_normalize, tcfg.loss_chunk_size,
+                               num_micro_batches=tcfg.num_micro_batches)
     ckpt = exp.checkpointer(name, tcfg.checkpoint_every)
     metrics_path = exp.path(name, "metrics.jsonl")
     t0 = time.time()
-    state = train_loop(state, step_fn, batch_fn, steps, aux=aux, checkpointer=ckpt,
-                             metrics_path=metrics_path, desc=desc or f"train {name}", eval_fn=eval_fn,
-                             eval_every=getattr(tcfg, "eval_every", 0),
-                             tensorboard_dir=exp.path(name, "tensorboard"))
+    # The mesh as context: kernels that XLA cannot partition (splash attention on TPU)
+    # run under shard_map over it.
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+        state = train_loop(state, step_fn, batch_fn, steps, aux=aux, checkpointer=ckpt,
+                           metrics_path=metrics_path, desc=desc or f"train {name}", eval_fn=eval_fn,
+                           eval_every=getattr(tcfg, "eval_every", 0),
+                           tensorboard_dir=exp.path(name, "tensorboard"))
     ckpt.close()
     exp.save_policy(name, nnx.merge(graphdef, state.params))
     distributed.barrier(f"trained:{name}")  # the metrics process 0 wrote are complete

@@ -21,7 +21,7 @@ from drift_jax.parallel import distributed
 # Keys that change memory, speed or bookkeeping, not the numbers a stage writes.
 HOW_NOT_WHAT = ("mesh", "model.remat", "model.attention_impl", "allow_tiny", "compilation_cache",
                 "train.checkpoint_every", "reference.train.checkpoint_every", "online_rl.checkpoint_every",
-                "train.loss_chunk_size", "reference.train.loss_chunk_size")
+                "train.loss_chunk_size", "reference.train.loss_chunk_size", "rollout.memory_fraction")
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:

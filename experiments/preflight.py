@@ -48,7 +48,9 @@ def resolve(cfg) -> ml_collections.FrozenConfigDict:
            else cfg.copy_and_resolve_references())
     defaults = {
         ("data", "selection"): "release" if release else "first",
-        ("train", "shuffle"): not release,
+        # Shuffled under both: the release's --disable_shuffle never takes effect (its
+        # trainer overrides get_train_sampler; transformers' Trainer calls _get_train_sampler).
+        ("train", "shuffle"): True,
         ("reference.train", "shuffle"): True,
         ("train", "eval_fraction"): 0.05 if release else 0.0,
         ("eval", "max_new_tokens"): RELEASE_EVAL_MAX_NEW_TOKENS if release else out.rollout.max_new_tokens,

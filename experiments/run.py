@@ -315,7 +315,8 @@ def main(argv):
     distributed.initialize_from_env()  # multi-host: join the other processes before touching devices
     FLAGS = flags.FLAGS
     cfg = FLAGS.config
-    apply_overrides(cfg, _OVERRIDES)
+    with cfg.unlocked():  # the flag's config is locked; a benchmark added or dropped needs it open
+        apply_overrides(cfg, _OVERRIDES)
     name = os.path.splitext(os.path.basename(FLAGS["config"].config_filename))[0]
     try:
         workdir = FLAGS.workdir or os.path.join("runs", name)

@@ -16,8 +16,9 @@ from drift_jax.data import records
 from drift_jax.data.batching import split_held_out
 from drift_jax.data.chat import encode_dialogue
 from drift_jax.envs.secret import SecretGuessEnv, scripted_episode
+from drift_jax.envs.tool_use import ToolUseEnv
 from drift_jax.evaluation import multi_at_k as evaluate
-from drift_jax.evaluation import report
+from drift_jax.evaluation import report, tool_use
 from drift_jax.evaluation.probes import answer_check
 from drift_jax.parallel import distributed
 from drift_jax.rollout.episodes import append_rollouts, chunk_size, generated_tokens, play_episodes
@@ -200,6 +201,10 @@ def stage_eval(exp: Experiment, method: str) -> None:
                    "sampler": split_invariant(work)}
         if isinstance(env, SecretGuessEnv):  # how close greedy decoding's choices are to ties
             summary["answer_check"] = answer_check(policy, exp.tokenizer, env, questions[0])
+        if isinstance(env, ToolUseEnv):  # MTU-Bench: the release's TS / PS / TN / TO / ATS / SATS / SR / TPR
+            summary["tool_use"] = tool_use.summarize(written)
+            print(f"eval {method} {bench}: " + ", ".join(f"{k} {v:.4f}" for k, v in summary["tool_use"].items()
+                                                         if k in tool_use.METRICS))
         write_json(out, summary)
         exp.finish(f"eval:{method}:{bench}")
         remove_parts(path)

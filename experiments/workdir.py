@@ -34,10 +34,10 @@ def make_env(name: str, task, stage: str = "rollout", benchmark: str | None = No
     if name == "secret":
         return SecretGuessEnv(**budget, num_candidates=task.num_candidates,
                               num_values=task.num_values, id_length=task.id_length)
-    if name in ("math", "choice"):
+    if name in ("math", "choice", "tool"):
         from drift_jax.envs.protocol import make_env as protocol_env
         return protocol_env(name, task.protocol, stage, benchmark=benchmark, **budget)
-    raise ValueError(f"unknown task.name {name!r}; expected 'secret', 'math' or 'choice'")
+    raise ValueError(f"unknown task.name {name!r}; expected 'secret', 'math', 'choice' or 'tool' (a benchmark's)")
 
 
 def load_questions(source: str, **kwargs) -> list:
@@ -265,8 +265,8 @@ class Experiment(Policies):
         the slots are each stage's batch size)."""
         rc = self.cfg.rollout
         return EngineOptions(kind=rc.engine, page_size=rc.page_size, num_pages=rc.num_pages,
-                             steps_per_visit=rc.steps_per_visit, refill_after=rc.refill_after,
-                             row_buckets=rc.row_buckets)
+                             memory_fraction=rc.memory_fraction, steps_per_visit=rc.steps_per_visit,
+                             refill_after=rc.refill_after, row_buckets=rc.row_buckets)
 
     def sampling(self, temperature: float, top_p: float = 1.0, max_new_tokens: int | None = None) -> SamplingParams:
         """Sampling with the run's stop ids; ``max_new_tokens`` per turn defaults to

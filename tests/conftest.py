@@ -1,13 +1,24 @@
 """Shared fixtures: a tiny model config covering GQA, q/k/v bias, q/k norm and llama3 RoPE,
 and ONE run of ``experiments/run.py`` on the tiny config shared by every test that reads
-a finished run (pipeline checks, the notebook)."""
+a finished run (pipeline checks, the notebook), in both xdist workers; one persistent
+compilation cache for every process of the pytest run."""
 
 import os
+import pathlib
+import shutil
 import signal
 import subprocess
 import sys
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# The tests run on the CPU. With the CUDA plugin installed (requirements-aot.txt, for the
+# compile-only H100 of tests/test_aot.py), JAX would otherwise try to open a GPU first.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# XLA without LLVM's optimizations, here and in the runs the tests start: the tests' tiny
+# programs take longer to compile than to run, and the compile-bound test files take about
+# a quarter less CPU time this way. Both sides of every comparison are compiled alike.
+# JAX_DISABLE_MOST_OPTIMIZATIONS=0 compiles as users' runs do.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 import pytest  # noqa: E402
 
@@ -19,6 +30,29 @@ TINY = os.path.join(REPO, "experiments", "configs", "tiny.py")
 sys.path.insert(0, REPO)  # tests read the experiments' configs and stages
 
 
+# The slowest test files, longest first, started before the rest: under `-n 2 --dist
+# loadfile` a worker takes the next whole file whenever it runs out, so when the long ones
+# start first the two workers end together. (xdist would otherwise start the files with
+# the most tests first, and the multi-process and kill-and-rerun files, few tests each,
+# last.) Measured alone: `python -m pytest -q tests/<file> --durations=0`.
+SLOW_FILES_FIRST = (
+    "test_engine.py", "test_multihost.py", "test_lora.py", "test_readme.py", "test_packing.py",
+    "test_sampling.py", "test_aot.py", "test_online_rl.py", "test_runner.py", "test_episodes.py",
+    "test_reliability.py", "test_sharding.py", "test_pipeline.py", "test_records_interop.py",
+    "test_train.py", "test_notebook.py", "test_models_transformer.py",
+)
+
+
+def pytest_configure(config):
+    if getattr(config.option, "loadscopereorder", False):  # xdist >= 3.6 reorders by test count
+        config.option.loadscopereorder = False  # keep the order of pytest_collection_modifyitems
+
+
+def pytest_collection_modifyitems(items):
+    first = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
+    items.sort(key=lambda item: first.get(item.path.name, len(first)))  # stable: files keep their order
+
+
 @pytest.fixture
 def tiny_cfg():
     return ModelConfig(
@@ -28,12 +62,50 @@ def tiny_cfg():
     )
 
 
+def shared_root(tmp_path_factory) -> pathlib.Path:
+    """A folder every process of this pytest run sees: the run's base temporary folder,
+    whose subfolders are the xdist workers' own (``-n 2``: each worker has its own
+    session, so a session fixture alone would be made once per worker)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def made_once(tmp_path_factory, name: str, make):
+    """``make(folder) -> str`` run once per pytest run, whichever worker asks first, into
+    ``<shared root>/<name>``; (folder, its result). A worker that asks while another makes
+    it waits for that one. A failed ``make`` leaves nothing behind: the next to ask tries
+    again (and fails the same way, with its own traceback)."""
+    import fcntl
+
+    root = shared_root(tmp_path_factory)
+    folder, result = root / name, root / f"{name}.result"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not result.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            value = make(folder)
+            result.write_text(value)
+        return folder, result.read_text()
+
+
 @pytest.fixture(scope="session")
-def run_env(tmp_path_factory):
-    """The runs' environment: the repo importable, and one persistent compilation cache,
-    so later runs skip compiling (the same executables: the same numbers)."""
+def compilation_cache_dir(tmp_path_factory) -> str:
+    """One persistent compilation cache for the whole pytest run: this process's jitted
+    functions, the other xdist worker's and the runs in subprocesses (``run_env``) all
+    read and fill it, so a program compiled once is loaded everywhere else (the same
+    executables: the same numbers)."""
+    path = shared_root(tmp_path_factory) / "jax_cache"
+    path.mkdir(exist_ok=True)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def run_env(compilation_cache_dir):
+    """The runs' environment: the repo importable, and the run's one persistent
+    compilation cache, so later runs skip compiling."""
     return {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.path.join(REPO, "tests")]),
-            "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")),
+            "JAX_COMPILATION_CACHE_DIR": compilation_cache_dir,
             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
             "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
 
@@ -81,12 +153,14 @@ def run_in_process(args, cwd=None) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _compilation_cache(tmp_path_factory):
-    """In-process runs use a persistent compilation cache too (runs in a subprocess get
-    one through ``run_env``): the runner's "auto" keeps a cache that is already set."""
+def _compilation_cache(compilation_cache_dir):
+    """In-process runs use the persistent compilation cache too (the runner's "auto"
+    keeps a cache that is already set)."""
     import jax
 
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache_in_process")))
+    jax.config.update("jax_compilation_cache_dir", compilation_cache_dir)
+    # In case jax was imported before this file set the variable.
+    jax.config.update("jax_disable_most_optimizations", os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] != "0")
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
@@ -116,18 +190,18 @@ def run_tiny(run_env):
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, run_tiny):
-    """(workdir, stdout) of one finished run of the tiny config. Read it, do not change
-    it: copy it first (``shutil.copytree``) to rerun or extend it."""
-    workdir = tmp_path_factory.mktemp("tiny_run")
-    return workdir, run_tiny(workdir)
+    """(workdir, stdout) of one finished run of the tiny config, made once per pytest run
+    (``made_once``: both xdist workers read the same). Read it, do not change it: copy it
+    first (``shutil.copytree``) to rerun or extend it."""
+    return made_once(tmp_path_factory, "tiny_run", run_tiny)
 
 
 @pytest.fixture(scope="session")
 def comparison_run(tmp_path_factory, run_tiny):
     """(workdir, stdout) of one finished run of experiments/configs/comparison_tiny.py
     (every method), shared like ``tiny_run``."""
-    workdir = tmp_path_factory.mktemp("comparison_run")
-    return workdir, run_tiny(workdir, config=os.path.join(REPO, "experiments", "configs", "comparison_tiny.py"))
+    config = os.path.join(REPO, "experiments", "configs", "comparison_tiny.py")
+    return made_once(tmp_path_factory, "comparison_run", lambda workdir: run_tiny(workdir, config=config))
 
 
 TINY_MATH = os.path.join(REPO, "tests", "configs", "tiny_math.py")
@@ -137,20 +211,17 @@ TINY_MATH = os.path.join(REPO, "tests", "configs", "tiny_math.py")
 def tiny_math_run(tmp_path_factory, run_tiny):
     """``tiny_math_run(protocol) -> (workdir, checkpoint, stdout)``: one finished run of
     tests/configs/tiny_math.py (the paper pipeline, shrunk) on a random-init HF checkpoint
-    under ``task.protocol=protocol``, made once per session per protocol; copy before
-    changing."""
+    under ``task.protocol=protocol``, made once per pytest run per protocol
+    (``made_once``); copy before changing."""
     from helpers import tiny_hf_checkpoint
 
-    runs: dict = {}
+    def make(root, protocol):
+        tiny_hf_checkpoint(str(root / "init"))
+        return run_tiny(root / "run", config=TINY_MATH,
+                        extra=(f"--config.model.checkpoint={root / 'init'}", f"--config.task.protocol={protocol}"))
 
     def get(protocol: str):
-        if protocol not in runs:
-            root = tmp_path_factory.mktemp(f"tiny_math_{protocol}")
-            checkpoint = str(root / "init")
-            tiny_hf_checkpoint(checkpoint)
-            stdout = run_tiny(root / "run", config=TINY_MATH,
-                              extra=(f"--config.model.checkpoint={checkpoint}", f"--config.task.protocol={protocol}"))
-            runs[protocol] = (root / "run", checkpoint, stdout)
-        return runs[protocol]
+        root, stdout = made_once(tmp_path_factory, f"tiny_math_{protocol}", lambda root: make(root, protocol))
+        return root / "run", str(root / "init"), stdout
 
     return get

@@ -19,6 +19,7 @@ from flax import nnx
 
 from drift_jax.models import Transformer, paged
 from drift_jax.rollout import engine as engine_lib
+from drift_jax.rollout import pool_size
 from drift_jax.rollout.engine import Engine
 from drift_jax.rollout.episodes import episode_keys, prompt_hash
 from drift_jax.rollout.interface import EngineOptions, Request, merge_work, split_invariant
@@ -119,11 +120,21 @@ def test_the_static_sampler_serves_the_same_requests(model):
     assert 0 < stats["slot_utilization"] == stats["useful_tokens"] / stats["slot_steps"] < 1
 
 
-def test_eviction_under_a_small_pool_changes_no_token(model):
+def test_a_pool_sized_from_device_memory_below_the_slots_need_changes_no_token(model, monkeypatch):
+    """A device whose memory leaves room for 20 pages (19 usable; one request needs <=
+    15, four slots up to 60, the cap ``slot_tokens`` sets): the engine sizes its pool to
+    that, evicts waiting episodes' caches, and samples the tokens of a roomy pool."""
     params = SamplingParams(temperature=1.0, max_new_tokens=MAX_NEW)
     workload = _workload(model.cfg.vocab_size)  # the workload above: its programs are compiled
     roomy, _ = play_engine(model, params, workload, num_slots=4, page_size=8)
-    tight, stats = play_engine(model, params, workload, num_slots=4, page_size=8, num_pages=20)  # 19 usable; one request needs <= 15
+    options = EngineOptions(num_slots=4, page_size=8, slot_tokens=15 * 8)
+    weights = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
+    workspace = pool_size.workspace_bytes(model.cfg, 4, options.prefill_chunk, paged.CHUNK_PAGES * 8)
+    device = (weights + workspace + 20.5 * paged.page_bytes(model.cfg, 8)) / options.memory_fraction
+    monkeypatch.setattr(pool_size, "device_memory", lambda device_=None: (int(device), 0))
+    eng = Engine(model, params, seed=0, options=options, max_len=512)
+    assert eng.caches.pool.num_pages == 20
+    tight, stats = play_engine(model, params, workload, sampler=eng)
     assert stats["evictions"] > 0
     assert tight == roomy
 
@@ -147,25 +158,50 @@ def test_prefix_reuse_gives_the_full_prefills_logits(model):
     np.testing.assert_allclose(np.asarray(model.logits(hidden_11d[:, 0])[0]), np.asarray(full), atol=1e-5)
 
 
-@pytest.mark.parametrize("impl,chunk_pages", [("xla", 1), ("xla", 3), ("xla", 8), ("pallas_interpret", 8)])
-def test_paged_attention_equals_dense_attention(impl, chunk_pages):
+def _random_pages(rng, k, num_pages, page, h, heads_major):
+    """Random key or value pages in the layout asked for, and the same values in the
+    other one: ``[K, P, page, H]`` heads-major, ``[P, page, K * H]`` token-major."""
+    pages_kpsh = rng.normal(size=(k, num_pages, page, h))
+    if heads_major:
+        return jnp.asarray(pages_kpsh, jnp.float32)
+    return jnp.asarray(np.transpose(pages_kpsh, (1, 2, 0, 3)).reshape(num_pages, page, k * h), jnp.float32)
+
+
+@pytest.mark.parametrize("impl,chunk_pages,heads_major", [("xla", 1, False), ("xla", 3, False), ("xla", 8, False),
+                                                          ("xla", 3, True), ("pallas_interpret", 8, True)])
+def test_paged_attention_equals_dense_attention(impl, chunk_pages, heads_major):
     """Decode rows of mixed lengths: the chunked loop (a chunk of 1 or 3 pages: several
-    trips, a ragged last chunk, trips stopped at the longest row) and the Pallas kernel
-    give dense attention over the gathered pages."""
+    trips, a ragged last chunk, trips stopped at the longest row; either pool layout)
+    and the Pallas kernel give dense attention over the gathered pages."""
     rng = np.random.default_rng(0)
     b, n, k, h, page, m, num_pages = 3, 4, 2, 16, 4, 8, 30
     lengths = np.array([1, 7, 16])
     tables = np.stack([rng.permutation(np.arange(1, num_pages))[:m] for _ in range(b)]).astype(np.int32)
-    k_pages = jnp.asarray(rng.normal(size=(k, num_pages, page, h)), jnp.float32)
-    v_pages = jnp.asarray(rng.normal(size=(k, num_pages, page, h)), jnp.float32)
+    k_pages = _random_pages(rng, k, num_pages, page, h, heads_major)
+    v_pages = _random_pages(rng, k, num_pages, page, h, heads_major)
     q = jnp.asarray(rng.normal(size=(b, 1, n, h)), jnp.float32)
     refs = paged.PageRefs(jnp.asarray(tables), None, None, jnp.asarray(lengths - 1)[:, None])
     out = paged.attend(q, k_pages, v_pages, refs, impl, chunk_pages=chunk_pages)
-    dense_k = paged.gather(k_pages, jnp.asarray(tables))
-    dense_v = paged.gather(v_pages, jnp.asarray(tables))
+    dense_k = paged.gather(k_pages, jnp.asarray(tables), h)
+    dense_v = paged.gather(v_pages, jnp.asarray(tables), h)
     mask = np.arange(m * page)[None, :] < lengths[:, None]
     want = jax.nn.dot_product_attention(q, dense_k, dense_v, mask=jnp.asarray(mask)[:, None, None, :])
     np.testing.assert_allclose(np.asarray(out), np.asarray(want), atol=1e-5)
+
+
+def test_both_pool_layouts_hold_the_same_keys():
+    """A write then a gather gives the same ``[B, M * page, K, H]`` in either layout,
+    and the written keys sit at their positions."""
+    rng = np.random.default_rng(2)
+    b, t, k, h, page, m, num_pages = 2, 3, 2, 8, 4, 3, 10
+    tables = jnp.asarray([[3, 5, 7], [2, 4, 6]], jnp.int32)
+    positions = jnp.asarray([[0, 1, 2], [5, 6, 7]])
+    refs = paged.page_refs(tables, positions, jnp.ones((b, t), bool), page)
+    new = jnp.asarray(rng.normal(size=(b, t, k, h)), jnp.float32)
+    got = [paged.gather(paged.write(jnp.zeros(shape, jnp.float32), new, refs), tables, h)
+           for shape in ((k, num_pages, page, h), (num_pages, page, k * h))]
+    np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(got[1]))
+    np.testing.assert_array_equal(np.asarray(got[1])[np.arange(b)[:, None], np.asarray(positions)], np.asarray(new))
 
 
 @pytest.mark.parametrize("chunk_pages", [1, 3, 8])
@@ -176,14 +212,14 @@ def test_chunked_prefill_attention_is_causal_dense_attention(chunk_pages):
     b, t, n, k, h, page, m, num_pages = 2, 5, 4, 2, 8, 4, 6, 20
     start = np.array([0, 13])
     tables = np.stack([rng.permutation(np.arange(1, num_pages))[:m] for _ in range(b)]).astype(np.int32)
-    k_pages = jnp.asarray(rng.normal(size=(k, num_pages, page, h)), jnp.float32)
-    v_pages = jnp.asarray(rng.normal(size=(k, num_pages, page, h)), jnp.float32)
+    k_pages = _random_pages(rng, k, num_pages, page, h, heads_major=False)
+    v_pages = _random_pages(rng, k, num_pages, page, h, heads_major=False)
     q = jnp.asarray(rng.normal(size=(b, t, n, h)), jnp.float32)
     positions = jnp.asarray(start[:, None] + np.arange(t))
     out = paged.attend(q, k_pages, v_pages, paged.PageRefs(jnp.asarray(tables), None, None, positions), "xla",
                        chunk_pages=chunk_pages)
-    dense_k = paged.gather(k_pages, jnp.asarray(tables))
-    dense_v = paged.gather(v_pages, jnp.asarray(tables))
+    dense_k = paged.gather(k_pages, jnp.asarray(tables), h)
+    dense_v = paged.gather(v_pages, jnp.asarray(tables), h)
     mask = np.arange(m * page)[None, None, :] <= np.asarray(positions)[:, :, None]
     want = jax.nn.dot_product_attention(q, dense_k, dense_v, mask=jnp.asarray(mask)[:, None])
     np.testing.assert_allclose(np.asarray(out), np.asarray(want), atol=1e-5)

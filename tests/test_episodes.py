@@ -227,6 +227,15 @@ def test_decode_reply_keeps_a_special_token_inside_the_reply(chatml):
     assert decode_reply(chatml, reply, (eot,)) == "7<|im_end|> 42"
 
 
+def test_decode_reply_without_special_tokens_is_what_vllm_hands_the_release(chatml):
+    """vLLM decodes with SamplingParams.skip_special_tokens=True (its default): every
+    special token of the reply left out, the final stop token too, nothing stripped."""
+    eot, start, pad = chatml.convert_tokens_to_ids(["<|im_end|>", "<|im_start|>", "<|endoftext|>"])
+    reply = _ids(chatml, "maybe B") + [start] + _ids(chatml, " user\nthe secret") + [eot, pad] + _ids(chatml, " 7")
+    assert decode_reply(chatml, reply + [eot], (eot,), skip_special_tokens=True) == "maybe B user\nthe secret 7"
+    assert decode_reply(chatml, reply + [eot], (eot,)) == "maybe B<|im_start|> user\nthe secret<|im_end|><|endoftext|> 7"
+
+
 def test_decode_reply_drops_only_one_final_stop_id(chatml):
     eot, pad = chatml.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
     body = _ids(chatml, "the secret")

@@ -23,6 +23,7 @@ LAYERS = [
     ("drift_jax.rollout",),
     ("drift_jax.training",),
     ("drift_jax.evaluation",),
+    ("drift_jax.aot",),
 ]
 
 

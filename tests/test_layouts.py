@@ -63,6 +63,14 @@ EXPECTED = {
     "mmlu_pro.jsonl": ("mmlu_pro", [
         ("mmlu_pro/70", "Typical advertising regulatory bodies suggest", "I"),
         Question("mmlu_pro/71", "What is 2 + 2?\nA. 3\nB. 4\nC. 5", "B")]),
+    "mtu_bench.jsonl": ("mtu_bench", [
+        ("mtu_bench/S-S_0", "Please reply to the user", json.dumps([{"name": "FindRestaurants", "parameters": {
+            "city": "San Francisco", "cuisine": "Brazilian", "price_range": "moderate"}}])),
+        ("mtu_bench/S-S_3", "Please reply to the user", json.dumps([{"name": "BookRestaurant", "parameters": {
+            "day": "Saturday", "name": "The Slug and Lettuce", "people": 5}}])),
+        ("mtu_bench/S-M_7", "Please reply to the user", json.dumps([{"name": "GetWeather", "parameters": {
+            "city": "Paris"}}, {"name": "FindAttractions", "parameters": {"location": "Paris"}}])),
+        ("mtu_bench/M-M_0_0", "Please reply to the user", "[]")]),
     "native.jsonl": ("native", [
         Question("native/toy-0", "What is 6 times 7?", "42"),
         Question(hashed("native", "What is the square root of 2, squared?"),

@@ -147,9 +147,12 @@ def test_remat_really_checkpoints_the_layers(tiny_cfg):
     assert has_remat(jaxpr_text(tiny_cfg.replace(remat="full")))
 
 
-def test_attention_implementation_auto_picks_cudnn_only_on_gpu(tiny_cfg, monkeypatch):
+def test_attention_implementation_auto_picks_cudnn_on_gpu_and_splash_on_tpu(tiny_cfg, monkeypatch):
     bf16 = tiny_cfg.replace(dtype=jnp.bfloat16, head_dim=16)
     assert attention_implementation(bf16, 8) == "xla"  # this CPU
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    assert attention_implementation(bf16, 8) == attention_implementation(tiny_cfg, 8) == "splash"
+    assert attention_implementation(bf16, 1) == "xla"  # decode steps
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert attention_implementation(bf16, 8) == "cudnn"
     assert attention_implementation(bf16, 1) == "xla"  # decode steps

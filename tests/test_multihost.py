@@ -6,9 +6,10 @@ and write what ONE process with the same two devices (``--xla_force_host_platfor
 the same mesh data=2) writes: the same rollout and eval files byte for byte, the same
 training losses, the same results.json metrics. A job whose process 1 is SIGKILLed
 mid-rollout (after one prompt group of its part) and whose peer is then killed too,
-rerun with the same command, resumes each process's part and ends with the same file. A
-job with more processes than rollout or eval chunks (a process with nothing to play)
-writes what one process writes too.
+rerun with the same command, resumes each process's part and ends with the same file;
+that command also sets eval batches of 8, so the rerun's evaluations have more processes
+than eval chunks (a process with nothing to play), and the job writes what one process
+writes with those settings too.
 
 Every subprocess has a timeout, and the barriers one (``DRIFT_BARRIER_TIMEOUT_S``), so a
 dead or hung peer fails the test instead of hanging it. Also: the pure sharding helpers."""
@@ -178,15 +179,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_a_job_killed_mid_rollout_resumes_each_part(tmp_path, env, job, single):
+def test_a_job_killed_mid_rollout_resumes_each_part_and_a_process_with_nothing_to_play_waits(
+        tmp_path, env, runs):
     """The finished job with its rollouts deleted (the ledger then plays them again, and
-    nothing downstream: their settings did not change), killed mid-rollout, rerun."""
-    workdir = tmp_path / "job"
-    shutil.copytree(job[0], workdir)
+    nothing downstream: their settings did not change), killed mid-rollout, rerun with
+    eval batches of 8: each process resumes its part of the rollouts, and the evaluations
+    run again with more processes than eval chunks (the 8 eval prompts in one chunk, so
+    process 0 plays nothing and merges process 1's part; rollouts share the same
+    ``play_shards``). The job then writes what one process with the same settings writes
+    (a copy of the finished single run, whose evaluations alone run again)."""
+    from drift_jax.rollout.episodes import chunk_size
+
+    (single_dir, (job_dir, _)), single, workdir = runs, tmp_path / "single", tmp_path / "job"
+    shutil.copytree(single_dir, single)
+    shutil.copytree(job_dir, workdir)
     for name in ("rollouts.jsonl", "rollout_stats.json"):
         (workdir / name).unlink()
+    overrides = ["--config.eval.batch_size=8"]
+    assert distributed.shard_range(8, 2, 0, align=chunk_size(8, 1)) == (0, 0)
     port, kill_part = free_port(), "rollouts.jsonl.parts/00001-of-00002.jsonl"
-    args = [RUN, CONFIG, f"--workdir={workdir}"]
+    args = [RUN, CONFIG, f"--workdir={workdir}", *overrides]
     # Process 1 dies of SIGKILL once its part holds one whole prompt group (4 lines): the
     # middle of its first chunk (its shard: prompts 2..5, chunks of 2).
     code = (f"import runpy, sys, helpers; helpers.install_kill('lines', 4, {kill_part!r}); "
@@ -208,8 +220,13 @@ def test_a_job_killed_mid_rollout_resumes_each_part(tmp_path, env, job, single):
     part = workdir / kill_part
     assert part.read_text().count("\n") == 4 and not (workdir / "rollouts.jsonl").exists()
 
-    stdout = run_job(readme_command(workdir), env)
-    assert stdout.count("stages run: rollout\n") == 2  # the rollout alone, on both processes
+    # Process 0 waits at the eval merge while process 1 plays (and compiles) every chunk.
+    job_env = {**env, "DRIFT_BARRIER_TIMEOUT_S": "240"}
+    single_stdout, stdout = side_by_side([sys.executable, RUN, CONFIG, f"--workdir={single}", *overrides],
+                                         [*readme_command(workdir), *overrides], job_env)
+    evals = "eval:reference:secret, eval:drift:secret\n"
+    assert single_stdout.count(f"stages run: {evals}") == 1
+    assert stdout.count(f"stages run: rollout, {evals}") == 2  # both processes, nothing else
     assert_same_as_single(workdir, single)
     records = [json.loads(line) for line in (workdir / "rollouts.jsonl").read_text().splitlines()]
     ids = [r["prompt_id"] for r in records]
@@ -217,29 +234,4 @@ def test_a_job_killed_mid_rollout_resumes_each_part(tmp_path, env, job, single):
     assert [ids[i] for i in range(0, 24, 4)] == list(dict.fromkeys(ids))  # groups contiguous, in order
     stats = json.loads((workdir / "rollout_stats.json").read_text())
     assert stats["resumed_groups"] >= 1  # process 1's group (and whatever process 0 had finished)
-
-
-def test_a_process_whose_shard_is_empty_waits_and_the_job_writes_what_one_process_writes(tmp_path, env, runs):
-    """More processes than chunks: eval batches of 8 hold the 8 eval prompts in one chunk,
-    so process 0 plays nothing (it merges process 1's part; rollouts share the same
-    ``play_shards``). On copies of the finished single and job workdirs (only the
-    evaluations run again), the job and one process with the same settings write the
-    same files."""
-    from drift_jax.rollout.episodes import chunk_size
-
-    overrides = ["--config.eval.batch_size=8"]
-    assert distributed.shard_range(8, 2, 0, align=chunk_size(8, 1)) == (0, 0)
-    (single_dir, (job_dir, _)), single, workdir = runs, tmp_path / "single", tmp_path / "job"
-    shutil.copytree(single_dir, single)
-    shutil.copytree(job_dir, workdir)
-    # Process 0 waits at the merge while process 1 plays (and compiles) every chunk.
-    job_env = {**env, "DRIFT_BARRIER_TIMEOUT_S": "240"}
-    outputs = side_by_side([sys.executable, RUN, CONFIG, f"--workdir={single}", *overrides],
-                           ["bash", "experiments/local_multiprocess.sh", "2", CONFIG, f"--workdir={workdir}", *overrides],
-                           job_env)
-    ran = "stages run: eval:reference:secret, eval:drift:secret\n"
-    assert outputs[0].count(ran) == 1 and outputs[1].count(ran) == 2  # both processes
-    assert_same_as_single(workdir, single)
-    for name in ("reference", "drift"):
-        assert (workdir / "eval" / f"secret_{name}.jsonl").read_bytes() == (single / "eval" / f"secret_{name}.jsonl").read_bytes()
     assert not (workdir / "eval" / "secret_drift.jsonl.parts").exists()

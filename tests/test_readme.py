@@ -169,6 +169,9 @@ def test_ci_runs_the_readme_test_command_after_the_runtime_install_alone():
     assert "python -m venv" in before and "requirements-test" not in before
     assert "pip install -q -r requirements.txt && pip install -q -e ." in before
     assert "python experiments/run.py --config=experiments/configs/tiny.py" in before
+    # The compile test (tests/test_aot.py) runs against the CUDA plugin and libtpu, and
+    # fails rather than skips without them.
+    assert "pip install -q -r requirements-aot.txt" in before and "export DRIFT_REQUIRE_AOT=1" in before
 
 
 def test_runtime_requirements_name_what_transformers_does_not_install():

@@ -228,3 +228,74 @@ def test_the_player_prepends_the_prefill_and_stores_the_rewritten_reply(monkeypa
     assert all(list(p[-len(prefill_ids):]) == prefill_ids for p in seen_prompts)
     assert [m["content"] for m in episode.messages if m["role"] == "assistant"] == STORED
     assert episode.done and episode.format_penalty == pytest.approx(-0.1)
+
+
+def test_release_theoremqa_counts_only_answers_with_a_number_as_actions():
+    """benchmark.check_numeric_answer returns is_valid = "the answer holds a number";
+    MultiTurnAnswerEpisode.step counts step_num (and process_turn the actions left,
+    max_actions_per_traj - step_num) only for a valid answer, while the state becomes the
+    incorrect observation after any executed answer. Full prompt mode, as the fidelity
+    check ran it."""
+    env = make_env("math", "release", "eval", benchmark="theoremqa", prompt_mode="full")
+    episode = Episode(env, Question("t/1", "How many?", "3"))
+    episode.step("<think>no idea</think><answer>pi</answer>")  # wrong, no number: not an action
+    assert episode.messages[-1]["content"] == (
+        "Reward:\n0.0\nTurn 2:\nState:\nIncorrect. Please think again.\nYou have 5 actions left. " + RULES)
+    episode.step("<think>count</think><answer>4</answer>")  # wrong, a number: one action
+    assert "You have 4 actions left." in episode.messages[-1]["content"]
+    assert episode.answer_norms == ["pi", "4"] and episode.attempts == 1
+    # MetaMathQA's string check calls every non-empty answer valid: "pi" is an action there.
+    metamath = Episode(release_env(), Question("m/1", "How many?", "3"))
+    metamath.step("<think>no idea</think><answer>pi</answer>")
+    assert "You have 4 actions left." in metamath.messages[-1]["content"]
+
+
+def test_release_parses_the_reply_decoded_without_special_tokens(monkeypatch):
+    """vLLM hands the release its reply decoded without special tokens (skip_special_tokens
+    defaults to True), so a stray <|im_start|> between the think and answer blocks does not
+    break parse_response's match; decoded with it, the reply is a format error."""
+    tokenizer = chatml_tokenizer()
+    stop = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    continuation = "x</think><|im_start|><answer>5</answer>"
+
+    def fake_generate(model, prompts, keys, sampling, batch_size, max_len, max_new=None, stats=None):
+        return [(tokenizer(continuation, add_special_tokens=False)["input_ids"] + [stop], None) for _ in prompts]
+
+    monkeypatch.setattr(drift_jax.rollout.static, "generate_batched", fake_generate)
+
+    def play(env):
+        (episode,), _ = drift_jax.rollout.episodes.play_episodes(
+            None, tokenizer, env, [QUESTION], num_samples=1, sampling=SamplingParams(stop_ids=(stop,)),
+            seed=0, progress=False, engine="static")
+        return episode
+
+    release = play(make_env("math", "release", "eval", max_turns=1))
+    assert release.details[0]["answer"] == "5" and release.t_star == 1
+    assert release.messages[-1]["content"] == "<think>x</think><answer>5</answer>"
+    kept = play(make_env("math", "release", "eval", max_turns=1, skip_special_tokens=False))
+    assert kept.details[0]["answer"] is None and kept.format_penalty == pytest.approx(-0.1)
+    assert kept.messages[-1]["content"] == "<think>" + continuation  # stored as said
+    assert make_env("math", "drift-jax").skip_special_tokens is False
+
+
+def _paper_config(name):
+    import os
+    import runpy
+    return runpy.run_path(os.path.join(os.path.dirname(__file__), "..", "experiments", "configs", name))["get_config"]()
+
+
+def test_release_training_order_is_shuffled_and_the_paper_configs_use_seed_42():
+    """weight_sft.py's WeightedSFTTrainer overrides get_train_sampler, but transformers'
+    Trainer (4.57, the release's pin) calls _get_train_sampler: --disable_shuffle never
+    takes effect and the released run trained on shuffled batches. Its scripts pass
+    --seed 42 (run_generate_data.sh, run_weight_sft.sh, run_all_benchmark.sh)."""
+    from experiments.preflight import resolve
+
+    for name in ("qwen2_5_3b_metamath.py", "qwen2_5_0_5b_metamath.py", "eval.py"):
+        paper = _paper_config(name)
+        assert paper.train.shuffle is None and paper.seed == 42
+        resolved = resolve(paper)
+        assert resolved.task.protocol == "release" and resolved.train.shuffle is True
+    paper = _paper_config("qwen2_5_3b_metamath.py")
+    paper.train.shuffle = False  # file order stays available as a deviation
+    assert resolve(paper).train.shuffle is False

@@ -4,7 +4,10 @@ Each test runs a tiny workload in a subprocess (this file run as a script), kill
 with SIGKILL from inside at a chosen point (mid-write of a rollout group, after some
 groups, before a training step, inside an Orbax checkpoint commit), reruns it, and
 compares the outcome with an uninterrupted run: the rollout file byte for byte, the
-trained params exactly. Also: an unknown ``--config.*`` key gets a clear message.
+trained params exactly. Only the killed runs need a process of their own: the
+uninterrupted run and the last rerun are the same function called in the test's process,
+which compiles the programs the workers then load from the run's compilation cache.
+Also: an unknown ``--config.*`` key gets a clear message.
 
     python tests/test_reliability.py rollout PATH [KILL]   # the workers
     python tests/test_reliability.py train DIR [KILL]
@@ -31,6 +34,7 @@ from drift_jax.data.chat import end_of_turn_id
 from drift_jax.envs.secret import SecretGuessEnv, build_tokenizer
 from drift_jax.models import ModelConfig, Transformer
 from drift_jax.rollout.episodes import append_rollouts
+from drift_jax.rollout.interface import EngineOptions
 from drift_jax.rollout.sampling import SamplingParams
 from drift_jax.training.checkpoint import Checkpointer, load_params, save_params
 from drift_jax.training.loop import train_loop
@@ -46,14 +50,11 @@ MODEL = {"hidden_size": 32, "intermediate_size": 64, "num_layers": 1, "num_heads
 
 
 @pytest.fixture(scope="module")
-def worker_env(tmp_path_factory):
-    """The workers' environment: the repo importable, and one persistent compilation
-    cache, so only the first worker of the module pays for compiling (same executables,
-    same numbers)."""
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]),
-            "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")),
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+def worker_env(run_env):
+    """The workers' environment (tests/conftest.py): the repo importable, and the
+    compilation cache this process fills, so the workers load the programs the
+    uninterrupted run in this process compiled (same executables, same numbers)."""
+    return run_env
 
 
 def _run_worker(env: dict, *args, expect_killed: bool) -> None:
@@ -74,8 +75,13 @@ def rollout_worker(path: str) -> dict:
     env = SecretGuessEnv(num_values=10, id_length=1, max_turns=3, max_answers=3)
     model = Transformer(ModelConfig(vocab_size=len(tokenizer), **MODEL), rngs=nnx.Rngs(0))
     sampling = SamplingParams(temperature=1.0, max_new_tokens=3, stop_ids=(end_of_turn_id(tokenizer),))
+    # One row shape (every slot) for every engine call: one decode program and at most
+    # two prefill programs to compile, not those of every row bucket; which rows compute
+    # idle plays no part in what is written.
+    engine = EngineOptions(row_buckets=1)
     return append_rollouts(path, model, tokenizer, env, env.make_questions(PROMPTS, seed=0, prefix="q"),
-                           num_samples=K, sampling=sampling, seed=0, batch_size=BATCH, progress=False)
+                           num_samples=K, sampling=sampling, seed=0, batch_size=BATCH, progress=False,
+                           engine=engine)
 
 
 def _groups_on_disk(data: bytes) -> int:
@@ -84,18 +90,18 @@ def _groups_on_disk(data: bytes) -> int:
 
 def test_rollouts_killed_twice_then_rerun_equal_an_uninterrupted_run(tmp_path, worker_env):
     straight = str(tmp_path / "straight.jsonl")
-    _run_worker(worker_env, "rollout", straight, expect_killed=False)
+    rollout_worker(straight)
     path = str(tmp_path / "rollouts.jsonl")
     # Killed halfway through writing group 2: group 1 whole, then part of group 2.
     _run_worker(worker_env, "rollout", path, "torn:2", expect_killed=True)
     data = Path(path).read_bytes()
     assert not data.endswith(b"\n") and _groups_on_disk(data) == 1
-    # Rerun: cut back to group 1, replay chunk 0 (groups 1-2) in full, append group 2,
-    # then killed in chunk 1 right after group 3 is on disk.
+    # Rerun: cut back to group 1, play on from group 2, killed right after group 3 is on
+    # disk.
     _run_worker(worker_env, "rollout", path, f"lines:{3 * K}", expect_killed=True)
     data = Path(path).read_bytes()
     assert data.endswith(b"\n") and data.count(b"\n") == 3 * K
-    _run_worker(worker_env, "rollout", path, expect_killed=False)
+    assert rollout_worker(path)["resumed_groups"] == 3
     assert Path(path).read_bytes() == Path(straight).read_bytes()
     # A finished file: a rerun only reads it, and reports the totals of the straight run.
     stats = rollout_worker(path)
@@ -136,7 +142,7 @@ def train_worker(workdir: str, kill_at_step: int | None = None) -> None:
 
 
 def test_training_killed_mid_run_and_mid_save_resumes_to_the_same_params(tmp_path, worker_env):
-    _run_worker(worker_env, "train", str(tmp_path / "straight"), expect_killed=False)
+    train_worker(str(tmp_path / "straight"))
     work = str(tmp_path / "killed")
     ckpt_dir = os.path.join(work, "ckpt")
     _run_worker(worker_env, "train", work, "step:5", expect_killed=True)  # before update 6: steps 2, 4 saved
@@ -153,7 +159,7 @@ def test_training_killed_mid_run_and_mid_save_resumes_to_the_same_params(tmp_pat
     assert sorted(os.listdir(ckpt_dir)) == ["2", "4"]
     assert int(restored.step) == 4
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(restored.params))
-    _run_worker(worker_env, "train", work, expect_killed=False)
+    train_worker(work)
     resumed = load_params(os.path.join(work, "params"), like.params)
     straight = load_params(tmp_path / "straight" / "params", like.params)
     chex.assert_trees_all_equal(resumed, straight)

@@ -29,16 +29,22 @@ def test_parquet_json_and_jsonl_give_the_same_questions(tmp_path):
 
 # -- TensorFlow Datasets -----------------------------------------------------------------------
 
-def fake_tfds(records, calls):
+def tfds_module(load) -> types.ModuleType:
+    """A stand-in for tensorflow_datasets whose every split is ``load(name, split)``,
+    through ``tfds.load`` + ``as_numpy`` (with TensorFlow) and ``tfds.data_source`` (without)."""
     module = types.ModuleType("tensorflow_datasets")
+    module.load = lambda name, split, data_dir=None: load(name, split)
+    module.data_source = lambda name, split, data_dir=None, builder_kwargs=None: load(name, split)
+    module.as_numpy = lambda ds: iter(ds)
+    return module
 
+
+def fake_tfds(records, calls):
     def load(name, split):
         calls.append((name, split))
         return records
 
-    module.load = load
-    module.as_numpy = lambda ds: iter(ds)
-    return module
+    return tfds_module(load)
 
 
 def test_tfds_sources_are_loaded_and_decoded(monkeypatch):
@@ -174,9 +180,57 @@ def test_mmlu_redux_2_loads_its_57_subjects():
     assert names == sources.tfds_names("huggingface:edinburgh-dawg/mmlu-redux-2.0", config="*")
 
 
+def test_cais_mmlu_loads_the_releases_configs():
+    """benchmark.load_mmlu_dataset loops over get_dataset_config_names("cais/mmlu"): the
+    57 subjects and "all" in the Hub's (alphabetical) order, and "auxiliary_train", whose
+    test split does not exist (the load fails, a warning, the loop goes on)."""
+    names = sources.tfds_names("huggingface:cais/mmlu/*")
+    configs = [n.split("/", 1)[1] for n in names]
+    assert names[0] == "huggingface:cais__mmlu/abstract_algebra"
+    assert configs[:3] == ["abstract_algebra", "all", "anatomy"] and len(configs) == 58
+    redux = [n.split("/", 1)[1] for n in sources.tfds_names("huggingface:edinburgh-dawg/mmlu-redux-2.0/*")]
+    assert sorted(set(configs) - {"all"}) == sorted(redux)  # the same 57 subjects
+    assert configs == sorted(configs) and "auxiliary_train" not in configs
+
+
+def test_a_dataset_built_with_tfds_is_read_through_tfds_offline(tmp_path, monkeypatch):
+    """A two-config dataset built here in tensorflow-datasets' own format (a
+    GeneratorBasedBuilder, prepared as array_record files under TFDS_DATA_DIR) and read by
+    load_questions through tfds, without TensorFlow and without the network: the configs
+    one after the other, the question in both kept under the release's protocol."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    rows = {"algebra": [("What is $1+1$?", "$\\boxed{2}$"), ("Solve $x+1=3$.", "$x=\\boxed{2}$")],
+            "geometry": [("What is $1+1$?", "$\\boxed{2}$"), ("Angles of a triangle?", "$\\boxed{180}$")]}
+
+    class DriftJaxTestMath(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+        BUILDER_CONFIGS = tuple(tfds.core.BuilderConfig(name=name) for name in rows)
+
+        def _info(self):
+            features = tfds.features.FeaturesDict({k: tfds.features.Text() for k in ("problem", "solution", "type")})
+            return tfds.core.DatasetInfo(builder=self, features=features, disable_shuffling=True)
+
+        def _split_generators(self, dl_manager):
+            return {"test": self._generate_examples()}
+
+        def _generate_examples(self):
+            for i, (problem, solution) in enumerate(rows[self.builder_config.name]):
+                yield i, {"problem": problem, "solution": solution, "type": self.builder_config.name}
+
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))
+    release = load_questions("tfds:drift_jax_test_math", config=["algebra", "geometry"], split="test",
+                             protocol="release")
+    assert [q.text for q in release] == [p for name in rows for p, _ in rows[name]]
+    assert [q.gold for q in release] == ["2", "2", "2", "180"] and release.duplicates == 1
+    assert release.layout == "hendrycks_math"
+    ours = load_questions("tfds:drift_jax_test_math", config=["algebra", "geometry"], split="test[:2]")
+    assert [q.text for q in ours] == ["What is $1+1$?", "Solve $x+1=3$.", "Angles of a triangle?"]
+    for name in rows:  # prepared where TFDS_DATA_DIR says, in the format tfds reads without TensorFlow
+        assert list((tmp_path / "drift_jax_test_math" / name / "1.0.0").glob("*.array_record-*"))
+
+
 def test_multi_config_sources_are_concatenated_in_config_order(monkeypatch):
     calls = []
-    module = types.ModuleType("tensorflow_datasets")
 
     def load(name, split):
         calls.append((name, split))
@@ -184,8 +238,7 @@ def test_multi_config_sources_are_concatenated_in_config_order(monkeypatch):
         return [{"question": f"{subject} question {i}?".encode(), "choices": np.array([b"x", b"y"], dtype=object),
                  "answer": np.int64(i % 2)} for i in range(2)]
 
-    module.load = load
-    module.as_numpy = lambda ds: iter(ds)
+    module = tfds_module(load)
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", module)
     questions = load_questions("huggingface:edinburgh-dawg/mmlu-redux-2.0", config=["anatomy", "virology"],
                                split="test")
@@ -199,8 +252,8 @@ def test_multi_config_sources_are_concatenated_in_config_order(monkeypatch):
     assert len(load_questions("huggingface:EleutherAI/hendrycks_math/*", split="test", layout="mmlu_redux")) == 14
     assert [c[0].rsplit("/", 1)[1] for c in calls] == HENDRYCKS
     # a bad record names its config
-    module.load = lambda name, split: [{"question": b"q", "choices": np.array([b"x"], dtype=object),
-                                        "answer": np.int64(3)}]
+    module.load = module.data_source = lambda name, split, data_dir=None, builder_kwargs=None: [
+        {"question": b"q", "choices": np.array([b"x"], dtype=object), "answer": np.int64(3)}]
     with pytest.raises(DatasetError, match=r"mmlu-redux-2.0/anatomy\[test\]:1: field 'answer'"):
         load_questions("huggingface:edinburgh-dawg/mmlu-redux-2.0", config=["anatomy"], split="test")
 
@@ -214,14 +267,10 @@ class DatasetNotFoundError(ValueError):
 
 
 def failing_tfds(monkeypatch, error):
-    module = types.ModuleType("tensorflow_datasets")
-
     def load(name, split):
         raise error
 
-    module.load = load
-    module.as_numpy = lambda ds: iter(ds)
-    monkeypatch.setitem(sys.modules, "tensorflow_datasets", module)
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", tfds_module(load))
 
 
 def test_offline_error_names_dataset_config_split_and_the_local_route(monkeypatch):

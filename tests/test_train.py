@@ -352,6 +352,24 @@ def test_create_train_state_rejects_non_param_state():
         create_train_state(WithStats(), TX)
 
 
+def test_shard_model_is_shard_train_state_and_keeps_no_first_copy():
+    """``shard_model`` gives the state ``shard_train_state`` gives (values and
+    shardings), and of the model's arrays none survives unless the state holds its
+    buffer (one device here: a sharded mesh frees them, see the module's docstring)."""
+    from drift_jax.parallel.sharding import make_mesh
+    from drift_jax.training.sharded_state import shard_model, shard_train_state
+
+    mesh = make_mesh()
+    want = shard_train_state(fresh_state(TX)[1], TX, mesh)
+    model = Transformer(CFG, rngs=nnx.Rngs(0))
+    first = jax.tree.leaves(nnx.state(model, nnx.Param))
+    _, got = shard_model(model, TX, mesh, seed=0)
+    chex.assert_trees_all_equal(jax.device_get(got), jax.device_get(want))
+    assert [x.sharding for x in jax.tree.leaves(got)] == [x.sharding for x in jax.tree.leaves(want)]
+    held = {s.data.unsafe_buffer_pointer() for x in jax.tree.leaves(got) for s in x.addressable_shards}
+    assert all(x.is_deleted() or x.addressable_shards[0].data.unsafe_buffer_pointer() in held for x in first)
+
+
 @pytest.mark.parametrize("loss_chunk_size, remat", [(0, "none"), (4, "dots")])
 def test_bf16_compute_keeps_float32_params_and_optimizer_state(loss_chunk_size, remat):
     """Mixed precision is a model-config switch: bf16 matmuls, float32 master weights;
@@ -369,6 +387,35 @@ def test_bf16_compute_keeps_float32_params_and_optimizer_state(loss_chunk_size, 
               if jnp.issubdtype(x.dtype, jnp.floating)}
     assert dtypes == {jnp.dtype(jnp.float32)}
     assert np.isfinite(losses).all() and losses[-1] < 0.5 * losses[0], losses[::5]
+
+
+def test_even_model_input_changes_no_loss_or_gradient():
+    """The loss runs the model on ``model_input_length(T)`` positions, an even count
+    (cuDNN's fused attention takes no odd length in training): at even T the whole row,
+    whose loss and gradients are those of the plain ``tokens[:, :-1]`` input; one more
+    column of padding (odd T, the plain input's length), with the LM head chunked,
+    changes neither."""
+    assert [objective.model_input_length(n) for n in (2, 3, 12, 13, 1024, 1025)] == [2, 2, 12, 12, 1024, 1024]
+    model = Transformer(CFG.replace(num_layers=1, attention_impl="xla"), rngs=nnx.Rngs(3))
+    graphdef, params = nnx.split(model, nnx.Param)
+    batch = make_batch(3)  # T = 12
+    padded = {k: (np.pad(v, ((0, 0), (0, 1))) if v.ndim == 2 else v) for k, v in batch.items()}
+
+    @jax.jit
+    def plain_rule(params, batch):
+        tokens, valid = batch["tokens"], batch["valid"]
+        logits = nnx.merge(graphdef, params)(tokens[:, :-1], valid[:, :-1])
+        return mean_loss(*weighted_sft_loss(logits, tokens[:, 1:], objective.target_mask(batch), batch["weights"]))
+
+    @functools.partial(jax.jit, static_argnums=2)
+    def even_rule(params, batch, chunk):
+        return mean_loss(*objective.sft_loss_fn("batch", chunk)(graphdef, params, batch, None)[:2])
+
+    want, want_grads = jax.value_and_grad(plain_rule)(params, batch)
+    for got_batch, chunk in ((batch, 0), (padded, 4)):
+        got, grads = jax.value_and_grad(even_rule)(params, got_batch, chunk)
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+        chex.assert_trees_all_close(grads, want_grads, rtol=1e-5, atol=1e-6)  # float32 rounding of sums
 
 
 def test_chunked_lm_head_loss_gives_the_same_updates():
@@ -398,17 +445,21 @@ def test_loss_chunk_size_auto_chunks_only_large_vocabularies():
 
 
 def test_eval_fn_sums_over_batches_like_one_batch_and_equals_the_steps_loss():
-    """A held-out loss over several padded batches is the one-batch loss (sums and
-    denominators added before the division), and it is the loss the train step reports
-    for that batch before its update."""
+    """A held-out loss over several padded batches, or one batch in micro-batches, is the
+    one-batch loss (sums and denominators added before the division), and it is the loss
+    the train step reports for that batch before its update."""
     _, state = fresh_state(TX)
     graphdef, _ = fresh_state(TX)
     batch = make_batch(7)  # 8 rows, the last 2 all padding
     halves = [{k: v[:4] for k, v in batch.items()}, {k: v[4:] for k, v in batch.items()}]
     whole = make_eval_fn(graphdef, [batch])(state)
     split = make_eval_fn(graphdef, halves)(state)
-    np.testing.assert_allclose(split["loss"], whole["loss"], rtol=1e-6)
-    assert split["num_tokens"] == whole["num_tokens"] == objective.target_mask(batch).sum()
+    micro = make_eval_fn(graphdef, [batch], num_micro_batches=4)(state)  # the last micro-batch all padding
+    for got in (split, micro):
+        np.testing.assert_allclose(got["loss"], whole["loss"], rtol=1e-6)
+        assert got["num_tokens"] == whole["num_tokens"] == objective.target_mask(batch).sum()
+    with pytest.raises(ValueError, match="not divisible"):
+        make_eval_fn(graphdef, [batch], num_micro_batches=3)
     _, metrics = shared_step_fn()(jax.tree.map(jnp.copy, state), batch)
     np.testing.assert_allclose(whole["loss"], float(metrics["loss"]), rtol=1e-5)
 

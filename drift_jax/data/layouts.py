@@ -14,7 +14,12 @@ A layout is detected from a record's field names (``detect_layout``; matched by
 | gpqa           | Question, Correct Answer, Incorrect Answer 1-3 (Record ID) | letter of the correct option, options shuffled per question |
 | mmlu_redux     | question, choices, answer (index)          | letter                                 |
 | mmlu_pro       | question, options (<= 10), answer (letter), answer_index | letter                   |
+| mtu_bench      | question, answer ({tool: parameters}) (id) | the expected tool calls as JSON (``tool_calls``) |
 | native         | text, gold (prompt_id)                     | gold                                   |
+
+That table is drift-jax's reading; under ``protocol="release"`` each layout but native
+reads its records as the release does (``data.release_layouts``; ``docs/reproducing.md``
+lists the differences), and the prompt ids stay ours.
 
 Multiple-choice layouts render their options into the text as lines "A. ...", "B. ..."
 after the stem (``render_choice_question``); the gold is the correct option's letter.
@@ -33,9 +38,11 @@ from typing import Any
 import numpy as np
 
 from drift_jax.data.latex import extract_boxed
+from drift_jax.data.release_layouts import RELEASE_READERS
+from drift_jax.data.tool_calls import calls_json, mtu_bench_row
 
 # drift-jax's protocol and the reference release's (``envs.protocol`` says what each sets);
-# of the layouts only GPQA's option order depends on it.
+# under "release" every layout but native reads its records as the release does.
 PROTOCOLS = ("drift-jax", "release")
 LETTERS = "ABCDEFGHIJ"
 
@@ -170,19 +177,6 @@ def _theoremqa(row: Row):
     return row.ident("id"), row.text("Question"), gold
 
 
-def _gpqa_release(row: Row):
-    """GPQA with the release's option order (src/benchmark.py ``build_gpqa_qa``): the
-    options [correct, incorrect 1-3] shuffled by ``random.Random`` seeded with the first 8
-    hex digits of the MD5 of the question text."""
-    correct = row.text("Correct Answer")
-    options = [correct] + [row.text(f"Incorrect Answer {i}") for i in (1, 2, 3)]
-    stem = row.text("Question")
-    order = list(range(len(options)))
-    random.Random(int(hashlib.md5(stem.encode("utf-8")).hexdigest()[:8], 16)).shuffle(order)
-    shuffled = [options[i] for i in order]
-    return row.ident("Record ID", "id"), render_choice_question(stem, shuffled), LETTERS[order.index(0)]
-
-
 def _gpqa(row: Row):
     correct = row.text("Correct Answer")
     options = [correct] + [row.text(f"Incorrect Answer {i}") for i in (1, 2, 3)]
@@ -213,6 +207,16 @@ def _mmlu_pro(row: Row):
     return row.ident("question_id", "id"), render_choice_question(row.text("question"), options), letter
 
 
+def _mtu_bench(row: Row):
+    """MTU-Bench: the row's question; the gold is its expected tool calls as JSON
+    (``tool_calls``: read as the release reads them, under either protocol)."""
+    parsed = mtu_bench_row(row.record)
+    if parsed is None:
+        raise BadField("question", "missing or empty")
+    question, calls = parsed
+    return row.ident("id"), question, calls_json(calls)
+
+
 def _native(row: Row):
     return row.ident("prompt_id"), row.text("text"), row.text("gold")
 
@@ -220,17 +224,42 @@ def _native(row: Row):
 _LAYOUTS: dict[str, Callable] = {
     "metamathqa": _metamathqa, "math500": _math500, "hendrycks_math": _hendrycks_math,
     "gsm8k": _gsm8k, "theoremqa": _theoremqa, "gpqa": _gpqa, "mmlu_redux": _mmlu_redux,
-    "mmlu_pro": _mmlu_pro, "native": _native,
+    "mmlu_pro": _mmlu_pro, "mtu_bench": _mtu_bench, "native": _native,
 }
 LAYOUTS = tuple(_LAYOUTS)
 
 
+# Each layout's id fields: the prompt id (``questions``) under either protocol.
+_ID_FIELDS = {
+    "metamathqa": ("id",), "math500": ("unique_id", "id"), "hendrycks_math": ("unique_id", "id"),
+    "gsm8k": ("id",), "theoremqa": ("id",), "gpqa": ("Record ID", "id"), "mmlu_redux": ("id",),
+    "mmlu_pro": ("question_id", "id"), "mtu_bench": ("id",),
+}
+
+
+def _release_parser(layout: str) -> Callable:
+    read = RELEASE_READERS[layout]
+
+    def parse(row: Row):
+        out = read(row.record)
+        if out is None or not out[0]:  # the release skips a record with no question text
+            return None
+        return (row.ident(*_ID_FIELDS[layout]), *out)
+
+    return parse
+
+
 def layout_parsers(protocol: str = "drift-jax") -> dict[str, Callable]:
-    """Each layout's ``row -> (id or None, text, gold) | None``; under "release" GPQA's
-    options take the release's order (``_gpqa_release``), the other layouts are the same."""
+    """Each layout's ``row -> (id or None, text, gold) | None``. Under "release" the text and
+    gold are the release's (``data.release_layouts``: first "The answer is: ", the
+    release's boxed reading with its last-line fallback, options as given, TheoremQA's
+    picture marker and first list element, GPQA's MD5-seeded order) and a record is
+    never a bad record: the release keeps it with gold "" when it finds no answer."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; expected one of {PROTOCOLS}")
-    return {**_LAYOUTS, "gpqa": _gpqa_release} if protocol == "release" else dict(_LAYOUTS)
+    if protocol == "drift-jax":
+        return dict(_LAYOUTS)
+    return {**_LAYOUTS, **{layout: _release_parser(layout) for layout in RELEASE_READERS}}
 
 
 # Detection: the first layout whose fields the record has (most specific first).
@@ -252,4 +281,6 @@ def detect_layout(record: Mapping) -> str | None:
     keys = {name_key(k) for k in record}
     if {"Question", "Answer"} <= set(record) and "correctanswer" not in keys:
         return "theoremqa"  # TheoremQA capitalises its fields; GSM8K does not
+    if "question" in keys and isinstance(Row(record).get("answer"), Mapping):
+        return "mtu_bench"  # MTU-Bench's answer is an object {tool: parameters}; GSM8K's a text
     return next((name for name, fields in _SIGNATURES if fields <= keys), None)

@@ -5,8 +5,9 @@ the layouts of ``data.layouts``; ``select_prompts`` picks the ones a run uses.
 ``prompt_id`` is ``"<layout>/<id>"`` from the record's id field when the layout has one,
 else ``"<layout>/<sha256 of the question text, 16 hex>"``: stable across runs and files.
 A record repeating an earlier prompt_id with the same text (MetaMathQA's answer
-augmentations) is a repeat (``repeats``: dropped by default); with a different text it is
-a bad record.
+augmentations, a question in two MATH subjects) is a repeat (``repeats``: dropped under
+drift-jax's protocol, kept under the release's); with a different text it is a bad record
+(under the release's protocol with repeats kept: a repeat, as the release keeps every row).
 
 Bad records (an undecodable line, a missing or malformed field, no gold answer) follow
 the bad-line policy that rollout files follow (``records.BadLines``; see
@@ -67,7 +68,7 @@ class _Policy(BadLines):
 
 def load_questions(source: str, *, layout: str | None = None, split: str | None = None,
                    limit: int | None = None, on_bad_record: str = "error", config=None,
-                   repeats: str = "drop", protocol: str = "drift-jax") -> LoadedQuestions:
+                   repeats: str | None = None, protocol: str = "drift-jax") -> LoadedQuestions:
     """Questions from ``source`` (see the module docstring), in the source's order.
 
     Args:
@@ -83,13 +84,17 @@ def load_questions(source: str, *, layout: str | None = None, split: str | None 
         the source (``huggingface:<org>/<name>/<config>``).
       repeats: what becomes of a record repeating an earlier question: "drop" (dropped,
         counted in the result's ``duplicates``) or "keep" (kept, counted too, as the
-        release does, under the prompt id ``<id>#<n>`` for its n-th repeat, n = 2, 3, ...).
-      protocol: "release" orders GPQA's options as the release does
-        (``layouts.layout_parsers``); other layouts are the same under both.
+        release does, under the prompt id ``<id>#<n>`` for its n-th repeat, n = 2, 3, ...);
+        None: the protocol's ("keep" under "release", "drop" under "drift-jax").
+      protocol: "release" reads every record as the release does
+        (``layouts.layout_parsers``: its gold answers and question texts; a record it
+        keeps with no gold is kept with gold "").
     """
     policy = _Policy(on_bad_record)
     if layout is not None and layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+    if repeats is None:
+        repeats = "keep" if protocol == "release" else "drop"
     if repeats not in REPEATS:
         raise ValueError(f"repeats must be one of {REPEATS}, got {repeats!r}")
     parsers = layout_parsers(protocol)
@@ -123,7 +128,9 @@ def load_questions(source: str, *, layout: str | None = None, split: str | None 
         prompt_id = f"{layout}/{ident or hashlib.sha256(text.encode()).hexdigest()[:16]}"
         if prompt_id in seen:
             first_where, first_text = seen[prompt_id]
-            if first_text == text:
+            # The release keeps every row it reads; the ids are ours, so under its
+            # protocol an id given to two texts is a repeat too.
+            if first_text == text or (protocol == "release" and repeats == "keep"):
                 duplicates += 1
                 if repeats == "keep":
                     repeat_counts[prompt_id] += 1

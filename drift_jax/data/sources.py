@@ -7,16 +7,21 @@ the line number, for ``.json`` and ``.parquet`` the 1-based record number) or
 ``source[split]:N`` for tfds, N 1-based too.
 
 tfds sources need tensorflow-datasets, imported only when one is read. A Hub id is handed
-to ``tfds.load`` as ``huggingface:<tfds's own name for it>[/<config>]`` (``tfds_names``; the
+to tfds as ``huggingface:<tfds's own name for it>[/<config>]`` (``tfds_names``; the
 conversion is tfds's ``to_tfds_name``); ``/*`` reads every config in ``HUB_CONFIGS``, one
-after the other, as the release loops over MATH's and MMLU-Redux-2.0's subjects. A failed
-load raises ``DatasetError`` naming the dataset, config and split, and what to do
-(offline: a local .jsonl/.parquet file).
+after the other, as the release loops over MATH's, MMLU's and MMLU-Redux-2.0's subjects.
+With TensorFlow installed a split is read with ``tfds.load``; without it, with
+``tfds.data_source`` (tfds's TensorFlow-free reader of array_record files, which it
+prepares in that format). ``TFDS_DATA_DIR``, read at each load, is the data directory
+(tfds's default otherwise). A failed load raises ``DatasetError`` naming the dataset,
+config and split, and what to do (offline: a local .jsonl/.parquet file).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import re
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -81,29 +86,36 @@ TFDS_PACKAGES = ("tensorflow-datasets>=4.9", "tensorflow>=2.15", "datasets>=2.14
 HUB_PREFIX = "huggingface:"
 ALL_CONFIGS = "*"
 
+# The 57 MMLU subjects: MMLU-Redux-2.0's configs, and cais/mmlu's besides "all" and
+# "auxiliary_train".
+MMLU_SUBJECTS = (
+    "abstract_algebra", "anatomy", "astronomy", "business_ethics", "clinical_knowledge",
+    "college_biology", "college_chemistry", "college_computer_science", "college_mathematics",
+    "college_medicine", "college_physics", "computer_security", "conceptual_physics", "econometrics",
+    "electrical_engineering", "elementary_mathematics", "formal_logic", "global_facts",
+    "high_school_biology", "high_school_chemistry", "high_school_computer_science",
+    "high_school_european_history", "high_school_geography", "high_school_government_and_politics",
+    "high_school_macroeconomics", "high_school_mathematics", "high_school_microeconomics",
+    "high_school_physics", "high_school_psychology", "high_school_statistics", "high_school_us_history",
+    "high_school_world_history", "human_aging", "human_sexuality", "international_law", "jurisprudence",
+    "logical_fallacies", "machine_learning", "management", "marketing", "medical_genetics",
+    "miscellaneous", "moral_disputes", "moral_scenarios", "nutrition", "philosophy", "prehistory",
+    "professional_accounting", "professional_law", "professional_medicine", "professional_psychology",
+    "public_relations", "security_studies", "sociology", "us_foreign_policy", "virology",
+    "world_religions")
+
 # The configs the release loops over for its multi-config benchmarks, in the order its
 # ``datasets.get_dataset_config_names`` returns them (src/benchmark.py): ``"*"`` loads them
 # all, one after the other. Hendrycks MATH: the release's own fallback list; MMLU-Redux-2.0:
-# its 57 MMLU subjects.
+# its 57 MMLU subjects; cais/mmlu (the release's "mmlu"): its configs in the Hub's order,
+# "all" (every subject's test questions) among them, so each question is read twice, less
+# "auxiliary_train", which has no test split (the release's load of it fails and is skipped).
 HUB_CONFIGS: dict[str, tuple[str, ...]] = {
     "EleutherAI/hendrycks_math": (
         "algebra", "counting_and_probability", "geometry", "intermediate_algebra", "number_theory",
         "prealgebra", "precalculus"),
-    "edinburgh-dawg/mmlu-redux-2.0": (
-        "abstract_algebra", "anatomy", "astronomy", "business_ethics", "clinical_knowledge",
-        "college_biology", "college_chemistry", "college_computer_science", "college_mathematics",
-        "college_medicine", "college_physics", "computer_security", "conceptual_physics", "econometrics",
-        "electrical_engineering", "elementary_mathematics", "formal_logic", "global_facts",
-        "high_school_biology", "high_school_chemistry", "high_school_computer_science",
-        "high_school_european_history", "high_school_geography", "high_school_government_and_politics",
-        "high_school_macroeconomics", "high_school_mathematics", "high_school_microeconomics",
-        "high_school_physics", "high_school_psychology", "high_school_statistics", "high_school_us_history",
-        "high_school_world_history", "human_aging", "human_sexuality", "international_law", "jurisprudence",
-        "logical_fallacies", "machine_learning", "management", "marketing", "medical_genetics",
-        "miscellaneous", "moral_disputes", "moral_scenarios", "nutrition", "philosophy", "prehistory",
-        "professional_accounting", "professional_law", "professional_medicine", "professional_psychology",
-        "public_relations", "security_studies", "sociology", "us_foreign_policy", "virology",
-        "world_religions"),
+    "edinburgh-dawg/mmlu-redux-2.0": MMLU_SUBJECTS,
+    "cais/mmlu": tuple(sorted((*MMLU_SUBJECTS, "all"))),
 }
 # A config as tfds's name parser accepts it (tensorflow_datasets/core/naming.py).
 _TFDS_CONFIG_RE = re.compile(r"[\w\-.]+")
@@ -237,13 +249,22 @@ def _read_tfds(source: str, split: str | None, config=None) -> Iterator[tuple[st
     return _iter_tfds(tfds, source, split, names, configs)
 
 
+def _tfds_split(tfds, name: str, split: str):
+    """The records of one split: ``tfds.load`` with TensorFlow, else ``tfds.data_source``
+    (no TensorFlow needed: array_record files, prepared in that format when missing)."""
+    data_dir = os.environ.get("TFDS_DATA_DIR") or None
+    if importlib.util.find_spec("tensorflow") is not None:
+        return tfds.as_numpy(tfds.load(name, split=split, data_dir=data_dir))
+    return iter(tfds.data_source(name, split=split, data_dir=data_dir, builder_kwargs={"file_format": "array_record"}))
+
+
 def _iter_tfds(tfds, source, split, names, configs) -> Iterator[tuple[str, Any]]:
     # Several configs are read one after the other, in order (the release's loop).
     for name, cfg in zip(names, configs):
         base = source[:-2] if source.endswith("/" + ALL_CONFIGS) else source
         where = base if cfg is None or base.endswith("/" + cfg) else f"{base}/{cfg}"
         try:
-            records = tfds.as_numpy(tfds.load(name, split=split))
+            records = _tfds_split(tfds, name, split)
             for i, record in enumerate(records, 1):
                 yield f"{where}[{split}]:{i}", _to_python(record)
         except DatasetError:

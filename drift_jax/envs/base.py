@@ -13,7 +13,12 @@ environment lacks them, so the embedded secret task is unchanged):
 - ``parse_reply(reply) -> (stored_reply, answer)``: the text stored in the dialogue (the
   release rewrites each reply as ``<think>...</think><answer>...</answer>``) and the answer;
 - ``feedback_message(episode) -> str``: the user message after a wrong or unparsable reply
-  (the release's "full" prompt mode sends a reward line plus the next turn block).
+  (the release's "full" prompt mode sends a reward line plus the next turn block);
+- ``counts_as_attempt(answer) -> bool``: whether an answer uses one of the ``max_answers``
+  attempts (default: every answer does; the release's TheoremQA counts only answers that
+  hold a number);
+- ``skip_special_tokens``: the player decodes replies without special tokens, as vLLM
+  does for the release (``episodes.decode_reply``).
 """
 
 from __future__ import annotations
@@ -71,6 +76,7 @@ class Episode:
         self.question = question
         self.messages = env.initial_messages(question)
         self.answer_norms: list[str] = []
+        self.attempts = 0  # answers that used an attempt (``counts_as_attempt``)
         self.turn_rewards: dict[str, float] = {}
         self.verifier: dict[str, int] = {}
         self.details: list[dict] = []
@@ -86,7 +92,7 @@ class Episode:
     @property
     def answers_left(self) -> int:
         """Answer attempts left (the release's "actions left")."""
-        return max(self.env.max_answers - len(self.answer_norms), 0)
+        return max(self.env.max_answers - self.attempts, 0)
 
     def step(self, reply: str) -> None:
         """Record the assistant's reply, verify it, and add feedback if the episode goes on.
@@ -106,12 +112,14 @@ class Episode:
             self.format_penalty -= env.format_penalty
         else:
             self.answer_norms.append(normalize_answer(answer))
+            counts = getattr(env, "counts_as_attempt", None)
+            self.attempts += 1 if counts is None or counts(answer) else 0
         self.turn_rewards[f"t{t}"] = float(correct)
         self.verifier[f"t{t}"] = int(correct)
         self.details.append({"turn": t, "answer": answer, "parsed": answer is not None, "correct": correct})
         if correct:
             self.t_star = t
-        self.done = correct or t >= env.max_turns or len(self.answer_norms) >= env.max_answers
+        self.done = correct or t >= env.max_turns or self.attempts >= env.max_answers
         if not self.done:
             make = getattr(env, "feedback_message", None)
             content = make(self) if make is not None else env.feedback
@@ -219,7 +227,9 @@ class ProtocolEnv(AnswerTagEnv):
       ``MathEnv(think=True)`` starts the reply inside the think block;
     - ``parsing``: "drift-jax" (the subclass's ``extract_answer``, reply stored as said) or
       "release" (``release_parse``: first tag after the think block, reply rewritten);
-    - ``instruction_max_tokens``: the turn block's "Max response length" (full mode only).
+    - ``instruction_max_tokens``: the turn block's "Max response length" (full mode only);
+    - ``skip_special_tokens``: replies decoded without special tokens (vLLM's default, so
+      the release's); False keeps them, so a stray ``<|im_start|>`` stays in the reply.
     Subclasses give ``instruction_for(question)`` and ``answer_from(action)``.
     """
 
@@ -228,6 +238,7 @@ class ProtocolEnv(AnswerTagEnv):
     use_prefill: bool | None = None
     parsing: str = "drift-jax"
     instruction_max_tokens: int = 400
+    skip_special_tokens: bool = False
 
     def __post_init__(self):
         if self.prompt_mode not in PROMPT_MODES:

@@ -132,7 +132,7 @@ class MultipleChoiceEnv(ProtocolEnv):
         return self._canonical(action)
 
     def is_correct(self, answer: str, gold: str) -> bool:
-        if self.grader == "last-letter":
-            return release_choice_key(answer) == release_choice_key(gold)
+        if self.grader == "last-letter":  # the release: no gold letter, no correct answer
+            return bool(gold) and release_choice_key(answer) == release_choice_key(gold)
         letter = choice_letter(answer)
         return letter is not None and letter == choice_letter(gold)

@@ -169,6 +169,11 @@ class MathEnv(ProtocolEnv):
         answer = extract_tagged_answer(reply)
         return None if answer is None else _unwrap(answer)
 
+    def counts_as_attempt(self, answer: str) -> bool:
+        """The release's TheoremQA check (``check_numeric_answer``) calls an answer valid,
+        so an action, only when it holds a number; every other grader counts every answer."""
+        return self.grader != "numeric" or _first_number(answer) is not None
+
     def is_correct(self, answer: str, gold: str) -> bool:
         if self.grader == "string":
             return string_equal(answer, gold)

@@ -16,8 +16,11 @@ What "release" sets, and where in the release it comes from:
 | math ``grader`` | "string" | "string"; "numeric" for TheoremQA | ``MultiTurnAnswerEpisode._check_answer``; ``benchmark.get_answer_checker`` |
 | choice ``grader`` | "last-letter" | "last-letter" | ``benchmark.normalize_choice_answer`` |
 | choice ``letter_range`` | "A-D"; "A-J" for MMLU-Pro | same | ``benchmark.MMLU_INSTRUCTION`` / ``GPQA_INSTRUCTION`` / ``MMLU_PRO_INSTRUCTION`` |
+| ``skip_special_tokens`` | True | True | vLLM's ``SamplingParams`` default: the text the release parses has no special tokens |
 
-"drift-jax" sets nothing: the environments' defaults are our protocol.
+"drift-jax" sets nothing: the environments' defaults are our protocol. Task "tool"
+(MTU-Bench, ``envs.tool_use``) is the release's evaluation under both protocols; only
+``skip_special_tokens`` follows the protocol.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from __future__ import annotations
 from drift_jax.data.layouts import PROTOCOLS, name_key
 
 STAGES = ("rollout", "eval")
-TASKS = ("math", "choice")
+TASKS = ("math", "choice", "tool")
 
 # The release evaluates with 1,024 new tokens per turn, greedy (scripts/run_all_benchmark.sh);
 # its rollouts use 512 at temperature 1 (scripts/run_generate_data.sh).
@@ -34,8 +37,8 @@ RELEASE_ROLLOUT_MAX_NEW_TOKENS = 512
 
 
 def env_kwargs(protocol: str, stage: str, task: str = "math", benchmark: str | None = None) -> dict:
-    """Keyword arguments for ``MathEnv`` (task "math") or ``MultipleChoiceEnv`` ("choice")
-    that put ``protocol`` in force at ``stage`` ("rollout" or "eval").
+    """Keyword arguments for ``MathEnv`` (task "math"), ``MultipleChoiceEnv`` ("choice") or
+    ``ToolUseEnv`` ("tool") that put ``protocol`` in force at ``stage`` ("rollout" or "eval").
 
     ``benchmark`` (a name such as "theoremqa" or "mmlu_pro", matched ignoring case and
     punctuation) selects the release's per-benchmark grader and letter range at eval.
@@ -48,8 +51,10 @@ def env_kwargs(protocol: str, stage: str, task: str = "math", benchmark: str | N
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
     if protocol == "drift-jax":
         return {}
+    if task == "tool":
+        return {"skip_special_tokens": True}
     kwargs = {"prompt_mode": "full" if stage == "rollout" else "simple", "think": True, "use_prefill": True,
-              "instruction_max_tokens": 400, "parsing": "release"}
+              "instruction_max_tokens": 400, "parsing": "release", "skip_special_tokens": True}
     name = name_key(benchmark or "")
     if task == "math":
         kwargs["grader"] = "numeric" if "theoremqa" in name else "string"
@@ -66,6 +71,7 @@ def make_env(task: str, protocol: str = "drift-jax", stage: str = "rollout", *, 
     ``max_turns``, ``format_penalty``, ``timeout_seconds``) are applied last."""
     from drift_jax.envs.choice import MultipleChoiceEnv
     from drift_jax.envs.math import MathEnv
+    from drift_jax.envs.tool_use import ToolUseEnv
 
     kwargs = {**env_kwargs(protocol, stage, task, benchmark), **overrides}
-    return (MathEnv if task == "math" else MultipleChoiceEnv)(**kwargs)
+    return {"math": MathEnv, "choice": MultipleChoiceEnv, "tool": ToolUseEnv}[task](**kwargs)

@@ -8,7 +8,7 @@ from typing import Any
 import jax.numpy as jnp
 
 REMAT_POLICIES = ("none", "full", "dots")
-ATTENTION_IMPLS = (None, "xla", "cudnn")
+ATTENTION_IMPLS = (None, "xla", "cudnn", "splash", "splash_interpret")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,10 +34,14 @@ class ModelConfig:
       remat: what a layer keeps for the backward pass. "none" keeps every activation;
         "full" keeps only the layer input and recomputes the rest; "dots" keeps the
         matmul outputs and recomputes the cheap element-wise ops between them.
-      attention_impl: ``implementation`` of ``jax.nn.dot_product_attention`` for
-        multi-token calls (training, prefill). None picks "cudnn" on GPU for bf16/fp16
-        with a head_dim cuDNN takes, else "xla". Single-token decode steps always use
-        "xla" (memory-bound; cuDNN's flash kernel gains nothing there).
+      attention_impl: the attention kernel of multi-token calls (training, prefill;
+        ``drift_jax.models.attention``): "xla" or "cudnn" (``jax.nn.dot_product_attention``),
+        "splash" (the Pallas TPU splash kernel: no ``[T, T]`` scores; "xla" serves a
+        prefill over a cache that does not start at slot 0, and a program on several
+        devices traced without a context mesh) or "splash_interpret" (that kernel on
+        CPU, for tests). None picks "splash" on TPU, "cudnn" on GPU for bf16/fp16 with
+        a head_dim cuDNN takes, else "xla". Single-token decode steps always use "xla"
+        (memory-bound; a flash kernel gains nothing there).
       paged_attention_impl: decode steps over a paged cache (the continuous engine):
         "auto" takes JAX's Pallas paged-attention kernel on GPU and gather + XLA
         elsewhere; "xla", "pallas" or "pallas_interpret" (the kernel on CPU, for tests).

@@ -2,19 +2,20 @@
 sequence reads its own through a block table (the layout of vLLM and of JAX's Pallas
 paged-attention kernels).
 
-Device side (pure functions): ``PagedKV`` holds, per layer, ``[K, P, page, H]`` pages
-(kv heads first, as the Pallas kernels want them); ``write`` scatters new keys to
-(page, offset) pairs; ``attend`` is attention of new queries over a sequence's pages:
-the Pallas GPU kernel for one-token decode steps where it runs, else a plain-JAX loop
-over chunks of pages with an online softmax that stops at the last live page (CPU,
-prefill). Page 0 is never handed out: writes of
-padding tokens go there, so a program needs no branch for them.
+Device side (pure functions): ``PagedKV`` holds, per layer, the key and value pages,
+token-major ``[P, page, K * H]`` or, for the Pallas GPU kernel, heads-major
+``[K, P, page, H]``; ``write`` scatters new keys to (page, offset) pairs; ``attend`` is
+attention of new queries over a sequence's pages: the Pallas GPU kernel for one-token
+decode steps where it runs, else a plain-JAX loop over chunks of pages with an online
+softmax that stops at the last live page (CPU, TPU, prefill). Page 0 is never handed
+out: writes of padding tokens go there, so a program needs no branch for them.
 
 Which pages hold what is host-side bookkeeping: ``drift_jax.rollout.page_pool``.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -25,21 +26,36 @@ TRASH_PAGE = 0  # written by padding tokens, read by nothing
 
 
 class PagedKV(NamedTuple):
-    """Per-layer key and value pages, each ``[K, P, page_size, H]``."""
+    """Per-layer key and value pages in one of two layouts, told apart by rank:
+
+    - token-major ``[P, page_size, K * H]`` (rank 3, the default): a token's keys of
+      every kv head are one contiguous row, the unit the scatter of ``write`` and the
+      gather of ``attend`` move, so XLA keeps one layout for the pool through the
+      whole program (on TPU a pool of another layout is copied whole at every loop
+      boundary) and the row is lane-dense when K * H is a multiple of 128;
+    - heads-major ``[K, P, page_size, H]`` (rank 4): the Pallas GPU kernel's layout
+      (``heads_major=True``).
+    """
 
     k: tuple
     v: tuple
 
     @classmethod
-    def zeros(cls, cfg, num_pages: int, page_size: int) -> "PagedKV":
-        shape = (cfg.num_kv_heads, num_pages, page_size, cfg.head_dim)
+    def zeros(cls, cfg, num_pages: int, page_size: int, heads_major: bool = False) -> "PagedKV":
+        kv, h = cfg.num_kv_heads, cfg.head_dim
+        shape = (kv, num_pages, page_size, h) if heads_major else (num_pages, page_size, kv * h)
         layers = range(cfg.num_layers)
         return cls(k=tuple(jnp.zeros(shape, cfg.dtype) for _ in layers),
                    v=tuple(jnp.zeros(shape, cfg.dtype) for _ in layers))
 
     @property
     def page_size(self) -> int:
-        return self.k[0].shape[2]
+        return self.k[0].shape[-2]
+
+
+def page_bytes(cfg, page_size: int) -> int:
+    """Device bytes of one page over all layers, keys and values (the pool's unit)."""
+    return 2 * cfg.num_layers * page_size * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
 
 
 class PageRefs(NamedTuple):
@@ -67,36 +83,58 @@ def page_refs(block_tables_bm, positions_bt, valid_bt, page_size: int) -> PageRe
                     positions_bt % page_size, positions_bt)
 
 
-def write(pages_kpsh, new_btkh, refs: PageRefs):
-    """Scatter new keys (or values) ``[B, T, K, H]`` into the pages."""
-    new_kbth = jnp.transpose(new_btkh, (2, 0, 1, 3)).astype(pages_kpsh.dtype)
-    return pages_kpsh.at[:, refs.write_page_bt, refs.write_offset_bt].set(new_kbth)
+def write(pages, new_btkh, refs: PageRefs):
+    """Scatter new keys (or values) ``[B, T, K, H]`` into the pages (either layout)."""
+    b, t, k, h = new_btkh.shape
+    if pages.ndim == 4:
+        new_kbth = jnp.transpose(new_btkh, (2, 0, 1, 3)).astype(pages.dtype)
+        return pages.at[:, refs.write_page_bt, refs.write_offset_bt].set(new_kbth)
+    return pages.at[refs.write_page_bt, refs.write_offset_bt].set(new_btkh.reshape(b, t, k * h).astype(pages.dtype))
 
 
-def gather(pages_kpsh, block_tables_bm):
-    """A row's pages in position order: ``[B, M * page_size, K, H]``."""
-    k, _, page, h = pages_kpsh.shape
+def gather(pages, block_tables_bm, head_dim: int):
+    """A row's pages in position order (either layout): ``[B, M * page_size, K, H]``."""
     b, m = block_tables_bm.shape
-    gathered_kbmsh = pages_kpsh[:, block_tables_bm]
-    return jnp.transpose(gathered_kbmsh, (1, 2, 3, 0, 4)).reshape(b, m * page, k, h)
+    if pages.ndim == 4:
+        k, _, page, h = pages.shape
+        gathered_kbmsh = pages[:, block_tables_bm]
+        return jnp.transpose(gathered_kbmsh, (1, 2, 3, 0, 4)).reshape(b, m * page, k, h)
+    _, page, kh = pages.shape
+    return pages[block_tables_bm].reshape(b, m * page, kh // head_dim, head_dim)
+
+
+@functools.cache
+def pallas_kernel():
+    """JAX's Pallas Triton paged-attention kernel for GPUs
+    (``jax.experimental.pallas.ops.gpu.paged_attention``), or None where this JAX has
+    none: its Triton backend is deprecated from JAX 0.11 and to be removed
+    (docs/scaling.md, "The decode kernel on GPUs")."""
+    try:
+        from jax.experimental.pallas.ops.gpu import paged_attention
+    except ImportError:
+        return None
+    return paged_attention
 
 
 def _pallas_decode(q_bnh, k_pages, v_pages, block_tables_bm, lengths_b, interpret=False):
-    from jax.experimental.pallas.ops.gpu import paged_attention as pallas_paged
-
     scale = q_bnh.shape[-1] ** -0.5  # the kernel does not scale the logits itself
     m = block_tables_bm.shape[1]
-    return pallas_paged.paged_attention(
+    return pallas_kernel().paged_attention(
         (q_bnh * scale).astype(q_bnh.dtype), k_pages, v_pages, block_tables_bm, lengths_b,
         pages_per_compute_block=math.gcd(m, 8), k_splits=1, interpret=interpret)
 
 
 def attention_backend(num_queries: int, impl: str = "auto") -> str:
-    """"pallas" (the Pallas GPU paged kernel, one-token decode on GPU) or "xla"."""
+    """"pallas" (the Pallas GPU paged kernel: one-token decode steps, on GPU where this
+    JAX has the kernel, ``pallas_kernel``) or "xla" (the chunked plain-JAX loop)."""
     if impl not in ("auto", "xla", "pallas", "pallas_interpret"):
         raise ValueError(f"paged attention impl {impl!r}: expected auto, xla, pallas or pallas_interpret")
     if impl == "auto":
-        return "pallas" if num_queries == 1 and jax.default_backend() == "gpu" else "xla"
+        on_gpu = num_queries == 1 and jax.default_backend() == "gpu"
+        return "pallas" if on_gpu and pallas_kernel() is not None else "xla"
+    if impl.startswith("pallas") and pallas_kernel() is None:
+        raise ValueError(f"paged_attention_impl={impl!r}: JAX {jax.__version__} has no Pallas Triton "
+                         "paged-attention kernel; use 'auto' or 'xla'")
     return impl if num_queries == 1 else "xla"
 
 
@@ -122,7 +160,8 @@ def _attend_chunked(q_btnh, k_pages, v_pages, refs: PageRefs, chunk_pages: int):
     position, so a program reads only live pages whatever the block tables' width, and
     one program serves every context length (no compile per pages-read bucket)."""
     b, t, n, h = q_btnh.shape
-    kv_heads, _, page, _ = k_pages.shape
+    page = k_pages.shape[-2]
+    kv_heads = k_pages.shape[0] if k_pages.ndim == 4 else k_pages.shape[-1] // h
     g = n // kv_heads
     c = min(chunk_pages, refs.block_tables_bm.shape[1])
     span = c * page
@@ -135,7 +174,7 @@ def _attend_chunked(q_btnh, k_pages, v_pages, refs: PageRefs, chunk_pages: int):
     def body(i, carry):
         max_bkgt, sum_bkgt, acc_bkgth = carry
         pages_bc = jax.lax.dynamic_slice_in_dim(tables_bm, i * c, c, axis=1)
-        k_bskh, v_bskh = gather(k_pages, pages_bc), gather(v_pages, pages_bc)
+        k_bskh, v_bskh = gather(k_pages, pages_bc, h), gather(v_pages, pages_bc, h)
         s_bkgts = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k_bskh.astype(q_btnh.dtype),
                              preferred_element_type=jnp.float32)
         visible_bts = (i * span + jnp.arange(span))[None, None, :] <= pos_bt[:, :, None]

@@ -13,7 +13,8 @@ Every parameter carries logical sharding axes ("embed", "vocab", "heads", "kv_he
 mesh at all.
 
 Speed switches live in the config: ``remat`` (activation checkpointing per layer) and
-``attention_impl`` (cuDNN flash attention on GPU, XLA elsewhere).
+``attention_impl`` (cuDNN flash attention on GPU, Pallas splash attention on TPU, XLA
+elsewhere; ``drift_jax.models.attention``).
 
 Any ``Linear`` of a layer may carry a LoRA adapter (``drift_jax.models.lora``); the full
 forward takes an optional ``dropout_rng`` for the adapters' dropout in training.
@@ -34,6 +35,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from drift_jax.models import paged as paged_kv
+from drift_jax.models.attention import (
+    attend,
+    attention_implementation,
+    attention_mask,
+    attention_segments,
+    default_positions,
+    segment_positions,
+    uses_splash,
+)
 from drift_jax.models.config import ModelConfig
 
 _EMBED_STD = 0.02
@@ -106,19 +116,6 @@ class Linear(nnx.Module):
         return y
 
 
-def attention_implementation(cfg: ModelConfig, num_queries: int) -> str:
-    """The ``jax.nn.dot_product_attention`` implementation for a call with ``num_queries``
-    new tokens: "xla" for one-token decode steps, else ``cfg.attention_impl``, or when
-    that is None "cudnn" on GPU for bf16/fp16 and head_dim in cuDNN's range, else "xla"."""
-    if num_queries == 1:
-        return "xla"
-    if cfg.attention_impl is not None:
-        return cfg.attention_impl
-    half = jnp.dtype(cfg.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-    cudnn_head = cfg.head_dim <= 128 and cfg.head_dim % 8 == 0
-    return "cudnn" if jax.default_backend() == "gpu" and half and cudnn_head else "xla"
-
-
 def rope_inverse_frequencies(cfg: ModelConfig) -> jax.Array:
     """``[H/2]`` inverse frequencies, with Llama-3 wavelength-dependent scaling if set."""
     inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, cfg.head_dim, 2, dtype=jnp.float32) / cfg.head_dim))
@@ -160,9 +157,14 @@ class Attention(nnx.Module):
         self.cfg = cfg
 
     def __call__(self, x_btd, positions_bt, inv_freq, mask_bts, kv=None, index=None, is_causal=False,
-                 dropout_rng=None, paged=None):
+                 dropout_rng=None, paged=None, segment_ids_bt=None):
         """Attention over the new tokens' own keys, or over a cache ``kv=(k, v)`` into
         which the new keys are first written at slot ``index``. Returns (out, (k, v)).
+
+        ``segment_ids_bt`` (``attention.attention_segments``; only when the queries see
+        no key but their own, as in the uncached forward or a prefill at cache slot 0,
+        and ``attention.uses_splash``): the splash kernel attends causally within equal
+        ids over the new keys, and ``mask_bts`` (then may be None) is unused.
 
         ``paged``: a ``drift_jax.models.paged.PageRefs``; ``kv`` is then one layer's
         ``(k_pages, v_pages)``, the new keys are written where ``paged`` says and the
@@ -185,15 +187,16 @@ class Attention(nnx.Module):
             k_pages, v_pages = paged_kv.write(kv[0], k, paged), paged_kv.write(kv[1], v, paged)
             out = paged_kv.attend(q, k_pages, v_pages, paged, cfg.paged_attention_impl)
             return self.o_proj(out.reshape(b, t, -1), dropout_rng), (k_pages, v_pages)
+        k_new, v_new = k, v
         if kv is not None:
             k_cache, v_cache = kv
             k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, axis=1)
             v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, axis=1)
-        # jax.nn.dot_product_attention handles grouped-query heads (n a multiple of k).
-        out = jax.nn.dot_product_attention(
-            q, k.astype(q.dtype), v.astype(q.dtype), mask=mask_bts[:, None, :, :],
-            is_causal=is_causal, implementation=attention_implementation(cfg, t),
-        )
+        impl = attention_implementation(cfg, t)
+        if segment_ids_bt is not None:
+            out = attend(q, k_new, v_new, impl, segment_ids_bt=segment_ids_bt)
+        else:
+            out = attend(q, k, v, impl, mask_bts, is_causal=is_causal)
         return self.o_proj(out.reshape(b, t, -1), dropout_rng), (k, v)
 
 
@@ -217,16 +220,19 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(cfg, rngs)
 
     def __call__(self, x, positions_bt, inv_freq, mask_bts, kv=None, index=None, is_causal=False,
-                 dropout_rng=None, paged=None):
+                 dropout_rng=None, paged=None, segment_ids_bt=None):
         h, kv = self.self_attn(self.input_layernorm(x), positions_bt, inv_freq, mask_bts, kv, index,
-                               is_causal, dropout_rng, paged)
+                               is_causal, dropout_rng, paged, segment_ids_bt)
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x), dropout_rng), kv
 
 
-def _layer_forward(layer: DecoderLayer, x_btd, positions_bt, inv_freq, mask_bts, dropout_rng=None):
-    """One layer of the uncached forward (query t at key slot t, so causal)."""
-    return layer(x_btd, positions_bt, inv_freq, mask_bts, is_causal=True, dropout_rng=dropout_rng)[0]
+def _layer_forward(layer: DecoderLayer, x_btd, positions_bt, inv_freq, mask_bts, dropout_rng=None,
+                   segment_ids_bt=None):
+    """One layer of the uncached forward (query t at key slot t, so causal): over
+    ``mask_bts``, or the attention ``segment_ids_bt`` of a splash kernel."""
+    return layer(x_btd, positions_bt, inv_freq, mask_bts, is_causal=True, dropout_rng=dropout_rng,
+                 segment_ids_bt=segment_ids_bt)[0]
 
 
 # remat policy -> layer forward. "dots" saves matmuls without batch dimensions (the
@@ -237,44 +243,6 @@ _LAYER_FORWARD = {
     "full": nnx.remat(_layer_forward),
     "dots": nnx.remat(_layer_forward, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable),
 }
-
-
-def default_positions(valid_bt: jax.Array) -> jax.Array:
-    """RoPE positions that skip left padding: 0 at each row's first real token."""
-    return jnp.maximum(jnp.cumsum(valid_bt.astype(jnp.int32), axis=1) - 1, 0)
-
-
-def segment_positions(segment_ids_bt: jax.Array) -> jax.Array:
-    """``[B, T]`` int32 RoPE positions of packed rows: 0 at the first token of each
-    segment (a run of equal ids), counting up within it; 0 on padding (id 0).
-
-    An example packed after others then gets the positions it has alone, so its
-    attention scores (which depend on relative positions only within it) are unchanged."""
-    segment_ids_bt = jnp.asarray(segment_ids_bt, jnp.int32)
-    t = segment_ids_bt.shape[1]
-    idx_t = jnp.arange(t, dtype=jnp.int32)
-    starts_bt = jnp.concatenate(
-        [jnp.ones_like(segment_ids_bt[:, :1], bool), segment_ids_bt[:, 1:] != segment_ids_bt[:, :-1]], axis=1)
-    # Index of the current segment's first token: a running max of the start indices.
-    first_bt = jax.lax.cummax(jnp.where(starts_bt, idx_t, 0), axis=1)
-    return jnp.where(segment_ids_bt > 0, idx_t - first_bt, 0)
-
-
-def attention_mask(valid_bt: jax.Array, segment_ids_bt: jax.Array | None = None) -> jax.Array:
-    """``[B, T, T]`` bool mask of the uncached forward: query t sees key s <= t that is
-    real and, with ``segment_ids_bt``, in the same segment (packed examples never see
-    each other). A padding query may see only itself, so no softmax row is ever empty.
-
-    It is a plain boolean mask, which both attention implementations take: XLA applies
-    it, and cuDNN folds it into an additive bias (as it does the padding mask), so
-    packed rows need no fallback from the fused kernel."""
-    t = valid_bt.shape[1]
-    idx = jnp.arange(t)
-    causal_ts = idx[:, None] >= idx[None, :]
-    if segment_ids_bt is None:
-        return (causal_ts & valid_bt[:, None, :]) | jnp.eye(t, dtype=bool)
-    same_bts = segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :]
-    return (causal_ts & valid_bt[:, None, :] & same_bts) | jnp.eye(t, dtype=bool)
 
 
 class Transformer(nnx.Module):
@@ -330,12 +298,17 @@ class Transformer(nnx.Module):
             valid_bt = jnp.ones((b, t), bool)
         if positions_bt is None:
             positions_bt = default_positions(valid_bt)
-        mask_bts = attention_mask(valid_bt, segment_ids_bt)
+        # The splash kernel takes segment ids; the others a [B, T, T] mask.
+        mask_bts = attn_segments_bt = None
+        if uses_splash(self.cfg, t):
+            attn_segments_bt = attention_segments(valid_bt, segment_ids_bt)
+        else:
+            mask_bts = attention_mask(valid_bt, segment_ids_bt)
         inv_freq = rope_inverse_frequencies(self.cfg)
         layer_forward = _LAYER_FORWARD[self.cfg.remat]
         x = self.embed(tokens_bt)
         for layer in self.layers:
-            x = layer_forward(layer, x, positions_bt, inv_freq, mask_bts, dropout_rng)
+            x = layer_forward(layer, x, positions_bt, inv_freq, mask_bts, dropout_rng, attn_segments_bt)
         return self.norm(x)
 
     def __call__(self, tokens_bt, valid_bt=None, positions_bt=None, dropout_rng=None, segment_ids_bt=None):
@@ -363,11 +336,16 @@ class Transformer(nnx.Module):
         slot_s = jnp.arange(s)
         causal_ts = slot_s[None, :] <= q_slot_t[:, None]
         mask_bts = (causal_ts & valid_bs[:, None, :]) | (slot_s[None, :] == q_slot_t[:, None])
+        # A prefill at slot 0 sees only its own keys: the splash kernel's case.
+        attn_segments_bt = None
+        if isinstance(index, int) and index == 0 and uses_splash(self.cfg, t):
+            attn_segments_bt = attention_segments(valid_bt)
         inv_freq = rope_inverse_frequencies(self.cfg)
         x = self.embed(tokens_bt)
         ks, vs = [], []
         for layer, k_c, v_c in zip(self.layers, cache.k, cache.v):
-            x, (k_c, v_c) = layer(x, positions_bt, inv_freq, mask_bts, (k_c, v_c), index)
+            x, (k_c, v_c) = layer(x, positions_bt, inv_freq, mask_bts, (k_c, v_c), index,
+                                  segment_ids_bt=attn_segments_bt)
             ks.append(k_c)
             vs.append(v_c)
         return self.norm(x), KVCache(tuple(ks), tuple(vs), valid_bs)

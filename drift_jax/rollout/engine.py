@@ -34,7 +34,8 @@ attention stops at each call's last live page inside the program, so context len
 adds no program. A run of any size compiles a bounded set (``Engine.compiled_programs``).
 
 Host bookkeeping lives beside it: the slots and the request queue (``slots``), the pages
-and the caches episodes keep between turns (``page_pool``). A run is a loop of three
+and the caches episodes keep between turns (``page_pool``), the pool's size from the
+device's memory (``pool_size``). A run is a loop of three
 steps: admit (fill free slots from the queue, prefill what their caches lack), launch
 (one decode visit, dispatched asynchronously) and absorb (take the visit's tokens,
 free the slots whose replies ended); between launch and absorb, the host hands the
@@ -55,6 +56,7 @@ import numpy as np
 from flax import nnx
 
 from drift_jax.models import paged
+from drift_jax.rollout import pool_size
 from drift_jax.rollout.interface import EngineOptions, OnFinish, request_key_data
 from drift_jax.rollout.page_pool import EpisodeCaches, PoolExhausted
 from drift_jax.rollout.sampling import SamplingParams, sample_token
@@ -222,10 +224,11 @@ class Engine:
         # live page in the program itself), a multiple of the Pallas kernel's 8-page block.
         self.table_width = -(-max_pages // paged.CHUNK_PAGES) * paged.CHUNK_PAGES
         num_pages = options.num_pages
-        if num_pages is None:
-            num_pages = self.num_slots * min(max_pages, math.ceil(2048 / self.page_size)) + 1
+        if num_pages is None:  # from the device's memory (``pool_size``)
+            num_pages = pool_size.engine_pages(self.cfg, self.state, options, self.max_len)
         self.caches = EpisodeCaches(num_pages, self.page_size)
-        self.cache = paged.PagedKV.zeros(self.cfg, num_pages, self.page_size)
+        heads_major = paged.attention_backend(1, self.cfg.paged_attention_impl).startswith("pallas")
+        self.cache = paged.PagedKV.zeros(self.cfg, num_pages, self.page_size, heads_major=heads_major)
         self.stats = EngineStats(self.num_slots)
 
     @property

@@ -18,6 +18,7 @@ arguments writes the same file.
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 from typing import Sequence
 
@@ -52,25 +53,47 @@ def episode_keys(seed: int, prompt_ids: Sequence[str], sample_idx: Sequence[int]
     return jax.vmap(one)(prompt_hash_n, np.asarray(sample_idx, np.uint32))
 
 
-def decode_reply(tokenizer, reply_ids: Sequence[int], stop_ids: Sequence[int]) -> str:
+def decode_reply(tokenizer, reply_ids: Sequence[int], stop_ids: Sequence[int],
+                 skip_special_tokens: bool = False) -> str:
     """The text a sampled reply adds to the dialogue: its ids minus one final stop token
-    (the chat template closes the turn itself), decoded WITH any other special tokens and
-    unstripped, so the next turn's context holds what the policy sampled. Dropping
-    special tokens would hide, and so never penalise, a stray ``<|user|>`` in a reply
-    (on the toy task online RL then learned to emit them)."""
+    (the chat template closes the turn itself), unstripped. By default decoded WITH any
+    other special tokens, so the next turn's context holds what the policy sampled:
+    dropping them would hide, and so never penalise, a stray ``<|user|>`` in a reply (on
+    the toy task online RL then learned to emit them). ``skip_special_tokens=True`` is
+    what vLLM's ``SamplingParams`` default gives the release: the tokenizer's special
+    tokens left out of the text that is parsed and stored."""
     body = reply_ids[:-1] if len(reply_ids) and reply_ids[-1] in stop_ids else reply_ids
-    return tokenizer.decode(list(body), skip_special_tokens=False)
+    return tokenizer.decode(list(body), skip_special_tokens=skip_special_tokens)
 
 
 def make_sampler(engine: "str | EngineOptions", model, sampling: SamplingParams, *, seed: int, batch_size: int,
-                 max_len: int | None = None) -> Sampler:
+                 max_len: int | None = None, slot_tokens: int | None = None) -> Sampler:
     """The sampler ``engine`` names (a kind or ``EngineOptions``): the continuous engine
     with ``num_slots`` (default ``batch_size``) slots, or the static sampler with
-    ``batch_size`` rows per call."""
+    ``batch_size`` rows per call. ``slot_tokens``: the longest request the workload
+    holds (``context_bound``), where the options name none."""
     opts = engine_options(engine, batch_size)
     if opts.kind == "static":
         return StaticSampler(model, sampling, seed=seed, batch_size=batch_size, max_len=max_len)
+    if opts.slot_tokens is None and slot_tokens is not None:
+        opts = dataclasses.replace(opts, slot_tokens=slot_tokens)
     return Engine(model, sampling, seed=seed, options=opts, max_len=max_len)
+
+
+def context_bound(tokenizer, env: Environment, questions: Sequence[Question], budget: int) -> int:
+    """An estimate of the tokens an episode's last request holds (context + budget), for
+    the engine's page pool (``EngineOptions.slot_tokens``): the question with the
+    longest first prompt (in characters), its dialogue after ``max_turns - 1`` replies
+    holding only the prefill (unparsable: each draws the feedback), plus ``budget``
+    tokens for each of its ``max_turns`` replies (no questions: the replies alone)."""
+    if not questions:
+        return env.max_turns * budget
+    prefill = env_prefill(env)
+    longest = max(questions, key=lambda q: sum(len(str(m.get("content", ""))) for m in env.initial_messages(q)))
+    episode = Episode(env, longest)
+    while not episode.done and episode.turn < env.max_turns - 1:
+        episode.step(prefill)
+    return len(encode_prompt(tokenizer, episode.messages, prefill)) + env.max_turns * budget
 
 
 def play_episodes(
@@ -102,7 +125,8 @@ def play_episodes(
     trains on exactly these). ``stats``, a dict, receives the sampler's work figures
     (``interface.Sampler``; merged into what it holds: ``merge_work``).
     """
-    sampler = make_sampler(engine, model, sampling, seed=seed, batch_size=batch_size, max_len=max_len)
+    sampler = make_sampler(engine, model, sampling, seed=seed, batch_size=batch_size, max_len=max_len,
+                           slot_tokens=context_bound(tokenizer, env, questions, sampling.max_new_tokens))
     episodes, turns, work = _play(sampler, tokenizer, env, questions, num_samples=num_samples, sampling=sampling,
                                   keep_ids=return_ids, desc=desc, progress=progress)
     if stats is not None:
@@ -125,6 +149,7 @@ def _play(sampler: Sampler, tokenizer, env, questions, *, num_samples, sampling,
     hashes = [prompt_hash(q.prompt_id) for q in questions]
     unfinished = [k] * len(questions)
     prefill = env_prefill(env)
+    skip_special = bool(getattr(env, "skip_special_tokens", False))
     budget = sampling.max_new_tokens
     bar = tqdm(total=len(episodes), desc=desc, unit="episode", disable=not progress, leave=False)
 
@@ -136,7 +161,7 @@ def _play(sampler: Sampler, tokenizer, env, questions, *, num_samples, sampling,
     def on_finish(req: Request, reply: list, _logps) -> list:
         i, q = req.episode, req.episode // k
         turns[i].append((list(req.tokens), list(reply)) if keep_ids else len(reply))
-        episodes[i].step(prefill + decode_reply(tokenizer, reply, sampling.stop_ids))
+        episodes[i].step(prefill + decode_reply(tokenizer, reply, sampling.stop_ids, skip_special))
         if not episodes[i].done:
             tokens = encode_prompt(tokenizer, episodes[i].messages, prefill)
             return [Request(i, tokens, (len(turns[i]) + 1, hashes[q], i % k), budget)]
@@ -205,7 +230,8 @@ def append_rollouts(path: str, model, tokenizer, env: Environment, questions: Se
     done = records.resume_point(path, prompt_ids, num_samples)
     work: dict = {}
     if done < len(questions):
-        sampler = make_sampler(engine, model, sampling, seed=seed, batch_size=batch_size, max_len=max_len)
+        sampler = make_sampler(engine, model, sampling, seed=seed, batch_size=batch_size, max_len=max_len,
+                               slot_tokens=context_bound(tokenizer, env, questions, sampling.max_new_tokens))
         # The engine's episodes do not depend on slot placement: it starts at group `done`.
         first = done - done % chunk_size(batch_size, num_samples) if sampler.kind == "static" else done
         bar = tqdm(total=len(questions), initial=done, desc=desc, unit="prompt", disable=not progress)

@@ -73,8 +73,15 @@ class EngineOptions:
       ``sampling.generate_batched`` once per turn, the reference).
     num_slots: rows decoded together (None: the caller's batch size, ``engine_options``).
     page_size: tokens per page of the KV cache.
-    num_pages: size of the page pool (None: every slot can hold min(max_len, 2,048)
-      tokens); caches of episodes between turns are dropped when it runs short.
+    num_pages: size of the page pool (None: sized by ``pool_size``: on an accelerator
+      what ``memory_fraction`` of the device's memory leaves after the weights and the
+      programs' workspace, at most every slot's ``slot_tokens``; on a CPU 2,048 tokens a
+      slot); caches of episodes between turns are dropped when it runs short.
+    memory_fraction: the share of the memory XLA's allocator holds on the device for the
+      weights, the engine's workspace and the page pool (``num_pages`` None).
+    slot_tokens: the tokens one request may hold, context + budget (the protocol's
+      longest: ``episodes.context_bound``); None: the engine's ``max_len``. Caps the
+      pool at ``num_slots`` such requests.
     steps_per_visit: decode steps per compiled call at most (the host looks in between).
     refill_after: a visit ends early once this many of its rows have stopped while
       requests wait for a slot (1: a slot is refilled at the next step; larger: fewer
@@ -90,6 +97,8 @@ class EngineOptions:
     num_slots: int | None = None
     page_size: int = 16
     num_pages: int | None = None
+    memory_fraction: float = 0.9
+    slot_tokens: int | None = None
     steps_per_visit: int = 8
     refill_after: int = 1
     row_buckets: int = 8
@@ -102,6 +111,10 @@ class EngineOptions:
                 or min(self.page_size, self.steps_per_visit, self.refill_after, self.row_buckets) < 1):
             raise ValueError("num_slots, page_size, steps_per_visit, refill_after and row_buckets must be "
                              ">= 1, prefill_chunk >= 4")
+        if not 0 < self.memory_fraction <= 1:
+            raise ValueError(f"memory_fraction={self.memory_fraction}: expected a share in (0, 1]")
+        if self.slot_tokens is not None and self.slot_tokens < 1:
+            raise ValueError(f"slot_tokens={self.slot_tokens}: expected >= 1 or None")
 
 
 def engine_options(engine: "str | EngineOptions", batch_size: int) -> EngineOptions:

@@ -71,27 +71,46 @@ def target_mask(batch: Batch) -> jax.Array:
     return mask_bt
 
 
-def next_token_ce(model, batch: Batch, loss_chunk_size: int | str | None = 0, dropout_rng=None) -> jax.Array:
-    """[B, T-1] float32 cross-entropy of each next token under ``model`` (position t
-    predicts tokens[:, t + 1]). With a chunk size > 0 (``resolve_loss_chunk_size``) the LM
-    head and the cross-entropy run over sequence chunks (``chunked_token_cross_entropy``):
-    no ``[B, T, V]`` logits, same values. ``dropout_rng``: a key for the dropout of LoRA
-    adapters (a micro-batch's ``dropout_rng`` in training); None runs them deterministically.
+def model_input_length(t: int) -> int:
+    """Positions of a ``[B, T]`` batch the model runs on: the T - 1 that have a next
+    token, rounded up to an even count (T - 1 when that is even, else all T).
+
+    cuDNN's fused attention with a mask takes only even lengths in training, and batches
+    are padded to multiples of 16 or powers of two, so T - 1 is odd. The extra position
+    is the row's last token: causal attention keeps it out of every earlier position,
+    and its own logits predict nothing and are dropped, so no loss or gradient changes."""
+    return t - 1 + (t - 1) % 2
+
+
+def next_token_hidden(model, batch: Batch, dropout_rng=None) -> jax.Array:
+    """``[B, T-1, D]`` final hidden states of positions 0..T-2 (position t predicts
+    tokens[:, t + 1]), from one forward over ``model_input_length(T)`` positions.
     A packed batch's ``segment_ids`` go to the model (attention within segments,
-    positions per segment)."""
+    positions per segment); ``dropout_rng`` as in ``next_token_ce``."""
     tokens_bt, valid_bt = batch["tokens"], batch["valid"].astype(bool)
+    t = tokens_bt.shape[1]
+    n = model_input_length(t)
     segment_ids_bt = batch.get("segment_ids")
     if segment_ids_bt is not None:
-        segment_ids_bt = segment_ids_bt[:, :-1]
+        segment_ids_bt = segment_ids_bt[:, :n]
+    hidden_btd = model.hidden_states(tokens_bt[:, :n], valid_bt[:, :n], dropout_rng=dropout_rng,
+                                     segment_ids_bt=segment_ids_bt)
+    return hidden_btd[:, : t - 1]
+
+
+def next_token_ce(model, batch: Batch, loss_chunk_size: int | str | None = 0, dropout_rng=None) -> jax.Array:
+    """[B, T-1] float32 cross-entropy of each next token under ``model`` (position t
+    predicts tokens[:, t + 1]), the model run on ``model_input_length(T)`` positions
+    (``next_token_hidden``). With a chunk size > 0 (``resolve_loss_chunk_size``) the LM
+    head and the cross-entropy run over sequence chunks (``chunked_token_cross_entropy``):
+    no ``[B, T, V]`` logits, same values. ``dropout_rng``: a key for the dropout of LoRA
+    adapters (a micro-batch's ``dropout_rng`` in training); None runs them deterministically."""
+    hidden_btd = next_token_hidden(model, batch, dropout_rng)
+    targets_bt = batch["tokens"][:, 1:]
     chunk = resolve_loss_chunk_size(loss_chunk_size, model.cfg.vocab_size)
     if chunk:
-        hidden_btd = model.hidden_states(tokens_bt[:, :-1], valid_bt[:, :-1], dropout_rng=dropout_rng,
-                                         segment_ids_bt=segment_ids_bt)
-        return chunked_token_cross_entropy(hidden_btd, model.lm_head_weight(), tokens_bt[:, 1:],
-                                           chunk, model.cfg.dtype)
-    return token_cross_entropy(model(tokens_bt[:, :-1], valid_bt[:, :-1], dropout_rng=dropout_rng,
-                                     segment_ids_bt=segment_ids_bt),
-                               tokens_bt[:, 1:])
+        return chunked_token_cross_entropy(hidden_btd, model.lm_head_weight(), targets_bt, chunk, model.cfg.dtype)
+    return token_cross_entropy(model.logits(hidden_btd), targets_bt)
 
 
 def sft_loss_fn(loss_denominator: str = "batch", loss_chunk_size: int | str | None = "auto") -> LossFn:

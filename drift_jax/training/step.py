@@ -25,20 +25,58 @@ from drift_jax.training.objective import Batch, LossFn, effective_fraction, sft_
 from drift_jax.training.train_state import TrainState, split_trainable
 
 
+def check_micro_batches(rows: int, num_micro_batches: int) -> None:
+    """Raise unless ``num_micro_batches`` (>= 1) divides a batch of ``rows`` rows."""
+    if num_micro_batches < 1 or rows % num_micro_batches:
+        raise ValueError(f"batch size {rows} is not divisible by num_micro_batches={num_micro_batches}")
+
+
+def split_micro_batches(batch: Batch, num_micro_batches: int) -> Batch:
+    """``batch`` with each array's rows ``[B, ...]`` reshaped to ``[M, B/M, ...]``:
+    ``M`` consecutive micro-batches for a scan. Raises if M does not divide B."""
+    b, m = batch["tokens"].shape[0], num_micro_batches
+    check_micro_batches(b, m)
+    return jax.tree.map(lambda x: x.reshape(m, b // m, *x.shape[1:]), batch)
+
+
+def eval_sums_fn(graphdef: nnx.GraphDef, num_micro_batches: int = 1, loss_denominator: str = "batch",
+                 loss_chunk_size: int | str | None = "auto") -> Callable:
+    """The jitted ``sums(params, batch) -> (loss_sum, denominator, num_tokens)`` of the
+    weighted SFT loss (float32 scalars): the batch's rows in ``num_micro_batches``
+    consecutive micro-batches, scanned, their sums added; so peak memory is one
+    micro-batch's forward, as in the train step. LoRA dropout is off."""
+    loss_fn = sft_loss_fn(loss_denominator, loss_chunk_size)
+
+    def sums(params, batch):
+        def add(carry, mb):
+            # Variables rebuilt in the scan's trace: nnx transforms inside the model
+            # (remat) refuse to update ones made in an outer trace.
+            loss_sum, denom, stats = loss_fn(graphdef, jax.tree.map(lambda x: x, params), mb, None)
+            return jax.tree.map(jnp.add, carry, (loss_sum, denom, stats["num_tokens"])), None
+
+        zero = jnp.zeros((), jnp.float32)
+        return jax.lax.scan(add, (zero, zero, zero), split_micro_batches(batch, num_micro_batches))[0]
+
+    return jax.jit(sums)
+
+
 def make_eval_fn(graphdef: nnx.GraphDef, batches: Sequence[Batch], loss_denominator: str = "batch",
-                 loss_chunk_size: int | str | None = "auto") -> Callable[[TrainState], dict[str, float]]:
+                 loss_chunk_size: int | str | None = "auto",
+                 num_micro_batches: int = 1) -> Callable[[TrainState], dict[str, float]]:
     """``eval_fn(state) -> {"loss", "num_tokens"}``: the weighted SFT loss of
     ``state.params`` over ``batches`` (a held-out set), sums and denominators added over
-    all batches before the one division, as the train step adds micro-batches; LoRA
-    dropout is off."""
-    loss_fn = sft_loss_fn(loss_denominator, loss_chunk_size)
-    sums = jax.jit(lambda params, batch: loss_fn(graphdef, params, batch, None))
+    all batches and their micro-batches (``eval_sums_fn``: each batch's rows in
+    ``num_micro_batches`` parts, the train step's) before the one division, as the train
+    step adds micro-batches; LoRA dropout is off."""
+    for batch in batches:  # now, not at the first evaluation hours into a run
+        check_micro_batches(batch["tokens"].shape[0], num_micro_batches)
+    sums = eval_sums_fn(graphdef, num_micro_batches, loss_denominator, loss_chunk_size)
 
     def eval_fn(state: TrainState) -> dict[str, float]:
         loss_sum = denom = tokens = 0.0
         for batch in batches:
-            s, d, stats = jax.device_get(sums(state.params, batch))
-            loss_sum, denom, tokens = loss_sum + float(s), denom + float(d), tokens + float(stats["num_tokens"])
+            s, d, n = jax.device_get(sums(state.params, batch))
+            loss_sum, denom, tokens = loss_sum + float(s), denom + float(d), tokens + float(n)
         return {"loss": loss_sum / denom if denom else 0.0, "num_tokens": tokens}
 
     return eval_fn
@@ -91,10 +129,7 @@ def make_train_step(
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)  # wrt the trained params only
 
     def step_fn(state: TrainState, batch: Batch, aux=None):
-        b = batch["tokens"].shape[0]
-        if b % m:
-            raise ValueError(f"batch size {b} is not divisible by num_micro_batches={m}")
-        micro = jax.tree.map(lambda x: x.reshape(m, b // m, *x.shape[1:]), batch)
+        micro = split_micro_batches(batch, m)
         trained, frozen = split_trainable(state.params)
         if jax.tree.leaves(frozen):  # adapters: a dropout key per (step, micro-batch)
             step_rng = jax.random.fold_in(state.rng, state.step)

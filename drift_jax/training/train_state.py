@@ -106,7 +106,8 @@ def init_train_state(params: nnx.State, tx: optax.GradientTransformation, seed: 
     )
 
 
-def _model_params(model: nnx.Module, who: str) -> tuple[nnx.GraphDef, nnx.State]:
+def model_params(model: nnx.Module, who: str) -> tuple[nnx.GraphDef, nnx.State]:
+    """(graphdef, Param state) of ``model``; raises, naming ``who``, if it holds other state."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     if jax.tree.leaves(rest):
         # step_fn rebuilds the model from params alone; other state would be dropped.
@@ -122,7 +123,7 @@ def create_train_state(
 ) -> tuple[nnx.GraphDef, TrainState]:
     """Split ``model`` into (graphdef, Param state) and initialise the optimizer over the
     trained params (``split_trainable``: the LoRA adapters if the model has any)."""
-    graphdef, params = _model_params(model, "create_train_state")
+    graphdef, params = model_params(model, "create_train_state")
     # Commit the state to a device: a restored checkpoint is committed too, and jit keys
     # its cache on committedness, so a fresh and a restored state share one compile.
     return graphdef, jax.device_put(init_train_state(params, tx, seed), jax.local_devices()[0])
@@ -134,7 +135,7 @@ def abstract_train_state(
     """``create_train_state(make_model(), tx, seed)[1]`` as ``jax.ShapeDtypeStruct``
     leaves: shapes and dtypes with nothing allocated (for ``state_summary`` of models too
     big for this host, or as a checkpoint's restore target)."""
-    return jax.eval_shape(lambda: init_train_state(_model_params(make_model(), "abstract_train_state")[1], tx, seed))
+    return jax.eval_shape(lambda: init_train_state(model_params(make_model(), "abstract_train_state")[1], tx, seed))
 
 
 def _tree_size(tree) -> tuple[int, int]:

@@ -24,8 +24,9 @@ def train_section(**overrides) -> ml_collections.ConfigDict:
     t.loss_normalize = "batch"  # or "weight_sum" (docs/method.md)
     t.loss_chunk_size = "auto"  # LM head + loss over sequence chunks for large vocabularies
     t.bucket_window = 0  # > 0: batches of similar length, each padded to its own bucket
-    # None: the protocol's (task.protocol): True for "drift-jax", False (file order, the
-    # release's --disable_shuffle) for "release".
+    # None: the protocol's (task.protocol), True under both: the release's scripts pass
+    # --disable_shuffle but it never takes effect (docs/reproducing.md), so its run trained
+    # on shuffled batches. False: file order.
     t.shuffle = config_dict.placeholder(bool)
     # True: examples packed into rows of pack_length tokens (None: max_len, else the longest
     # example), attention kept within each; batch_size then counts ROWS. Same per-example
@@ -143,7 +144,12 @@ def get_config():
     # by a prompt's samples) or "static" (one padded batch per turn: the reference).
     c.rollout.engine = "continuous"
     c.rollout.page_size = 16
-    c.rollout.num_pages = config_dict.placeholder(int)  # None: each slot can hold 2,048 tokens
+    # KV pages (None: sized from the device's memory, drift_jax/rollout/pool_size.py): the
+    # pool takes what memory_fraction of the memory XLA's allocator holds leaves after the
+    # weights and the engine's workspace, at most every slot's longest request of the
+    # protocol (prompt + turns x (max_new_tokens + feedback)); on a CPU 2,048 tokens a slot.
+    c.rollout.num_pages = config_dict.placeholder(int)
+    c.rollout.memory_fraction = 0.9
     c.rollout.steps_per_visit = 8  # decode steps per compiled call between host visits, at most
     c.rollout.refill_after = 1  # a visit ends once this many rows stopped while requests wait
     # Row shapes per program (each a compile): rows computed are a multiple of

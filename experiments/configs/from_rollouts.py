@@ -7,9 +7,10 @@
 (``docs/record-format.md``); weights are recomputed from them (a stored "weight" is
 ignored). The trained policy is written in Hugging Face format to ``<workdir>/drift/hf``.
 Evaluation runs only when ``eval.benchmarks`` names some (none by default); the other
-settings are the paper's, its protocol included: batches in file order and the last 5% of
-the records held out for an eval loss, as the release's ``weight_sft.py`` runs
-(``--config.train.eval_fraction=0`` trains on every record).
+settings are the paper's, its protocol included: shuffled batches and the last 5% of the
+records held out for an eval loss, as the release's ``weight_sft.py`` runs (its
+``--disable_shuffle`` never takes effect; ``--config.train.eval_fraction=0`` trains on every
+record).
 """
 
 import ml_collections

@@ -21,10 +21,15 @@ def get_config():
 
     c.task.name = "math"
     # The authors' scripts point by point: full-mode rollout prompts with think prefill,
-    # rewritten replies, first-tag parsing, string grading; seed-42 prompt selection with
-    # repeats kept, file-order batches, the last 5% held out for an eval loss; greedy eval
-    # in simple mode with 1,024 new tokens per turn. "drift-jax" for ours.
+    # rewritten replies, first-tag parsing, string grading; the release's gold answers and
+    # question texts, repeats kept; seed-42 prompt selection, shuffled batches (its
+    # --disable_shuffle never takes effect), the last 5% held out for an eval loss; greedy
+    # eval in simple mode with 1,024 new tokens per turn. "drift-jax" for ours.
     c.task.protocol = "release"
+    # The release's scripts' --seed 42. Sampling keys differ in kind (docs/reproducing.md):
+    # vLLM seeds request j of a prompt's turn 1 with 42 + j and every later turn with 42;
+    # drift-jax keys each sample by (seed, prompt id, sample, turn).
+    c.seed = 42
     # MetaMathQA keeps types MATH_* (drift_jax/data/layouts.py).
     c.data.train = "huggingface:meta-math/MetaMathQA"
     c.data.train_split = "train"

@@ -14,6 +14,7 @@ def get_config():
     c = tiny.get_config()
     c.methods = ("drift",)
     c.task.max_turns = 3  # fewer sampler shapes to compile: seconds off every process
+    c.rollout.row_buckets = 1  # one row shape per engine program: the fewest compiles, in every process
     c.rollout.batch_size = 8  # chunks of 8 // K=4 = 2 prompts
     c.eval.batch_size = 4  # chunks of 4 prompts
     c.mesh.data = 2
