@@ -16,6 +16,8 @@ setup(
     version="0.1.0",
     description="DRIFT (Decoupled Rollouts and Importance-Weighted Fine-Tuning) in JAX / Flax NNX",
     packages=find_packages(include=["drift_jax", "drift_jax.*"]),
+    # The H100 target spec that drift_jax.aot compiles against.
+    package_data={"drift_jax.aot": ["specs/*.txtpb"]},
     python_requires=">=3.11",
     install_requires=requirements,
     extras_require={

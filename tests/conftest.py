@@ -36,8 +36,8 @@ sys.path.insert(0, REPO)  # tests read the experiments' configs and stages
 # the most tests first, and the multi-process and kill-and-rerun files, few tests each,
 # last.) Measured alone: `python -m pytest -q tests/<file> --durations=0`.
 SLOW_FILES_FIRST = (
-    "test_engine.py", "test_multihost.py", "test_lora.py", "test_readme.py", "test_packing.py",
-    "test_sampling.py", "test_aot.py", "test_online_rl.py", "test_runner.py", "test_episodes.py",
+    "test_multihost.py", "test_engine.py", "test_readme.py", "test_lora.py", "test_aot.py",
+    "test_packing.py", "test_sampling.py", "test_runner.py", "test_episodes.py", "test_online_rl.py",
     "test_reliability.py", "test_sharding.py", "test_pipeline.py", "test_records_interop.py",
     "test_train.py", "test_notebook.py", "test_models_transformer.py",
 )
