@@ -2,6 +2,7 @@
 
     python benchmarks/aot.py --config=experiments/configs/qwen2_5_3b_metamath.py --target=h100 \\
         [--target=v5e-8 ...] [--lora] [--only=train_step,decode] --out aot.json
+    python benchmarks/aot.py --out aot.json --merge gpu.json --merge tpu.json   # reports of parallel runs
     python benchmarks/aot.py --out aot.json --docs        # the tables of docs/scaling.md from aot.json
 
 The config is read and resolved as ``experiments/run.py`` reads it (its protocol's
@@ -169,12 +170,31 @@ def environment() -> dict:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             versions[package] = None
+    return {**versions, "commit": commit(), "host_cpus": os.cpu_count(), "python": platform.python_version()}
+
+
+def commit() -> str | None:
+    """The checkout's short commit, "-dirty" when a tracked file differs from it."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                                text=True).stdout.strip() or None
+        def git(*a):
+            return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        head = git("rev-parse", "--short", "HEAD")
+        return (head + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")) or None
     except OSError:
-        commit = None
-    return {**versions, "commit": commit, "host_cpus": os.cpu_count(), "python": platform.python_version()}
+        return None
+
+
+def merge(report: dict, other: dict) -> None:
+    """``other``'s programs, commands and environment into ``report`` (its entries win)."""
+    for key, run_report in other.get("runs", {}).items():
+        mine = report["runs"].setdefault(key, {"targets": {}})
+        mine.update({k: v for k, v in run_report.items() if k != "targets"})
+        for name, programs in run_report["targets"].items():
+            mine["targets"].setdefault(name, {}).update(programs)
+    for command in other.get("commands", []):
+        if command not in report.setdefault("commands", []):
+            report["commands"].append(command)
+    report["environment"] = other.get("environment", report.get("environment"))
 
 
 def run(args) -> dict:
@@ -211,6 +231,7 @@ def run(args) -> dict:
                     else:
                         done[program] = compile_program(built, target)
                     done[program]["wall_s"] = round(time.perf_counter() - t0, 1)
+                    done[program]["commit"] = report["environment"]["commit"]
                     jax.clear_caches()
                     write_report(args.out, report)
                     print(f"{key} {name} {program}: {estimate.cell(done[program])} "
@@ -222,8 +243,10 @@ def render(report: dict, path: str) -> str:
     """The markdown block of docs/scaling.md from a report (the JSON file ``path``)."""
     env = report.get("environment", {})
     commands = "`, `".join(report.get("commands", []))
+    commits = sorted({r.get("commit") or "unrecorded" for run_report in report["runs"].values()
+                      for programs in run_report["targets"].values() for r in programs.values()})
     out = [f"Made by `{commands}`, their reports in `{os.path.relpath(path, REPO)}` (jax {env.get('jax')}, jax-cuda13-plugin {env.get('jax-cuda13-plugin')}, "
-           f"libtpu {env.get('libtpu')}, commit {env.get('commit')}), compiled on a CPU-only host. A cell is "
+           f"libtpu {env.get('libtpu')}, commit {', '.join(commits)}), compiled on a CPU-only host. A cell is "
            "the program's peak bytes per device (arguments + outputs - donated + temporaries) over the "
            "budget (GPU: 0.75 of the device, XLA's default pool; TPU: the HBM libtpu makes available), and "
            "its roofline time, max(FLOPs / peak, bytes / bandwidth) per device.\n"]
@@ -268,6 +291,8 @@ def main(argv=None) -> int:
     parser.add_argument("--lora", action="store_true", help="also the release's LoRA training programs")
     parser.add_argument("--only", default="", help=f"comma-separated programs to (re)compile: {pipeline.PROGRAMS}")
     parser.add_argument("--out", default="aot.json")
+    parser.add_argument("--merge", action="append", default=[],
+                        help="another report whose programs go into --out (repeatable; e.g. from a second process)")
     parser.add_argument("--docs", action="store_true", help=f"rewrite the {START} block of docs/scaling.md")
     parser.add_argument("--prompt_tokens", type=int, default=512)
     parser.add_argument("--feedback_tokens", type=int, default=32)
@@ -275,6 +300,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)
     report = run(args) if args.config else read_report(args.out)
+    if args.merge:
+        for path in args.merge:
+            merge(report, read_report(path))
+        write_report(args.out, report)
     if args.docs:
         from experiments.readme_results import rewrite
 

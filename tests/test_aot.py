@@ -16,7 +16,8 @@ import pytest
 
 from drift_jax.aot import pipeline, targets
 from drift_jax.aot.compile import compile_program
-from drift_jax.models import preset
+from drift_jax.models import paged, preset
+from drift_jax.rollout import pool_size
 from drift_jax.rollout.interface import EngineOptions
 
 TARGETS = ("h100", "v5e-4")
@@ -26,13 +27,13 @@ SLOTS, NEW_TOKENS, MAX_LEN = 4, 8, 256
 
 def settings(length: int) -> pipeline.Settings:
     """Two layers at Qwen2.5-0.5B widths, the real 151,936-token vocabulary, bf16 over
-    float32 master weights; a train batch of 4 rows of ``length`` tokens in 2
-    micro-batches, the LM head and loss in chunks of 32 positions (so that a chunk's
+    float32 master weights; a train batch of 8 rows of ``length`` tokens in 2
+    micro-batches (4 rows each: one per chip of a v5e-4), the LM head and loss in chunks of 32 positions (so that a chunk's
     padding stays small beside 63 positions); an engine of 4 slots over a 256-token
     context, greedy."""
     model = preset("qwen2.5-0.5b", num_layers=2, dtype=jnp.bfloat16, param_dtype=jnp.float32, remat="full")
     sampling = pipeline.Sampling(SLOTS, NEW_TOKENS, 0.0, 2, 48, 40, EngineOptions(page_size=16, prefill_chunk=32))
-    fit = pipeline.Fit(4, length, 2, OPTIMIZER, loss_chunk_size=32)
+    fit = pipeline.Fit(8, length, 2, OPTIMIZER, loss_chunk_size=32)
     return pipeline.Settings(model=model, train=fit, rollout=sampling, eval=sampling, max_len=MAX_LEN)
 
 
@@ -88,7 +89,7 @@ def test_train_step_flops_count_every_micro_batch(target):
     two micro-batches' forward and backward are at least 6 FLOPs per parameter and token
     (and at most 10: remat's second forward, attention and the softmax come on top)."""
     r = report(target, "train_step")
-    tokens = 4 * 63 / math.prod(r["shapes"]["mesh"].values())  # per device: rows split over FSDP
+    tokens = 8 * 63 / math.prod(r["shapes"]["mesh"].values())  # per device: rows split over FSDP
     n = settings(64).model.num_params
     assert 6 * n * tokens <= r["cost"]["flops"] <= 10 * n * tokens
     assert r["cost"]["roofline_s"] == max(r["cost"]["compute_s"], r["cost"]["memory_s"]) > 0
@@ -122,6 +123,10 @@ def test_engine_programs_compile_and_update_the_page_pool_in_place(target, progr
     m = r["memory"]
     assert read + cache <= m["argument_bytes"] < 2 * weights + cache
     assert m["alias_bytes"] >= cache  # the donated pool is written in place
+    # The pool is sized to leave pool_size.workspace_bytes for these programs' temporaries.
+    options = settings(64).rollout.options
+    assert m["temp_bytes"] <= pool_size.workspace_bytes(
+        settings(64).model, SLOTS, options.prefill_chunk, paged.CHUNK_PAGES * options.page_size)
     if program == "decode" and target == "h100":
         assert r["shapes"]["impl"] == "pallas"
         assert r["cost"]["custom_calls"]["paged_attention_kernel"]["calls"] > 0

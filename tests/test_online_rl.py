@@ -280,6 +280,20 @@ def test_step_two_micro_batches_equal_one_batch_and_zero_advantage_at_reference_
     assert float(metrics["kl_sum"]) > 0 and step_fn._cache_size() == 1
 
 
+def test_reference_stored_in_the_compute_dtype_gives_the_same_update():
+    """The online-RL stage keeps its frozen reference in the compute dtype (bf16): every
+    matmul casts the float32 master weights to it anyway, so the update (loss, KL,
+    parameters) is the same as with a float32 reference."""
+    cfg = CFG.replace(dtype=jnp.bfloat16)
+    graphdef, state = create_train_state(Transformer(cfg, rngs=nnx.Rngs(0)), TX)
+    ref_f32 = nnx.state(Transformer(cfg, rngs=nnx.Rngs(1)), nnx.Param)
+    ref_bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), ref_f32)
+    step_fn = pg_step(graphdef, kl_coef=0.1)
+    results = [step_fn(jax.tree.map(jnp.copy, state), step_batch(2), ref) for ref in (ref_f32, ref_bf16)]
+    assert float(results[0][1]["kl_sum"]) > 0
+    chex.assert_trees_all_equal(results[0], results[1])
+
+
 def test_pg_loss_fn_and_on_policy_check_reject_bad_settings():
     with pytest.raises(ValueError, match="normalize"):
         policy_gradient.pg_loss_fn(normalize="weight_sum")

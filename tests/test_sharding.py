@@ -17,7 +17,7 @@ import pytest
 from drift_jax.parallel import distributed
 
 SCRIPT = textwrap.dedent("""
-    import json
+    import contextlib, json
     import jax, jax.numpy as jnp, numpy as np
     from flax import nnx
     from drift_jax.parallel import sharding
@@ -52,9 +52,24 @@ SCRIPT = textwrap.dedent("""
         if initial is not None:  # a host copy of the params before any update
             initial.append(jax.device_get(state.params))
         step_fn = make_train_step(graphdef, tx, schedule_fn=schedule)
-        for batch in batches:
-            state, _ = step_fn(state, batch if mesh is None else sharding.shard_batch(batch, mesh))
+        # Under the mesh as context, as experiments/fitting.py trains: the model then keeps
+        # rows split and gathers weights (sharding.rows_split, sharding.gathered).
+        with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+            for batch in batches:
+                state, _ = step_fn(state, batch if mesh is None else sharding.shard_batch(batch, mesh))
         return graphdef, state
+
+    def gathered_activations(mesh):
+        # All-gathers in the FSDP step whose result holds every row of a micro-batch (2 of
+        # 8 rows x 12 positions): activations gathered to every device.
+        import re
+        graphdef, state = create_train_state(make_model(), tx, 0)
+        state = shard_train_state(state, tx, mesh)
+        step_fn = make_train_step(graphdef, tx, 4, schedule_fn=schedule)
+        with jax.set_mesh(mesh):
+            text = step_fn.lower(state, sharding.shard_batch(batches[0], mesh)).compile().as_text()
+        return [l.strip()[:120] for l in text.splitlines()
+                if re.search(r"= (f32|bf16)\[2,12(,\d+)*\]\S* all-gather\(", l)]
 
     # 8 rows (one per device on 8x1x1), ragged lengths so the left padding differs.
     prompts = [np.random.default_rng(1).integers(1, 32, n).tolist() for n in (3, 7, 5, 9, 1, 12, 4, 6)]
@@ -110,6 +125,7 @@ SCRIPT = textwrap.dedent("""
             "adapters_moved": float(max(jnp.max(jnp.abs(x)) for x in jax.tree.leaves(
                 nnx.split_state(state.params, nnx.LoRAParam, ...)[0]))),
         }
+    report["gathered_activations"] = gathered_activations(sharding.make_mesh(1, 2, 1))
     print("REPORT" + json.dumps(report))
 """)
 
@@ -152,6 +168,12 @@ def test_sharded_lora_training_equals_single_device(shard_report, mesh):
     assert result["p99_param_diff"] < 1e-6 and result["max_param_diff"] < 1e-3, result
     assert result["base_unchanged"], result
     assert result["sharded_opt_leaves"] > 0 and result["adapters_moved"] > 0
+
+
+def test_fsdp_step_keeps_rows_split(shard_report):
+    """Under FSDP no activation is gathered to every device: each device computes its own
+    rows of a micro-batch, the weights are gathered instead."""
+    assert shard_report["gathered_activations"] == []
 
 
 @pytest.mark.parametrize("mesh", MESHES)

@@ -118,14 +118,17 @@ def stage_table(times: dict[str, dict[str, float | None]], targets: list[str]) -
 
 
 def failures(entries: dict[str, dict[str, dict]]) -> list[str]:
-    """"target program: first error line" of every program that did not compile or fit."""
+    """"target program: first error line" of every program that did not compile or fit;
+    the static sampler's marked as such (a run uses it only with ``rollout.engine="static"``)."""
     out = []
     for target, programs in entries.items():
         for name, report in programs.items():
+            where = f"{target} {name}" + (" (static sampler, not the configured engine)"
+                                          if name.startswith("static_") else "")
             if not report.get("compiled"):
-                out.append(f"{target} {name}: {report.get('error')}")
+                out.append(f"{where}: {report.get('error')}")
             elif not report.get("memory", {}).get("fits", True):
                 m = report["memory"]
-                out.append(f"{target} {name}: peak {m['peak_bytes'] / GIB:.2f} GiB > budget "
+                out.append(f"{where}: peak {m['peak_bytes'] / GIB:.2f} GiB > budget "
                            f"{m['budget_bytes'] / GIB:.2f} GiB")
     return out

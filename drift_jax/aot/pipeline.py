@@ -208,7 +208,12 @@ def rl_program(settings: Settings, target: Target) -> Program:
     step = make_train_step(graphdef, tx, fit.micro_batches, schedule_fn=schedule,
                            loss_fn=pg_loss_fn(settings.kl_coef, settings.rl_normalize, fit.loss_chunk_size))
     batch = _batch(fit.rows, fit.length, mesh, row_scalars=("advantages",))
-    return Program("rl_update", step, (state, batch, state.params),
+    # The frozen reference is stored in the compute dtype (``load_policy(for_sampling=True)``).
+    compute = jnp.dtype(settings.model.dtype)
+    reference = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, compute if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype,
+                                       sharding=x.sharding), state.params)
+    return Program("rl_update", step, (state, batch, reference),
                    mesh=context_mesh(mesh),
                    shapes=_shapes(rows=fit.rows, length=fit.length, micro_batches=fit.micro_batches,
                                   mesh=dict(mesh.shape)))
@@ -275,11 +280,12 @@ def _paged_model(cfg: ModelConfig, rows: int, queries: int, context: int, logits
 
 def _paged_hints(cfg: ModelConfig, engine, rows: int, queries: int, context: int, program: str):
     """(loop_trips, kernel_hints) of an engine program at ``context`` tokens: the XLA
-    path's page-chunk loop runs once per chunk of pages up to the context; the Pallas
+    path's page-chunk loop runs once per chunk of pages up to the context after the
+    first (``paged._attend_chunked`` starts from chunk 0, outside the loop); the Pallas
     kernel does ``4 N H`` FLOPs per query and key, and reads the keys and values of
     ``context`` tokens per row."""
     chunks = max(1, math.ceil(context / (paged.CHUNK_PAGES * engine.page_size)))
-    trips = {rf"^jit\({program}\)/(.+/)?while/body/(.+/)?while$|^jit\(_prefill\)/(.+/)?while$": chunks}
+    trips = {rf"^jit\({program}\)/(.+/)?while/body/(.+/)?while$|^jit\(_prefill\)/(.+/)?while$": chunks - 1}
     k, n, h = cfg.num_kv_heads, cfg.num_heads, cfg.head_dim
     itemsize = jnp.dtype(cfg.dtype).itemsize
     flops = 4.0 * rows * queries * n * context * h

@@ -45,6 +45,7 @@ from drift_jax.models.attention import (
     uses_splash,
 )
 from drift_jax.models.config import ModelConfig
+from drift_jax.parallel.sharding import gathered, rows_split
 
 _EMBED_STD = 0.02
 
@@ -104,11 +105,12 @@ class Linear(nnx.Module):
         self.kernel = _param(rngs, (d_in, d_out), axes, cfg.param_dtype)
         self.bias = _param(rngs, (d_out,), axes[-1:], cfg.param_dtype, "zeros") if bias else None
         self.dtype = cfg.dtype
+        self.axes = tuple(axes)
         # nnx.data: a data attribute, so an adapter module may replace the None later.
         self.lora = nnx.data(None)
 
     def __call__(self, x, dropout_rng=None):
-        y = x @ self.kernel[...].astype(self.dtype)
+        y = x @ gathered(self.kernel[...].astype(self.dtype), self.axes)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         if self.lora is not None:
@@ -306,9 +308,9 @@ class Transformer(nnx.Module):
             mask_bts = attention_mask(valid_bt, segment_ids_bt)
         inv_freq = rope_inverse_frequencies(self.cfg)
         layer_forward = _LAYER_FORWARD[self.cfg.remat]
-        x = self.embed(tokens_bt)
+        x = rows_split(self.embed(tokens_bt))
         for layer in self.layers:
-            x = layer_forward(layer, x, positions_bt, inv_freq, mask_bts, dropout_rng, attn_segments_bt)
+            x = rows_split(layer_forward(layer, x, positions_bt, inv_freq, mask_bts, dropout_rng, attn_segments_bt))
         return self.norm(x)
 
     def __call__(self, tokens_bt, valid_bt=None, positions_bt=None, dropout_rng=None, segment_ids_bt=None):

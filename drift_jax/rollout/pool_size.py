@@ -28,6 +28,9 @@ from drift_jax.models import paged
 from drift_jax.rollout.interface import EngineOptions
 
 CPU_SLOT_TOKENS = 2048  # tokens per slot where the device reports no memory (CPU)
+# Matmul split-K partial sums and library workspaces, which small calls need beside
+# their activations (12 MiB for a 4 x 32-token prefill at Qwen2.5-0.5B widths on an H100).
+SCRATCH_BYTES = 64 * 2**20
 
 
 def pool_pages(*, num_slots: int, slot_tokens: int, page_size: int, page_bytes: int, device_bytes: int | None = None,
@@ -65,14 +68,14 @@ def workspace_bytes(cfg, num_slots: int, prefill_tokens: int, chunk_tokens: int)
     prefill: one runs at a time): decode's ``[R, V]`` float32 logits and the sampler's
     passes over them (four copies), prefill's activations of ``R x prefill_tokens``
     tokens (two at the hidden width, two at the MLP's, in the compute dtype) and its
-    float32 scores over a chunk of ``chunk_tokens`` keys per query head. Compiled for a
-    v5e chip at 256 slots, 128-token prefill calls, the programs' temporaries are 0.48
-    (decode) and 0.62 GiB (prefill) at Qwen2.5-0.5B, 0.52 and 1.02 GiB at Qwen2.5-3B,
-    against 0.92 and 1.84 GiB here (docs/scaling.md)."""
+    float32 scores over a chunk of ``chunk_tokens`` keys per query head, plus
+    ``SCRATCH_BYTES``. At Qwen2.5-3B widths, 256 slots and 128-token prefill calls this
+    is 1.90 GiB; compiled, the programs' temporaries are 0.08 (decode) and 1.73 GiB
+    (prefill) on an H100, 0.52 and 1.02 GiB on a v5e chip (docs/scaling.md)."""
     item = np.dtype(cfg.dtype).itemsize
     decode = 4 * num_slots * cfg.vocab_size * 4
     per_token = item * 2 * (cfg.hidden_size + cfg.intermediate_size) + 4 * cfg.num_heads * chunk_tokens
-    return int(max(decode, num_slots * prefill_tokens * per_token))
+    return int(max(decode, num_slots * prefill_tokens * per_token)) + SCRATCH_BYTES
 
 
 def device_memory(device=None) -> tuple[int | None, int]:

@@ -32,18 +32,21 @@ def check_micro_batches(rows: int, num_micro_batches: int) -> None:
 
 
 def split_micro_batches(batch: Batch, num_micro_batches: int) -> Batch:
-    """``batch`` with each array's rows ``[B, ...]`` reshaped to ``[M, B/M, ...]``:
-    ``M`` consecutive micro-batches for a scan. Raises if M does not divide B."""
+    """``batch`` with each array's rows ``[B, ...]`` as ``[M, B/M, ...]``: ``M``
+    micro-batches for a scan, micro-batch j holding rows j, j + M, j + 2M, ... On a mesh
+    the rows are sharded in contiguous blocks, so strided micro-batches spread over every
+    device; consecutive ones would each sit on one device and be gathered to all (a
+    micro-batch's activations whole on every chip). Raises if M does not divide B."""
     b, m = batch["tokens"].shape[0], num_micro_batches
     check_micro_batches(b, m)
-    return jax.tree.map(lambda x: x.reshape(m, b // m, *x.shape[1:]), batch)
+    return jax.tree.map(lambda x: jnp.swapaxes(x.reshape(b // m, m, *x.shape[1:]), 0, 1), batch)
 
 
 def eval_sums_fn(graphdef: nnx.GraphDef, num_micro_batches: int = 1, loss_denominator: str = "batch",
                  loss_chunk_size: int | str | None = "auto") -> Callable:
     """The jitted ``sums(params, batch) -> (loss_sum, denominator, num_tokens)`` of the
     weighted SFT loss (float32 scalars): the batch's rows in ``num_micro_batches``
-    consecutive micro-batches, scanned, their sums added; so peak memory is one
+    micro-batches (``split_micro_batches``), scanned, their sums added; so peak memory is one
     micro-batch's forward, as in the train step. LoRA dropout is off."""
     loss_fn = sft_loss_fn(loss_denominator, loss_chunk_size)
 
