@@ -230,6 +230,8 @@ def run(args) -> dict:
                                          "error": "building: " + first_line(e)}
                     else:
                         done[program] = compile_program(built, target)
+                        if program.startswith("static_"):
+                            fitting_rows(done[program], settings, target, program)
                     done[program]["wall_s"] = round(time.perf_counter() - t0, 1)
                     done[program]["commit"] = report["environment"]["commit"]
                     jax.clear_caches()
@@ -237,6 +239,23 @@ def run(args) -> dict:
                     print(f"{key} {name} {program}: {estimate.cell(done[program])} "
                           f"({done[program]['wall_s']} s)", flush=True)
     return report
+
+
+def fitting_rows(entry: dict, settings, target, program: str, smallest: int = 8) -> None:
+    """The static sampler's largest chunk that fits ``target``, into ``entry`` as
+    ``fits_at_rows`` (rows, peak bytes; None below ``smallest``) when the configured rows do
+    not: its dense cache and whole-dialogue prefill grow with the rows, and its row count
+    is the config's ``batch_size`` (rollout or eval) under ``rollout.engine="static"``."""
+    if entry.get("compiled") and entry["memory"].get("fits"):
+        return
+    rows = entry["shapes"]["rows"]
+    entry["fits_at_rows"] = None
+    while rows > smallest:
+        rows //= 2
+        r = compile_program(pipeline.static_program(settings, target, program.split("_")[1], rows), target)
+        if r.get("compiled") and r["memory"].get("fits"):
+            entry["fits_at_rows"] = {"rows": rows, "peak_bytes": r["memory"]["peak_bytes"]}
+            return
 
 
 def render(report: dict, path: str) -> str:

@@ -48,14 +48,13 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
-from jax.experimental import topologies  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
+from drift_jax.aot import targets  # noqa: E402
 from drift_jax.models import Transformer, paged, preset  # noqa: E402
 from drift_jax.rollout import engine as engine_lib  # noqa: E402
 from drift_jax.rollout.sampling import SamplingParams  # noqa: E402
 
-SPEC = os.path.join(REPO, "drift_jax", "aot", "specs", "h100_sxm.txtpb")
 PAGE = 16  # tokens a page (rollout.page_size)
 LAYOUTS = {"tokens": "token-major", "heads": "heads-major"}
 _SHAPE = re.compile(r"\b(pred|s8|u8|s16|u16|bf16|f16|s32|u32|f32|s64|u64|f64)\[([\d,]*)\]")
@@ -251,11 +250,9 @@ def measure_memory(model_name: str, layers: int | None, slots: int, pages_per_sl
             "alias_bytes": memory.alias_size_in_bytes, "output_bytes": memory.output_size_in_bytes}
 
 
-def _devices(target: str, target_config: str):
-    if target == "h100":
-        with open(target_config) as f:
-            return topologies.get_topology_desc(platform="cuda", target_config=f.read(), topology="1x1x1").devices
-    return topologies.get_topology_desc(topology_name=f"{target}:2x2", platform="tpu").devices
+def _device(target: str):
+    """One compile-only chip: an H100, or one of four v5e / v6e chips (drift_jax.aot.targets)."""
+    return targets.devices({"h100": "h100", "v5e": "v5e-4", "v6e": "v6e-4"}[target])[0]
 
 
 def main() -> None:
@@ -271,10 +268,9 @@ def main() -> None:
     ap.add_argument("--layout", nargs="+", default=["tokens"], choices=["tokens", "heads"], help="memory")
     ap.add_argument("--program", nargs="+", default=["decode", "prefill"], choices=["decode", "prefill"])
     ap.add_argument("--prefill_tokens", type=int, default=128, help="memory: tokens a row of a prefill call")
-    ap.add_argument("--target_config", default=SPEC, help="a GpuTargetConfigProto text (default: the H100 SXM's)")
     ap.add_argument("--out", default=None, help="a JSON file for the rows")
     a = ap.parse_args()
-    device = _devices(a.target or ("h100" if a.mode == "bytes" else "v5e"), a.target_config)[0]
+    device = _device(a.target or ("h100" if a.mode == "bytes" else "v5e"))
     out = []
     for model_name in a.model:
         if a.mode == "bytes":

@@ -19,6 +19,7 @@ import itertools
 import json
 import os
 import re
+import signal
 import sys
 import time
 
@@ -175,10 +176,15 @@ def define_flags() -> None:
                       "stage would do, and stop (nothing is written).")
 
 
+_INTERRUPTS: list[int] = []  # the Ctrl-Cs of this process, once ``_catch_interrupts`` ran
+
+
 def execute(stages: list[Stage]) -> None:
     """Run ``stages`` in order: each stage's call once (stages that share one, a policy's
     evaluations on every benchmark, run in that one call)."""
     for call, _ in itertools.groupby(stages, key=lambda stage: stage.run):
+        if _INTERRUPTS:  # a Ctrl-C that Python dropped (``_catch_interrupts``): no new stage
+            raise KeyboardInterrupt
         call()
 
 
@@ -318,12 +324,15 @@ def main(argv):
     with cfg.unlocked():  # the flag's config is locked; a benchmark added or dropped needs it open
         apply_overrides(cfg, _OVERRIDES)
     name = os.path.splitext(os.path.basename(FLAGS["config"].config_filename))[0]
+    interrupted = _catch_interrupts()
     try:
         workdir = FLAGS.workdir or os.path.join("runs", name)
         if cfg.seeds:
             run_sweep(cfg, workdir, dry=FLAGS.dry_run)
         else:
             run(cfg, workdir, dry=FLAGS.dry_run)
+        if interrupted:  # a Ctrl-C that Python dropped (raised in a finalizer): still an interrupt
+            raise KeyboardInterrupt
     except (ConfigError, BadRecord) as e:  # the user's config or data: the message says what to fix
         if FLAGS.debug:
             raise
@@ -334,6 +343,18 @@ def main(argv):
         # Finished stages, appended rollout groups and training checkpoints are on disk.
         print("\ninterrupted: the same command resumes where this run stopped", file=sys.stderr)
         sys.exit(130)
+
+
+def _catch_interrupts() -> list[int]:
+    """Record every Ctrl-C in ``_INTERRUPTS``; it still raises KeyboardInterrupt. One
+    raised while Python runs a finalizer (JAX frees device buffers in them) is printed
+    and dropped, and the run would go on to exit 0; the record keeps it."""
+    def on_interrupt(signum, frame):
+        _INTERRUPTS.append(signum)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_interrupt)
+    return _INTERRUPTS
 
 
 def entry(argv: list[str] | None = None) -> None:

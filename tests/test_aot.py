@@ -194,3 +194,17 @@ def test_stage_estimates_follow_the_work_and_need_every_program():
     assert one["train (per method)"] == pytest.approx(10 * 2.0 + 3 * 2 * 0.5)
     failed = {**entries, "decode": {"compiled": False, "error": "x"}}
     assert estimate.stage_times(failed, work, hosts=1)["rollout"] is None
+
+
+def test_failures_name_the_static_sampler_and_the_rows_that_fit():
+    from drift_jax.aot import estimate
+
+    over = {"compiled": True, "memory": {"fits": False, "peak_bytes": 80 * 2**30, "budget_bytes": 60 * 2**30}}
+    entries = {"h100": {"decode": {"compiled": True, "memory": {"fits": True}},
+                        "static_eval": {**over, "fits_at_rows": {"rows": 64, "peak_bytes": 40 * 2**30}},
+                        "static_rollout": {"compiled": False, "error": "RESOURCE_EXHAUSTED", "fits_at_rows": None}}}
+    assert estimate.failures(entries) == [
+        "h100 static_eval (static sampler, not the configured engine): peak 80.00 GiB > budget 60.00 GiB; "
+        "fits at 64 rows (40.0 GiB)",
+        "h100 static_rollout (static sampler, not the configured engine): RESOURCE_EXHAUSTED; "
+        "fits at no chunk of 8 rows or more"]

@@ -126,9 +126,15 @@ def failures(entries: dict[str, dict[str, dict]]) -> list[str]:
             where = f"{target} {name}" + (" (static sampler, not the configured engine)"
                                           if name.startswith("static_") else "")
             if not report.get("compiled"):
-                out.append(f"{where}: {report.get('error')}")
+                line = f"{where}: {report.get('error')}"
             elif not report.get("memory", {}).get("fits", True):
                 m = report["memory"]
-                out.append(f"{where}: peak {m['peak_bytes'] / GIB:.2f} GiB > budget "
-                           f"{m['budget_bytes'] / GIB:.2f} GiB")
+                line = f"{where}: peak {m['peak_bytes'] / GIB:.2f} GiB > budget {m['budget_bytes'] / GIB:.2f} GiB"
+            else:
+                continue
+            if "fits_at_rows" in report:
+                fit = report["fits_at_rows"]
+                line += ("; fits at no chunk of 8 rows or more" if fit is None else
+                         f"; fits at {fit['rows']} rows ({fit['peak_bytes'] / GIB:.1f} GiB)")
+            out.append(line)
     return out

@@ -329,14 +329,15 @@ def engine_programs(settings: Settings, target: Target, stage: str) -> list[Prog
     return [prefill, decode]
 
 
-def static_program(settings: Settings, target: Target, stage: str) -> Program:
-    """``sampling.generate`` of one chunk of ``slots`` rows at a turn-5 context (the
-    static sampler re-prefills whole dialogues, so the last turn is its largest
-    program), its decode loop run to the turn's budget."""
+def static_program(settings: Settings, target: Target, stage: str, rows: int | None = None) -> Program:
+    """``sampling.generate`` of one chunk of ``rows`` rows (default: the stage's
+    ``slots``, the sampler's ``batch_size``) at a turn-5 context (the static sampler
+    re-prefills whole dialogues, so the last turn is its largest program), its decode
+    loop run to the turn's budget."""
     sampling = settings.rollout if stage == "rollout" else settings.eval
     mesh = one_device_mesh(target)
     graphdef, state = nnx.split(sampling_model(settings, target))
-    b, p = sampling.slots, bucket_length(sampling.longest_context)
+    b, p = rows or sampling.slots, bucket_length(sampling.longest_context)
     keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), b))
     prompt_bp, valid_bp, budget_b = np.zeros((b, p), np.int32), np.zeros((b, p), bool), np.zeros(b, np.int32)
     args = (graphdef, *_replicated((state, prompt_bp, valid_bp, keys, budget_b), mesh))

@@ -89,8 +89,9 @@ TARGETS: dict[str, Target] = {
     "v6e-8": _tpu("v6e-8", "v6e:2x4", 8, 2),
     # Four hosts of four chips: a multi-host program compiles as one.
     "v5e-16": _tpu("v5e-16", "v5e:4x4", 16, 4),
-    # The CI compile test's TPU: four chips on one host.
+    # Four chips on one host: the CI compile test's TPU (v5e), and benchmarks/engine_aot.py's.
     "v5e-4": _tpu("v5e-4", "v5e:2x2", 4, 1),
+    "v6e-4": _tpu("v6e-4", "v6e:2x2", 4, 1),
 }
 
 

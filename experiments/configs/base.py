@@ -100,7 +100,7 @@ def get_config():
     c.model.dtype = "float32"  # compute
     c.model.param_dtype = "float32"  # master weights and optimizer state
     c.model.remat = "none"  # "full": recompute each layer's activations in the backward pass
-    c.model.attention_impl = config_dict.placeholder(str)  # None: cuDNN flash on GPU, XLA elsewhere
+    c.model.attention_impl = config_dict.placeholder(str)  # None: cuDNN flash on GPU, splash on TPU, XLA elsewhere
     # Dtype of the Hugging Face folders written (real models): "" = the checkpoint's own
     # (its config.json's torch_dtype), or "float32" / "bfloat16" / "float16".
     c.model.save_dtype = ""

@@ -1,0 +1,175 @@
+"""Does a result survive another machine? Rerun seeds under several float settings and
+compare: multi@T per method, the largest difference between settings, the smallest
+greedy margin.
+
+    python experiments/reproduce.py --seeds=0,1,2 --workdir=runs/reproduce
+    python experiments/reproduce.py --seeds=0,1 --settings=default,avx2 \\
+        --config=experiments/configs/comparison.py --workdir=runs/reproduce_comparison
+    python experiments/reproduce.py ... -- --config.drift.beta=0.5   # overrides for every run
+
+Another CPU rounds differently: XLA vectorises for the instruction sets it finds, and the
+order of a sum changes with the vector width and the threads. Each setting stands in
+for such a machine (``SETTINGS``): XLA's own instruction-set cap
+(``--xla_cpu_max_isa``), as a CPU without AVX-512 (``avx2``) or without AVX
+(``sse4_2``) would compile; one thread with fast math. Temperature-1 sampling turns a
+rounding difference into other rollouts, so a setting tests the whole pipeline, not
+only the last digits.
+
+Each (setting, seed) is one ``experiments/run.py`` run in its own workdir
+(``<workdir>/<setting>/seed<N>``), resumable as any run: a killed reproduction resumes
+with the same command, finished runs are not redone. The report (``reproduce.json`` and
+``reproduce.md`` in ``--workdir``) gives, per method and seed, multi@T under each
+setting, the largest difference between settings, and the smallest margin along the
+greedy dialogue (the eval's ``answer_check``, where the task records it: a negative
+value is the margin by which greedy decoding fails to name an untried letter); and, per
+method and setting, the mean and sd over seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# setting -> (XLA_FLAGS added, pinned to one CPU core)
+SETTINGS = {
+    "default": ("", False),
+    "avx2": ("--xla_cpu_max_isa=AVX2", False),
+    "sse4_2": ("--xla_cpu_max_isa=SSE4_2", False),
+    "one_thread_fast_math": ("--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1 "
+                             "--xla_cpu_enable_fast_math=true", True),
+}
+
+
+def command(setting: str, seed: int, config: str, workdir: str, overrides: list[str]) -> tuple[list[str], dict]:
+    """(argv, environment) of one run."""
+    flags, one_core = SETTINGS[setting]
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = " ".join(f for f in (env.get("XLA_FLAGS", ""), flags) if f)
+    argv = [sys.executable, os.path.join(REPO, "experiments", "run.py"), f"--config={config}",
+            f"--config.seed={seed}", f"--workdir={run_dir(workdir, setting, seed)}", *overrides]
+    if one_core:
+        if shutil.which("taskset") is None:
+            raise SystemExit(f"setting {setting!r} pins the run to one core with taskset, which this machine lacks")
+        argv = ["taskset", "-c", "0", *argv]
+    return argv, env
+
+
+def run_dir(workdir: str, setting: str, seed: int) -> str:
+    return os.path.join(workdir, setting, f"seed{seed}")
+
+
+def outcome(path: str) -> dict:
+    """Per method of one finished run: multi@T and the smallest greedy margin (None where
+    the task records none)."""
+    with open(os.path.join(path, "results.json")) as f:
+        results = json.load(f)
+    turns = results["config"]["task"]["max_turns"]
+    out = {}
+    for method, m in results["methods"].items():
+        margins = []
+        for name in sorted(os.listdir(os.path.join(path, "eval"))):
+            if name.endswith(f"_{method}.json"):
+                with open(os.path.join(path, "eval", name)) as f:
+                    greedy = json.load(f).get("answer_check", {}).get("greedy") or []
+                margins += [g["margin"] for g in greedy]
+        out[method] = {f"multi@{turns}": m[f"multi@{turns}"], "smallest_margin": min(margins) if margins else None}
+    return out
+
+
+def summarize(outcomes: dict, settings: list[str], seeds: list[int]) -> dict:
+    """``outcomes[setting][seed][method]`` -> per method: per seed the values under each
+    setting, their largest difference, the smallest margin; per setting mean and sd over
+    seeds; over everything the largest difference and the smallest margin."""
+    methods = list(outcomes[settings[0]][seeds[0]])
+    key = next(k for k in outcomes[settings[0]][seeds[0]][methods[0]] if k.startswith("multi@"))
+    report = {"metric": key, "methods": {}}
+    for m in methods:
+        per_seed = {}
+        for seed in seeds:
+            values = {s: outcomes[s][seed][m][key] for s in settings}
+            margins = [outcomes[s][seed][m]["smallest_margin"] for s in settings]
+            margins = [x for x in margins if x is not None]
+            per_seed[seed] = {"values": values, "largest_difference": max(values.values()) - min(values.values()),
+                              "smallest_margin": min(margins) if margins else None}
+        per_setting = {}
+        for s in settings:
+            values = [outcomes[s][seed][m][key] for seed in seeds]
+            per_setting[s] = {"mean": statistics.fmean(values),
+                              "sd": statistics.stdev(values) if len(values) > 1 else 0.0}
+        margins = [p["smallest_margin"] for p in per_seed.values() if p["smallest_margin"] is not None]
+        report["methods"][m] = {"per_seed": per_seed, "per_setting": per_setting,
+                                "largest_difference": max(p["largest_difference"] for p in per_seed.values()),
+                                "smallest_margin": min(margins) if margins else None}
+    return report
+
+
+def markdown(report: dict, settings: list[str], seeds: list[int], header: str) -> str:
+    key = report["metric"]
+    lines = [header, "", f"| method | seed | " + " | ".join(settings) + " | largest difference | smallest margin |",
+             "| --- | --- |" + " --- |" * (len(settings) + 2)]
+    margin = lambda x: "-" if x is None else f"{x:+.2f}"
+    for m, r in report["methods"].items():
+        for seed in seeds:
+            p = r["per_seed"][seed]
+            lines.append(f"| {m} | {seed} | " + " | ".join(f"{p['values'][s]:.3f}" for s in settings)
+                         + f" | {p['largest_difference']:.3f} | {margin(p['smallest_margin'])} |")
+    lines += ["", f"{key}, mean +- sd over seeds {', '.join(map(str, seeds))}:", "",
+              "| method | " + " | ".join(settings) + " |", "| --- |" + " --- |" * len(settings)]
+    for m, r in report["methods"].items():
+        lines.append(f"| {m} | " + " | ".join(f"{r['per_setting'][s]['mean']:.3f} +- {r['per_setting'][s]['sd']:.3f}"
+                                             for s in settings) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated, of {list(SETTINGS)}")
+    parser.add_argument("--config", default=os.path.join(REPO, "experiments", "configs", "default.py"))
+    parser.add_argument("--workdir", default="runs/reproduce")
+    parser.add_argument("overrides", nargs="*", help="after --: config overrides for every run")
+    args = parser.parse_args(argv)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    settings = args.settings.split(",")
+    unknown = [s for s in settings if s not in SETTINGS]
+    if unknown:
+        parser.error(f"unknown settings {unknown}; known: {list(SETTINGS)}")
+    outcomes, wall = {}, {}
+    for s in settings:
+        for seed in seeds:
+            argv_, env = command(s, seed, args.config, args.workdir, args.overrides)
+            print(f"[{s} seed {seed}] {' '.join(argv_)}", flush=True)
+            t0 = time.time()
+            done = subprocess.run(argv_, env=env, cwd=REPO)
+            if done.returncode:
+                return done.returncode  # an interrupted or failed run: rerun the same command to resume
+            wall[f"{s}/seed{seed}"] = round(time.time() - t0, 1)
+            outcomes.setdefault(s, {})[seed] = outcome(run_dir(args.workdir, s, seed))
+    report = summarize(outcomes, settings, seeds)
+    command_line = " ".join(["python experiments/reproduce.py", *(sys.argv[1:] if argv is None else argv)])
+    report.update(command=command_line, settings={s: SETTINGS[s][0] for s in settings}, wall_s=wall,
+                  machine={"cpus": os.cpu_count(), "python": platform.python_version(),
+                           "processor": platform.processor() or platform.machine()})
+    os.makedirs(args.workdir, exist_ok=True)
+    with open(os.path.join(args.workdir, "reproduce.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    header = (f"Made by `{command_line}` ({os.cpu_count()} CPUs; wall time of the runs "
+              f"{sum(wall.values()) / 60:.0f} min, finished runs not redone).")
+    text = markdown(report, settings, seeds, header)
+    with open(os.path.join(args.workdir, "reproduce.md"), "w") as f:
+        f.write(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""experiments/reproduce.py: each (setting, seed) a resumable run under its XLA flags, and
+the report's differences and margins."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from conftest import REPO
+from experiments import reproduce
+
+CONFIGS = os.path.join(REPO, "tests", "configs")
+
+
+def test_each_setting_runs_with_its_flags_added_to_the_users():
+    argv, env = reproduce.command("avx2", 3, "c.py", "w", ["--config.drift.beta=2"])
+    assert env["XLA_FLAGS"].endswith("--xla_cpu_max_isa=AVX2")
+    assert argv[-3:] == ["--config.seed=3", f"--workdir={os.path.join('w', 'avx2', 'seed3')}", "--config.drift.beta=2"]
+    os.environ["XLA_FLAGS"] = "--xla_user_flag=1"
+    try:
+        _, env = reproduce.command("sse4_2", 0, "c.py", "w", [])
+    finally:
+        del os.environ["XLA_FLAGS"]
+    assert env["XLA_FLAGS"] == "--xla_user_flag=1 --xla_cpu_max_isa=SSE4_2"
+    if shutil.which("taskset"):
+        argv, env = reproduce.command("one_thread_fast_math", 0, "c.py", "w", [])
+        assert argv[:3] == ["taskset", "-c", "0"] and "--xla_cpu_enable_fast_math=true" in env["XLA_FLAGS"]
+
+
+def test_summary_takes_the_largest_difference_and_the_smallest_margin():
+    def run(drift, margin):
+        return {"drift": {"multi@5": drift, "smallest_margin": margin}}
+
+    outcomes = {"default": {0: run(1.0, 1.6), 1: run(0.8, 0.9)},
+                "avx2": {0: run(0.816, -0.27), 1: run(0.8, 1.2)}}
+    report = reproduce.summarize(outcomes, ["default", "avx2"], [0, 1])
+    drift = report["methods"]["drift"]
+    assert drift["per_seed"][0]["largest_difference"] == pytest.approx(0.184)
+    assert drift["per_seed"][1]["largest_difference"] == 0.0
+    assert drift["largest_difference"] == pytest.approx(0.184) and drift["smallest_margin"] == -0.27
+    assert drift["per_setting"]["default"]["mean"] == pytest.approx(0.9)
+    assert drift["per_setting"]["avx2"]["sd"] == pytest.approx(0.011313708)
+    text = reproduce.markdown(report, ["default", "avx2"], [0, 1], "header")
+    assert "| drift | 0 | 1.000 | 0.816 | 0.184 | -0.27 |" in text
+
+
+def test_finished_runs_are_read_not_redone(tiny_run, tmp_path, run_env):
+    """A reproduction whose runs are done (here: copies of one tiny run) reruns nothing
+    and reports them: the same values under both settings, a difference of 0."""
+    for setting in ("default", "avx2"):
+        shutil.copytree(tiny_run[0], tmp_path / setting / "seed0")
+    out = subprocess.run(["python", os.path.join(REPO, "experiments", "reproduce.py"), "--seeds=0",
+                          "--settings=default,avx2", f"--config={CONFIGS}/tiny.py", f"--workdir={tmp_path}"],
+                         env=run_env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("stages run: none") == 2
+    with open(tmp_path / "reproduce.json") as f:
+        report = json.load(f)
+    with open(os.path.join(tiny_run[0], "results.json")) as f:
+        results = json.load(f)
+    key = report["metric"]
+    assert set(report["methods"]) == set(results["methods"])
+    for method, r in report["methods"].items():
+        assert r["per_seed"]["0"]["values"] == {s: results["methods"][method][key] for s in ("default", "avx2")}
+        assert r["largest_difference"] == 0.0
+    assert (tmp_path / "reproduce.md").read_text().startswith("Made by `python experiments/reproduce.py")
