@@ -119,10 +119,11 @@ def check_values(cfg) -> ml_collections.FrozenConfigDict:
              f"{section}.batch_size ({t.batch_size}) must be a positive multiple of "
              f"{section}.num_micro_batches ({t.num_micro_batches})"),
         ]
-    rows = cfg.online_rl.prompts_per_step * cfg.rollout.num_samples
-    checks.append((cfg.online_rl.num_micro_batches >= 1 and rows % cfg.online_rl.num_micro_batches == 0,
-                   f"online_rl.prompts_per_step x rollout.num_samples ({rows} rows per update) must be a "
-                   f"multiple of online_rl.num_micro_batches ({cfg.online_rl.num_micro_batches})"))
+    if any(m.trainer == "online_rl" for m in run_methods):  # a section no method runs is not checked
+        rows = cfg.online_rl.prompts_per_step * cfg.rollout.num_samples
+        checks.append((cfg.online_rl.num_micro_batches >= 1 and rows % cfg.online_rl.num_micro_batches == 0,
+                       f"online_rl.prompts_per_step x rollout.num_samples ({rows} rows per update) must be a "
+                       f"multiple of online_rl.num_micro_batches ({cfg.online_rl.num_micro_batches})"))
     checks += sampling_checks(cfg)
     for ok, message in checks:
         if not ok:

@@ -155,6 +155,19 @@ def test_config_validation_rejects_bad_values(path, value, message):
         check_values(cfg)
 
 
+def test_online_rl_micro_batches_are_checked_only_when_online_rl_runs():
+    from experiments.configs import tiny
+    from experiments.preflight import ConfigError, check_values
+
+    cfg = tiny.get_config()
+    cfg.online_rl.num_micro_batches = 3 * cfg.online_rl.prompts_per_step * cfg.rollout.num_samples
+    cfg.methods = ("drift",)
+    check_values(cfg)
+    cfg.methods = ("drift", "online_rl")
+    with pytest.raises(ConfigError, match="must be a multiple of online_rl.num_micro_batches"):
+        check_values(cfg)
+
+
 def test_skipped_records_and_their_reasons_land_in_weights_json(tmp_path):
     """--config.data.on_bad_record=skip: bad lines are dropped and counted by reason
     (stage_report copies the count into results.json)."""

@@ -13,7 +13,7 @@ import pytest
 from conftest import REPO
 from experiments import reproduce
 
-CONFIGS = os.path.join(REPO, "tests", "configs")
+CONFIGS = os.path.join(REPO, "experiments", "configs")
 
 
 def test_each_setting_runs_with_its_flags_added_to_the_users():
