@@ -8,7 +8,7 @@ the model at a preset's widths and depth in bf16. Paths: "pallas" (JAX's Pallas 
 paged-attention kernel over the heads-major pool) and "xla" (the plain-JAX loop over
 chunks of pages, token-major pool; ``drift_jax.models.paged``). Bytes are counted from
 the optimised HLO, instruction by instruction outside fusions, each loop body times its
-trips (the page-chunk loops: one per ``CHUNK_PAGES`` pages of context): a fusion moves
+trips (the page-chunk loops: one per ``CHUNK_PAGES`` pages of context after the first): a fusion moves
 its operands and results, except that an operand it only gathers or slices from counts
 as the bytes it takes, and a buffer it updates in place (scatter,
 dynamic-update-slice: the page pool) as the updates. XLA's own cost analysis counts
@@ -225,7 +225,11 @@ def measure_bytes(model_name: str, layers: int | None, slots: int, context: int,
     chunks = -(-context // (paged.CHUNK_PAGES * PAGE))
     weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
     live_kv = slots * context * paged.page_bytes(cfg, 1)
-    moved, attention = step_bytes(compiled.as_text(), chunks, kernel)
+    # The page-chunk loop runs once per chunk after the first, which runs before it
+    # (paged._attend_chunked) and moves what a trip does: the attention is chunks trips.
+    moved, attention = step_bytes(compiled.as_text(), chunks - 1, kernel)
+    if path == "xla" and chunks > 1:
+        attention *= chunks / (chunks - 1)
     return {"model": model_name, "layers": cfg.num_layers, "slots": slots, "context": context, "path": path,
             "bytes": moved, "ideal": weights + live_kv, "weights": weights, "live_kv": live_kv,
             "ratio": moved / (weights + live_kv), "attention_bytes": attention,

@@ -71,7 +71,7 @@ def workspace_bytes(cfg, num_slots: int, prefill_tokens: int, chunk_tokens: int)
     float32 scores over a chunk of ``chunk_tokens`` keys per query head, plus
     ``SCRATCH_BYTES``. At Qwen2.5-3B widths, 256 slots and 128-token prefill calls this
     is 1.90 GiB; compiled, the programs' temporaries are 0.08 (decode) and 1.73 GiB
-    (prefill) on an H100, 0.52 and 1.02 GiB on a v5e chip (docs/scaling.md)."""
+    (prefill) on an H100, 0.51 and 1.03 GiB on a v5e chip (docs/scaling.md)."""
     item = np.dtype(cfg.dtype).itemsize
     decode = 4 * num_slots * cfg.vocab_size * 4
     per_token = item * 2 * (cfg.hidden_size + cfg.intermediate_size) + 4 * cfg.num_heads * chunk_tokens
