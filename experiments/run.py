@@ -353,6 +353,7 @@ def _catch_interrupts() -> list[int]:
         _INTERRUPTS.append(signum)
         raise KeyboardInterrupt
 
+    _INTERRUPTS.clear()  # a run started in-process again (tests, notebooks) starts clean
     signal.signal(signal.SIGINT, on_interrupt)
     return _INTERRUPTS
 
