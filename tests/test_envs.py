@@ -150,11 +150,16 @@ def test_without_a_puzzle_id_every_question_has_one_text_and_only_the_secret_dif
     assert [q.gold for q in test] != [q.gold for q in train]
 
 
-def test_golds_are_roughly_uniform():
+@pytest.mark.parametrize("n", [1000, 1024, 3])
+def test_golds_are_balanced_in_random_order(n):
     env = SecretGuessEnv(num_candidates=5)
-    counts = collections.Counter(q.gold for q in env.make_questions(2000, seed=3, prefix="q"))
-    assert set(counts) == set(env.candidates)
-    assert all(abs(c / 2000 - 0.2) < 0.04 for c in counts.values())
+    golds = [q.gold for q in env.make_questions(n, seed=3, prefix="q")]
+    counts = collections.Counter(golds)
+    assert set(counts) <= set(env.candidates) and sum(counts.values()) == n
+    assert max(counts.values()) - min(counts[c] for c in env.candidates) <= 1
+    if n >= 10:
+        assert golds != sorted(golds) and golds[:5] != golds[5:10]
+        assert golds != [q.gold for q in env.make_questions(n, seed=4, prefix="q")]
 
 
 def _scripted(n, seed=0, **kwargs):

@@ -1,7 +1,7 @@
 """The embedded toy task: find a secret letter, with "try again" feedback.
 
-The secret is one of ``num_candidates`` letters (A, B, C, ...), drawn uniformly per
-question; the prompt gives no clue (by default every question has the same text; with
+The secret is one of ``num_candidates`` letters (A, B, C, ...), uniform over a set of
+questions (each letter equally often, in random order); the prompt gives no clue (by default every question has the same text; with
 ``id_length`` > 0 it carries a puzzle id of random numbers). So no policy can beat
 1/num_candidates on the first try, and everything above that must come from *using the
 feedback*: never repeating a rejected answer and moving to an untried letter. That is
@@ -74,6 +74,13 @@ class SecretGuessEnv(AnswerTagEnv):
         """``n`` questions with distinct puzzle ids, none of whose text is in ``exclude``
         (with ``id_length`` 0 every question has the same text and only its secret differs)."""
         rng = np.random.default_rng(seed)
+        # Balanced secrets: each letter is the secret of n / num_candidates questions (the
+        # remainder to randomly chosen letters), in random order. A deterministic policy
+        # names the same letters whatever the secret, so its multi@k on these questions is
+        # exactly its expectation over uniform secrets; drawn secrets would add the letters'
+        # sampling noise (sd ~0.013 at n = 1,000), enough to rank two policies that differ
+        # only in WHICH untried letter they name, a choice the prompt gives no reason for.
+        gold_q = rng.permutation(np.resize(rng.permutation(self.num_candidates), n))
         questions, seen = [], set(exclude)
         while len(questions) < n:
             puzzle = rng.integers(self.num_values, size=self.id_length)
@@ -82,7 +89,7 @@ class SecretGuessEnv(AnswerTagEnv):
                 if text in seen:
                     continue
                 seen.add(text)
-            gold = self.candidates[rng.integers(self.num_candidates)]
+            gold = self.candidates[gold_q[len(questions)]]
             questions.append(Question(f"{prefix}{len(questions)}", text, gold))
         return questions
 
