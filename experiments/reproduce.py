@@ -3,9 +3,14 @@ compare: multi@T per method, the largest difference between settings, the smalle
 greedy margin.
 
     python experiments/reproduce.py --seeds=0,1,2 --workdir=runs/reproduce
-    python experiments/reproduce.py --seeds=0,1 --settings=default,avx2 \\
-        --config=experiments/configs/comparison.py --workdir=runs/reproduce_comparison
+    python experiments/reproduce.py --seeds=0,1,2,3,4 \\
+        --settings=default,avx2,sse4_2:0-2,one_thread_fast_math:0-2 --workdir=runs/reproduce
+    python experiments/reproduce.py --seeds=0,1,2 --settings=default,avx2 \\
+        --config=experiments/configs/comparison.py --start_from=runs/reproduce \\
+        --workdir=runs/reproduce_comparison -- --config.methods=drift,online_rl
     python experiments/reproduce.py ... -- --config.drift.beta=0.5   # overrides for every run
+
+A setting written ``name:first-last`` runs only the seeds of ``--seeds`` in that range.
 
 Another CPU rounds differently: XLA vectorises for the instruction sets it finds, and the
 order of a sum changes with the vector width and the threads. Each setting stands in
@@ -17,12 +22,15 @@ only the last digits.
 
 Each (setting, seed) is one ``experiments/run.py`` run in its own workdir
 (``<workdir>/<setting>/seed<N>``), resumable as any run: a killed reproduction resumes
-with the same command, finished runs are not redone. The report (``reproduce.json`` and
+with the same command, finished runs are not redone. ``--start_from`` begins each run
+from a copy of the same (setting, seed) run of another reproduction, so that the stages
+whose settings did not change (the reference, the rollouts, trained methods) are reused.
+The report (``reproduce.json`` and
 ``reproduce.md`` in ``--workdir``) gives, per method and seed, multi@T under each
 setting, the largest difference between settings, and the smallest margin along the
 greedy dialogue (the eval's ``answer_check``, where the task records it: a negative
 value is the margin by which greedy decoding fails to name an untried letter); and, per
-method and setting, the mean and sd over seeds.
+method and setting, the mean and sd over the seeds it ran.
 """
 
 from __future__ import annotations
@@ -63,6 +71,24 @@ def command(setting: str, seed: int, config: str, workdir: str, overrides: list[
     return argv, env
 
 
+def parse_settings(spec: str, seeds: list[int]) -> dict[str, list[int]]:
+    """``"default,avx2:0-2"`` -> {setting: the seeds it runs}, in the order given."""
+    out = {}
+    for item in spec.split(","):
+        name, _, span = item.partition(":")
+        if name not in SETTINGS:
+            raise ValueError(f"unknown setting {name!r}; known: {list(SETTINGS)}")
+        if span:
+            try:
+                first, last = (int(x) for x in span.split("-"))
+            except ValueError:
+                raise ValueError(f"setting {item!r}: expected name:first-last, e.g. sse4_2:0-2") from None
+            out[name] = [s for s in seeds if first <= s <= last]
+        else:
+            out[name] = list(seeds)
+    return out
+
+
 def run_dir(workdir: str, setting: str, seed: int) -> str:
     return os.path.join(workdir, setting, f"seed{seed}")
 
@@ -86,23 +112,26 @@ def outcome(path: str) -> dict:
 
 
 def summarize(outcomes: dict, settings: list[str], seeds: list[int]) -> dict:
-    """``outcomes[setting][seed][method]`` -> per method: per seed the values under each
-    setting, their largest difference, the smallest margin; per setting mean and sd over
-    seeds; over everything the largest difference and the smallest margin."""
-    methods = list(outcomes[settings[0]][seeds[0]])
-    key = next(k for k in outcomes[settings[0]][seeds[0]][methods[0]] if k.startswith("multi@"))
+    """``outcomes[setting][seed][method]`` (a setting may lack seeds) -> per method: per
+    seed the values under each setting that ran it, their largest difference, the smallest
+    margin; per setting mean and sd over its seeds; over everything the largest difference
+    and the smallest margin."""
+    first = outcomes[settings[0]][next(iter(outcomes[settings[0]]))]
+    methods = list(first)
+    key = next(k for k in first[methods[0]] if k.startswith("multi@"))
     report = {"metric": key, "methods": {}}
     for m in methods:
         per_seed = {}
         for seed in seeds:
-            values = {s: outcomes[s][seed][m][key] for s in settings}
-            margins = [outcomes[s][seed][m]["smallest_margin"] for s in settings]
+            ran = [s for s in settings if seed in outcomes[s]]
+            values = {s: outcomes[s][seed][m][key] for s in ran}
+            margins = [outcomes[s][seed][m]["smallest_margin"] for s in ran]
             margins = [x for x in margins if x is not None]
             per_seed[seed] = {"values": values, "largest_difference": max(values.values()) - min(values.values()),
                               "smallest_margin": min(margins) if margins else None}
         per_setting = {}
         for s in settings:
-            values = [outcomes[s][seed][m][key] for seed in seeds]
+            values = [outcomes[s][seed][m][key] for seed in seeds if seed in outcomes[s]]
             per_setting[s] = {"mean": statistics.fmean(values),
                               "sd": statistics.stdev(values) if len(values) > 1 else 0.0}
         margins = [p["smallest_margin"] for p in per_seed.values() if p["smallest_margin"] is not None]
@@ -120,9 +149,10 @@ def markdown(report: dict, settings: list[str], seeds: list[int], header: str) -
     for m, r in report["methods"].items():
         for seed in seeds:
             p = r["per_seed"][seed]
-            lines.append(f"| {m} | {seed} | " + " | ".join(f"{p['values'][s]:.3f}" for s in settings)
+            lines.append(f"| {m} | {seed} | " + " | ".join(f"{p['values'][s]:.3f}" if s in p["values"] else "-"
+                                                            for s in settings)
                          + f" | {p['largest_difference']:.3f} | {margin(p['smallest_margin'])} |")
-    lines += ["", f"{key}, mean +- sd over seeds {', '.join(map(str, seeds))}:", "",
+    lines += ["", f"{key}, mean +- sd over the seeds each setting ran:", "",
               "| method | " + " | ".join(settings) + " |", "| --- |" + " --- |" * len(settings)]
     for m, r in report["methods"].items():
         lines.append(f"| {m} | " + " | ".join(f"{r['per_setting'][s]['mean']:.3f} +- {r['per_setting'][s]['sd']:.3f}"
@@ -133,19 +163,30 @@ def markdown(report: dict, settings: list[str], seeds: list[int], header: str) -
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated, of {list(SETTINGS)}")
+    parser.add_argument("--settings", default=",".join(SETTINGS),
+                        help=f"comma-separated, of {list(SETTINGS)}; name:first-last runs only those seeds")
+    parser.add_argument("--start_from", default="",
+                        help="another reproduction's workdir: each run not yet begun starts from a copy of its run")
     parser.add_argument("--config", default=os.path.join(REPO, "experiments", "configs", "default.py"))
     parser.add_argument("--workdir", default="runs/reproduce")
     parser.add_argument("overrides", nargs="*", help="after --: config overrides for every run")
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
-    settings = args.settings.split(",")
-    unknown = [s for s in settings if s not in SETTINGS]
-    if unknown:
-        parser.error(f"unknown settings {unknown}; known: {list(SETTINGS)}")
+    try:
+        plan = parse_settings(args.settings, seeds)
+    except ValueError as e:
+        parser.error(str(e))
+    settings = list(plan)
     outcomes, wall = {}, {}
     for s in settings:
-        for seed in seeds:
+        outcomes[s] = {}
+        for seed in plan[s]:
+            here = run_dir(args.workdir, s, seed)
+            if args.start_from and not os.path.exists(here):
+                source = run_dir(args.start_from, s, seed)
+                if not os.path.exists(os.path.join(source, "results.json")):
+                    raise SystemExit(f"--start_from: {source} holds no finished run")
+                shutil.copytree(source, here)
             argv_, env = command(s, seed, args.config, args.workdir, args.overrides)
             print(f"[{s} seed {seed}] {' '.join(argv_)}", flush=True)
             t0 = time.time()
@@ -153,10 +194,11 @@ def main(argv=None) -> int:
             if done.returncode:
                 return done.returncode  # an interrupted or failed run: rerun the same command to resume
             wall[f"{s}/seed{seed}"] = round(time.time() - t0, 1)
-            outcomes.setdefault(s, {})[seed] = outcome(run_dir(args.workdir, s, seed))
+            outcomes[s][seed] = outcome(here)
     report = summarize(outcomes, settings, seeds)
     command_line = " ".join(["python experiments/reproduce.py", *(sys.argv[1:] if argv is None else argv)])
-    report.update(command=command_line, settings={s: SETTINGS[s][0] for s in settings}, wall_s=wall,
+    report.update(command=command_line, settings={s: {"xla_flags": SETTINGS[s][0], "one_core": SETTINGS[s][1], "seeds": plan[s]}
+                                             for s in settings}, wall_s=wall,
                   machine={"cpus": os.cpu_count(), "python": platform.python_version(),
                            "processor": platform.processor() or platform.machine()})
     os.makedirs(args.workdir, exist_ok=True)

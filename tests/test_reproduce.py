@@ -48,12 +48,33 @@ def test_summary_takes_the_largest_difference_and_the_smallest_margin():
     assert "| drift | 0 | 1.000 | 0.816 | 0.184 | -0.27 |" in text
 
 
+def test_a_setting_may_run_a_range_of_the_seeds():
+    assert reproduce.parse_settings("default,sse4_2:0-2", [0, 1, 2, 3, 4]) == {
+        "default": [0, 1, 2, 3, 4], "sse4_2": [0, 1, 2]}
+    for bad in ("avx3", "avx2:0", "avx2:a-b"):
+        with pytest.raises(ValueError, match="avx"):
+            reproduce.parse_settings(bad, [0])
+
+
+def test_a_seed_not_run_under_a_setting_is_left_out_of_its_comparisons():
+    def run(sft):
+        return {"sft": {"multi@5": sft, "smallest_margin": None}}
+
+    outcomes = {"default": {0: run(0.8), 1: run(0.6)}, "sse4_2": {0: run(0.8)}}
+    report = reproduce.summarize(outcomes, ["default", "sse4_2"], [0, 1])
+    sft = report["methods"]["sft"]
+    assert sft["per_seed"][1]["values"] == {"default": 0.6} and sft["per_seed"][1]["largest_difference"] == 0.0
+    assert sft["per_setting"]["sse4_2"] == {"mean": 0.8, "sd": 0.0}
+    assert sft["per_setting"]["default"]["mean"] == pytest.approx(0.7)
+    assert "| sft | 1 | 0.600 | - | 0.000 | - |" in reproduce.markdown(report, ["default", "sse4_2"], [0, 1], "h")
+
+
 def test_a_reproduction_reports_its_runs(tiny_run, tmp_path, monkeypatch):
     """The runs' results (here: copies of one finished tiny run, each setting's run
     stubbed out) become the report: the same values under both settings, a difference
     of 0, every run started with its setting's flags."""
-    for setting in ("default", "avx2"):
-        shutil.copytree(tiny_run[0], tmp_path / setting / "seed0")
+    for setting in ("default", "avx2"):  # the other reproduction, whose runs this one starts from
+        shutil.copytree(tiny_run[0], tmp_path / "before" / setting / "seed0")
     started, real_run = [], subprocess.run
 
     def run(argv, *args, **kwargs):  # runs of experiments/run.py only; platform's own calls pass
@@ -64,7 +85,7 @@ def test_a_reproduction_reports_its_runs(tiny_run, tmp_path, monkeypatch):
 
     monkeypatch.setattr(reproduce.subprocess, "run", run)
     assert reproduce.main(["--seeds=0", "--settings=default,avx2", f"--config={CONFIGS}/tiny.py",
-                           f"--workdir={tmp_path}"]) == 0
+                           f"--start_from={tmp_path / 'before'}", f"--workdir={tmp_path}"]) == 0
     assert [flags.endswith("--xla_cpu_max_isa=AVX2") for _, flags in started] == [False, True]
     with open(tmp_path / "reproduce.json") as f:
         report = json.load(f)
