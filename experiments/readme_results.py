@@ -38,6 +38,7 @@ from drift_jax.methods import get as get_method  # noqa: E402
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 RESULTS_MD = os.path.join(REPO, "docs", "results.md")
+README_MD = os.path.join(REPO, "README.md")
 
 
 def _read(sweep_dir: str) -> tuple[dict, dict]:
@@ -56,6 +57,22 @@ def _config(sweep_dir: str, seed: int) -> dict:
 def _at_commit(env: dict) -> str:
     """"at commit <c> " when the sweep recorded its commit (older sweeps did not)."""
     return f"at commit {env['commit']} " if env.get("commit") else ""
+
+
+def _walls(sweep_dir: str, env: dict) -> dict[str, float]:
+    """Each seed's wall time: the sweep's own or, where the sweep is one setting of a
+    reproduction (``<reproduction>/<setting>``) that only summarised finished runs, those
+    runs' as measured when they ran (its ``reproduce.json``)."""
+    path = os.path.normpath(sweep_dir)
+    report = os.path.join(os.path.dirname(path), "reproduce.json")
+    if os.path.exists(report):
+        with open(report) as f:
+            wall = json.load(f)["wall_s"]
+        prefix = os.path.basename(path) + "/seed"
+        found = {k[len(prefix):]: v for k, v in wall.items() if k.startswith(prefix)}
+        if found:
+            return found
+    return env["wall_s"]
 
 
 def _command(sweep: dict) -> str:
@@ -82,7 +99,7 @@ def render(default_dir: str, released_dir: str | None = None) -> str:
         "`python experiments/readme_results.py " + " ".join(filter(None, [default_dir, released_dir])) + "`",
         f"{_at_commit(env)}on {env['machine']} ({', '.join(env['devices'])}), Python {env['python']}, jax {env['jax']}, "
         f"flax {env['flax']}; wall time per seed (s): "
-        + ", ".join(f"{s}: {w:.0f}" for s, w in env["wall_s"].items()) + ".",
+        + ", ".join(f"{s}: {w:.0f}" for s, w in _walls(default_dir, env).items()) + ".",
         "",
         f"Mean +- sd over seeds [{round(100 * summary['level'])}% bootstrap interval over prompts]:",
         "",
@@ -161,7 +178,7 @@ def render_comparison(sweep_dir: str) -> str:
     lines = [f"Seeds {', '.join(map(str, seeds))}. Made by `{_command(sweep)}` then "
              f"`python experiments/readme_results.py ... --comparison={sweep_dir}` {_at_commit(env)}on {env['machine']}, "
              f"Python {env['python']}, jax {env['jax']}; wall time per seed (s): "
-             + ", ".join(f"{s}: {w:.0f}" for s, w in env["wall_s"].items()) + ".", "",
+             + ", ".join(f"{s}: {w:.0f}" for s, w in _walls(sweep_dir, env).items()) + ".", "",
              f"| method | multi@1 | multi@{last} | correction rate t{last} | generated tokens | trained tokens | wall s |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for m in methods:
@@ -211,6 +228,50 @@ def _coverage(sweep_dir: str, seeds: list[int]) -> dict[str, list[tuple[float, f
     return out
 
 
+def _reproduction(workdir: str) -> tuple[dict, list[str], list[int]]:
+    """A reproduction's report (``experiments/reproduce.py``), its settings and seeds."""
+    with open(os.path.join(workdir, "reproduce.json")) as f:
+        report = json.load(f)
+    for m in report["methods"].values():  # JSON's string keys back to seeds
+        m["per_seed"] = {int(seed): v for seed, v in m["per_seed"].items()}
+    settings = list(report["settings"])
+    seeds = sorted({seed for s in report["settings"].values() for seed in s["seeds"]})
+    return report, settings, seeds
+
+
+def render_reproduce(workdirs: list[str]) -> str:
+    """Per reproduction: its command, machine and wall time, then ``reproduce.md``'s tables."""
+    from experiments import reproduce
+
+    blocks = []
+    for workdir in workdirs:
+        report, settings, seeds = _reproduction(workdir)
+        machine = report["machine"]
+        header = (f"Made by `{report['command']}` on {machine['cpus']} CPUs ({machine['processor']}), Python "
+                  f"{machine['python']}; {len(report['wall_s'])} runs, {sum(report['wall_s'].values()) / 60:.0f} "
+                  "min of wall time in all.")
+        blocks.append(reproduce.markdown(report, settings, seeds, header))
+    return "\n".join(blocks)
+
+
+def reproducibility_statement(workdir: str) -> str:
+    """README's reproducibility line: one reproduction's largest differences, sds and margins."""
+    report, settings, seeds = _reproduction(workdir)
+    methods = report["methods"]
+    key = report["metric"]
+    runs = "; ".join(f"{s} seeds {', '.join(map(str, v['seeds']))}" for s, v in report["settings"].items())
+    sd = max(p["sd"] for m in methods.values() for p in m["per_setting"].values())
+    line = (f"Rerun under other float settings ({len(report['wall_s'])} runs: {runs}; `avx2` and `sse4_2` cap XLA's "
+            f"CPU instruction set, as a CPU without AVX-512 or without AVX would; made by `{report['command']}`), "
+            f"each method's {key} differs between settings by at most "
+            + ", ".join(f"{m['largest_difference']:.3f} ({name})" for name, m in methods.items())
+            + f" for the same seed, and its sd over seeds is at most {sd:.3f} under any setting")
+    if methods.get("drift", {}).get("smallest_margin") is not None:
+        line += (f"; DRIFT's smallest log-probability margin along any greedy dialogue is "
+                 f"{methods['drift']['smallest_margin']:+.2f} nats")
+    return line + ".\n"
+
+
 def render_spectrum(workdir: str) -> str:
     """The beta spectrum's table (``experiments/beta_spectrum.py``) of a run."""
     from experiments import beta_spectrum
@@ -238,6 +299,10 @@ def main(argv=None) -> int:
     parser.add_argument("released", nargs="?", help="workdir of the same sweep at gamma 0.9, beta 0.1")
     parser.add_argument("--spectrum", help="a run with a beta_spectrum.json (experiments/beta_spectrum.py)")
     parser.add_argument("--comparison", help="workdir of a comparison.py seed sweep")
+    parser.add_argument("--reproduce", action="append", default=[],
+                        help="workdir of an experiments/reproduce.py run (repeatable); the first one's "
+                             "statement goes to README.md's reproducibility block")
+    parser.add_argument("--readme_md", default=README_MD, help="README holding the reproducibility block")
     # --readme: an alias, for callers (tests/test_runner.py) that pass a README-like file.
     parser.add_argument("--results", "--readme", dest="results", default=RESULTS_MD,
                         help="the markdown file holding the blocks (default: docs/results.md)")
@@ -253,11 +318,24 @@ def main(argv=None) -> int:
     if args.comparison:
         after = rewrite(after, render_comparison(args.comparison), "<!-- comparison:start -->",
                         "<!-- comparison:end -->", name)
+    if args.reproduce:
+        after = rewrite(after, render_reproduce(args.reproduce), "<!-- reproduce:start -->",
+                        "<!-- reproduce:end -->", name)
+    files = {args.results: (before, after)}
+    if args.reproduce:
+        readme_name = os.path.relpath(args.readme_md)
+        with open(args.readme_md) as f:
+            readme = f.read()
+        files[args.readme_md] = (readme, rewrite(readme, reproducibility_statement(args.reproduce[0]),
+                                                 "<!-- reproducibility:start -->", "<!-- reproducibility:end -->",
+                                                 readme_name))
     if args.check:
-        print(f"{name} is current" if after == before else f"{name} differs from the sweeps")
-        return int(after != before)
-    with open(args.results, "w") as f:
-        f.write(after)
+        stale = [os.path.relpath(p) for p, (old, new) in files.items() if old != new]
+        print(f"{', '.join(stale)} differ(s) from the sweeps" if stale else f"{name} is current")
+        return int(bool(stale))
+    for path, (_, new) in files.items():
+        with open(path, "w") as f:
+            f.write(new)
     print(f"rewrote the result blocks of {name}")
     return 0
 

@@ -59,11 +59,24 @@ SETTINGS = {
 
 def command(setting: str, seed: int, config: str, workdir: str, overrides: list[str]) -> tuple[list[str], dict]:
     """(argv, environment) of one run."""
+    return _under(setting, [f"--config={config}", f"--config.seed={seed}",
+                            f"--workdir={run_dir(workdir, setting, seed)}", *overrides])
+
+
+def sweep_command(setting: str, seeds: list[int], config: str, workdir: str,
+                  overrides: list[str]) -> tuple[list[str], dict]:
+    """(argv, environment) of the seed sweep over one setting's runs: with every run
+    finished it only writes the sweep's summary (``<workdir>/<setting>/sweep.json``)."""
+    return _under(setting, [f"--config={config}", f"--config.seeds={','.join(map(str, seeds))}",
+                            f"--workdir={os.path.join(workdir, setting)}", *overrides])
+
+
+def _under(setting: str, args: list[str]) -> tuple[list[str], dict]:
+    """``experiments/run.py args`` under ``setting``'s XLA flags (and core)."""
     flags, one_core = SETTINGS[setting]
     env = dict(os.environ)
     env["XLA_FLAGS"] = " ".join(f for f in (env.get("XLA_FLAGS", ""), flags) if f)
-    argv = [sys.executable, os.path.join(REPO, "experiments", "run.py"), f"--config={config}",
-            f"--config.seed={seed}", f"--workdir={run_dir(workdir, setting, seed)}", *overrides]
+    argv = [sys.executable, os.path.join(REPO, "experiments", "run.py"), *args]
     if one_core:
         if shutil.which("taskset") is None:
             raise SystemExit(f"setting {setting!r} pins the run to one core with taskset, which this machine lacks")
@@ -91,6 +104,15 @@ def parse_settings(spec: str, seeds: list[int]) -> dict[str, list[int]]:
 
 def run_dir(workdir: str, setting: str, seed: int) -> str:
     return os.path.join(workdir, setting, f"seed{seed}")
+
+
+def worked_since(path: str, t0: float) -> bool:
+    """Whether a run started any stage at or after ``t0`` (its ``stages.json``)."""
+    try:
+        with open(os.path.join(path, "stages.json")) as f:
+            return any(v.get("started", 0.0) >= t0 for v in json.load(f).values())
+    except FileNotFoundError:
+        return False
 
 
 def outcome(path: str) -> dict:
@@ -177,7 +199,14 @@ def main(argv=None) -> int:
     except ValueError as e:
         parser.error(str(e))
     settings = list(plan)
-    outcomes, wall = {}, {}
+    # Each run's wall time as measured when it did its work: a finished run found again
+    # keeps the time the last report recorded.
+    report_path = os.path.join(args.workdir, "reproduce.json")
+    wall = {}
+    if os.path.exists(report_path):
+        with open(report_path) as f:
+            wall = json.load(f).get("wall_s", {})
+    outcomes = {}
     for s in settings:
         outcomes[s] = {}
         for seed in plan[s]:
@@ -193,8 +222,17 @@ def main(argv=None) -> int:
             done = subprocess.run(argv_, env=env, cwd=REPO)
             if done.returncode:
                 return done.returncode  # an interrupted or failed run: rerun the same command to resume
-            wall[f"{s}/seed{seed}"] = round(time.time() - t0, 1)
+            if worked_since(here, t0):
+                wall[f"{s}/seed{seed}"] = round(time.time() - t0, 1)
             outcomes[s][seed] = outcome(here)
+    for s in settings:  # each setting's seeds summarised as a sweep (means, intervals, plots)
+        argv_, env = sweep_command(s, plan[s], args.config, args.workdir, args.overrides)
+        done = subprocess.run(argv_, env=env, cwd=REPO, capture_output=True, text=True)
+        if done.returncode:
+            print(done.stdout[-2000:], done.stderr[-2000:], sep="\n", file=sys.stderr)
+            return done.returncode
+    ran = {f"{s}/seed{seed}" for s in settings for seed in plan[s]}
+    wall = {k: v for k, v in wall.items() if k in ran}
     report = summarize(outcomes, settings, seeds)
     command_line = " ".join(["python experiments/reproduce.py", *(sys.argv[1:] if argv is None else argv)])
     report.update(command=command_line, settings={s: {"xla_flags": SETTINGS[s][0], "one_core": SETTINGS[s][1], "seeds": plan[s]}
@@ -202,10 +240,10 @@ def main(argv=None) -> int:
                   machine={"cpus": os.cpu_count(), "python": platform.python_version(),
                            "processor": platform.processor() or platform.machine()})
     os.makedirs(args.workdir, exist_ok=True)
-    with open(os.path.join(args.workdir, "reproduce.json"), "w") as f:
+    with open(report_path, "w") as f:
         json.dump(report, f, indent=1)
-    header = (f"Made by `{command_line}` ({os.cpu_count()} CPUs; wall time of the runs "
-              f"{sum(wall.values()) / 60:.0f} min, finished runs not redone).")
+    header = (f"Made by `{command_line}` ({os.cpu_count()} CPUs; wall time of the {len(wall)} runs "
+              f"{sum(wall.values()) / 60:.0f} min, as measured when each ran).")
     text = markdown(report, settings, seeds, header)
     with open(os.path.join(args.workdir, "reproduce.md"), "w") as f:
         f.write(text)

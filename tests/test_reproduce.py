@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, run_in_process
 from experiments import reproduce
 
 CONFIGS = os.path.join(REPO, "experiments", "configs")
@@ -81,19 +81,45 @@ def test_a_reproduction_reports_its_runs(tiny_run, tmp_path, monkeypatch):
         if not any(str(a).endswith(os.path.join("experiments", "run.py")) for a in argv):
             return real_run(argv, *args, **kwargs)
         started.append((argv, kwargs["env"]["XLA_FLAGS"]))
+        if any(str(a).startswith("--config.seeds=") for a in argv):  # the sweep summaries, in this process
+            return run_in_process(argv[2:])
         return subprocess.CompletedProcess(argv, 0)
 
     monkeypatch.setattr(reproduce.subprocess, "run", run)
+    # an earlier report's wall times stay for runs found finished (these did no work)
+    (tmp_path / "reproduce.json").write_text(json.dumps({"wall_s": {"default/seed0": 250.0, "default/seed9": 1.0}}))
     assert reproduce.main(["--seeds=0", "--settings=default,avx2", f"--config={CONFIGS}/tiny.py",
                            f"--start_from={tmp_path / 'before'}", f"--workdir={tmp_path}"]) == 0
-    assert [flags.endswith("--xla_cpu_max_isa=AVX2") for _, flags in started] == [False, True]
+    runs = [flags for argv, flags in started if "--config.seed=0" in argv]
+    sweeps = [argv for argv, _ in started if "--config.seeds=0" in argv]
+    assert [flags.endswith("--xla_cpu_max_isa=AVX2") for flags in runs] == [False, True]
+    assert [a for argv in sweeps for a in argv if a.startswith("--workdir")] == [
+        f"--workdir={tmp_path / s}" for s in ("default", "avx2")]
     with open(tmp_path / "reproduce.json") as f:
         report = json.load(f)
     with open(os.path.join(tiny_run[0], "results.json")) as f:
         results = json.load(f)
+    assert report["wall_s"] == {"default/seed0": 250.0}
     key = report["metric"]
     assert set(report["methods"]) == set(results["methods"])
     for method, r in report["methods"].items():
         assert r["per_seed"]["0"]["values"] == {s: results["methods"][method][key] for s in ("default", "avx2")}
         assert r["largest_difference"] == 0.0
     assert (tmp_path / "reproduce.md").read_text().startswith("Made by `python experiments/reproduce.py")
+
+    # docs/results.md's reproduce block and README's reproducibility line come from the report
+    from experiments import readme_results
+
+    assert readme_results.render_reproduce([str(tmp_path)]).endswith(
+        (tmp_path / "reproduce.md").read_text().split("\n", 1)[1])
+    line = readme_results.reproducibility_statement(str(tmp_path))
+    assert "default seeds 0; avx2 seeds 0" in line and f"at most 0.000 ({next(iter(report['methods']))})" in line
+    results_md, readme = tmp_path / "results.md", tmp_path / "README.md"
+    blocks = {name: f"<!-- {name}:start -->\nstale\n<!-- {name}:end -->\n"
+              for name in ("results", "reproduce", "reproducibility")}
+    results_md.write_text(blocks["results"] + blocks["reproduce"])
+    readme.write_text("intro\n" + blocks["reproducibility"])
+    argv = [str(tmp_path / "default"), f"--results={results_md}", f"--readme_md={readme}", f"--reproduce={tmp_path}"]
+    assert readme_results.main([*argv, "--check"]) == 1
+    assert readme_results.main(argv) == 0 and readme_results.main([*argv, "--check"]) == 0
+    assert line in readme.read_text() and "wall time per seed (s): 0: 250" in results_md.read_text()
