@@ -157,9 +157,11 @@ def _dialogues(sweep_dir: str, bench: str, seeds: list[int], methods: list[str])
         f"| {seed} | " + " | ".join(cells[seed, m] for m in methods) + " |" for seed in seeds]
 
 
-def render_comparison(sweep_dir: str) -> str:
+def render_comparison(sweep_dir: str, in_reproduction: bool = False) -> str:
     """Every method of a comparison sweep: multi@1 and multi@T over seeds, the turn-T
-    correction rate, and each method's cost (means over seeds, from each results.json)."""
+    correction rate, and each method's cost (means over seeds, from each results.json).
+    ``in_reproduction``: the sweep is one setting of ``experiments/reproduce.py``'s runs,
+    whose command the caller states."""
     sweep, summary = _read(sweep_dir)
     env, seeds = sweep["environment"], summary["seeds"]
     methods = list(summary["methods"])
@@ -175,8 +177,9 @@ def render_comparison(sweep_dir: str) -> str:
         values = [c[key] for c in costs[m] if c.get(key) is not None]
         return f"{sum(values) / len(values):,.0f}" if values else "-"
 
-    lines = [f"Seeds {', '.join(map(str, seeds))}. Made by `{_command(sweep)}` then "
-             f"`python experiments/readme_results.py ... --comparison={sweep_dir}` {_at_commit(env)}on {env['machine']}, "
+    made_by = ("Run " if in_reproduction else f"Made by `{_command(sweep)}` then "
+               f"`python experiments/readme_results.py ... --comparison={sweep_dir}` ")
+    lines = [f"Seeds {', '.join(map(str, seeds))}. {made_by}{_at_commit(env)}on {env['machine']}, "
              f"Python {env['python']}, jax {env['jax']}; wall time per seed (s): "
              + ", ".join(f"{s}: {w:.0f}" for s, w in _walls(sweep_dir, env).items()) + ".", "",
              f"| method | multi@1 | multi@{last} | correction rate t{last} | generated tokens | trained tokens | wall s |",
@@ -251,6 +254,9 @@ def render_reproduce(workdirs: list[str]) -> str:
                   f"{machine['python']}; {len(report['wall_s'])} runs, {sum(report['wall_s'].values()) / 60:.0f} "
                   "min of wall time in all.")
         blocks.append(reproduce.markdown(report, settings, seeds, header))
+        if {"drift", "online_rl"} <= set(report["methods"]):  # a comparison: its costs per setting
+            for setting in settings:
+                blocks.append(f"Under `{setting}`: " + render_comparison(os.path.join(workdir, setting), True))
     return "\n".join(blocks)
 
 

@@ -147,8 +147,9 @@ def test_readme_summary_rows_are_rows_of_docs_results():
     assert rows and all(row.startswith("| ") for row in rows)
     results = _read("docs", "results.md")
     assert readme_results.RESULTS_MD == os.path.join(REPO, "docs", "results.md")
-    for start, end in (("results", "results"), ("spectrum", "spectrum"), ("comparison", "comparison")):
-        assert f"<!-- {start}:start -->" in results and f"<!-- {end}:end -->" in results
+    for name in ("results", "reproduce", "spectrum", "comparison"):
+        assert f"<!-- {name}:start -->" in results and f"<!-- {name}:end -->" in results
+    assert re.search(r"<!-- reproducibility:start -->\n\S.*\n<!-- reproducibility:end -->", _read("README.md"))
     block = results.split(readme_results.START)[1].split(readme_results.END)[0]
     lines = block.splitlines()
     for row in rows:

@@ -69,12 +69,12 @@ def test_a_seed_not_run_under_a_setting_is_left_out_of_its_comparisons():
     assert "| sft | 1 | 0.600 | - | 0.000 | - |" in reproduce.markdown(report, ["default", "sse4_2"], [0, 1], "h")
 
 
-def test_a_reproduction_reports_its_runs(tiny_run, tmp_path, monkeypatch):
-    """The runs' results (here: copies of one finished tiny run, each setting's run
+def test_a_reproduction_reports_its_runs(comparison_run, tmp_path, monkeypatch):
+    """The runs' results (here: copies of one finished tiny comparison run, each setting's run
     stubbed out) become the report: the same values under both settings, a difference
     of 0, every run started with its setting's flags."""
     for setting in ("default", "avx2"):  # the other reproduction, whose runs this one starts from
-        shutil.copytree(tiny_run[0], tmp_path / "before" / setting / "seed0")
+        shutil.copytree(comparison_run[0], tmp_path / "before" / setting / "seed0")
     started, real_run = [], subprocess.run
 
     def run(argv, *args, **kwargs):  # runs of experiments/run.py only; platform's own calls pass
@@ -88,7 +88,7 @@ def test_a_reproduction_reports_its_runs(tiny_run, tmp_path, monkeypatch):
     monkeypatch.setattr(reproduce.subprocess, "run", run)
     # an earlier report's wall times stay for runs found finished (these did no work)
     (tmp_path / "reproduce.json").write_text(json.dumps({"wall_s": {"default/seed0": 250.0, "default/seed9": 1.0}}))
-    assert reproduce.main(["--seeds=0", "--settings=default,avx2", f"--config={CONFIGS}/tiny.py",
+    assert reproduce.main(["--seeds=0", "--settings=default,avx2", f"--config={CONFIGS}/comparison_tiny.py",
                            f"--start_from={tmp_path / 'before'}", f"--workdir={tmp_path}"]) == 0
     runs = [flags for argv, flags in started if "--config.seed=0" in argv]
     sweeps = [argv for argv, _ in started if "--config.seeds=0" in argv]
@@ -97,7 +97,7 @@ def test_a_reproduction_reports_its_runs(tiny_run, tmp_path, monkeypatch):
         f"--workdir={tmp_path / s}" for s in ("default", "avx2")]
     with open(tmp_path / "reproduce.json") as f:
         report = json.load(f)
-    with open(os.path.join(tiny_run[0], "results.json")) as f:
+    with open(os.path.join(comparison_run[0], "results.json")) as f:
         results = json.load(f)
     assert report["wall_s"] == {"default/seed0": 250.0}
     key = report["metric"]
@@ -110,8 +110,11 @@ def test_a_reproduction_reports_its_runs(tiny_run, tmp_path, monkeypatch):
     # docs/results.md's reproduce block and README's reproducibility line come from the report
     from experiments import readme_results
 
-    assert readme_results.render_reproduce([str(tmp_path)]).endswith(
-        (tmp_path / "reproduce.md").read_text().split("\n", 1)[1])
+    block = readme_results.render_reproduce([str(tmp_path)])
+    assert (tmp_path / "reproduce.md").read_text().split("\n", 1)[1] in block
+    for setting in ("default", "avx2"):  # a comparison: DRIFT against online RL, with costs, per setting
+        assert f"Under `{setting}`: Seeds 0. Run " in block
+    assert block.count("DRIFT minus online RL") == 2
     line = readme_results.reproducibility_statement(str(tmp_path))
     assert "default seeds 0; avx2 seeds 0" in line and f"at most 0.000 ({next(iter(report['methods']))})" in line
     results_md, readme = tmp_path / "results.md", tmp_path / "README.md"
