@@ -1,25 +1,40 @@
-"""The result tables of docs/results.md, rendered from seed sweeps (``--config.seeds``), never typed.
+"""The result tables of docs/results.md, rendered from seed sweeps (``--config.seeds``) and
+reproductions (``experiments/reproduce.py``), never typed.
 
-    python experiments/run.py --config.seeds=0,1,2,3,4 --workdir=runs/seeds
-    cp -r runs/seeds runs/seeds_released   # same rollouts: only weights, drift and eval rerun
+    python experiments/reproduce.py --seeds=0,1,2,3,4 \\
+        --settings=default,avx2,one_thread_fast_math:0-2,sse4_2:0-2 --workdir=runs/reproduce
+    mkdir runs/seeds_released && cp -r runs/reproduce/default/seed* runs/seeds_released/
     python experiments/run.py --config.seeds=0,1,2,3,4 --config.drift.gamma=0.9 --config.drift.beta=0.1 \\
-        --workdir=runs/seeds_released
+        --workdir=runs/seeds_released   # same rollouts: only weights, drift and eval rerun
+    python experiments/reproduce.py --seeds=0,1,2 --settings=default,avx2 \\
+        --config=experiments/configs/comparison.py --start_from=runs/reproduce \\
+        --workdir=runs/reproduce_comparison -- --config.methods=sft,drift,online_rl
+    python experiments/reproduce.py --seeds=0,1,2 --settings=default \\
+        --config=experiments/configs/comparison.py --start_from=runs/reproduce_comparison \\
+        --workdir=runs/reproduce_comparison_1x -- --config.methods=sft,drift,online_rl --config.online_rl.steps=128
+    python experiments/readme_results.py runs/reproduce/default runs/seeds_released \\
+        --reproduce=runs/reproduce --reproduce=runs/reproduce_comparison --reproduce=runs/reproduce_comparison_1x
+    python experiments/readme_results.py ... --check   # exit 1 if docs/results.md or README.md is stale
+
+Optional blocks, from a default sweep's seed folders (``runs/seeds``, e.g. a copy of
+``runs/reproduce/default``):
+
     python experiments/beta_spectrum.py --workdir=runs/seeds/seed0 --gammas=0.9,1 --betas=0.01,0.1,1,10,100
     mkdir runs/comparison_seeds && cp -r runs/seeds/seed0 runs/seeds/seed1 runs/seeds/seed2 runs/comparison_seeds/
     rm -r runs/comparison_seeds/seed0/beta_spectrum*  # the same reference and rollouts: only new methods run
     python experiments/run.py --config=experiments/configs/comparison.py --config.seeds=0,1,2 \\
         --workdir=runs/comparison_seeds
-    python experiments/readme_results.py runs/seeds runs/seeds_released --spectrum=runs/seeds/seed0 \\
-        --comparison=runs/comparison_seeds
-    python experiments/readme_results.py ... --check   # exit 1 if docs/results.md is stale
+    python experiments/readme_results.py ... --spectrum=runs/seeds/seed0 --comparison=runs/comparison_seeds
 
 The block between ``<!-- results:start -->`` and ``<!-- results:end -->`` in docs/results.md
 (or the file ``--results`` names) is replaced by the tables below, with the commands,
 versions, machine and wall times that made them (from each ``sweep.json``); with
 ``--spectrum``, the block between ``<!-- spectrum:start -->`` and ``<!-- spectrum:end -->`` by
-the beta spectrum's table, and with ``--comparison`` the ``comparison`` block by every
-method of a comparison sweep. README.md's summary table copies rows of the first table;
-tests/test_readme.py checks that they are still rows of docs/results.md.
+the beta spectrum's table, with ``--comparison`` the ``comparison`` block by every method
+of a comparison sweep, and with ``--reproduce`` the ``reproduce`` block by each
+reproduction's tables and README.md's ``reproducibility`` block by the first one's
+summary. README.md's summary table copies rows of the first table; tests/test_readme.py
+checks that they are still rows of docs/results.md.
 """
 
 from __future__ import annotations
