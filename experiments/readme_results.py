@@ -84,7 +84,8 @@ def _walls(sweep_dir: str, env: dict) -> dict[str, float]:
         with open(report) as f:
             wall = json.load(f)["wall_s"]
         prefix = os.path.basename(path) + "/seed"
-        found = {k[len(prefix):]: v for k, v in wall.items() if k.startswith(prefix)}
+        found = dict(sorted(((k[len(prefix):], v) for k, v in wall.items() if k.startswith(prefix)),
+                            key=lambda kv: int(kv[0])))
         if found:
             return found
     return env["wall_s"]
