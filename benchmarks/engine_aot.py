@@ -22,12 +22,16 @@ activations, logits and sampling) is the same program on either path.
 
 ``memory``: the decode and prefill programs' memory (arguments, temporaries, outputs
 aliased to donated arguments) on one chip of a TPU topology (or an H100), for a pool
-of ``--pages_per_slot`` pages a slot in either layout (``--layout``): the check that a
-program fits the chip.
+of ``--pages_per_slot`` pages a slot in either layout (``--layout``), decode over
+``--slots`` rows with ``--decode_impl`` (the XLA loop, or the Pallas TPU kernel over a
+heads-major pool), prefill at the engine's largest call (``EngineOptions``: 2,048
+tokens in rows of 16): the check that a program fits the chip.
 
   JAX_PLATFORMS=cpu python benchmarks/engine_aot.py bytes --model qwen2.5-0.5b qwen2.5-3b --context 512 2048 4096
   ALLOW_MULTIPLE_LIBTPU_LOAD=1 JAX_PLATFORMS=cpu python benchmarks/engine_aot.py memory --target v5e \
       --model qwen2.5-0.5b --pages_per_slot 128 --layout heads tokens
+  JAX_PLATFORMS=cpu python benchmarks/engine_aot.py memory --target v5e --model qwen2.5-3b --pages_per_slot 40 \
+      --max_len 4096 --layout heads --decode_impl pallas_tpu
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 from drift_jax.aot import targets  # noqa: E402
 from drift_jax.models import Transformer, paged, preset  # noqa: E402
 from drift_jax.rollout import engine as engine_lib  # noqa: E402
+from drift_jax.rollout.interface import EngineOptions  # noqa: E402
 from drift_jax.rollout.sampling import SamplingParams  # noqa: E402
 
 PAGE = 16  # tokens a page (rollout.page_size)
@@ -238,14 +243,18 @@ def measure_bytes(model_name: str, layers: int | None, slots: int, context: int,
 
 
 def measure_memory(model_name: str, layers: int | None, slots: int, pages_per_slot: int, layout: str, program: str,
-                   prefill_tokens: int, device) -> dict:
-    cfg, graph, state = _model(model_name, layers, "xla")
+                   prefill_tokens: int, device, decode_impl: str = "xla", max_len: int = 32_768) -> dict:
+    cfg, graph, state = _model(model_name, layers, decode_impl)
     num_pages = slots * pages_per_slot + 1
-    width = -(-32_768 // PAGE // paged.CHUNK_PAGES) * paged.CHUNK_PAGES  # Qwen2.5's context
+    width = -(-max_len // PAGE // paged.CHUNK_PAGES) * paged.CHUNK_PAGES
     row = {"model": model_name, "layers": cfg.num_layers, "slots": slots, "pages": num_pages, "layout": layout,
-           "program": program, "pool_bytes": num_pages * paged.page_bytes(cfg, PAGE)}
-    args = _program_args(cfg, graph, state, slots, width, num_pages, layout == "heads", device,
-                         prefill=prefill_tokens if program == "prefill" else 0)
+           "program": program, "decode_impl": decode_impl, "pool_bytes": num_pages * paged.page_bytes(cfg, PAGE)}
+    if program == "prefill":  # the engine's largest prefill call: prefill_chunk tokens in rows of prefill_piece
+        options = EngineOptions()
+        rows, prefill = options.prefill_chunk // options.prefill_piece, options.prefill_piece
+    else:
+        rows, prefill = slots, 0
+    args = _program_args(cfg, graph, state, rows, width, num_pages, layout == "heads", device, prefill=prefill)
     try:
         memory = _compile(args, prefill=program == "prefill").memory_analysis()
     except Exception as e:  # noqa: BLE001 - the compile's error is the finding
@@ -271,7 +280,10 @@ def main() -> None:
     ap.add_argument("--pages_per_slot", type=int, default=128, help="memory: the pool's pages a slot")
     ap.add_argument("--layout", nargs="+", default=["tokens"], choices=["tokens", "heads"], help="memory")
     ap.add_argument("--program", nargs="+", default=["decode", "prefill"], choices=["decode", "prefill"])
-    ap.add_argument("--prefill_tokens", type=int, default=128, help="memory: tokens a row of a prefill call")
+    ap.add_argument("--max_len", type=int, default=32_768,
+                    help="memory: the context limit that sets the block tables' width (Qwen2.5's context)")
+    ap.add_argument("--decode_impl", default="xla", choices=["xla", "pallas_tpu"],
+                    help="memory: decode's paged attention (pallas_tpu: JAX's Pallas TPU kernel, heads-major pool)")
     ap.add_argument("--out", default=None, help="a JSON file for the rows")
     a = ap.parse_args()
     device = _device(a.target or ("h100" if a.mode == "bytes" else "v5e"))
@@ -291,13 +303,14 @@ def main() -> None:
         for layout in a.layout:
             for program in a.program:
                 row = measure_memory(model_name, a.layers, a.slots, a.pages_per_slot, layout, program,
-                                     a.prefill_tokens, device)
+                                     device, a.decode_impl, a.max_len)
                 out.append(row)
                 what = row.get("error") or (
                     f"arguments {row['argument_bytes'] / 2**30:.2f} GiB, temporaries {row['temp_bytes'] / 2**30:.2f} "
                     f"GiB, aliased {row['alias_bytes'] / 2**30:.2f} GiB")
                 print(f"{model_name} L={row['layers']} {row['slots']} slots, {row['pages']} pages "
-                      f"({row['pool_bytes'] / 2**30:.2f} GiB) {LAYOUTS[layout]} {program}: {what}", flush=True)
+                      f"({row['pool_bytes'] / 2**30:.2f} GiB) {LAYOUTS[layout]} {program} ({a.decode_impl}): {what}",
+                      flush=True)
     if a.out:
         with open(a.out, "w") as f:
             json.dump(out, f, indent=1)

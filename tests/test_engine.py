@@ -11,6 +11,8 @@ feedback of random tokens, and each (episode, turn) has its own budget, so rows 
 different times although a random model never samples a stop token.
 """
 
+import hypothesis
+import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -44,8 +46,14 @@ def _workload(vocab, seed=0, n_prompts=N_PROMPTS):
     return prompts, budgets, feedback, ends
 
 
-def play_static(model, params, workload, seed=0):
-    """Turn by turn with ``generate_batched`` on the full contexts (the reference)."""
+def _rewrite(reply):
+    """The release's stored reply, in miniature: another first token, the last dropped."""
+    return [reply[0] % 7 + 1 if reply[0] % 7 + 1 != reply[0] else reply[0] + 1] + reply[1:-1]
+
+
+def play_static(model, params, workload, seed=0, rewrite=list):
+    """Turn by turn with ``generate_batched`` on the full contexts (the reference); the
+    next context holds ``rewrite(reply)``."""
     prompts, budgets, feedback, ends = workload
     contexts = [list(prompts[e // K]) for e in range(len(prompts) * K)]
     replies = [[] for _ in contexts]
@@ -58,13 +66,14 @@ def play_static(model, params, workload, seed=0):
                                max_new=[int(budgets[e, turn]) for e in live])
         for e, (reply, _) in zip(live, out):
             replies[e].append(reply)
-            contexts[e] = contexts[e] + reply + feedback[e][turn]
+            contexts[e] = contexts[e] + rewrite(reply) + feedback[e][turn]
     return replies
 
 
-def play_engine(model, params, workload, seed=0, sampler=None, **options):
+def play_engine(model, params, workload, seed=0, sampler=None, rewrite=list, **options):
     """The workload through a ``Sampler``'s requests: the engine with ``options``, or
-    ``sampler``. Returns (replies per episode and turn, the work figures)."""
+    ``sampler``; the next context holds ``rewrite(reply)``. Returns (replies per episode
+    and turn, the work figures)."""
     prompts, budgets, feedback, ends = workload
     replies = [[] for _ in range(len(prompts) * K)]
 
@@ -80,7 +89,7 @@ def play_engine(model, params, workload, seed=0, sampler=None, **options):
         e, turn = req.episode, req.key_ids[0]
         replies[e].append(list(reply))
         if turn < ends[e]:
-            return [request(e, turn + 1, list(req.tokens) + list(reply) + feedback[e][turn])]
+            return [request(e, turn + 1, list(req.tokens) + rewrite(list(reply)) + feedback[e][turn])]
         return []
 
     sampler = sampler or Engine(model, params, seed=seed, options=EngineOptions(**options), max_len=512)
@@ -103,6 +112,32 @@ def test_engine_gives_the_static_samplers_tokens(model, temperature):
     later = sum(v for t, v in stats["prefill_tokens_by_turn"].items() if t > 1)
     prompts_later = sum(v for t, v in stats["prompt_tokens_by_turn"].items() if t > 1)
     assert later < prompts_later / 3  # turns 2-5 prefill only what the cache lacks
+
+
+def test_packing_prefill_into_pieces_changes_no_token(model):
+    """Prefill calls of 3-token rows, 8 rows a call at most (a request's pieces spread
+    over rows and calls, rows of several requests in one call) give the static
+    sampler's tokens, under rewritten replies too; turns 2-5 then prefill exactly the
+    tokens past where the cached context + reply and the next context diverge."""
+    params = SamplingParams(temperature=1.0, max_new_tokens=MAX_NEW)
+    workload = _workload(model.cfg.vocab_size)
+    for rewrite in (list, _rewrite):
+        static = play_static(model, params, workload, rewrite=rewrite)
+        ours, stats = play_engine(model, params, workload, rewrite=rewrite, num_slots=4, page_size=8,
+                                  prefill_piece=3, prefill_chunk=24)
+        assert ours == static
+        later = sum(v for t, v in stats["prefill_tokens_by_turn"].items() if t > 1)
+        assert later == sum(stats["new_tokens_by_turn"].values()) > 0
+        assert 1 <= stats["prefill_padding_ratio"] < 2
+
+
+@hypothesis.given(n=st.integers(0, 2000), big=st.integers(1, 300))
+def test_prefill_calls_carry_every_piece_in_three_shapes_with_little_padding(n, big):
+    calls = engine_lib._prefill_calls(n, big)
+    mid, small = max(1, big // 8), max(1, big // 64)
+    assert set(calls) <= {big, mid, small}
+    assert n <= sum(calls) <= n + mid // 2 + small
+    assert calls == sorted(calls, reverse=True)
 
 
 def test_the_static_sampler_serves_the_same_requests(model):
@@ -158,6 +193,10 @@ def test_prefix_reuse_gives_the_full_prefills_logits(model):
     np.testing.assert_allclose(np.asarray(model.logits(hidden_11d[:, 0])[0]), np.asarray(full), atol=1e-5)
 
 
+def _bf16_exact(x):
+    return x.astype(jnp.bfloat16).astype(jnp.float32)
+
+
 def _random_pages(rng, k, num_pages, page, h, heads_major):
     """Random key or value pages in the layout asked for, and the same values in the
     other one: ``[K, P, page, H]`` heads-major, ``[P, page, K * H]`` token-major."""
@@ -168,18 +207,21 @@ def _random_pages(rng, k, num_pages, page, h, heads_major):
 
 
 @pytest.mark.parametrize("impl,chunk_pages,heads_major", [("xla", 1, False), ("xla", 3, False), ("xla", 8, False),
-                                                          ("xla", 3, True), ("pallas_interpret", 8, True)])
+                                                          ("xla", 3, True), ("pallas_interpret", 8, True),
+                                                          ("pallas_tpu_interpret", 8, True)])
 def test_paged_attention_equals_dense_attention(impl, chunk_pages, heads_major):
     """Decode rows of mixed lengths: the chunked loop (a chunk of 1 or 3 pages: several
     trips, a ragged last chunk, trips stopped at the longest row; either pool layout)
-    and the Pallas kernel give dense attention over the gathered pages."""
+    and the Pallas GPU and TPU kernels give dense attention over the gathered pages.
+    Inputs are bf16-exact: the TPU interpreter multiplies float32 at the TPU's default
+    precision (one bf16 pass), which is exact on them."""
     rng = np.random.default_rng(0)
     b, n, k, h, page, m, num_pages = 3, 4, 2, 16, 4, 8, 30
     lengths = np.array([1, 7, 16])
     tables = np.stack([rng.permutation(np.arange(1, num_pages))[:m] for _ in range(b)]).astype(np.int32)
-    k_pages = _random_pages(rng, k, num_pages, page, h, heads_major)
-    v_pages = _random_pages(rng, k, num_pages, page, h, heads_major)
-    q = jnp.asarray(rng.normal(size=(b, 1, n, h)), jnp.float32)
+    k_pages = _bf16_exact(_random_pages(rng, k, num_pages, page, h, heads_major))
+    v_pages = _bf16_exact(_random_pages(rng, k, num_pages, page, h, heads_major))
+    q = _bf16_exact(jnp.asarray(rng.normal(size=(b, 1, n, h)), jnp.float32))
     refs = paged.PageRefs(jnp.asarray(tables), None, None, jnp.asarray(lengths - 1)[:, None])
     out = paged.attend(q, k_pages, v_pages, refs, impl, chunk_pages=chunk_pages)
     dense_k = paged.gather(k_pages, jnp.asarray(tables), h)
@@ -187,6 +229,18 @@ def test_paged_attention_equals_dense_attention(impl, chunk_pages, heads_major):
     mask = np.arange(m * page)[None, :] < lengths[:, None]
     want = jax.nn.dot_product_attention(q, dense_k, dense_v, mask=jnp.asarray(mask)[:, None, None, :])
     np.testing.assert_allclose(np.asarray(out), np.asarray(want), atol=1e-5)
+
+
+def test_auto_takes_the_tpu_kernel_where_it_lowers(monkeypatch):
+    """On a TPU, decode steps take the Pallas TPU kernel for a head dim of 128 lanes or
+    more (Qwen2.5-3B, Llama 3); Qwen2.5-0.5B's 64 and multi-token calls stay on XLA."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    assert paged.attention_backend(1, "auto", 128) == "pallas_tpu"
+    assert paged.attention_backend(1, "auto", 64) == "xla"
+    assert paged.attention_backend(16, "auto", 128) == "xla"
+    assert paged.attention_backend(1, "pallas_tpu_interpret", 64) == "pallas_tpu_interpret"
+    with pytest.raises(ValueError, match="expected one of"):
+        paged.attention_backend(1, "mosaic")
 
 
 def test_both_pool_layouts_hold_the_same_keys():
@@ -263,7 +317,7 @@ def test_work_figures_merge_over_runs_and_keep_the_split_invariant_ones():
 def test_engine_options_are_checked_once():
     with pytest.raises(ValueError, match="expected one of"):
         EngineOptions(kind="paged")
-    for bad in ({"num_slots": 0}, {"page_size": 0}, {"refill_after": 0}, {"prefill_chunk": 2}):
+    for bad in ({"num_slots": 0}, {"page_size": 0}, {"refill_after": 0}, {"prefill_chunk": 2}, {"prefill_piece": 0}):
         with pytest.raises(ValueError, match=">= 1"):
             EngineOptions(**bad)
 

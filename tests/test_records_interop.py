@@ -123,6 +123,19 @@ def jax_leaves(tree):
     return jax.tree_util.tree_leaves(tree)
 
 
+def test_release_rewritten_replies_keep_later_turns_prefill_near_their_new_tokens(tiny_math_run):
+    """Under the release protocol the next context holds the rewritten reply, not the
+    sampled tokens; the engine keeps the cached positions up to where they diverge, so
+    turn 2 prefills at most 1.2x its new tokens (the feedback block and the rewritten
+    part: the context past its prefix shared with the cached context + sampled reply)."""
+    workdir, _, _ = tiny_math_run("release")
+    work = json.loads((workdir / "rollout_stats.json").read_text())["work"]
+    new = sum(n for t, n in work["new_tokens_by_turn"].items() if int(t) > 1)
+    prefilled = sum(n for t, n in work["prefill_tokens_by_turn"].items() if int(t) > 1)
+    reuse_free = sum(n for t, n in work["prompt_tokens_by_turn"].items() if int(t) > 1)
+    assert 0 < new <= prefilled <= 1.2 * new < reuse_free
+
+
 @pytest.mark.parametrize("protocol", ["drift-jax", "release"])
 def test_paper_pipeline_runs_on_a_tiny_checkpoint(protocol, tiny_math_run):
     """qwen2_5_3b_metamath's every stage, shrunk (tests/configs/tiny_math.py), under both

@@ -6,7 +6,7 @@ counts below are upper bounds of the work):
 
 - rollout: every episode plays every turn and every reply runs to its budget:
   ``episodes x turns x max_new_tokens / slots`` decode steps, each ``decode / steps``
-  of a visit, plus ``prefill tokens / (slots x chunk)`` prefill calls (the prompt once
+  of a visit, plus ``prefill tokens / chunk`` prefill calls (the prompt once
   per group, ``feedback_tokens`` per later turn); each host's process samples on one
   device, so the hosts split the episodes;
 - train: ``updates x train_step`` plus the held-out loss, every ``eval_every`` updates
@@ -40,7 +40,7 @@ def sampling_s(entries: dict, decode: str, prefill: str, episodes: int, new_toke
     if decode_s is None or prefill_s is None:
         return None
     decode_steps = math.ceil(episodes * w["turns"] * new_tokens / slots)
-    calls = math.ceil(prefill_tokens / (slots * w["prefill_chunk"]))
+    calls = math.ceil(prefill_tokens / w["prefill_chunk"])
     return (decode_steps * decode_s / w["decode_steps"] + calls * prefill_s) / hosts
 
 

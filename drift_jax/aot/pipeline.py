@@ -294,28 +294,31 @@ def _paged_hints(cfg: ModelConfig, engine, rows: int, queries: int, context: int
 
 
 def engine_programs(settings: Settings, target: Target, stage: str) -> list[Program]:
-    """The engine's prefill and decode programs of ``stage`` ("rollout" or "eval") at
-    their largest row bucket (every slot), prefill at its wide width."""
+    """The engine's prefill and decode programs of ``stage`` ("rollout" or "eval"):
+    decode at its largest row bucket (every slot), prefill at its largest call."""
     sampling = settings.rollout if stage == "rollout" else settings.eval
     mesh = one_device_mesh(target)
     model = sampling_model(settings, target)
     engine, cache = abstract_engine(model, sampling, target, settings.max_len)
     state, cache = _replicated(engine.state, mesh), _replicated(cache, mesh)
-    r, width = engine.num_slots, engine.options.prefill_chunk
+    r = engine.num_slots
+    # The largest prefill call: prefill_chunk tokens in rows of prefill_piece.
+    width = engine.options.prefill_piece
+    n = max(1, engine.options.prefill_chunk // width)
     scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, PartitionSpec()))
-    tables = _replicated(np.zeros((r, engine.table_width), np.int32), mesh)
-    rows = _replicated(np.zeros(r, np.int32), mesh)
     prefix = "" if stage == "rollout" else "eval_"
     pages = engine.caches.pool.num_pages
     pool = {"slots": r, "pages": pages, "page_size": engine.page_size, "table_width": engine.table_width,
             "tokens_per_slot": (pages - 1) * engine.page_size // r, "context": sampling.context}
-    trips, hints = _paged_hints(model.cfg, engine, r, width, sampling.context, "_prefill")
+    trips, hints = _paged_hints(model.cfg, engine, n, width, sampling.context, "_prefill")
+    rows = _replicated(np.zeros(n, np.int32), mesh)
     prefill = Program(f"{prefix}prefill", engine_lib._prefill,
-                      (engine.graph, state, cache, _replicated(np.zeros((r, width), np.int32), mesh), rows, rows,
-                       tables), loop_trips=trips, kernel_hints=hints,
-                      analytic=_paged_model(model.cfg, r, width, sampling.context, logits=False),
-                      note=f"one call of {width} tokens per row at {sampling.context} tokens of context",
-                      shapes={**pool, "tokens": width, "impl": model.cfg.attention_impl})
+                      (engine.graph, state, cache, _replicated(np.zeros((n, width), np.int32), mesh), rows, rows,
+                       _replicated(np.zeros((n, engine.table_width), np.int32), mesh)),
+                      loop_trips=trips, kernel_hints=hints,
+                      analytic=_paged_model(model.cfg, n, width, sampling.context, logits=False),
+                      note=f"one call of {n} rows of {width} tokens at {sampling.context} tokens of context",
+                      shapes={**pool, "rows": n, "tokens": width, "impl": model.cfg.attention_impl})
     n_steps = engine.steps_per_visit
     inputs = _replicated(Slots(r, engine.table_width).decode_inputs(np.arange(r)), mesh)
     trips, hints = _paged_hints(model.cfg, engine, r, 1, sampling.context, "_decode")

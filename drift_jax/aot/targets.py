@@ -163,5 +163,5 @@ def kernels(target: Target, model_cfg):
 
     with mock.patch.object(jax, "default_backend", lambda: target.platform):
         multi = attention.attention_implementation(model_cfg, 2)
-        decode = paged.attention_backend(1, model_cfg.paged_attention_impl)
+        decode = paged.attention_backend(1, model_cfg.paged_attention_impl, model_cfg.head_dim)
     return model_cfg.replace(attention_impl=multi, paged_attention_impl=decode)

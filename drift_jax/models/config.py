@@ -43,8 +43,9 @@ class ModelConfig:
         a head_dim cuDNN takes, else "xla". Single-token decode steps always use "xla"
         (memory-bound; a flash kernel gains nothing there).
       paged_attention_impl: decode steps over a paged cache (the continuous engine):
-        "auto" takes JAX's Pallas paged-attention kernel on GPU and gather + XLA
-        elsewhere; "xla", "pallas" or "pallas_interpret" (the kernel on CPU, for tests).
+        "auto" takes JAX's Pallas paged-attention kernel on GPU ("pallas") and on TPU
+        ("pallas_tpu") and gather + XLA elsewhere; "xla", "pallas", "pallas_tpu", or
+        "pallas_interpret" / "pallas_tpu_interpret" (the kernel on CPU, for tests).
     """
 
     vocab_size: int

@@ -3,10 +3,10 @@ sequence reads its own through a block table (the layout of vLLM and of JAX's Pa
 paged-attention kernels).
 
 Device side (pure functions): ``PagedKV`` holds, per layer, the key and value pages,
-token-major ``[P, page, K * H]`` or, for the Pallas GPU kernel, heads-major
+token-major ``[P, page, K * H]`` or, for the Pallas kernels, heads-major
 ``[K, P, page, H]``; ``write`` scatters new keys to (page, offset) pairs; ``attend`` is
-attention of new queries over a sequence's pages: the Pallas GPU kernel for one-token
-decode steps where it runs, else a plain-JAX loop over chunks of pages with an online
+attention of new queries over a sequence's pages: the Pallas GPU or TPU kernel for
+one-token decode steps where it runs, else a plain-JAX loop over chunks of pages with an online
 softmax that stops at the last live page (CPU, TPU, prefill). Page 0 is never handed
 out: writes of padding tokens go there, so a program needs no branch for them.
 
@@ -33,7 +33,7 @@ class PagedKV(NamedTuple):
       gather of ``attend`` move, so XLA keeps one layout for the pool through the
       whole program (on TPU a pool of another layout is copied whole at every loop
       boundary) and the row is lane-dense when K * H is a multiple of 128;
-    - heads-major ``[K, P, page_size, H]`` (rank 4): the Pallas GPU kernel's layout
+    - heads-major ``[K, P, page_size, H]`` (rank 4): the Pallas kernels' layout (GPU and TPU)
       (``heads_major=True``).
     """
 
@@ -87,8 +87,11 @@ def write(pages, new_btkh, refs: PageRefs):
     """Scatter new keys (or values) ``[B, T, K, H]`` into the pages (either layout)."""
     b, t, k, h = new_btkh.shape
     if pages.ndim == 4:
+        k_, p_, page, h_ = pages.shape
         new_kbth = jnp.transpose(new_btkh, (2, 0, 1, 3)).astype(pages.dtype)
-        return pages.at[:, refs.write_page_bt, refs.write_offset_bt].set(new_kbth)
+        slot_bt = refs.write_page_bt * page + refs.write_offset_bt
+        flat = pages.reshape(k_, p_ * page, h_).at[:, slot_bt].set(new_kbth)
+        return flat.reshape(pages.shape)
     return pages.at[refs.write_page_bt, refs.write_offset_bt].set(new_btkh.reshape(b, t, k * h).astype(pages.dtype))
 
 
@@ -116,6 +119,17 @@ def pallas_kernel():
     return paged_attention
 
 
+@functools.cache
+def pallas_tpu_kernel():
+    """JAX's Pallas TPU (Mosaic) paged-attention kernel
+    (``jax.experimental.pallas.ops.tpu.paged_attention``), or None where this JAX has none."""
+    try:
+        from jax.experimental.pallas.ops.tpu import paged_attention
+    except ImportError:
+        return None
+    return paged_attention
+
+
 def _pallas_decode(q_bnh, k_pages, v_pages, block_tables_bm, lengths_b, interpret=False):
     scale = q_bnh.shape[-1] ** -0.5  # the kernel does not scale the logits itself
     m = block_tables_bm.shape[1]
@@ -124,17 +138,46 @@ def _pallas_decode(q_bnh, k_pages, v_pages, block_tables_bm, lengths_b, interpre
         pages_per_compute_block=math.gcd(m, 8), k_splits=1, interpret=interpret)
 
 
-def attention_backend(num_queries: int, impl: str = "auto") -> str:
-    """"pallas" (the Pallas GPU paged kernel: one-token decode steps, on GPU where this
-    JAX has the kernel, ``pallas_kernel``) or "xla" (the chunked plain-JAX loop)."""
-    if impl not in ("auto", "xla", "pallas", "pallas_interpret"):
-        raise ValueError(f"paged attention impl {impl!r}: expected auto, xla, pallas or pallas_interpret")
+def _pallas_tpu_decode(q_bnh, k_pages, v_pages, block_tables_bm, lengths_b, interpret=False):
+    """The TPU kernel over the heads-major pool (its layout); ``interpret``: run it on
+    the CPU under Pallas's TPU interpreter (tests). The kernel reads whole blocks of
+    ``pages_per_compute_block`` pages and skips the blocks past a row's length."""
+    scale = q_bnh.shape[-1] ** -0.5  # the kernel does not scale the logits itself
+    m = block_tables_bm.shape[1]
+    kernel = functools.partial(pallas_tpu_kernel().paged_attention, pages_per_compute_block=math.gcd(m, 8))
+    args = ((q_bnh * scale).astype(q_bnh.dtype), k_pages, v_pages, lengths_b, block_tables_bm)
+    if not interpret:
+        return kernel(*args)
+    from jax.experimental.pallas import tpu as pltpu
+
+    with pltpu.force_tpu_interpret_mode():
+        return kernel(*args)
+
+
+_IMPLS = ("auto", "xla", "pallas", "pallas_interpret", "pallas_tpu", "pallas_tpu_interpret")
+
+
+def attention_backend(num_queries: int, impl: str = "auto", head_dim: int | None = None) -> str:
+    """The path of attention over pages for calls of ``num_queries`` new tokens a row:
+    "pallas" (the Pallas GPU paged kernel) or "pallas_tpu" (the Pallas TPU one) for
+    one-token decode steps on that platform where this JAX has the kernel, else "xla"
+    (the chunked plain-JAX loop; also every multi-token call). "*_interpret": the
+    kernel interpreted on the CPU (tests). "auto" takes the TPU kernel only for a
+    ``head_dim`` that is a multiple of 128: its float32 softmax statistics get blocks
+    of the head dim, which Mosaic refuses below 128 lanes (Qwen2.5-0.5B's 64)."""
+    if impl not in _IMPLS:
+        raise ValueError(f"paged attention impl {impl!r}: expected one of {', '.join(_IMPLS)}")
+    kernels = {"gpu": ("pallas", pallas_kernel), "tpu": ("pallas_tpu", pallas_tpu_kernel)}
     if impl == "auto":
-        on_gpu = num_queries == 1 and jax.default_backend() == "gpu"
-        return "pallas" if on_gpu and pallas_kernel() is not None else "xla"
-    if impl.startswith("pallas") and pallas_kernel() is None:
-        raise ValueError(f"paged_attention_impl={impl!r}: JAX {jax.__version__} has no Pallas Triton "
-                         "paged-attention kernel; use 'auto' or 'xla'")
+        platform = jax.default_backend()
+        name, found = kernels.get(platform, ("xla", lambda: None))
+        lanes_ok = platform != "tpu" or (head_dim or 0) % 128 == 0
+        return name if num_queries == 1 and lanes_ok and found() is not None else "xla"
+    if impl != "xla":
+        name = impl.removesuffix("_interpret")
+        if dict(kernels.values())[name]() is None:
+            raise ValueError(f"paged_attention_impl={impl!r}: JAX {jax.__version__} has no {name} "
+                             "paged-attention kernel; use 'auto' or 'xla'")
     return impl if num_queries == 1 else "xla"
 
 
@@ -144,12 +187,13 @@ CHUNK_PAGES = 8  # pages per step of the plain-JAX attention loop
 def attend(q_btnh, k_pages, v_pages, refs: PageRefs, impl: str = "auto", chunk_pages: int = CHUNK_PAGES):
     """Causal attention of new queries ``[B, T, N, H]`` over their rows' pages (which
     already hold the new keys): query at position p sees positions 0..p. -> ``[B, T, N, H]``."""
-    b, t, _, _ = q_btnh.shape
-    backend = attention_backend(t, impl)
+    b, t, _, h = q_btnh.shape
+    backend = attention_backend(t, impl, h)
     if backend.startswith("pallas"):
         lengths_b = (refs.positions_bt[:, 0] + 1).astype(jnp.int32)
-        out_bnh = _pallas_decode(q_btnh[:, 0], k_pages, v_pages, refs.block_tables_bm, lengths_b,
-                                 interpret=backend == "pallas_interpret")
+        decode = _pallas_tpu_decode if backend.startswith("pallas_tpu") else _pallas_decode
+        out_bnh = decode(q_btnh[:, 0], k_pages, v_pages, refs.block_tables_bm, lengths_b,
+                         interpret=backend.endswith("_interpret"))
         return out_bnh[:, None]
     return _attend_chunked(q_btnh, k_pages, v_pages, refs, chunk_pages)
 

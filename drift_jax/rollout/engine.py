@@ -28,8 +28,9 @@ placement. Logits match the static sampler's to float rounding (attention over t
 keys in another order), so greedy tokens agree except at near-ties.
 
 Compiled programs: one decode program per row bucket (``_row_bucket``: rows rounded up
-to a multiple of ``num_slots // row_buckets``) and one prefill program per (row bucket, width) with two
-widths (``prefill_chunk`` and a quarter of it); block tables have one width and
+to a multiple of ``num_slots // row_buckets``) and three prefill programs (calls of
+``prefill_chunk`` tokens, an eighth and a sixty-fourth of that, packed from pieces of
+the admitted requests' new tokens: ``Engine._run_prefill``); block tables have one width and
 attention stops at each call's last live page inside the program, so context length
 adds no program. A run of any size compiles a bounded set (``Engine.compiled_programs``).
 
@@ -48,6 +49,7 @@ import collections
 import dataclasses
 import functools
 import math
+import time
 from typing import Iterable
 
 import jax
@@ -58,7 +60,7 @@ from flax import nnx
 from drift_jax.models import paged
 from drift_jax.rollout import pool_size
 from drift_jax.rollout.interface import EngineOptions, OnFinish, request_key_data
-from drift_jax.rollout.page_pool import EpisodeCaches, PoolExhausted
+from drift_jax.rollout.page_pool import EpisodeCaches, PoolExhausted, common_prefix
 from drift_jax.rollout.sampling import SamplingParams, sample_token
 from drift_jax.rollout.slots import RequestQueue, Slots
 
@@ -69,9 +71,16 @@ class EngineStats:
     decoded x decode steps, a request's first step included: ``context_steps`` of them
     feed a request's last context token, not a reply token); prefill_tokens counts the
     context tokens computed (by prefill, and each request's last one by its first
-    decode step), prefill_padded_tokens those of the prefill calls with the padding of
-    their compiled shapes, prompt_tokens the contexts of all requests (what a sampler
-    without reuse prefills)."""
+    decode step), prefill_call_tokens those of them the prefill calls carry,
+    prefill_padded_tokens the prefill calls' tokens with the padding of their compiled
+    shapes (prefill_padding_ratio: padded / carried), prompt_tokens the contexts of
+    all requests (what a sampler without reuse prefills), new_tokens_by_turn the
+    follow-ups' context tokens past the prefix they share with their episode's context
+    + sampled reply (the least any reuse prefills); visits: decode programs run, each a
+    host round trip; host_wait_s: host seconds between a visit's end and the next
+    launch (absorbing, admitting, preparing the calls), when the device has nothing
+    queued, without the calls' dispatch (on a CPU it waits for the computation itself;
+    ``dispatches`` counts the calls)."""
 
     num_slots: int
     decode_steps: int = 0
@@ -79,23 +88,35 @@ class EngineStats:
     useful_tokens: int = 0
     context_steps: int = 0  # row steps feeding a request's last context token (one per request)
     prefill_tokens: int = 0
+    prefill_call_tokens: int = 0
     prefill_padded_tokens: int = 0
     prompt_tokens: int = 0
     requests: int = 0
+    visits: int = 0  # decode programs run (each a host round trip)
     evictions: int = 0
     prefill_tokens_by_turn: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     prompt_tokens_by_turn: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    # Follow-ups: context tokens past the longest prefix shared with the cached context +
+    # reply (what no reuse can avoid; a rewritten reply diverges where it was rewritten).
+    new_tokens_by_turn: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    host_wait_s: float = 0.0  # host seconds between a visit's end and the next launch
+    dispatches: int = 0  # device calls (prefill and decode)
 
     @property
     def slot_utilization(self) -> float:
         return self.useful_tokens / max(1, self.slot_steps)
 
+    @property
+    def prefill_padding_ratio(self) -> float:
+        return self.prefill_padded_tokens / max(1, self.prefill_call_tokens)
+
     def as_dict(self) -> dict:
         """The ``Sampler`` work figures: these, ``"kind"`` and ``slot_utilization``."""
         d = {"kind": "continuous", **dataclasses.asdict(self)}
-        d.update(slot_utilization=self.slot_utilization,
+        d.update(slot_utilization=self.slot_utilization, prefill_padding_ratio=self.prefill_padding_ratio,
                  prefill_tokens_by_turn=dict(sorted(self.prefill_tokens_by_turn.items())),
-                 prompt_tokens_by_turn=dict(sorted(self.prompt_tokens_by_turn.items())))
+                 prompt_tokens_by_turn=dict(sorted(self.prompt_tokens_by_turn.items())),
+                 new_tokens_by_turn=dict(sorted(self.new_tokens_by_turn.items())))
         return d
 
 
@@ -179,6 +200,22 @@ def _decode(graph: _Graph, state, cache, tok_r, lp_r, keydata_r2, block_tables_r
     return cache, tok_rn, lp_rn, tok_r, lp_r, step_end_r, active_r & ~live_r, n_run
 
 
+def _prefill_calls(n: int, big: int) -> list[int]:
+    """Rows of each prefill call that carry ``n`` pieces, from three sizes: ``big``, an
+    eighth of it and a sixty-fourth (at least one): full big calls, then the rest in
+    middle-sized calls and the last few pieces in small ones, or one more middle-sized
+    call where the small ones would take more than half of it. Padding is at most half
+    a middle-sized call plus a small one (under 8% of a big call)."""
+    mid, small = max(1, big // 8), max(1, big // 64)
+    calls = [big] * (n // big)
+    rest = n % big
+    n_mid, rest = divmod(rest, mid)
+    n_small = -(-rest // small)
+    if n_small * small * 2 > mid:
+        n_mid, n_small = n_mid + 1, 0
+    return calls + [mid] * n_mid + [small] * n_small
+
+
 def _row_bucket(n: int, num_slots: int, row_buckets: int) -> int:
     """Rows computed for ``n`` rows of work (decode: the active slots; prefill: the
     requests admitted): the next multiple of ``num_slots // row_buckets``. Each row
@@ -219,6 +256,7 @@ class Engine:
         self.max_len = max_len or self.cfg.max_position_embeddings
         # A visit cannot run past a reply's end, so a short budget shortens the visit.
         self.steps_per_visit = min(options.steps_per_visit, max(1, params.max_new_tokens))
+        self.refill_after = options.refill_after or max(1, self.num_slots // 16)
         max_pages = math.ceil(self.max_len / self.page_size)
         # Block tables have one width for every program (attention stops at a row's last
         # live page in the program itself), a multiple of the Pallas kernel's 8-page block.
@@ -227,9 +265,14 @@ class Engine:
         if num_pages is None:  # from the device's memory (``pool_size``)
             num_pages = pool_size.engine_pages(self.cfg, self.state, options, self.max_len)
         self.caches = EpisodeCaches(num_pages, self.page_size)
-        heads_major = paged.attention_backend(1, self.cfg.paged_attention_impl).startswith("pallas")
+        decode_path = paged.attention_backend(1, self.cfg.paged_attention_impl, self.cfg.head_dim)
+        heads_major = decode_path.startswith("pallas")
         self.cache = paged.PagedKV.zeros(self.cfg, num_pages, self.page_size, heads_major=heads_major)
         self.stats = EngineStats(self.num_slots)
+        # None, or a list that gets one tuple per device call: ("prefill", rows, width,
+        # tokens, keys read) or ("decode", rows, steps, live row steps, keys read), keys
+        # read summed over rows and steps (``benchmarks/rollout.py --estimate`` prices them).
+        self.trace: list | None = None
 
     @property
     def compiled_programs(self) -> int:
@@ -246,9 +289,11 @@ class Engine:
         slots = Slots(self.num_slots, self.table_width)
         finished: list = []
         while True:
+            t0 = time.perf_counter()
             self._admit(queue, slots, finished)
             # End the visit at the first stopped rows only when a request could take their slots.
             visit = self._launch(slots, refill=queue.more_may_come() or bool(finished))
+            self.stats.host_wait_s += time.perf_counter() - t0
             # Host work on the last visit's finished turns while the device decodes.
             for turn in finished:
                 self._finish(turn, queue, on_finish)
@@ -320,17 +365,28 @@ class Engine:
         n_rows = _row_bucket(len(live), self.num_slots, self.options.row_buckets)
         idle = np.flatnonzero(~slots.active_s)[:n_rows - len(live)]
         rows = np.concatenate([live, idle])
-        exit_after = np.int32(self.options.refill_after if refill else n_rows + 1)
-        self.cache, *outputs = _decode(self.graph, self.state, self.cache, *slots.decode_inputs(rows), exit_after,
+        exit_after = np.int32(self.refill_after if refill else n_rows + 1)
+        inputs = slots.decode_inputs(rows)
+        t0 = time.perf_counter()
+        self.cache, *outputs = _decode(self.graph, self.state, self.cache, *inputs, exit_after,
                                        params=self.params, n_steps=self.steps_per_visit)
+        self._dispatched(t0)
         return live, rows, outputs
 
     def _absorb(self, slots: Slots, live, rows, outputs) -> list:
         """Wait for a visit and take its tokens into the live slots; returns the turns it
         finished, as (request, cache, reply ids, log-probs), their slots freed."""
         tok_rn, lp_rn, next_tok_r, next_lp_r, step_end_r, stopped_r, n_run = jax.device_get(outputs)
+        t0 = time.perf_counter()
         self.stats.decode_steps += int(n_run)
         self.stats.slot_steps += len(rows) * int(n_run)
+        self.stats.visits += 1
+        if self.trace is not None:
+            # A row fed k tokens from position L attends to L + 1, ..., L + k keys.
+            fed_r = step_end_r[:len(live)] - slots.step_s[live]
+            start_r = slots.length_s[live].astype(np.int64)
+            keys = int(np.sum(fed_r * start_r + fed_r * (fed_r + 1) // 2))
+            self.trace.append(("decode", len(rows), int(n_run), int(fed_r.sum()), keys))
         finished = []
         for r, s in enumerate(live):
             n, fed_context = slots.advance(s, tok_rn[r], lp_rn[r], next_tok_r[r], next_lp_r[r], step_end_r[r])
@@ -340,6 +396,7 @@ class Engine:
                 req, cache, reply, logps = slots.stop(s)
                 self.caches.close_turn(cache, reply)
                 finished.append((req, cache, reply, logps))
+        self.stats.host_wait_s += time.perf_counter() - t0
         return finished
 
     def _finish(self, turn: tuple, queue: RequestQueue, on_finish: OnFinish) -> None:
@@ -348,10 +405,19 @@ class Engine:
         req, cache, reply, logps = turn
         follow = on_finish(req, reply, logps)
         queue.waiting.extend(follow)
-        if any(f.episode == req.episode for f in follow):
+        next_turn = [f for f in follow if f.episode == req.episode]
+        for f in next_turn:
+            self.stats.new_tokens_by_turn[f.key_ids[0]] += len(f.tokens) - common_prefix(cache.tokens, f.tokens,
+                                                                                         len(f.tokens))
+        if next_turn:
             self.caches.park(req.episode, cache)
         else:
             self.caches.release(cache)
+
+    def _dispatched(self, t0: float) -> None:
+        """A device call dispatched since ``t0``: its time is not the host's own work."""
+        self.stats.dispatches += 1
+        self.stats.host_wait_s -= time.perf_counter() - t0
 
     # -- prefill -------------------------------------------------------------------------
     def _count_prefill(self, turn: int, n_tokens: int) -> None:
@@ -362,23 +428,31 @@ class Engine:
 
     def _run_prefill(self, rows) -> None:
         """Prefill rows of (pages, tokens, keep): tokens[keep:] at positions keep.. into
-        the pages. Calls have two widths only (``prefill_chunk`` and a quarter of it, for
-        the short prefills of later turns): a longer prefill runs chunk by chunk, so
-        prefill compiles one program per row bucket and width, whatever the lengths."""
-        chunk = self.options.prefill_chunk
-        n = _row_bucket(len(rows), self.num_slots, self.options.row_buckets)
-        longest = max(len(toks) - keep for _, toks, keep in rows)
-        t = chunk // 4 if longest <= chunk // 4 else chunk
-        tables_nm = np.zeros((n, self.table_width), np.int32)
-        for i, (pages, _, _) in enumerate(rows):
-            tables_nm[i, :len(pages)] = pages
-        for c0 in range(0, longest, t):
-            tokens_nt = np.zeros((n, t), np.int32)
+        the pages, packed: each request's new tokens are cut into pieces of
+        ``prefill_piece`` tokens, one piece a row, and the pieces of all requests fill
+        calls of ``prefill_chunk`` tokens or of an eighth or a sixty-fourth of that
+        (``_prefill_calls``), so padding is a few pieces per admission plus each
+        request's last piece. A piece attends to its request's earlier pieces in the same call:
+        every layer writes all rows' keys before any row attends. Three compiled
+        shapes, whatever the lengths and counts."""
+        w = self.options.prefill_piece
+        pieces = [(pages, start, toks[start:start + w]) for pages, toks, keep in rows
+                  for start in range(keep, len(toks), w)]
+        i = 0
+        for n in _prefill_calls(len(pieces), max(1, self.options.prefill_chunk // w)):
+            call, i = pieces[i:i + n], i + n
+            tokens_nt = np.zeros((n, w), np.int32)
             start_n = np.zeros(n, np.int32)
             len_n = np.zeros(n, np.int32)
-            for i, (_, toks, keep) in enumerate(rows):
-                piece = toks[keep + c0:keep + c0 + t]
-                tokens_nt[i, :len(piece)] = piece
-                start_n[i], len_n[i] = keep + c0, len(piece)
-            self.stats.prefill_padded_tokens += n * t
+            tables_nm = np.zeros((n, self.table_width), np.int32)
+            for j, (pages, start, piece) in enumerate(call):
+                tokens_nt[j, :len(piece)] = piece
+                start_n[j], len_n[j] = start, len(piece)
+                tables_nm[j, :len(pages)] = pages
+            self.stats.prefill_padded_tokens += n * w
+            self.stats.prefill_call_tokens += int(len_n.sum())
+            if self.trace is not None:
+                self.trace.append(("prefill", n, w, int(len_n.sum()), int((start_n + len_n).sum())))
+            t0 = time.perf_counter()
             self.cache = _prefill(self.graph, self.state, self.cache, tokens_nt, start_n, len_n, tables_nm)
+            self._dispatched(t0)

@@ -85,12 +85,18 @@ class EngineOptions:
     steps_per_visit: decode steps per compiled call at most (the host looks in between).
     refill_after: a visit ends early once this many of its rows have stopped while
       requests wait for a slot (1: a slot is refilled at the next step; larger: fewer
-      host round trips, for accelerators where a visit's launch is costly).
+      host round trips and larger prefill calls, a few idle row steps more). None:
+      ``num_slots // 16`` (at least 1), the best of 1, 4, 16 and 64 in the paper-scale
+      estimate at 256 slots (docs/scaling.md).
     row_buckets: row shapes per program: decode and prefill compute a multiple of
       ``num_slots // row_buckets`` rows (fewer shapes: fewer compiles, more idle rows
       while the queue drains).
-    prefill_chunk: tokens per prefill call (longer prefills run in chunks): with a
-      quarter of it for short prefills, the only two prefill widths compiled.
+    prefill_chunk: tokens per prefill call: the new tokens of the requests admitted at
+      once are cut into rows of ``prefill_piece`` tokens (a row holds one request's
+      tokens) and packed into calls of this many tokens, or of an eighth or a
+      sixty-fourth of it for the tail: the only three prefill shapes compiled.
+    prefill_piece: tokens per row of a prefill call (a request's prefill is padded to a
+      multiple of it; each row reads its context's pages once).
     """
 
     kind: str = "continuous"
@@ -99,18 +105,20 @@ class EngineOptions:
     num_pages: int | None = None
     memory_fraction: float = 0.9
     slot_tokens: int | None = None
-    steps_per_visit: int = 8
-    refill_after: int = 1
+    steps_per_visit: int = 32
+    refill_after: int | None = None
     row_buckets: int = 8
-    prefill_chunk: int = 128
+    prefill_chunk: int = 2048
+    prefill_piece: int = 16
 
     def __post_init__(self):
         if self.kind not in ENGINES:
             raise ValueError(f"engine {self.kind!r}: expected one of {ENGINES}")
-        if ((self.num_slots is not None and self.num_slots < 1) or self.prefill_chunk < 4
-                or min(self.page_size, self.steps_per_visit, self.refill_after, self.row_buckets) < 1):
-            raise ValueError("num_slots, page_size, steps_per_visit, refill_after and row_buckets must be "
-                             ">= 1, prefill_chunk >= 4")
+        if (any(x is not None and x < 1 for x in (self.num_slots, self.refill_after)) or self.prefill_piece < 1
+                or self.prefill_chunk < self.prefill_piece
+                or min(self.page_size, self.steps_per_visit, self.row_buckets) < 1):
+            raise ValueError("num_slots, page_size, steps_per_visit, refill_after, row_buckets and prefill_piece "
+                             "must be >= 1, prefill_chunk >= prefill_piece")
         if not 0 < self.memory_fraction <= 1:
             raise ValueError(f"memory_fraction={self.memory_fraction}: expected a share in (0, 1]")
         if self.slot_tokens is not None and self.slot_tokens < 1:
@@ -176,6 +184,9 @@ def merge_work(a: dict | None, b: dict | None) -> dict:
             merged[key] = (x or 0) + (y or 0)
     if "slot_utilization" in merged:
         merged["slot_utilization"] = merged.get("useful_tokens", 0) / max(1, merged.get("slot_steps", 0))
+    if "prefill_padding_ratio" in merged:
+        merged["prefill_padding_ratio"] = (merged.get("prefill_padded_tokens", 0)
+                                           / max(1, merged.get("prefill_call_tokens", 0)))
     return merged
 
 

@@ -105,7 +105,7 @@ class EpisodeCaches:
         of the episode's cache waits for a later try)."""
         ps = self.page_size
         cache = self._cache_for(req)
-        keep = _common_prefix(cache.tokens, req.tokens, len(req.tokens) - 1)
+        keep = common_prefix(cache.tokens, req.tokens, len(req.tokens) - 1)
         if keep % ps and self.pool.refs[cache.pages[keep // ps]] > 1:
             keep -= keep % ps  # never write into a page another sequence reads
         kept = cache.pages[:self.pages_for(keep)]
@@ -167,7 +167,7 @@ class EpisodeCaches:
         self.shared.clear()
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
+def common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
     """Length of the common prefix of ``a`` and ``b``, at most ``limit``."""
     n = min(len(a), len(b), limit)
     for i in range(n):
