@@ -130,7 +130,8 @@ def settings_and_work(cfg, args) -> tuple[pipeline.Settings, dict, dict]:
     work = {
         "episodes": episodes, "turns": turns, "rollout_new_tokens": r.max_new_tokens, "rollout_slots": r.batch_size,
         "rollout_prefill_tokens": r.num_prompts * p + episodes * (turns - 1) * fb,
-        "prefill_chunk": options.prefill_chunk, "decode_steps": options.steps_per_visit,
+        # The targets are accelerators: their visit length.
+        "prefill_chunk": options.prefill_chunk, "decode_steps": options.for_platform("gpu").steps_per_visit,
         "updates": updates, "held_out_batches": math.ceil(held_out / t.batch_size),
         "held_out_evals": (updates // t.eval_every + 1) if held_out else 0,
         "eval_questions": questions, "eval_new_tokens": e.max_new_tokens, "eval_slots": e.batch_size,
@@ -212,6 +213,7 @@ def run(args) -> dict:
             run_report = report["runs"].setdefault(key, {"targets": {}})
             run_report.update(config=os.path.relpath(config, REPO), work=work, assumptions=assumptions,
                               model=cfg.model.checkpoint)
+            write_report(args.out, report)  # the work, though no program of this variant compiles
             names = [n for n in pipeline.program_names(settings) if not lora or n in TRAINING]
             for name in args.target:
                 target = targets.get(name)

@@ -31,6 +31,7 @@ beside the static sampler's and the ideal time. Minutes on two CPU cores.
   python benchmarks/rollout.py --cpu --out r.json   # Qwen2.5 architecture, tiny width, real vocabulary
   python benchmarks/rollout.py                      # the Qwen2.5-0.5B shape (accelerator)
   python benchmarks/rollout.py --estimate --out r.json   # paper scale, estimated (no accelerator needed)
+  python benchmarks/rollout.py --docs r.json             # its table into docs/scaling.md
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import argparse
 import dataclasses
 import json
 import os
+import subprocess
 import sys
 import time
 
@@ -206,14 +208,15 @@ def estimate(args) -> dict:
     """The paper-scale estimate per target (module docstring)."""
     import jax.numpy as jnp
 
+    from drift_jax.aot import pipeline, targets
     from drift_jax.aot import rollout_estimate as est
-    from drift_jax.aot import targets
     from drift_jax.data.batching import bucket_length
 
     w = est.Workload(prompts=args.estimate_prompts)
     d = est.draw(w, seed=0)
     cfg = preset("qwen2.5-3b", dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
     cost = est.Cost.of(cfg)
+    big = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))  # shapes only: the pool's sizing
     tiny = Transformer(preset("qwen2.5-0.5b", vocab_size=256, hidden_size=16, intermediate_size=32, num_layers=1,
                               num_heads=2, num_kv_heads=1, head_dim=8), rngs=nnx.Rngs(0))
     slots = args.batch_size or 256
@@ -224,14 +227,16 @@ def estimate(args) -> dict:
     names = args.estimate_targets.split(",")
     for name in names:
         target = targets.get(name)
-        pages = est.pages_for(target, cfg, cfg.num_params * 2, slots, w.max_len, 16, args.prefill_chunk)
+        options = EngineOptions(num_slots=slots, steps_per_visit=args.steps_per_visit, refill_after=args.refill_after,
+                                row_buckets=args.row_buckets, prefill_chunk=args.prefill_chunk,
+                                prefill_piece=args.prefill_piece).for_platform(target.platform)
+        sampling = pipeline.Sampling(slots, w.budget, 1.0, w.turns, 0, w.max_len, options)
+        pages = pipeline.pool_pages(big, sampling, target, w.max_len)  # as a run on the target sizes it
         hosts = target.num_hosts  # each host samples its share on one device
-        if (pages, hosts) not in runs:
-            options = EngineOptions(num_slots=slots, num_pages=pages, steps_per_visit=args.steps_per_visit,
-                                    refill_after=args.refill_after, row_buckets=args.row_buckets,
-                                    prefill_chunk=args.prefill_chunk, prefill_piece=args.prefill_piece)
+        if (pages, hosts) not in runs:  # the same visit settings on every accelerator
             t0 = time.perf_counter()
-            stats, trace = est.play(w, d, options, tiny, prompts=range(0, w.prompts, hosts))
+            stats, trace = est.play(w, d, dataclasses.replace(options, num_pages=pages), tiny,
+                                    prompts=range(0, w.prompts, hosts))
             runs[pages, hosts] = stats, trace, time.perf_counter() - t0
             print(f"  scheduler run: {pages} pages, {len(range(0, w.prompts, hosts))} prompts: "
                   f"{runs[pages, hosts][2]:.0f} s on this machine, {stats['visits']} visits, "
@@ -240,7 +245,7 @@ def estimate(args) -> dict:
         path = targets.kernels(target, cfg).paged_attention_impl
         priced = est.price_trace(trace, cost, target, path)
         ideal = est.ideal_s(stats, trace, cost, target, slots)
-        static = est.static_s(w, {k: v for k, v in d.items()}, cost, target, STATIC_ROWS[name], bucket_length) / hosts
+        static = est.static_s(w, d, cost, target, STATIC_ROWS[name], bucket_length) / hosts
         host_s = stats["host_wait_s"] + stats["visits"] * est.VISIT_TRANSFER_S
         engine_s = priced["decode_s"] + priced["prefill_s"] + host_s
         out[name] = {
@@ -253,16 +258,62 @@ def estimate(args) -> dict:
             "release_prefill_ratio": est.later_turn_ratio(stats), "calls": priced["calls"],
             "mean_context": ideal["mean_context"]}
     out["release_prefill_ratio"] = out[names[0]]["release_prefill_ratio"]
-    print("\n| target | engine | of which decode / prefill / host | static sampler | ideal | engine / ideal | "
-          "padded / computed prefill |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for name in names:
-        e = out[name]
-        print(f"| {name} | {est.minutes(e['engine_s'])} | {est.minutes(e['decode_s'])} / {est.minutes(e['prefill_s'])}"
-              f" / {est.minutes(e['host_s'])} | {est.minutes(e['static_s'])} | {est.minutes(e['ideal_s'])} | "
-              f"{e['engine_over_ideal']:.2f} | {e['prefill_padding_ratio']:.3f} |")
-    print(f"\nturns 2-5: tokens prefilled / new tokens = {out['release_prefill_ratio']:.3f}")
+    out["commit"] = _commit()
+    print("\n" + estimate_markdown(out))
     return out
+
+
+def _commit() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return rev + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def estimate_markdown(e: dict) -> str:
+    """The estimate's table and its one-line summaries (docs/scaling.md's estimate block)."""
+    from drift_jax.aot.rollout_estimate import minutes
+
+    names = [n for n in ESTIMATE_TARGETS if n in e]
+    lines = [f"Made by `python benchmarks/rollout.py --estimate --out r.json` at commit {e['commit']} "
+             f"({e['workload']['prompts']:,} prompts x K={e['workload']['samples']}, "
+             f"{e['reply_tokens'] / 1e6:.1f} M reply tokens drawn; {e['slots']} slots). An estimate: "
+             "rooflines of the recorded calls, no device.", "",
+             "| Qwen2.5-3B, one device per host | " + " | ".join(names) + " |",
+             "| --- |" + " --- |" * len(names)]
+    rows = [("continuous engine", lambda x: minutes(x["engine_s"])),
+            ("of which decode / prefill / host", lambda x: " / ".join(
+                minutes(x[k]) for k in ("decode_s", "prefill_s", "host_s"))),
+            ("static sampler", lambda x: f"{minutes(x['static_s'])} ({x['static_rows']} rows a chunk)"),
+            ("ideal", lambda x: minutes(x["ideal_s"])),
+            ("engine / ideal", lambda x: f"{x['engine_over_ideal']:.2f}"),
+            ("prefill tokens computed with padding / without", lambda x: f"{x['prefill_padding_ratio']:.3f}"),
+            ("slot utilisation", lambda x: f"{x['slot_utilization']:.3f}"),
+            ("decode path; visits; cache evictions", lambda x: f"{x['decode_path']}; {x['visits']:,}; "
+                                                                 f"{x['evictions']:,}"),
+            ("page pool (pages of 16 tokens); hosts", lambda x: f"{x['pages']:,}; {x['hosts']}")]
+    for label, cell in rows:
+        lines.append(f"| {label} | " + " | ".join(cell(e[n]) for n in names) + " |")
+    lines += ["", f"Turns 2-5 prefill {e['release_prefill_ratio']:.3f} x their new tokens (the rewritten reply "
+                  "and the feedback block: the context past its prefix shared with the cached context + "
+                  "sampled reply)."]
+    return "\n".join(lines) + "\n"
+
+
+def write_docs(e: dict, path: str = os.path.join(REPO, "docs", "scaling.md")) -> None:
+    """Replace the estimate block of docs/scaling.md with ``e``'s tables."""
+    with open(path) as f:
+        text = f.read()
+    start, end = "<!-- estimate:start -->\n", "<!-- estimate:end -->"
+    if start not in text or end not in text:
+        raise ValueError(f"{path}: no estimate block ({start.strip()} ... {end})")
+    head, rest = text.split(start, 1)
+    with open(path, "w") as f:
+        f.write(head + start + estimate_markdown(e) + end + rest.split(end, 1)[1])
 
 
 def main() -> None:
@@ -271,6 +322,8 @@ def main() -> None:
                     help="the paper-scale rollout stage estimated for Qwen2.5-3B on h100, h200, v5e-8")
     ap.add_argument("--estimate-prompts", type=int, default=1800, help="--estimate: prompts (K=16 each)")
     ap.add_argument("--estimate-targets", default=",".join(ESTIMATE_TARGETS), help="--estimate: comma-separated")
+    ap.add_argument("--docs", default=None, metavar="R_JSON",
+                    help="write the estimate of R_JSON (an --estimate --out file) into docs/scaling.md")
     ap.add_argument("--prefill-chunk", type=int, default=EngineOptions.prefill_chunk)
     ap.add_argument("--prefill-piece", type=int, default=EngineOptions.prefill_piece)
     ap.add_argument("--cpu", action="store_true", help="a Qwen2.5-architecture model small enough for 2 CPU cores")
@@ -278,15 +331,23 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--budget", type=int, default=None, help="max new tokens per turn")
     ap.add_argument("--batch-size", type=int, default=None, help="static rows per call = engine slots")
-    ap.add_argument("--steps-per-visit", type=int, default=EngineOptions.steps_per_visit)
-    ap.add_argument("--refill-after", type=int, default=None, help="default: the engine's (slots // 16)")
-    ap.add_argument("--row-buckets", type=int, default=8, help="the engine's row shapes per program")
+    ap.add_argument("--steps-per-visit", type=int, default=None,
+                    help="default: the engine's for the platform (--estimate: the target's)")
+    ap.add_argument("--refill-after", type=int, default=None,
+                    help="default: the engine's for the platform (--estimate: the target's)")
+    ap.add_argument("--row-buckets", type=int, default=None,
+                    help="the engine's decode row shapes (default 8; --estimate: 4, the configs')")
     ap.add_argument("--warmup-prompts", type=int, default=None,
                     help="prompts in the warm-up workload (default: as many as the timed one)")
     ap.add_argument("--systems", default="static,engine,hf", help="comma-separated subset of static,engine,hf")
     ap.add_argument("--no-hf", action="store_true", help="same as leaving hf out of --systems")
     ap.add_argument("--out", default=None, help="write the figures as JSON here")
     args = ap.parse_args()
+    args.row_buckets = args.row_buckets or (4 if args.estimate else 8)
+    if args.docs:
+        with open(args.docs) as f:
+            write_docs(json.load(f)["estimate"])
+        return
     if args.estimate:
         result = estimate(args)
         if args.out:

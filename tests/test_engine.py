@@ -231,6 +231,13 @@ def test_paged_attention_equals_dense_attention(impl, chunk_pages, heads_major):
     np.testing.assert_allclose(np.asarray(out), np.asarray(want), atol=1e-5)
 
 
+def test_the_tpu_kernel_in_row_groups_equals_dense_attention(monkeypatch):
+    """Block tables too large for one call's SMEM go through the kernel in row groups
+    (here one row a call)."""
+    monkeypatch.setattr(paged, "TPU_TABLE_BYTES", 4 * 8)
+    test_paged_attention_equals_dense_attention("pallas_tpu_interpret", 8, True)
+
+
 def test_auto_takes_the_tpu_kernel_where_it_lowers(monkeypatch):
     """On a TPU, decode steps take the Pallas TPU kernel for a head dim of 128 lanes or
     more (Qwen2.5-3B, Llama 3); Qwen2.5-0.5B's 64 and multi-token calls stay on XLA."""
@@ -320,6 +327,11 @@ def test_engine_options_are_checked_once():
     for bad in ({"num_slots": 0}, {"page_size": 0}, {"refill_after": 0}, {"prefill_chunk": 2}, {"prefill_piece": 0}):
         with pytest.raises(ValueError, match=">= 1"):
             EngineOptions(**bad)
+    options = EngineOptions(num_slots=256)
+    assert (options.for_platform("cpu").steps_per_visit, options.for_platform("cpu").refill_after) == (8, 1)
+    assert (options.for_platform("gpu").steps_per_visit, options.for_platform("tpu").refill_after) == (32, 16)
+    set_here = EngineOptions(num_slots=256, steps_per_visit=5, refill_after=3).for_platform("gpu")
+    assert (set_here.steps_per_visit, set_here.refill_after) == (5, 3)
 
 
 def test_a_context_beyond_max_len_is_an_error(model):

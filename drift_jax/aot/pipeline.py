@@ -249,7 +249,7 @@ def abstract_engine(model, sampling: Sampling, target: Target, max_len: int | No
     """(engine, abstract page pool): ``engine.Engine`` built as a run on ``target`` builds it
     (its slot count, page pool and block-table width), its pool traced, never allocated."""
     options = dataclasses.replace(sampling.options, num_slots=sampling.slots,
-                                  num_pages=pool_pages(model, sampling, target, max_len))
+                                  num_pages=pool_pages(model, sampling, target, max_len)).for_platform(target.platform)
     built = []
 
     def build():

@@ -31,9 +31,13 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax.numpy as jnp
 import numpy as np
 
 from drift_jax.aot.targets import Target
+from drift_jax.rollout.engine import Engine
+from drift_jax.rollout.interface import Request
+from drift_jax.rollout.sampling import SamplingParams
 
 # Bytes attention over pages moves per live key and value it reads, per path
 # (docs/scaling.md, "The decode kernel on GPUs": 1.00-1.02 for the Pallas kernels, which
@@ -95,10 +99,6 @@ def play(w: Workload, d: dict, options, model, prompts: range | None = None, see
     ``model`` (tiny: its tokens only feed the cache bookkeeping) standing in for the
     device; each request's budget is its drawn reply length (a random model stops at
     none). Returns (the engine's work figures, its trace of device calls)."""
-    from drift_jax.rollout.engine import Engine
-    from drift_jax.rollout.interface import Request
-    from drift_jax.rollout.sampling import SamplingParams
-
     vocab = model.cfg.vocab_size
     rng = np.random.default_rng(seed)
     prompts = range(w.prompts) if prompts is None else prompts
@@ -148,8 +148,6 @@ class Cost:
 
     @classmethod
     def of(cls, cfg) -> "Cost":
-        import jax.numpy as jnp
-
         head = cfg.vocab_size * cfg.hidden_size
         body = cfg.num_params - head * (1 if cfg.tie_word_embeddings else 2)
         kv = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
@@ -244,15 +242,3 @@ def later_turn_ratio(stats: dict) -> float:
 
 def minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
-
-
-def pages_for(target: Target, cfg, cost_weights: float, slots: int, slot_tokens: int, page_size: int,
-              prefill_chunk: int) -> int:
-    """The page pool an engine of ``cfg`` gets on one device of ``target`` (``pool_size``)."""
-    from drift_jax.models import paged
-    from drift_jax.rollout import pool_size
-
-    workspace = pool_size.workspace_bytes(cfg, slots, prefill_chunk, paged.CHUNK_PAGES * page_size)
-    return pool_size.pool_pages(num_slots=slots, slot_tokens=slot_tokens, page_size=page_size,
-                                page_bytes=paged.page_bytes(cfg, page_size), device_bytes=target.memory_budget_bytes,
-                                resident_bytes=int(cost_weights), workspace=workspace, memory_fraction=0.9)

@@ -138,20 +138,31 @@ def _pallas_decode(q_bnh, k_pages, v_pages, block_tables_bm, lengths_b, interpre
         pages_per_compute_block=math.gcd(m, 8), k_splits=1, interpret=interpret)
 
 
+TPU_TABLE_BYTES = 512 * 1024  # block-table bytes one TPU kernel call prefetches into SMEM (1 MiB a core)
+
+
 def _pallas_tpu_decode(q_bnh, k_pages, v_pages, block_tables_bm, lengths_b, interpret=False):
     """The TPU kernel over the heads-major pool (its layout); ``interpret``: run it on
     the CPU under Pallas's TPU interpreter (tests). The kernel reads whole blocks of
-    ``pages_per_compute_block`` pages and skips the blocks past a row's length."""
+    ``pages_per_compute_block`` pages and skips the blocks past a row's length. It
+    prefetches its rows' block tables into SMEM, so rows go in groups whose tables fit
+    ``TPU_TABLE_BYTES`` (256 rows of a 32k-token context need 2 MiB)."""
     scale = q_bnh.shape[-1] ** -0.5  # the kernel does not scale the logits itself
-    m = block_tables_bm.shape[1]
+    b, m = block_tables_bm.shape
     kernel = functools.partial(pallas_tpu_kernel().paged_attention, pages_per_compute_block=math.gcd(m, 8))
-    args = ((q_bnh * scale).astype(q_bnh.dtype), k_pages, v_pages, lengths_b, block_tables_bm)
+    q_bnh = (q_bnh * scale).astype(q_bnh.dtype)
+    group = max(1, TPU_TABLE_BYTES // (4 * m))
+
+    def run():
+        return jnp.concatenate([kernel(q_bnh[r:r + group], k_pages, v_pages, lengths_b[r:r + group],
+                                       block_tables_bm[r:r + group]) for r in range(0, b, group)])
+
     if not interpret:
-        return kernel(*args)
+        return run()
     from jax.experimental.pallas import tpu as pltpu
 
     with pltpu.force_tpu_interpret_mode():
-        return kernel(*args)
+        return run()
 
 
 _IMPLS = ("auto", "xla", "pallas", "pallas_interpret", "pallas_tpu", "pallas_tpu_interpret")

@@ -217,11 +217,10 @@ def _prefill_calls(n: int, big: int) -> list[int]:
 
 
 def _row_bucket(n: int, num_slots: int, row_buckets: int) -> int:
-    """Rows computed for ``n`` rows of work (decode: the active slots; prefill: the
-    requests admitted): the next multiple of ``num_slots // row_buckets``. Each row
-    shape is a compile (on CPU about as long as a hundred decode steps of a small model;
-    on an accelerator tens of seconds at 3B); at most that many rows compute idle, which
-    happens while the queue drains and when few requests are admitted at once."""
+    """Rows a decode visit computes for ``n`` active slots: the next multiple of
+    ``num_slots // row_buckets``. Each row shape is a compile (on CPU about as long as a
+    hundred decode steps of a small model; on an accelerator tens of seconds at 3B); at
+    most that many rows compute idle, which happens while the queue drains."""
     unit = max(1, num_slots // row_buckets)
     return min(num_slots, -(-max(1, n) // unit) * unit)
 
@@ -245,6 +244,7 @@ class Engine:
                  max_len: int | None = None):
         if options.num_slots is None:
             raise ValueError("EngineOptions.num_slots is None: fill it in (engine_options(options, batch_size))")
+        options = options.for_platform(jax.default_backend())
         self.options = options
         graphdef, self.state = nnx.split(model)
         self.graph = _Graph(graphdef)
@@ -256,7 +256,6 @@ class Engine:
         self.max_len = max_len or self.cfg.max_position_embeddings
         # A visit cannot run past a reply's end, so a short budget shortens the visit.
         self.steps_per_visit = min(options.steps_per_visit, max(1, params.max_new_tokens))
-        self.refill_after = options.refill_after or max(1, self.num_slots // 16)
         max_pages = math.ceil(self.max_len / self.page_size)
         # Block tables have one width for every program (attention stops at a row's last
         # live page in the program itself), a multiple of the Pallas kernel's 8-page block.
@@ -333,20 +332,21 @@ class Engine:
                 break
             queue.waiting.popleft()
             admitted.append((s, req, cache, keep))
+        # New shared prompts first: their pieces come before (or in the same call as) the
+        # pieces of the samples that read them. All but each request's last context
+        # token: that one is the slot's first decode step.
         prompts = self.caches.new_prompts()
-        if prompts:
-            for turn, _, tokens in prompts:
-                self._count_prefill(turn, len(tokens))
-            self._run_prefill([(pages, tokens, 0) for _, pages, tokens in prompts])
+        for turn, _, tokens in prompts:
+            self._count_prefill(turn, len(tokens))
+        to_fill = [(pages, tokens, 0) for _, pages, tokens in prompts]
+        to_fill += [(cache.pages, req.tokens[:-1], keep) for _, req, cache, keep in admitted
+                    if keep < len(req.tokens) - 1]
+        if to_fill:
+            self._run_prefill(to_fill)
         if not admitted:
             return
         keydata_n2 = request_key_data(self.seed, np.asarray([req.key_ids for _, req, _, _ in admitted], np.int64),
                                       rows=self.num_slots)
-        # All but the last context token: that one is the slot's first decode step.
-        to_fill = [(cache.pages, req.tokens[:-1], keep) for _, req, cache, keep in admitted
-                   if keep < len(req.tokens) - 1]
-        if to_fill:
-            self._run_prefill(to_fill)
         for (s, req, cache, keep), keydata_2 in zip(admitted, keydata_n2):
             turn = req.key_ids[0]
             self.stats.requests += 1
@@ -365,7 +365,7 @@ class Engine:
         n_rows = _row_bucket(len(live), self.num_slots, self.options.row_buckets)
         idle = np.flatnonzero(~slots.active_s)[:n_rows - len(live)]
         rows = np.concatenate([live, idle])
-        exit_after = np.int32(self.refill_after if refill else n_rows + 1)
+        exit_after = np.int32(self.options.refill_after if refill else n_rows + 1)
         inputs = slots.decode_inputs(rows)
         t0 = time.perf_counter()
         self.cache, *outputs = _decode(self.graph, self.state, self.cache, *inputs, exit_after,

@@ -83,12 +83,13 @@ class EngineOptions:
       longest: ``episodes.context_bound``); None: the engine's ``max_len``. Caps the
       pool at ``num_slots`` such requests.
     steps_per_visit: decode steps per compiled call at most (the host looks in between).
+      None: 8 on a CPU, 32 on an accelerator (``for_platform``).
     refill_after: a visit ends early once this many of its rows have stopped while
       requests wait for a slot (1: a slot is refilled at the next step; larger: fewer
-      host round trips and larger prefill calls, a few idle row steps more). None:
-      ``num_slots // 16`` (at least 1), the best of 1, 4, 16 and 64 in the paper-scale
-      estimate at 256 slots (docs/scaling.md).
-    row_buckets: row shapes per program: decode and prefill compute a multiple of
+      host round trips and larger prefill calls, a few idle row steps more). None: 1 on
+      a CPU, where host and device share the cores; ``num_slots // 16`` on an
+      accelerator, chosen with the paper-scale estimate (docs/scaling.md).
+    row_buckets: row shapes of the decode program: it computes a multiple of
       ``num_slots // row_buckets`` rows (fewer shapes: fewer compiles, more idle rows
       while the queue drains).
     prefill_chunk: tokens per prefill call: the new tokens of the requests admitted at
@@ -105,7 +106,7 @@ class EngineOptions:
     num_pages: int | None = None
     memory_fraction: float = 0.9
     slot_tokens: int | None = None
-    steps_per_visit: int = 32
+    steps_per_visit: int | None = None
     refill_after: int | None = None
     row_buckets: int = 8
     prefill_chunk: int = 2048
@@ -114,15 +115,24 @@ class EngineOptions:
     def __post_init__(self):
         if self.kind not in ENGINES:
             raise ValueError(f"engine {self.kind!r}: expected one of {ENGINES}")
-        if (any(x is not None and x < 1 for x in (self.num_slots, self.refill_after)) or self.prefill_piece < 1
-                or self.prefill_chunk < self.prefill_piece
-                or min(self.page_size, self.steps_per_visit, self.row_buckets) < 1):
+        optional = (self.num_slots, self.steps_per_visit, self.refill_after)
+        if (any(x is not None and x < 1 for x in optional) or self.prefill_piece < 1
+                or self.prefill_chunk < self.prefill_piece or min(self.page_size, self.row_buckets) < 1):
             raise ValueError("num_slots, page_size, steps_per_visit, refill_after, row_buckets and prefill_piece "
                              "must be >= 1, prefill_chunk >= prefill_piece")
         if not 0 < self.memory_fraction <= 1:
             raise ValueError(f"memory_fraction={self.memory_fraction}: expected a share in (0, 1]")
         if self.slot_tokens is not None and self.slot_tokens < 1:
             raise ValueError(f"slot_tokens={self.slot_tokens}: expected >= 1 or None")
+
+    def for_platform(self, platform: str) -> "EngineOptions":
+        """These options with the visit settings left None filled in for ``platform``
+        ("cpu", "gpu", "tpu"; an accelerator's ``refill_after`` only once ``num_slots``
+        is set)."""
+        cpu = platform == "cpu"
+        refill = 1 if cpu else (max(1, self.num_slots // 16) if self.num_slots else None)
+        return dataclasses.replace(self, steps_per_visit=self.steps_per_visit or (8 if cpu else 32),
+                                   refill_after=self.refill_after or refill)
 
 
 def engine_options(engine: "str | EngineOptions", batch_size: int) -> EngineOptions:

@@ -150,8 +150,10 @@ def get_config():
     # protocol (prompt + turns x (max_new_tokens + feedback)); on a CPU 2,048 tokens a slot.
     c.rollout.num_pages = config_dict.placeholder(int)
     c.rollout.memory_fraction = 0.9
-    c.rollout.steps_per_visit = 32  # decode steps per compiled call between host visits, at most
-    # A visit ends once this many rows stopped while requests wait; None: batch_size // 16.
+    # Decode steps per compiled call between host visits, at most, and how many stopped rows
+    # end a visit early while requests wait. None: 8 and 1 on a CPU (host and device share
+    # the cores), 32 and batch_size // 16 on an accelerator (docs/scaling.md).
+    c.rollout.steps_per_visit = config_dict.placeholder(int)
     c.rollout.refill_after = config_dict.placeholder(int)
     # Row shapes per program (each a compile): rows computed are a multiple of
     # batch_size // row_buckets. A stage of many prompts drains its queue once, so few
