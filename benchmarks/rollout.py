@@ -292,15 +292,16 @@ def estimate_markdown(e: dict) -> str:
             ("ideal", lambda x: minutes(x["ideal_s"])),
             ("engine / ideal", lambda x: f"{x['engine_over_ideal']:.2f}"),
             ("prefill tokens computed with padding / without", lambda x: f"{x['prefill_padding_ratio']:.3f}"),
+            ("turns 2-5: tokens prefilled / new tokens", lambda x: f"{x['release_prefill_ratio']:.3f}"),
             ("slot utilisation", lambda x: f"{x['slot_utilization']:.3f}"),
             ("decode path; visits; cache evictions", lambda x: f"{x['decode_path']}; {x['visits']:,}; "
                                                                  f"{x['evictions']:,}"),
             ("page pool (pages of 16 tokens); hosts", lambda x: f"{x['pages']:,}; {x['hosts']}")]
     for label, cell in rows:
         lines.append(f"| {label} | " + " | ".join(cell(e[n]) for n in names) + " |")
-    lines += ["", f"Turns 2-5 prefill {e['release_prefill_ratio']:.3f} x their new tokens (the rewritten reply "
-                  "and the feedback block: the context past its prefix shared with the cached context + "
-                  "sampled reply)."]
+    lines += ["", "New tokens of a later turn: the rewritten reply and the feedback block (the context past "
+                  "its prefix shared with the cached context + sampled reply); above 1, caches were evicted "
+                  "and rebuilt by prefill."]
     return "\n".join(lines) + "\n"
 
 

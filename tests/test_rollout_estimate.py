@@ -127,7 +127,7 @@ def test_the_docs_carry_the_generated_estimate(tmp_path):
          "h100": {"engine_s": 60.0, "decode_s": 40.0, "prefill_s": 15.0, "host_s": 5.0, "static_s": 600.0,
                   "static_rows": 128, "ideal_s": 50.0, "engine_over_ideal": 1.2, "prefill_padding_ratio": 1.05,
                   "slot_utilization": 0.9, "decode_path": "pallas", "visits": 3, "evictions": 0, "pages": 9,
-                  "hosts": 1}}
+                  "hosts": 1, "release_prefill_ratio": 1.0}}
     bench.write_docs(e, str(doc))
     out = doc.read_text()
     assert out.startswith("before\n<!-- estimate:start -->\nMade by") and out.endswith("<!-- estimate:end -->\nafter\n")
