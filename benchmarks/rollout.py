@@ -40,7 +40,6 @@ import argparse
 import dataclasses
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -198,123 +197,29 @@ def timed(fn, *args):
     return out, wall, {k: _COMPILES[k] - before[k] for k in before}
 
 
-# The largest static-sampler chunk whose program fits one device at Qwen2.5-3B (rows;
-# docs/aot.json, static_rollout at a turn-5 context: fits_at_rows, or the whole batch).
-STATIC_ROWS = {"h100": 128, "h200": 256, "v5e-8": 32}
-ESTIMATE_TARGETS = ("h100", "h200", "v5e-8")
-
-
 def estimate(args) -> dict:
-    """The paper-scale estimate per target (module docstring)."""
-    import jax.numpy as jnp
-
-    from drift_jax.aot import pipeline, targets
+    """The paper-scale estimate per target (``drift_jax.aot.rollout_estimate.run``)."""
     from drift_jax.aot import rollout_estimate as est
-    from drift_jax.data.batching import bucket_length
+    from experiments.run import git_commit
 
-    w = est.Workload(prompts=args.estimate_prompts)
-    d = est.draw(w, seed=0)
-    cfg = preset("qwen2.5-3b", dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
-    cost = est.Cost.of(cfg)
-    big = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))  # shapes only: the pool's sizing
-    tiny = Transformer(preset("qwen2.5-0.5b", vocab_size=256, hidden_size=16, intermediate_size=32, num_layers=1,
-                              num_heads=2, num_kv_heads=1, head_dim=8), rngs=nnx.Rngs(0))
-    slots = args.batch_size or 256
-    print(f"workload (assumed): {w}\n{d['ends'].size} episodes, {est.reply_tokens(d)} reply tokens, "
-          f"mean {np.mean(d['ends']):.2f} turns an episode")
-    runs: dict = {}  # (pages, hosts) -> (stats, trace, wall): targets that share a pool share a run
-    out: dict = {"workload": dataclasses.asdict(w), "reply_tokens": est.reply_tokens(d), "slots": slots}
-    names = args.estimate_targets.split(",")
-    for name in names:
-        target = targets.get(name)
-        options = EngineOptions(num_slots=slots, steps_per_visit=args.steps_per_visit, refill_after=args.refill_after,
-                                row_buckets=args.row_buckets, prefill_chunk=args.prefill_chunk,
-                                prefill_piece=args.prefill_piece).for_platform(target.platform)
-        sampling = pipeline.Sampling(slots, w.budget, 1.0, w.turns, 0, w.max_len, options)
-        pages = pipeline.pool_pages(big, sampling, target, w.max_len)  # as a run on the target sizes it
-        hosts = target.num_hosts  # each host samples its share on one device
-        if (pages, hosts) not in runs:  # the same visit settings on every accelerator
-            t0 = time.perf_counter()
-            stats, trace = est.play(w, d, dataclasses.replace(options, num_pages=pages), tiny,
-                                    prompts=range(0, w.prompts, hosts))
-            runs[pages, hosts] = stats, trace, time.perf_counter() - t0
-            print(f"  scheduler run: {pages} pages, {len(range(0, w.prompts, hosts))} prompts: "
-                  f"{runs[pages, hosts][2]:.0f} s on this machine, {stats['visits']} visits, "
-                  f"{stats['evictions']} evictions, slot utilisation {stats['slot_utilization']:.3f}")
-        stats, trace, _ = runs[pages, hosts]
-        path = targets.kernels(target, cfg).paged_attention_impl
-        priced = est.price_trace(trace, cost, target, path)
-        ideal = est.ideal_s(stats, trace, cost, target, slots)
-        static = est.static_s(w, d, cost, target, STATIC_ROWS[name], bucket_length) / hosts
-        host_s = stats["host_wait_s"] + stats["visits"] * est.VISIT_TRANSFER_S
-        engine_s = priced["decode_s"] + priced["prefill_s"] + host_s
-        out[name] = {
-            "engine_s": engine_s, "static_s": static, "ideal_s": ideal["decode_s"] + ideal["prefill_s"],
-            "ideal_decode_s": ideal["decode_s"], "engine_over_ideal": engine_s / (ideal["decode_s"] + ideal["prefill_s"]),
-            "decode_s": priced["decode_s"], "prefill_s": priced["prefill_s"], "host_s": host_s,
-            "prefill_padding_ratio": stats["prefill_padding_ratio"], "decode_path": path, "pages": pages,
-            "hosts": hosts, "static_rows": STATIC_ROWS[name], "visits": stats["visits"],
-            "evictions": stats["evictions"], "slot_utilization": stats["slot_utilization"],
-            "release_prefill_ratio": est.later_turn_ratio(stats), "calls": priced["calls"],
-            "mean_context": ideal["mean_context"]}
-    out["release_prefill_ratio"] = out[names[0]]["release_prefill_ratio"]
-    out["commit"] = _commit()
-    print("\n" + estimate_markdown(out))
+    options = EngineOptions(num_slots=args.batch_size or 256, steps_per_visit=args.steps_per_visit,
+                            refill_after=args.refill_after, row_buckets=args.row_buckets,
+                            prefill_chunk=args.prefill_chunk, prefill_piece=args.prefill_piece)
+    out = est.run(est.Workload(prompts=args.estimate_prompts), options, args.estimate_targets.split(","))
+    out["commit"] = git_commit() or "unknown"
+    print("\n" + est.markdown(out))
     return out
-
-
-def _commit() -> str:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True, check=True).stdout.strip()
-        return rev + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def estimate_markdown(e: dict) -> str:
-    """The estimate's table and its one-line summaries (docs/scaling.md's estimate block)."""
-    from drift_jax.aot.rollout_estimate import minutes
-
-    names = [n for n in ESTIMATE_TARGETS if n in e]
-    lines = [f"Made by `python benchmarks/rollout.py --estimate --out r.json` at commit {e['commit']} "
-             f"({e['workload']['prompts']:,} prompts x K={e['workload']['samples']}, "
-             f"{e['reply_tokens'] / 1e6:.1f} M reply tokens drawn; {e['slots']} slots). An estimate: "
-             "rooflines of the recorded calls, no device.", "",
-             "| Qwen2.5-3B, one device per host | " + " | ".join(names) + " |",
-             "| --- |" + " --- |" * len(names)]
-    rows = [("continuous engine", lambda x: minutes(x["engine_s"])),
-            ("of which decode / prefill / host", lambda x: " / ".join(
-                minutes(x[k]) for k in ("decode_s", "prefill_s", "host_s"))),
-            ("static sampler", lambda x: f"{minutes(x['static_s'])} ({x['static_rows']} rows a chunk)"),
-            ("ideal", lambda x: minutes(x["ideal_s"])),
-            ("engine / ideal", lambda x: f"{x['engine_over_ideal']:.2f}"),
-            ("prefill tokens computed with padding / without", lambda x: f"{x['prefill_padding_ratio']:.3f}"),
-            ("turns 2-5: tokens prefilled / new tokens", lambda x: f"{x['release_prefill_ratio']:.3f}"),
-            ("slot utilisation", lambda x: f"{x['slot_utilization']:.3f}"),
-            ("decode path; visits; cache evictions", lambda x: f"{x['decode_path']}; {x['visits']:,}; "
-                                                                 f"{x['evictions']:,}"),
-            ("page pool (pages of 16 tokens); hosts", lambda x: f"{x['pages']:,}; {x['hosts']}")]
-    for label, cell in rows:
-        lines.append(f"| {label} | " + " | ".join(cell(e[n]) for n in names) + " |")
-    lines += ["", "New tokens of a later turn: the rewritten reply and the feedback block (the context past "
-                  "its prefix shared with the cached context + sampled reply); above 1, caches were evicted "
-                  "and rebuilt by prefill."]
-    return "\n".join(lines) + "\n"
 
 
 def write_docs(e: dict, path: str = os.path.join(REPO, "docs", "scaling.md")) -> None:
     """Replace the estimate block of docs/scaling.md with ``e``'s tables."""
+    from drift_jax.aot.rollout_estimate import markdown
+    from experiments.readme_results import rewrite
+
     with open(path) as f:
         text = f.read()
-    start, end = "<!-- estimate:start -->\n", "<!-- estimate:end -->"
-    if start not in text or end not in text:
-        raise ValueError(f"{path}: no estimate block ({start.strip()} ... {end})")
-    head, rest = text.split(start, 1)
     with open(path, "w") as f:
-        f.write(head + start + estimate_markdown(e) + end + rest.split(end, 1)[1])
+        f.write(rewrite(text, markdown(e), "<!-- estimate:start -->", "<!-- estimate:end -->", "docs/scaling.md"))
 
 
 def main() -> None:
@@ -322,7 +227,7 @@ def main() -> None:
     ap.add_argument("--estimate", action="store_true",
                     help="the paper-scale rollout stage estimated for Qwen2.5-3B on h100, h200, v5e-8")
     ap.add_argument("--estimate-prompts", type=int, default=1800, help="--estimate: prompts (K=16 each)")
-    ap.add_argument("--estimate-targets", default=",".join(ESTIMATE_TARGETS), help="--estimate: comma-separated")
+    ap.add_argument("--estimate-targets", default="h100,h200,v5e-8", help="--estimate: comma-separated")
     ap.add_argument("--docs", default=None, metavar="R_JSON",
                     help="write the estimate of R_JSON (an --estimate --out file) into docs/scaling.md")
     ap.add_argument("--prefill-chunk", type=int, default=EngineOptions.prefill_chunk)

@@ -123,25 +123,13 @@ def jax_leaves(tree):
     return jax.tree_util.tree_leaves(tree)
 
 
-def test_release_rewritten_replies_keep_later_turns_prefill_near_their_new_tokens(tiny_math_run):
-    """Under the release protocol the next context holds the rewritten reply, not the
-    sampled tokens; the engine keeps the cached positions up to where they diverge, so
-    turn 2 prefills at most 1.2x its new tokens (the feedback block and the rewritten
-    part: the context past its prefix shared with the cached context + sampled reply)."""
-    workdir, _, _ = tiny_math_run("release")
-    work = json.loads((workdir / "rollout_stats.json").read_text())["work"]
-    new = sum(n for t, n in work["new_tokens_by_turn"].items() if int(t) > 1)
-    prefilled = sum(n for t, n in work["prefill_tokens_by_turn"].items() if int(t) > 1)
-    reuse_free = sum(n for t, n in work["prompt_tokens_by_turn"].items() if int(t) > 1)
-    assert 0 < new <= prefilled <= 1.2 * new < reuse_free
-
-
 @pytest.mark.parametrize("protocol", ["drift-jax", "release"])
 def test_paper_pipeline_runs_on_a_tiny_checkpoint(protocol, tiny_math_run):
     """qwen2_5_3b_metamath's every stage, shrunk (tests/configs/tiny_math.py), under both
     protocols: rollouts in the release format from the math environment, training, and
     per-benchmark evaluation; under "release", full-mode rollout prompts with the think
-    prefill, simple-mode eval prompts, and a held-out eval loss."""
+    prefill, simple-mode eval prompts, a held-out eval loss, and later turns that
+    prefill about their new tokens though replies are stored rewritten."""
     workdir, _, _ = tiny_math_run(protocol)
     records, _ = read_jsonl(str(workdir / "rollouts.jsonl"))
     assert len(records) == 2 * 2  # the fixture's 2 MATH_ prompts (of 4 records) x K=2
@@ -163,6 +151,14 @@ def test_paper_pipeline_runs_on_a_tiny_checkpoint(protocol, tiny_math_run):
         # 4 rows, the last ceil(0.05 x 4) = 1 held out; its loss logged at the last update.
         assert stats["examples"] == 3 and stats["held_out_examples"] == 1
         assert math.isfinite(stats["eval_loss"]) and stats["eval_loss"] > 0
+        # The next context holds the rewritten reply, not the sampled tokens; the engine
+        # keeps the cached positions up to where they diverge, so turn 2 prefills at most
+        # 1.2x its new tokens (the feedback block and the rewritten part).
+        work = json.loads((workdir / "rollout_stats.json").read_text())["work"]
+        new = sum(n for t, n in work["new_tokens_by_turn"].items() if int(t) > 1)
+        prefilled = sum(n for t, n in work["prefill_tokens_by_turn"].items() if int(t) > 1)
+        reuse_free = sum(n for t, n in work["prompt_tokens_by_turn"].items() if int(t) > 1)
+        assert 0 < new <= prefilled <= 1.2 * new < reuse_free
     results = json.loads((workdir / "results.json").read_text())
     assert set(results["benchmarks"]) == {"math500", "mmlu_pro"}
     for method in ("reference", "drift"):

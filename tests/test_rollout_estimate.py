@@ -6,17 +6,15 @@ agrees with the accelerator compile's model of the engine's programs, and
 
 import json
 import os
-import subprocess
 import sys
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from drift_jax.aot import pipeline, targets
 from drift_jax.aot import rollout_estimate as est
-from drift_jax.models import Transformer, preset
+from drift_jax.models import preset
 from drift_jax.rollout.interface import EngineOptions
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,11 +24,9 @@ SMALL = est.Workload(prompts=3, samples=4, budget=24, prompt_tokens=(20, 40), re
 
 @pytest.fixture(scope="module")
 def played():
-    tiny = Transformer(preset("qwen2.5-0.5b", vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=1,
-                              num_heads=2, num_kv_heads=1, head_dim=8), rngs=nnx.Rngs(0))
     d = est.draw(SMALL, seed=1)
     options = EngineOptions(num_slots=8, page_size=16, prefill_chunk=64, prefill_piece=8)
-    stats, trace = est.play(SMALL, d, options, tiny)
+    stats, trace = est.play(SMALL, d, options, est.tiny_model())
     return d, stats, trace
 
 
@@ -97,17 +93,21 @@ def test_draws_follow_the_stated_workload():
     assert w.max_len == w.prompt_tokens[1] + w.turns * w.budget + (w.turns - 1) * w.feedback_tokens
 
 
-def test_the_benchmark_writes_the_estimate_per_target(tmp_path):
+def test_the_benchmark_writes_the_estimate_per_target(tmp_path, monkeypatch):
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    import rollout as bench
+
     out = tmp_path / "r.json"
-    subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "rollout.py"), "--estimate",
-                    "--estimate-prompts", "4", "--batch-size", "32", "--out", str(out)],
-                   check=True, cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True)
+    monkeypatch.setattr(sys, "argv", ["rollout.py", "--estimate", "--estimate-prompts", "4", "--batch-size", "32",
+                                      "--out", str(out)])
+    bench.main()
     e = json.loads(out.read_text())["estimate"]
     for name in ("h100", "h200", "v5e-8"):
         for key in ("engine_s", "static_s", "ideal_s", "prefill_padding_ratio"):
             assert e[name][key] > 0, (name, key)
     assert e["release_prefill_ratio"] == 1.0
     assert e["v5e-8"]["decode_path"] == "pallas_tpu" and e["h100"]["decode_path"] == "pallas"
+    assert e["v5e-8"]["hosts"] == 2 and e["h100"]["hosts"] == 1
 
 
 def test_the_docs_carry_the_generated_estimate(tmp_path):

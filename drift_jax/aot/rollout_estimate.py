@@ -30,11 +30,16 @@ plus the prefill no reuse can avoid, at peak FLOP/s).
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
+from drift_jax.aot import pipeline, targets
 from drift_jax.aot.targets import Target
+from drift_jax.data.batching import bucket_length
+from drift_jax.models import Transformer, preset
 from drift_jax.rollout.engine import Engine
 from drift_jax.rollout.interface import Request
 from drift_jax.rollout.sampling import SamplingParams
@@ -171,7 +176,8 @@ class Cost:
         """A call of ``rows`` rows of ``width`` tokens whose rows attend to ``keys`` keys
         in all (each row reads its context once, on the XLA path)."""
         flops = 2.0 * rows * width * self.body + self.attn_flops * keys * width
-        nbytes = self.weight_item * self.body + ATTENTION_BYTES["xla"] * keys * self.kv_token + rows * width * self.kv_token
+        nbytes = (self.weight_item * self.body + ATTENTION_BYTES["xla"] * keys * self.kv_token
+                  + rows * width * self.kv_token)
         return self.roofline(target, flops, nbytes)
 
 
@@ -240,5 +246,98 @@ def later_turn_ratio(stats: dict) -> float:
     return later / max(1, sum(stats["new_tokens_by_turn"].values()))
 
 
+# The largest static-sampler chunk whose program fits one device at Qwen2.5-3B (rows;
+# docs/aot.json, static_rollout at a turn-5 context: fits_at_rows, or the whole batch).
+STATIC_ROWS = {"h100": 128, "h200": 256, "v5e-8": 32}
+TARGETS = ("h100", "h200", "v5e-8")
+
+
+def tiny_model() -> Transformer:
+    """The device's stand-in: Qwen2.5's architecture at a few thousand parameters."""
+    return Transformer(preset("qwen2.5-0.5b", vocab_size=256, hidden_size=16, intermediate_size=32, num_layers=1,
+                              num_heads=2, num_kv_heads=1, head_dim=8), rngs=nnx.Rngs(0))
+
+
+def run(w: Workload, options, names=TARGETS, seed: int = 0) -> dict:
+    """The estimate for Qwen2.5-3B on each target of ``names``: the engine with
+    ``options`` (``num_slots`` set; visit settings left None take the target's) plays
+    ``draw(w, seed)`` once per distinct page pool and host count. Returns the JSON of
+    ``benchmarks/rollout.py --estimate``: per target engine_s, static_s, ideal_s,
+    prefill_padding_ratio, release_prefill_ratio and their parts."""
+    d = draw(w, seed=seed)
+    cfg = preset("qwen2.5-3b", dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    cost = Cost.of(cfg)
+    big = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))  # shapes only: the pool's sizing
+    tiny = tiny_model()
+    slots = options.num_slots
+    print(f"workload (assumed): {w}\n{d['ends'].size} episodes, {reply_tokens(d)} reply tokens, "
+          f"mean {np.mean(d['ends']):.2f} turns an episode")
+    runs: dict = {}  # (pages, hosts) -> (stats, trace, wall): targets that share a pool share a run
+    out: dict = {"workload": dataclasses.asdict(w), "reply_tokens": reply_tokens(d), "slots": slots}
+    for name in names:
+        target = targets.get(name)
+        resolved = options.for_platform(target.platform)
+        sampling = pipeline.Sampling(slots, w.budget, 1.0, w.turns, 0, w.max_len, resolved)
+        pages = pipeline.pool_pages(big, sampling, target, w.max_len)  # as a run on the target sizes it
+        hosts = target.num_hosts  # each host samples its share on one device
+        if (pages, hosts) not in runs:  # the same visit settings on every accelerator
+            t0 = time.perf_counter()
+            stats, trace = play(w, d, dataclasses.replace(resolved, num_pages=pages), tiny,
+                                prompts=range(0, w.prompts, hosts), seed=seed)
+            runs[pages, hosts] = stats, trace, time.perf_counter() - t0
+            print(f"  scheduler run: {pages} pages, {len(range(0, w.prompts, hosts))} prompts: "
+                  f"{runs[pages, hosts][2]:.0f} s on this machine, {stats['visits']} visits, "
+                  f"{stats['evictions']} evictions, slot utilisation {stats['slot_utilization']:.3f}")
+        stats, trace, _ = runs[pages, hosts]
+        path = targets.kernels(target, cfg).paged_attention_impl
+        priced = price_trace(trace, cost, target, path)
+        ideal = ideal_s(stats, trace, cost, target, slots)
+        static = static_s(w, d, cost, target, STATIC_ROWS[name], bucket_length) / hosts
+        host_s = stats["host_wait_s"] + stats["visits"] * VISIT_TRANSFER_S
+        engine_s = priced["decode_s"] + priced["prefill_s"] + host_s
+        out[name] = {
+            "engine_s": engine_s, "static_s": static, "ideal_s": ideal["decode_s"] + ideal["prefill_s"],
+            "ideal_decode_s": ideal["decode_s"],
+            "engine_over_ideal": engine_s / (ideal["decode_s"] + ideal["prefill_s"]),
+            "decode_s": priced["decode_s"], "prefill_s": priced["prefill_s"], "host_s": host_s,
+            "prefill_padding_ratio": stats["prefill_padding_ratio"], "decode_path": path, "pages": pages,
+            "hosts": hosts, "static_rows": STATIC_ROWS[name], "visits": stats["visits"],
+            "evictions": stats["evictions"], "slot_utilization": stats["slot_utilization"],
+            "release_prefill_ratio": later_turn_ratio(stats), "calls": priced["calls"],
+            "mean_context": ideal["mean_context"]}
+    out["release_prefill_ratio"] = out[names[0]]["release_prefill_ratio"]
+    return out
+
+
 def minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+def markdown(e: dict, order: tuple[str, ...] = TARGETS) -> str:
+    """The estimate ``e`` (``benchmarks/rollout.py --estimate``'s JSON) as markdown: a
+    column per target it has, in ``order`` (docs/scaling.md's estimate block)."""
+    names = [n for n in order if n in e]
+    lines = [f"Made by `python benchmarks/rollout.py --estimate --out r.json` at commit {e['commit']} "
+             f"({e['workload']['prompts']:,} prompts x K={e['workload']['samples']}, "
+             f"{e['reply_tokens'] / 1e6:.1f} M reply tokens drawn; {e['slots']} slots). An estimate: "
+             "rooflines of the recorded calls, no device.", "",
+             "| Qwen2.5-3B, one device per host | " + " | ".join(names) + " |",
+             "| --- |" + " --- |" * len(names)]
+    rows = [("continuous engine", lambda x: minutes(x["engine_s"])),
+            ("of which decode / prefill / host", lambda x: " / ".join(
+                minutes(x[k]) for k in ("decode_s", "prefill_s", "host_s"))),
+            ("static sampler", lambda x: f"{minutes(x['static_s'])} ({x['static_rows']} rows a chunk)"),
+            ("ideal", lambda x: minutes(x["ideal_s"])),
+            ("engine / ideal", lambda x: f"{x['engine_over_ideal']:.2f}"),
+            ("prefill tokens computed with padding / without", lambda x: f"{x['prefill_padding_ratio']:.3f}"),
+            ("turns 2-5: tokens prefilled / new tokens", lambda x: f"{x['release_prefill_ratio']:.3f}"),
+            ("slot utilisation", lambda x: f"{x['slot_utilization']:.3f}"),
+            ("decode path; visits; cache evictions", lambda x: f"{x['decode_path']}; {x['visits']:,}; "
+                                                                 f"{x['evictions']:,}"),
+            ("page pool (pages of 16 tokens); hosts", lambda x: f"{x['pages']:,}; {x['hosts']}")]
+    for label, cell in rows:
+        lines.append(f"| {label} | " + " | ".join(cell(e[n]) for n in names) + " |")
+    lines += ["", "New tokens of a later turn: the rewritten reply and the feedback block (the context past "
+                  "its prefix shared with the cached context + sampled reply); above 1, caches were evicted "
+                  "and rebuilt by prefill."]
+    return "\n".join(lines) + "\n"

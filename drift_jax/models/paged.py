@@ -6,9 +6,10 @@ Device side (pure functions): ``PagedKV`` holds, per layer, the key and value pa
 token-major ``[P, page, K * H]`` or, for the Pallas kernels, heads-major
 ``[K, P, page, H]``; ``write`` scatters new keys to (page, offset) pairs; ``attend`` is
 attention of new queries over a sequence's pages: the Pallas GPU or TPU kernel for
-one-token decode steps where it runs, else a plain-JAX loop over chunks of pages with an online
-softmax that stops at the last live page (CPU, TPU, prefill). Page 0 is never handed
-out: writes of padding tokens go there, so a program needs no branch for them.
+one-token decode steps where it runs, else a plain-JAX loop over chunks of pages with
+an online softmax that stops at the last live page (CPU, prefill, small heads on TPU).
+Page 0 is never handed out: writes of padding tokens go there, so a program needs no
+branch for them.
 
 Which pages hold what is host-side bookkeeping: ``drift_jax.rollout.page_pool``.
 """
@@ -87,10 +88,12 @@ def write(pages, new_btkh, refs: PageRefs):
     """Scatter new keys (or values) ``[B, T, K, H]`` into the pages (either layout)."""
     b, t, k, h = new_btkh.shape
     if pages.ndim == 4:
-        k_, p_, page, h_ = pages.shape
+        # Through the [K, P * page, H] view, one index a token: a scatter over (page,
+        # offset) pairs makes XLA's TPU compiler lay the pool out anew and copy it whole.
+        kv_heads, num_pages, page, head_dim = pages.shape
         new_kbth = jnp.transpose(new_btkh, (2, 0, 1, 3)).astype(pages.dtype)
         slot_bt = refs.write_page_bt * page + refs.write_offset_bt
-        flat = pages.reshape(k_, p_ * page, h_).at[:, slot_bt].set(new_kbth)
+        flat = pages.reshape(kv_heads, num_pages * page, head_dim).at[:, slot_bt].set(new_kbth)
         return flat.reshape(pages.shape)
     return pages.at[refs.write_page_bt, refs.write_offset_bt].set(new_btkh.reshape(b, t, k * h).astype(pages.dtype))
 

@@ -36,17 +36,15 @@ adds no program. A run of any size compiles a bounded set (``Engine.compiled_pro
 
 Host bookkeeping lives beside it: the slots and the request queue (``slots``), the pages
 and the caches episodes keep between turns (``page_pool``), the pool's size from the
-device's memory (``pool_size``). A run is a loop of three
-steps: admit (fill free slots from the queue, prefill what their caches lack), launch
-(one decode visit, dispatched asynchronously) and absorb (take the visit's tokens,
-free the slots whose replies ended); between launch and absorb, the host hands the
-previous visit's finished turns to ``on_finish``.
+device's memory (``pool_size``), the work figures (``engine_stats``). A run is a loop of
+three steps: admit (fill free slots from the queue, prefill what their caches lack),
+launch (one decode visit, dispatched asynchronously) and absorb (take the visit's
+tokens, free the slots whose replies ended); between launch and absorb, the host hands
+the previous visit's finished turns to ``on_finish``.
 """
 
 from __future__ import annotations
 
-import collections
-import dataclasses
 import functools
 import math
 import time
@@ -59,65 +57,11 @@ from flax import nnx
 
 from drift_jax.models import paged
 from drift_jax.rollout import pool_size
+from drift_jax.rollout.engine_stats import EngineStats
 from drift_jax.rollout.interface import EngineOptions, OnFinish, request_key_data
 from drift_jax.rollout.page_pool import EpisodeCaches, PoolExhausted, common_prefix
 from drift_jax.rollout.sampling import SamplingParams, sample_token
 from drift_jax.rollout.slots import RequestQueue, Slots
-
-
-@dataclasses.dataclass
-class EngineStats:
-    """Work done, device-independent. slot_utilization = useful decoded tokens / (rows
-    decoded x decode steps, a request's first step included: ``context_steps`` of them
-    feed a request's last context token, not a reply token); prefill_tokens counts the
-    context tokens computed (by prefill, and each request's last one by its first
-    decode step), prefill_call_tokens those of them the prefill calls carry,
-    prefill_padded_tokens the prefill calls' tokens with the padding of their compiled
-    shapes (prefill_padding_ratio: padded / carried), prompt_tokens the contexts of
-    all requests (what a sampler without reuse prefills), new_tokens_by_turn the
-    follow-ups' context tokens past the prefix they share with their episode's context
-    + sampled reply (the least any reuse prefills); visits: decode programs run, each a
-    host round trip; host_wait_s: host seconds between a visit's end and the next
-    launch (absorbing, admitting, preparing the calls), when the device has nothing
-    queued, without the calls' dispatch (on a CPU it waits for the computation itself;
-    ``dispatches`` counts the calls)."""
-
-    num_slots: int
-    decode_steps: int = 0
-    slot_steps: int = 0  # rows decoded x steps (the rows of each visit's bucket)
-    useful_tokens: int = 0
-    context_steps: int = 0  # row steps feeding a request's last context token (one per request)
-    prefill_tokens: int = 0
-    prefill_call_tokens: int = 0
-    prefill_padded_tokens: int = 0
-    prompt_tokens: int = 0
-    requests: int = 0
-    visits: int = 0  # decode programs run (each a host round trip)
-    evictions: int = 0
-    prefill_tokens_by_turn: collections.Counter = dataclasses.field(default_factory=collections.Counter)
-    prompt_tokens_by_turn: collections.Counter = dataclasses.field(default_factory=collections.Counter)
-    # Follow-ups: context tokens past the longest prefix shared with the cached context +
-    # reply (what no reuse can avoid; a rewritten reply diverges where it was rewritten).
-    new_tokens_by_turn: collections.Counter = dataclasses.field(default_factory=collections.Counter)
-    host_wait_s: float = 0.0  # host seconds between a visit's end and the next launch
-    dispatches: int = 0  # device calls (prefill and decode)
-
-    @property
-    def slot_utilization(self) -> float:
-        return self.useful_tokens / max(1, self.slot_steps)
-
-    @property
-    def prefill_padding_ratio(self) -> float:
-        return self.prefill_padded_tokens / max(1, self.prefill_call_tokens)
-
-    def as_dict(self) -> dict:
-        """The ``Sampler`` work figures: these, ``"kind"`` and ``slot_utilization``."""
-        d = {"kind": "continuous", **dataclasses.asdict(self)}
-        d.update(slot_utilization=self.slot_utilization, prefill_padding_ratio=self.prefill_padding_ratio,
-                 prefill_tokens_by_turn=dict(sorted(self.prefill_tokens_by_turn.items())),
-                 prompt_tokens_by_turn=dict(sorted(self.prompt_tokens_by_turn.items())),
-                 new_tokens_by_turn=dict(sorted(self.new_tokens_by_turn.items())))
-        return d
 
 
 class _Graph:
@@ -268,9 +212,8 @@ class Engine:
         heads_major = decode_path.startswith("pallas")
         self.cache = paged.PagedKV.zeros(self.cfg, num_pages, self.page_size, heads_major=heads_major)
         self.stats = EngineStats(self.num_slots)
-        # None, or a list that gets one tuple per device call: ("prefill", rows, width,
-        # tokens, keys read) or ("decode", rows, steps, live row steps, keys read), keys
-        # read summed over rows and steps (``benchmarks/rollout.py --estimate`` prices them).
+        # A list: a tuple per device call, ("prefill", rows, width, tokens, keys read) or
+        # ("decode", rows, steps, live row steps, keys read) (``aot.rollout_estimate``).
         self.trace: list | None = None
 
     @property
@@ -414,8 +357,7 @@ class Engine:
         else:
             self.caches.release(cache)
 
-    def _dispatched(self, t0: float) -> None:
-        """A device call dispatched since ``t0``: its time is not the host's own work."""
+    def _dispatched(self, t0: float) -> None:  # a call dispatched since t0: not the host's own work
         self.stats.dispatches += 1
         self.stats.host_wait_s -= time.perf_counter() - t0
 
