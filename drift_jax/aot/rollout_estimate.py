@@ -45,9 +45,10 @@ from drift_jax.rollout.interface import Request
 from drift_jax.rollout.sampling import SamplingParams
 
 # Bytes attention over pages moves per live key and value it reads, per path
-# (docs/scaling.md, "The decode kernel on GPUs": 1.00-1.02 for the Pallas kernels, which
-# read whole blocks of 8 pages; 3.6-3.7 for the XLA loop, which gathers each chunk of
-# pages into a buffer and reads it twice).
+# (docs/scaling.md, "The decode kernel on GPUs": 1.00-1.02 for the Pallas GPU kernel,
+# which reads whole blocks of 8 pages; 3.6-3.7 for the XLA loop, which gathers each
+# chunk of pages into a buffer and reads it twice). The TPU kernel reads the same
+# blocks; its bytes are assumed, a custom call's are not in its compile.
 ATTENTION_BYTES = {"pallas": 1.0, "pallas_tpu": 1.0, "xla": 3.7}
 VISIT_TRANSFER_S = 2e-4  # assumed: a jitted call's dispatch and a few small host-device copies
 BLOCK_TOKENS = 8 * 16  # a Pallas kernel reads whole blocks of 8 pages of 16 tokens
