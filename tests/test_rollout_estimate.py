@@ -4,6 +4,7 @@ account for every token, later turns prefill exactly their new tokens, the prici
 agrees with the accelerator compile's model of the engine's programs, and
 ``benchmarks/rollout.py --estimate`` writes the figures per target."""
 
+import dataclasses
 import json
 import os
 import sys
@@ -22,11 +23,17 @@ SMALL = est.Workload(prompts=3, samples=4, budget=24, prompt_tokens=(20, 40), re
                      first_correct=0.3, later_correct=0.3, feedback_tokens=9)
 
 
+# Eight slots: on every target the pool is capped at eight of SMALL's longest requests,
+# so the fixture and ``est.run`` below share one set of compiled programs.
+OPTIONS = EngineOptions(num_slots=8, prefill_chunk=64, prefill_piece=8)
+
+
 @pytest.fixture(scope="module")
 def played():
     d = est.draw(SMALL, seed=1)
-    options = EngineOptions(num_slots=8, page_size=16, prefill_chunk=64, prefill_piece=8)
-    stats, trace = est.play(SMALL, d, options, est.tiny_model())
+    pages = 8 * -(-SMALL.max_len // 16) + 1
+    options = dataclasses.replace(OPTIONS.for_platform("gpu"), num_pages=pages)
+    stats, trace = est.play(SMALL, d, options, est.tiny_model(), seed=1)
     return d, stats, trace
 
 
@@ -93,21 +100,20 @@ def test_draws_follow_the_stated_workload():
     assert w.max_len == w.prompt_tokens[1] + w.turns * w.budget + (w.turns - 1) * w.feedback_tokens
 
 
-def test_the_benchmark_writes_the_estimate_per_target(tmp_path, monkeypatch):
-    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-    import rollout as bench
-
-    out = tmp_path / "r.json"
-    monkeypatch.setattr(sys, "argv", ["rollout.py", "--estimate", "--estimate-prompts", "4", "--batch-size", "32",
-                                      "--out", str(out)])
-    bench.main()
-    e = json.loads(out.read_text())["estimate"]
-    for name in ("h100", "h200", "v5e-8"):
+def test_the_estimate_has_every_figure_per_target(played):
+    """``est.run`` (what ``benchmarks/rollout.py --estimate`` writes): per target the
+    engine's, the static sampler's and the ideal time, the prefill padding and the
+    later turns' prefill; a v5e-8 plays half the prompts on each of its hosts."""
+    e = est.run(SMALL, OPTIONS, seed=1)
+    for name in est.TARGETS:
         for key in ("engine_s", "static_s", "ideal_s", "prefill_padding_ratio"):
             assert e[name][key] > 0, (name, key)
+        assert e[name]["ideal_s"] < e[name]["decode_s"] + e[name]["prefill_s"] < e[name]["engine_s"]
+    assert e["h100"]["visits"] == played[1]["visits"]  # the fixture's run, the same schedule
     assert e["release_prefill_ratio"] == 1.0
     assert e["v5e-8"]["decode_path"] == "pallas_tpu" and e["h100"]["decode_path"] == "pallas"
     assert e["v5e-8"]["hosts"] == 2 and e["h100"]["hosts"] == 1
+    assert e["v5e-8"]["visits"] < e["h100"]["visits"]
 
 
 def test_the_docs_carry_the_generated_estimate(tmp_path):
